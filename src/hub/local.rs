@@ -1,0 +1,310 @@
+//! The in-memory, single-node [`Router`]: sharded maps of rooms and clients.
+//!
+//! Locking, and why it is shaped this way:
+//! - `rooms` and `clients` are DashMaps (sharded RwLocks). A shard lock is held only to find or
+//!   insert a room and clone its `Arc`, never while fanning out, so busy rooms do not block
+//!   unrelated rooms that hash to the same shard.
+//! - Each room has its own RwLock. Messages take it shared, so publishers in one room proceed in
+//!   parallel; joins and leaves take it exclusive and notify under it, so every member sees
+//!   joins, leaves and messages of a room in one consistent order with exact member counts.
+//! - Delivery under a room lock is a non-blocking push per member (see `outbox`), so a lock is
+//!   held for a bounded, short time.
+//! - A room emptied by a leave is marked `closed` before it is removed from the map; a join that
+//!   raced with the removal sees the mark and retries on a fresh room.
+//!
+//! Membership is a vector plus an index (conn id -> position): join, leave (swap-remove) and
+//! membership checks are O(1), and fan-out walks contiguous memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+
+use super::{ConnId, Joined, Member, RecipientNotFound, RoomMessageError, Router};
+use crate::protocol;
+
+#[derive(Default)]
+struct Members {
+    list: Vec<Member>,
+    index: HashMap<ConnId, usize>,
+    /// Set when the room was removed from the map; joiners holding a stale `Arc` retry.
+    closed: bool,
+}
+
+impl Members {
+    fn contains(&self, conn: ConnId) -> bool {
+        self.index.contains_key(&conn)
+    }
+
+    fn insert(&mut self, member: Member) {
+        self.index.insert(member.conn, self.list.len());
+        self.list.push(member);
+    }
+
+    fn remove(&mut self, conn: ConnId) -> bool {
+        let Some(position) = self.index.remove(&conn) else {
+            return false;
+        };
+        self.list.swap_remove(position);
+        if let Some(moved) = self.list.get(position) {
+            self.index.insert(moved.conn, position);
+        }
+        true
+    }
+
+    /// Pushes `frame` to every member but `except`: the fan-out inner loop.
+    fn deliver(&self, frame: &Bytes, except: ConnId) {
+        for member in &self.list {
+            if member.conn != except {
+                member.outbox.push(frame.clone());
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Room {
+    members: RwLock<Members>,
+}
+
+impl Room {
+    // A poisoned lock means a panic happened while a member list was being changed; the list
+    // itself is still consistent (every mutation is a few infallible steps), so keep serving.
+    fn read(&self) -> RwLockReadGuard<'_, Members> {
+        self.members.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Members> {
+        self.members.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Single-node routing state. See the module documentation for the locking design.
+#[derive(Default)]
+pub struct LocalHub {
+    rooms: DashMap<Arc<str>, Arc<Room>>,
+    clients: DashMap<Arc<str>, Member>,
+}
+
+impl LocalHub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn room(&self, name: &str) -> Option<Arc<Room>> {
+        self.rooms.get(name).map(|room| room.clone())
+    }
+}
+
+impl Router for LocalHub {
+    fn connect(&self, member: &Member) {
+        self.clients
+            .insert(member.client_id.clone(), member.clone());
+    }
+
+    fn disconnect(&self, member: &Member) {
+        self.clients
+            .remove_if(&*member.client_id, |_, entry| entry.conn == member.conn);
+    }
+
+    fn join(&self, room_name: &str, member: &Member) -> Joined {
+        loop {
+            let room = self
+                .rooms
+                .entry(Arc::from(room_name))
+                .or_default()
+                .value()
+                .clone();
+            let mut members = room.write();
+            if members.closed {
+                continue; // emptied and removed between our lookup and our lock
+            }
+            if members.contains(member.conn) {
+                return Joined::AlreadyMember;
+            }
+            members.insert(member.clone());
+            let count = members.list.len();
+            member.outbox.push(protocol::room_joined(room_name, count));
+            if count > 1 {
+                let frame = protocol::member_joined(room_name, &member.client_id, count);
+                members.deliver(&frame, member.conn);
+            }
+            return Joined::Added { members: count };
+        }
+    }
+
+    fn leave(&self, room_name: &str, member: &Member) -> bool {
+        let Some(room) = self.room(room_name) else {
+            return false;
+        };
+        let mut members = room.write();
+        if !members.remove(member.conn) {
+            return false;
+        }
+        if members.list.is_empty() {
+            members.closed = true;
+            self.rooms
+                .remove_if(room_name, |_, current| Arc::ptr_eq(current, &room));
+        } else {
+            let frame = protocol::member_left(room_name, &member.client_id, members.list.len());
+            members.deliver(&frame, member.conn);
+        }
+        true
+    }
+
+    fn room_message(
+        &self,
+        room_name: &str,
+        sender: &Member,
+        frame: Bytes,
+    ) -> Result<(), RoomMessageError> {
+        let room = self.room(room_name).ok_or(RoomMessageError::NoSuchRoom)?;
+        let members = room.read();
+        if !members.contains(sender.conn) {
+            return Err(RoomMessageError::NotAMember);
+        }
+        members.deliver(&frame, sender.conn);
+        Ok(())
+    }
+
+    fn broadcast(&self, sender: &Member, frame: Bytes) {
+        for client in self.clients.iter() {
+            if client.conn != sender.conn {
+                client.outbox.push(frame.clone());
+            }
+        }
+    }
+
+    fn private_message(&self, to: &str, frame: Bytes) -> Result<(), RecipientNotFound> {
+        let recipient = self.clients.get(to).ok_or(RecipientNotFound)?;
+        recipient.outbox.push(frame);
+        Ok(())
+    }
+
+    fn room_size(&self, room_name: &str) -> usize {
+        self.room(room_name)
+            .map_or(0, |room| room.read().list.len())
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        (self.rooms.len(), self.clients.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{outbox, OutboxReceiver, OutboxStats, SlowConsumerPolicy};
+
+    fn member(conn: ConnId, capacity: usize) -> (Member, OutboxReceiver) {
+        let (tx, rx) = outbox(capacity, SlowConsumerPolicy::Drop, Arc::default());
+        let member = Member {
+            conn,
+            client_id: format!("client_{conn}").into(),
+            outbox: tx,
+        };
+        (member, rx)
+    }
+
+    fn drain(rx: &mut OutboxReceiver) -> Vec<Bytes> {
+        std::iter::from_fn(|| rx.try_next()).collect()
+    }
+
+    #[test]
+    fn fan_out_shares_one_encoded_frame_among_all_members() {
+        let hub = LocalHub::new();
+        let mut members: Vec<_> = (0..1000).map(|i| member(i, 4096)).collect();
+        for (m, _) in &members {
+            hub.join("lobby", m);
+        }
+        for (_, rx) in &mut members {
+            drain(rx);
+        }
+        let body = protocol::Body::Text("hello".into());
+        let frame = protocol::room_message("lobby", "client_0", &body, 1);
+        let original = frame.as_ptr();
+        hub.room_message("lobby", &members[0].0, frame).unwrap();
+
+        assert!(drain(&mut members[0].1).is_empty(), "sender excluded");
+        for (_, rx) in &mut members[1..] {
+            let got = drain(rx);
+            assert_eq!(got.len(), 1);
+            // Same allocation: encoded once, never copied per recipient.
+            assert_eq!(got[0].as_ptr(), original);
+        }
+    }
+
+    #[test]
+    fn member_joined_is_encoded_once_per_join() {
+        let hub = LocalHub::new();
+        let mut members: Vec<_> = (0..50).map(|i| member(i, 4096)).collect();
+        for (m, _) in &members[..49] {
+            hub.join("r", m);
+        }
+        for (_, rx) in &mut members {
+            drain(rx);
+        }
+        hub.join("r", &members[49].0);
+        let pointers: Vec<_> = members[..49]
+            .iter_mut()
+            .map(|(_, rx)| drain(rx)[0].as_ptr())
+            .collect();
+        assert!(pointers.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn leaving_the_last_member_deletes_the_room() {
+        let hub = LocalHub::new();
+        let (a, _ra) = member(1, 16);
+        assert_eq!(hub.join("r", &a), Joined::Added { members: 1 });
+        assert_eq!(hub.join("r", &a), Joined::AlreadyMember);
+        assert!(hub.leave("r", &a));
+        assert!(!hub.leave("r", &a));
+        assert_eq!(hub.counts().0, 0);
+        assert_eq!(hub.join("r", &a), Joined::Added { members: 1 });
+    }
+
+    #[test]
+    fn swap_remove_keeps_the_index_consistent() {
+        let hub = LocalHub::new();
+        let members: Vec<_> = (0..10).map(|i| member(i, 64)).collect();
+        for (m, _) in &members {
+            hub.join("r", m);
+        }
+        for i in [0, 5, 9, 3] {
+            assert!(hub.leave("r", &members[i].0));
+        }
+        assert_eq!(hub.room_size("r"), 6);
+        for i in [1, 2, 4, 6, 7, 8] {
+            assert_eq!(hub.join("r", &members[i].0), Joined::AlreadyMember);
+            assert!(hub.leave("r", &members[i].0));
+        }
+        assert_eq!(hub.counts().0, 0);
+    }
+
+    #[test]
+    fn a_full_outbox_drops_under_the_drop_policy_and_counts_it() {
+        let stats = Arc::new(OutboxStats::default());
+        let (tx, _rx) = outbox(2, SlowConsumerPolicy::Drop, stats.clone());
+        for _ in 0..5 {
+            tx.push(Bytes::from_static(b"x"));
+        }
+        assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert!(!tx.is_closing());
+    }
+
+    #[test]
+    fn a_full_outbox_asks_to_close_under_the_close_policy() {
+        let stats = Arc::new(OutboxStats::default());
+        let (tx, _rx) = outbox(2, SlowConsumerPolicy::Close, stats.clone());
+        for _ in 0..5 {
+            tx.push(Bytes::from_static(b"x"));
+        }
+        assert!(tx.is_closing());
+        assert_eq!(
+            stats.closed_slow.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! Routing: rooms, the client directory, and fan-out of pre-encoded frames.
+//!
+//! [`Router`] is the one seam between connections and delivery. The connection code (the `ws`
+//! module) only ever talks to a `dyn Router`; [`LocalHub`] is the single-node implementation,
+//! and a multi-node backplane (Redis) is a second implementation of the same trait, chosen at
+//! start-up, without touching connection or protocol code.
+//!
+//! Every frame a router delivers is encoded once by the `protocol` module into one [`Bytes`];
+//! each recipient's [`Outbox`] receives a clone of it (a reference-count increment).
+
+mod local;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::outbox::Outbox;
+pub use local::LocalHub;
+
+/// Process-unique number of a connection; cheap to compare and hash.
+pub type ConnId = u64;
+
+/// A connection as routing sees it: how to identify it and where its frames go.
+#[derive(Clone)]
+pub struct Member {
+    pub conn: ConnId,
+    /// The protocol-level id (`client_…`), the address of private messages.
+    pub client_id: Arc<str>,
+    pub outbox: Outbox,
+}
+
+/// Result of [`Router::join`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// Added; `members` is the room's size including the new member.
+    Added { members: usize },
+    /// Already a member: the seed does nothing and sends nothing.
+    AlreadyMember,
+}
+
+/// Why a room message was refused, in the seed's order of checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RoomMessageError {
+    #[error("Room does not exist")]
+    NoSuchRoom,
+    #[error("You are not in this room")]
+    NotAMember,
+}
+
+/// No connected client has the requested id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Recipient not found")]
+pub struct RecipientNotFound;
+
+/// Rooms, directory and fan-out. Implementations must deliver the frames of one call to each
+/// recipient in call order, and the frames from one sender in the order of its calls.
+pub trait Router: Send + Sync + 'static {
+    /// Makes a connection reachable by broadcasts and private messages.
+    fn connect(&self, member: &Member);
+
+    /// Removes a connection from the directory. Rooms are left separately, with
+    /// notifications, by [`Router::leave`].
+    fn disconnect(&self, member: &Member);
+
+    /// Adds `member` to `room`, creating the room if new. On success the member receives
+    /// `room_joined` and every other member `member_joined`.
+    fn join(&self, room: &str, member: &Member) -> Joined;
+
+    /// Removes `member` from `room`; the remaining members receive `member_left`, and an empty
+    /// room is deleted. Returns false (and does nothing) if it was not a member.
+    fn leave(&self, room: &str, member: &Member) -> bool;
+
+    /// Delivers `frame` to every member of `room` except `sender`.
+    fn room_message(
+        &self,
+        room: &str,
+        sender: &Member,
+        frame: Bytes,
+    ) -> Result<(), RoomMessageError>;
+
+    /// Delivers `frame` to every connected client except `sender`.
+    fn broadcast(&self, sender: &Member, frame: Bytes);
+
+    /// Delivers `frame` to the client whose id is `to`.
+    fn private_message(&self, to: &str, frame: Bytes) -> Result<(), RecipientNotFound>;
+
+    /// Number of members of `room` (0 when it does not exist).
+    fn room_size(&self, room: &str) -> usize;
+
+    /// Number of rooms and connected clients.
+    fn counts(&self) -> (usize, usize);
+}

@@ -1,0 +1,548 @@
+//! The seed wire format, in one place: decoding client JSON and encoding server frames.
+//!
+//! This module owns every field name and every error text of the protocol in
+//! `shared/PROTOCOL.md` (the Ratchet seed server's contract). It does no I/O.
+//!
+//! Decoding parses a client's text in place with simd-json. Encoding writes the JSON of a server
+//! message *and* the complete, unmasked WebSocket frame header into one buffer, so a message that
+//! fans out to many recipients is serialized exactly once and shared as [`Bytes`].
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+
+/// Error texts of the seed, verbatim. Clients match on these strings.
+pub mod errors {
+    pub const INVALID_FORMAT: &str = "Invalid message format";
+    pub const UNKNOWN_TYPE_PREFIX: &str = "Unknown message type: ";
+    pub const ROOM_REQUIRED: &str = "Room name required";
+    pub const ROOM_NOT_FOUND: &str = "Room does not exist";
+    pub const NOT_IN_ROOM: &str = "You are not in this room";
+    pub const RECIPIENT_NOT_FOUND: &str = "Recipient not found";
+    // The seed crashes on these inputs (a PHP TypeError); roomcast answers instead.
+    pub const ROOM_NOT_STRING: &str = "Room name must be a string";
+    pub const RECIPIENT_NOT_STRING: &str = "Recipient id must be a string";
+    pub const METADATA_NOT_OBJECT: &str = "Metadata must be an object";
+}
+
+/// A message body as the client sent it.
+///
+/// The seed only ever relays strings; roomcast relays any other JSON value (number, object,
+/// array, boolean) verbatim, so structured payloads survive the round trip.
+#[derive(Debug)]
+pub enum Body<'a> {
+    Text(Cow<'a, str>),
+    Json(BorrowedValue<'a>),
+}
+
+impl Body<'_> {
+    fn empty() -> Self {
+        Body::Text(Cow::Borrowed(""))
+    }
+}
+
+/// One decoded client command. Borrowed from the frame's payload buffer.
+#[derive(Debug)]
+pub enum Command<'a> {
+    Broadcast {
+        message: Body<'a>,
+    },
+    JoinRoom {
+        room: Cow<'a, str>,
+    },
+    LeaveRoom {
+        room: Cow<'a, str>,
+    },
+    RoomMessage {
+        room: Cow<'a, str>,
+        message: Body<'a>,
+    },
+    PrivateMessage {
+        to: Cow<'a, str>,
+        message: Body<'a>,
+    },
+    SetMetadata {
+        metadata: serde_json::Map<String, serde_json::Value>,
+    },
+}
+
+/// Why a client's text could not become a [`Command`]. Each maps to the `error` reply text the
+/// client receives; the connection always stays open.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not JSON, not an object, or no usable `type`.
+    #[error("Invalid message format")]
+    InvalidFormat,
+    /// A `type` string the protocol does not know.
+    #[error("Unknown message type: {0}")]
+    UnknownType(String),
+    /// `room` present but not a string.
+    #[error("Room name must be a string")]
+    RoomNotString,
+    /// `to` present but not a string.
+    #[error("Recipient id must be a string")]
+    RecipientNotString,
+    /// `metadata` present but not an object.
+    #[error("Metadata must be an object")]
+    MetadataNotObject,
+}
+
+thread_local! {
+    // simd-json's scratch buffers, reused across messages on one worker thread instead of being
+    // allocated for every parse.
+    static PARSE_BUFFERS: RefCell<simd_json::Buffers> = RefCell::new(simd_json::Buffers::default());
+}
+
+/// Decodes one client message. `text` is parsed in place (simd-json rewrites escapes), so the
+/// caller passes the frame's own payload buffer.
+pub fn decode(text: &mut [u8]) -> Result<Command<'_>, DecodeError> {
+    let value = PARSE_BUFFERS
+        .with(|buffers| simd_json::to_borrowed_value_with_buffers(text, &mut buffers.borrow_mut()))
+        .map_err(|_| DecodeError::InvalidFormat)?;
+    let BorrowedValue::Object(mut object) = value else {
+        return Err(DecodeError::InvalidFormat);
+    };
+    let kind = match object.remove("type") {
+        Some(BorrowedValue::String(kind)) => kind,
+        // Missing or null `type` is the seed's "Invalid message format"; a non-string `type` is
+        // refused the same way instead of PHP's loose comparison.
+        _ => return Err(DecodeError::InvalidFormat),
+    };
+    let mut field = |name: &str| match object.remove(name) {
+        None | Some(BorrowedValue::Static(simd_json::StaticNode::Null)) => None,
+        Some(value) => Some(value),
+    };
+    let command = match kind.as_ref() {
+        "broadcast" => Command::Broadcast {
+            message: body(field("message")),
+        },
+        "join_room" => Command::JoinRoom {
+            room: string_field(field("room"), DecodeError::RoomNotString)?,
+        },
+        "leave_room" => Command::LeaveRoom {
+            room: string_field(field("room"), DecodeError::RoomNotString)?,
+        },
+        "room_message" => Command::RoomMessage {
+            room: string_field(field("room"), DecodeError::RoomNotString)?,
+            message: body(field("message")),
+        },
+        "private_message" => Command::PrivateMessage {
+            to: string_field(field("to"), DecodeError::RecipientNotString)?,
+            message: body(field("message")),
+        },
+        "set_metadata" => Command::SetMetadata {
+            metadata: metadata_field(field("metadata"))?,
+        },
+        _ => return Err(DecodeError::UnknownType(kind.into_owned())),
+    };
+    Ok(command)
+}
+
+fn body(value: Option<BorrowedValue<'_>>) -> Body<'_> {
+    match value {
+        None => Body::empty(),
+        Some(BorrowedValue::String(text)) => Body::Text(text),
+        Some(other) => Body::Json(other),
+    }
+}
+
+fn string_field(
+    value: Option<BorrowedValue<'_>>,
+    not_string: DecodeError,
+) -> Result<Cow<'_, str>, DecodeError> {
+    match value {
+        None => Ok(Cow::Borrowed("")),
+        Some(BorrowedValue::String(text)) => Ok(text),
+        Some(_) => Err(not_string),
+    }
+}
+
+fn metadata_field(
+    value: Option<BorrowedValue<'_>>,
+) -> Result<serde_json::Map<String, serde_json::Value>, DecodeError> {
+    match value {
+        None => Ok(serde_json::Map::new()),
+        // PHP clients encode an empty array as `[]`: accept it as "nothing to merge".
+        Some(BorrowedValue::Array(items)) if items.is_empty() => Ok(serde_json::Map::new()),
+        Some(object @ BorrowedValue::Object(_)) => match serde_json::to_value(&object) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            _ => Err(DecodeError::MetadataNotObject),
+        },
+        Some(_) => Err(DecodeError::MetadataNotObject),
+    }
+}
+
+/// Unix time in whole seconds, as the seed's `time()`.
+pub fn timestamp() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// WebSocket opcodes the server sends.
+#[derive(Clone, Copy, Debug)]
+#[repr(u8)]
+pub enum OpCode {
+    Text = 0x1,
+    Close = 0x8,
+    Pong = 0xA,
+}
+
+/// Room left at the front of every frame buffer for the largest header an unmasked server frame
+/// needs (2 + 8 bytes); the unused part is skipped when the frame is finished.
+const MAX_HEADER: usize = 10;
+
+/// Builds one complete server frame: payload first, then the header in front of it, in one
+/// allocation, so the finished frame is a single [`Bytes`] any number of recipients can share.
+pub struct FrameBuilder {
+    buf: BytesMut,
+}
+
+impl FrameBuilder {
+    pub fn with_capacity(payload_hint: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(MAX_HEADER + payload_hint);
+        buf.put_bytes(0, MAX_HEADER);
+        Self { buf }
+    }
+
+    fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(bytes);
+        self
+    }
+
+    fn string(&mut self, text: &str) -> &mut Self {
+        // serde_json writes a `str` as an escaped JSON string; writing into memory cannot fail.
+        let _ = serde_json::to_writer((&mut self.buf).writer(), text);
+        self
+    }
+
+    fn number(&mut self, n: u64) -> &mut Self {
+        let mut digits = itoa::Buffer::new();
+        self.raw(digits.format(n).as_bytes())
+    }
+
+    fn body(&mut self, body: &Body<'_>) -> &mut Self {
+        match body {
+            Body::Text(text) => self.string(text),
+            Body::Json(value) => {
+                let _ = value.write(&mut (&mut self.buf).writer());
+                self
+            }
+        }
+    }
+
+    /// Writes the header in front of the payload and returns the finished frame.
+    pub fn finish(mut self, opcode: OpCode) -> Bytes {
+        let len = self.buf.len() - MAX_HEADER;
+        let mut header = [0u8; MAX_HEADER];
+        header[0] = 0x80 | opcode as u8; // FIN + opcode; server frames are never masked
+        let header_len = if len < 126 {
+            header[1] = len as u8;
+            2
+        } else if len <= u16::MAX as usize {
+            header[1] = 126;
+            header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        } else {
+            header[1] = 127;
+            header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        };
+        let start = MAX_HEADER - header_len;
+        self.buf[start..MAX_HEADER].copy_from_slice(&header[..header_len]);
+        let mut frame = self.buf.freeze();
+        bytes::Buf::advance(&mut frame, start);
+        frame
+    }
+}
+
+fn body_len_hint(body: &Body<'_>) -> usize {
+    match body {
+        Body::Text(text) => text.len() + 2,
+        Body::Json(_) => 64,
+    }
+}
+
+/// `{"type":"welcome","client_id":…,"timestamp":…}`
+pub fn welcome(client_id: &str, now: u64) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(96);
+    f.raw(br#"{"type":"welcome","client_id":"#)
+        .string(client_id)
+        .raw(br#","timestamp":"#)
+        .number(now)
+        .raw(b"}");
+    f.finish(OpCode::Text)
+}
+
+/// `{"type":"error","message":…,"timestamp":…}`
+pub fn error(message: &str, now: u64) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(64 + message.len());
+    f.raw(br#"{"type":"error","message":"#)
+        .string(message)
+        .raw(br#","timestamp":"#)
+        .number(now)
+        .raw(b"}");
+    f.finish(OpCode::Text)
+}
+
+/// `{"type":"broadcast","from":…,"message":…,"timestamp":…}`
+pub fn broadcast(from: &str, message: &Body<'_>, now: u64) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(80 + from.len() + body_len_hint(message));
+    f.raw(br#"{"type":"broadcast","from":"#)
+        .string(from)
+        .raw(br#","message":"#)
+        .body(message)
+        .raw(br#","timestamp":"#)
+        .number(now)
+        .raw(b"}");
+    f.finish(OpCode::Text)
+}
+
+/// `{"type":"room_joined","room":…,"members":N}` (no timestamp, as in the seed)
+pub fn room_joined(room: &str, members: usize) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(48 + room.len());
+    f.raw(br#"{"type":"room_joined","room":"#)
+        .string(room)
+        .raw(br#","members":"#)
+        .number(members as u64)
+        .raw(b"}");
+    f.finish(OpCode::Text)
+}
+
+/// `{"type":"member_joined","room":…,"client_id":…,"total_members":N}`
+pub fn member_joined(room: &str, client_id: &str, total_members: usize) -> Bytes {
+    member_change(
+        br#"{"type":"member_joined","room":"#,
+        room,
+        client_id,
+        total_members,
+    )
+}
+
+/// `{"type":"member_left","room":…,"client_id":…,"total_members":N}`
+pub fn member_left(room: &str, client_id: &str, total_members: usize) -> Bytes {
+    member_change(
+        br#"{"type":"member_left","room":"#,
+        room,
+        client_id,
+        total_members,
+    )
+}
+
+fn member_change(prefix: &[u8], room: &str, client_id: &str, total: usize) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(80 + room.len() + client_id.len());
+    f.raw(prefix)
+        .string(room)
+        .raw(br#","client_id":"#)
+        .string(client_id)
+        .raw(br#","total_members":"#)
+        .number(total as u64)
+        .raw(b"}");
+    f.finish(OpCode::Text)
+}
+
+/// `{"type":"room_message","room":…,"from":…,"message":…,"timestamp":…}`
+pub fn room_message(room: &str, from: &str, message: &Body<'_>, now: u64) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(96 + room.len() + from.len() + body_len_hint(message));
+    f.raw(br#"{"type":"room_message","room":"#)
+        .string(room)
+        .raw(br#","from":"#)
+        .string(from)
+        .raw(br#","message":"#)
+        .body(message)
+        .raw(br#","timestamp":"#)
+        .number(now)
+        .raw(b"}");
+    f.finish(OpCode::Text)
+}
+
+/// `{"type":"private_message","from":…,"message":…,"timestamp":…}`
+pub fn private_message(from: &str, message: &Body<'_>, now: u64) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(80 + from.len() + body_len_hint(message));
+    f.raw(br#"{"type":"private_message","from":"#)
+        .string(from)
+        .raw(br#","message":"#)
+        .body(message)
+        .raw(br#","timestamp":"#)
+        .number(now)
+        .raw(b"}");
+    f.finish(OpCode::Text)
+}
+
+/// `{"type":"metadata_updated","metadata":{…}}` (no timestamp, as in the seed)
+pub fn metadata_updated(metadata: &serde_json::Map<String, serde_json::Value>) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(64);
+    f.raw(br#"{"type":"metadata_updated","metadata":"#);
+    let _ = serde_json::to_writer((&mut f.buf).writer(), metadata);
+    f.raw(b"}");
+    f.finish(OpCode::Text)
+}
+
+/// A pong answering a ping, echoing its payload (at most 125 bytes, checked by the reader).
+pub fn pong(payload: &[u8]) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(payload.len());
+    f.raw(payload);
+    f.finish(OpCode::Pong)
+}
+
+/// A close frame with a status code (none when `code` is `None`, as RFC 6455 allows).
+pub fn close(code: Option<u16>, reason: &str) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(2 + reason.len());
+    if let Some(code) = code {
+        f.raw(&code.to_be_bytes()).raw(reason.as_bytes());
+    }
+    f.finish(OpCode::Close)
+}
+
+/// Close codes roomcast sends (RFC 6455 section 7.4.1).
+pub mod close_code {
+    /// Normal closure, and the echo of a client's close without a code.
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down: reconnect elsewhere.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame broke RFC 6455 (reserved bits, bad continuation, fragmented control frame...).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A message exceeded the configured maximum size.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The client did not read its messages fast enough and its outbound queue filled up.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(frame: &Bytes) -> serde_json::Value {
+        let (len, start) = match frame[1] {
+            126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(frame[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        assert_eq!(frame.len(), start + len, "header length matches payload");
+        serde_json::from_slice(&frame[start..]).unwrap()
+    }
+
+    fn decode_str(text: &str) -> Result<String, DecodeError> {
+        let mut buf = text.as_bytes().to_vec();
+        decode(&mut buf).map(|c| format!("{c:?}"))
+    }
+
+    #[test]
+    fn frames_carry_fin_text_and_exact_length_for_every_header_size() {
+        for size in [0usize, 125, 126, 65_535, 65_536, 200_000] {
+            let text = "x".repeat(size);
+            let frame = error(&text, 7);
+            assert_eq!(frame[0], 0x81);
+            assert_eq!(payload(&frame)["message"], text.as_str());
+        }
+    }
+
+    #[test]
+    fn seed_field_order_and_names_are_kept() {
+        let frame = room_message("lobby", "client_1", &Body::Text("hi".into()), 5);
+        let json = std::str::from_utf8(&frame[2..]).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"room_message","room":"lobby","from":"client_1","message":"hi","timestamp":5}"#
+        );
+        let frame = member_left("r", "client_2", 3);
+        assert_eq!(
+            std::str::from_utf8(&frame[2..]).unwrap(),
+            r#"{"type":"member_left","room":"r","client_id":"client_2","total_members":3}"#
+        );
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let frame = error("quote \" and \n newline", 1);
+        assert_eq!(payload(&frame)["message"], "quote \" and \n newline");
+    }
+
+    #[test]
+    fn non_string_message_is_relayed_verbatim() {
+        let mut buf = br#"{"type":"broadcast","message":{"a":[1,2.5,true,null]}}"#.to_vec();
+        let Command::Broadcast { message } = decode(&mut buf).unwrap() else {
+            panic!("not a broadcast")
+        };
+        let frame = broadcast("client_x", &message, 1);
+        assert_eq!(
+            payload(&frame)["message"],
+            serde_json::json!({"a":[1,2.5,true,null]})
+        );
+    }
+
+    #[test]
+    fn invalid_inputs_map_to_seed_errors() {
+        for bad in [
+            "",
+            "nope",
+            "[]",
+            "[1]",
+            "{}",
+            r#"{"type":null}"#,
+            r#"{"type":true}"#,
+            "42",
+        ] {
+            assert_eq!(decode_str(bad), Err(DecodeError::InvalidFormat), "{bad}");
+        }
+        assert_eq!(
+            decode_str(r#"{"type":"dance"}"#),
+            Err(DecodeError::UnknownType("dance".into()))
+        );
+        assert_eq!(
+            decode_str(r#"{"type":"join_room","room":["a"]}"#),
+            Err(DecodeError::RoomNotString)
+        );
+        assert_eq!(
+            decode_str(r#"{"type":"private_message","to":5}"#),
+            Err(DecodeError::RecipientNotString)
+        );
+        assert_eq!(
+            decode_str(r#"{"type":"set_metadata","metadata":"x"}"#),
+            Err(DecodeError::MetadataNotObject)
+        );
+    }
+
+    #[test]
+    fn missing_fields_default_like_the_seed() {
+        let mut buf = br#"{"type":"room_message"}"#.to_vec();
+        match decode(&mut buf).unwrap() {
+            Command::RoomMessage {
+                room,
+                message: Body::Text(text),
+            } => {
+                assert_eq!(room, "");
+                assert_eq!(text, "");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut buf = br#"{"type":"set_metadata","metadata":[]}"#.to_vec();
+        assert!(matches!(
+            decode(&mut buf).unwrap(),
+            Command::SetMetadata { metadata } if metadata.is_empty()
+        ));
+    }
+
+    #[test]
+    fn metadata_keeps_insertion_order() {
+        let mut buf = br#"{"type":"set_metadata","metadata":{"z":1,"a":2,"m":3}}"#.to_vec();
+        let Command::SetMetadata { metadata } = decode(&mut buf).unwrap() else {
+            panic!()
+        };
+        let frame = metadata_updated(&metadata);
+        assert_eq!(
+            std::str::from_utf8(&frame[2..]).unwrap(),
+            r#"{"type":"metadata_updated","metadata":{"z":1,"a":2,"m":3}}"#
+        );
+    }
+}

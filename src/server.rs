@@ -1,0 +1,226 @@
+//! Listening, accepting and HTTP: one SO_REUSEPORT listener per worker, hyper for HTTP/1.1,
+//! and the hand-off of upgraded connections to [`ws::session`](crate::ws::session).
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::hub::{LocalHub, Router};
+use crate::outbox::OutboxStats;
+use crate::ws;
+
+/// Connection backlog of each listener: generous, so a reconnect storm is queued by the kernel
+/// rather than refused.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// What every connection task shares.
+pub struct Context {
+    pub config: Config,
+    pub router: Arc<dyn Router>,
+    pub outbox_stats: Arc<OutboxStats>,
+    pub shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    listeners: Vec<TcpListener>,
+    local_addr: SocketAddr,
+    ctx: Arc<Context>,
+}
+
+impl Server {
+    /// Binds `config.workers` listeners to `config.listen` with SO_REUSEPORT, so the kernel
+    /// spreads incoming connections over them. With port 0, the first listener picks the port
+    /// and the others join it. Must be called inside a tokio runtime.
+    pub fn bind(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
+        config
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let first = reuseport_listener(config.listen)?;
+        let local_addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..config.workers {
+            listeners.push(reuseport_listener(local_addr)?);
+        }
+        let ctx = Arc::new(Context {
+            config,
+            router: Arc::new(LocalHub::new()),
+            outbox_stats: Arc::default(),
+            shutdown,
+            tasks: TaskTracker::new(),
+        });
+        Ok(Self {
+            listeners,
+            local_addr,
+            ctx,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The routing state, for embedders and tests that want to look inside.
+    pub fn router(&self) -> Arc<dyn Router> {
+        self.ctx.router.clone()
+    }
+
+    /// Slow-consumer counters.
+    pub fn outbox_stats(&self) -> Arc<OutboxStats> {
+        self.ctx.outbox_stats.clone()
+    }
+
+    /// Accepts and serves until the shutdown token is cancelled, then closes every client with
+    /// 1001 (Going Away), waits up to the drain timeout for them, and returns.
+    pub async fn run(self) {
+        let Server { listeners, ctx, .. } = self;
+        info!(
+            addr = %ctx.config.listen,
+            workers = listeners.len(),
+            "roomcast listening"
+        );
+        let accept_loops = TaskTracker::new();
+        for listener in listeners {
+            accept_loops.spawn(accept_loop(listener, ctx.clone()));
+        }
+        accept_loops.close();
+        accept_loops.wait().await;
+
+        ctx.tasks.close();
+        let open = ctx.tasks.len();
+        info!(open, "shutting down: closing connections");
+        if tokio::time::timeout(ctx.config.drain_timeout, ctx.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = ctx.tasks.len(),
+                "drain timeout reached with connections still open"
+            );
+        }
+    }
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                // Frames are batched by the outbox writer; Nagle would only add latency.
+                let _ = stream.set_nodelay(true);
+                ctx.tasks.spawn(serve_http(stream, peer, ctx.clone()));
+            }
+            Err(error) => {
+                // Out of file descriptors or similar: back off instead of spinning, and keep
+                // serving the connections we have.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_http(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+    let service_ctx = ctx.clone();
+    let service = service_fn(move |request| {
+        let ctx = service_ctx.clone();
+        async move { Ok::<_, Infallible>(route(request, ctx)) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.config.handshake_timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = ctx.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        debug!(%peer, %error, "http connection ended with an error");
+    }
+}
+
+fn route(mut request: Request<Incoming>, ctx: Arc<Context>) -> Response<Full<Bytes>> {
+    if fastwebsockets::upgrade::is_upgrade_request(&request) {
+        return upgrade(&mut request, ctx);
+    }
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/") => text(
+            StatusCode::UPGRADE_REQUIRED,
+            "roomcast: connect with a WebSocket client\n",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn upgrade(request: &mut Request<Incoming>, ctx: Arc<Context>) -> Response<Full<Bytes>> {
+    let (response, upgrading) = match fastwebsockets::upgrade::upgrade(request) {
+        Ok(pair) => pair,
+        Err(error) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("bad upgrade request: {error}\n"),
+            );
+        }
+    };
+    let tasks = ctx.tasks.clone();
+    tasks.spawn(async move {
+        let upgraded = match upgrading.await {
+            Ok(websocket) => websocket.into_inner().into_inner(),
+            Err(error) => return debug!(%error, "upgrade failed"),
+        };
+        // We served hyper a `TokioIo<TcpStream>`, so that is what comes back; taking the
+        // TcpStream out lets the reader and writer own their halves without a shared lock.
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => ws::session::run(parts.io.into_inner(), parts.read_buf, ctx).await,
+            Err(_) => warn!("upgraded connection is not a TCP stream"),
+        }
+    });
+    response.map(|_| Full::default())
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

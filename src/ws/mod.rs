@@ -1,0 +1,5 @@
+//! WebSocket connections: the per-connection tasks ([`session`]) and the protocol command
+//! handlers they call ([`commands`]).
+
+pub mod commands;
+pub mod session;
