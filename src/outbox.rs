@@ -85,6 +85,10 @@ pub struct Outbox {
 pub struct OutboxReceiver {
     rx: mpsc::Receiver<Bytes>,
     shared: Arc<Shared>,
+    /// Most frames the writer takes out of the queue at once. Frames taken out no longer count
+    /// against the queue's capacity, so this is capped by the capacity: a connection holds at
+    /// most twice `capacity` frames in all (queued plus being written).
+    batch_limit: usize,
 }
 
 /// Creates an outbox holding at most `capacity` frames.
@@ -105,7 +109,11 @@ pub fn outbox(
             tx,
             shared: shared.clone(),
         },
-        OutboxReceiver { rx, shared },
+        OutboxReceiver {
+            rx,
+            shared,
+            batch_limit: capacity.clamp(1, MAX_BATCH),
+        },
     )
 }
 
@@ -226,16 +234,20 @@ impl OutboxReceiver {
         W: AsyncWrite + Unpin,
         F: FnOnce(Option<u16>) -> Bytes,
     {
-        let exit = match self.write_until_close(&mut io).await {
-            Ok(request) => {
-                let closing = async {
-                    let mut pending = VecDeque::new();
-                    if request.flush {
-                        while let Ok(frame) = self.rx.try_recv() {
-                            pending.push_back(frame);
-                        }
+        let mut pending = VecDeque::new();
+        let exit = match self.write_until_close(&mut io, &mut pending).await {
+            Ok((request, front_partial)) => {
+                if request.flush {
+                    while let Ok(frame) = self.rx.try_recv() {
+                        pending.push_back(frame);
                     }
-                    pending.push_back(close_frame(request.code));
+                } else {
+                    // A slow consumer: discard what waits, but finish a frame the socket has
+                    // taken part of, so the close frame that follows is still well-formed.
+                    pending.truncate(usize::from(front_partial));
+                }
+                pending.push_back(close_frame(request.code));
+                let closing = async {
                     write_frames(&mut io, &mut pending).await?;
                     io.shutdown().await
                 };
@@ -251,59 +263,49 @@ impl OutboxReceiver {
         exit
     }
 
-    /// The steady state: wait for frames, write them in batches. Returns the close request that
-    /// ended it, or why it ended without one.
+    /// The steady state: wait for frames, write them in batches, until a close is requested.
+    /// Returns the request and whether the front of `pending` is a frame the socket has taken
+    /// only part of; or why it ended without a request.
     async fn write_until_close<W: AsyncWrite + Unpin>(
         &mut self,
         io: &mut W,
-    ) -> Result<CloseRequest, WriterExit> {
+        pending: &mut VecDeque<Bytes>,
+    ) -> Result<(CloseRequest, bool), WriterExit> {
         let mut batch: Vec<Bytes> = Vec::new();
-        let mut pending: VecDeque<Bytes> = VecDeque::new();
-        // Whether the front of `pending` is a frame the socket has taken only part of.
         let mut front_partial = false;
         loop {
             if let Some(request) = self.close_request() {
-                return Ok(request);
+                return Ok((request, front_partial));
             }
+            if pending.is_empty() {
+                tokio::select! {
+                    biased;
+                    _ = self.shared.wake_writer.notified() => continue,
+                    received = self.rx.recv_many(&mut batch, self.batch_limit) => {
+                        if received == 0 {
+                            return Err(WriterExit::Abandoned);
+                        }
+                        pending.extend(batch.drain(..));
+                    }
+                }
+            }
+            // Pick up frames queued while the previous write was in flight (corking).
+            while pending.len() < self.batch_limit {
+                match self.rx.try_recv() {
+                    Ok(frame) => pending.push_back(frame),
+                    Err(_) => break,
+                }
+            }
+            // Each `write_vectored` either writes some bytes or none, so racing it against a
+            // close request never loses track of a partly written frame. The closing phase
+            // then runs under the linger deadline, so a peer that stopped reading cannot hold
+            // the writer forever.
             tokio::select! {
                 biased;
                 _ = self.shared.wake_writer.notified() => continue,
-                received = self.rx.recv_many(&mut batch, MAX_BATCH) => {
-                    if received == 0 {
-                        return Err(WriterExit::Abandoned);
-                    }
-                    pending.extend(batch.drain(..));
-                }
-            }
-            // Write what is queued. Each `write_vectored` either writes some bytes or none, so
-            // racing it against a close request never loses track of a partly written frame.
-            while !pending.is_empty() {
-                // Pick up frames queued while the previous write was in flight (corking).
-                while pending.len() < MAX_BATCH {
-                    match self.rx.try_recv() {
-                        Ok(frame) => pending.push_back(frame),
-                        Err(_) => break,
-                    }
-                }
-                tokio::select! {
-                    biased;
-                    _ = self.shared.wake_writer.notified() => {
-                        match self.close_request() {
-                            // A slow consumer: stop now, without waiting for the socket.
-                            Some(request) if !request.flush => {
-                                if !front_partial {
-                                    return Ok(request);
-                                }
-                                // Mid-frame: a close frame cannot follow; give up the socket.
-                                return Err(WriterExit::Failed);
-                            }
-                            _ => {}
-                        }
-                    }
-                    written = write_some(io, &pending) => match written {
-                        Ok(0) | Err(_) => return Err(WriterExit::Failed),
-                        Ok(n) => front_partial = advance(&mut pending, n),
-                    }
+                written = write_some(io, pending) => match written {
+                    Ok(0) | Err(_) => return Err(WriterExit::Failed),
+                    Ok(n) => front_partial = advance(pending, n),
                 }
             }
         }

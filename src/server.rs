@@ -38,6 +38,24 @@ pub struct Context {
     tasks: TaskTracker,
 }
 
+/// A view of a running server's state.
+#[derive(Clone)]
+pub struct ServerHandle {
+    ctx: Arc<Context>,
+}
+
+impl ServerHandle {
+    /// The routing state (rooms, directory).
+    pub fn router(&self) -> &dyn Router {
+        &*self.ctx.router
+    }
+
+    /// Slow-consumer counters.
+    pub fn outbox_stats(&self) -> &OutboxStats {
+        &self.ctx.outbox_stats
+    }
+}
+
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
     listeners: Vec<TcpListener>,
@@ -77,14 +95,12 @@ impl Server {
         self.local_addr
     }
 
-    /// The routing state, for embedders and tests that want to look inside.
-    pub fn router(&self) -> Arc<dyn Router> {
-        self.ctx.router.clone()
-    }
-
-    /// Slow-consumer counters.
-    pub fn outbox_stats(&self) -> Arc<OutboxStats> {
-        self.ctx.outbox_stats.clone()
+    /// A handle that stays valid while [`run`](Server::run) owns the server: for embedders and
+    /// tests that want to look inside.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            ctx: self.ctx.clone(),
+        }
     }
 
     /// Accepts and serves until the shutdown token is cancelled, then closes every client with

@@ -2,4 +2,5 @@
 //! handlers they call ([`commands`]).
 
 pub mod commands;
+pub mod fragment;
 pub mod session;

@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Role, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Role, WebSocketError};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info_span, Instrument};
 
 use super::commands::Session;
+use super::fragment::{Assembler, FragmentError};
 use crate::hub::Member;
 use crate::outbox::{self, CloseRequest, Outbox, WriterExit};
 use crate::protocol::{self, close_code};
@@ -55,10 +56,10 @@ async fn serve(
     // fastwebsockets' own writer is not used: frames reach the socket through the outbox.
     let (ws_read, _) =
         fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
-    let mut ws_read = ws_read;
+    let mut frames = ws_read;
     // fastwebsockets refuses a frame whose length is >= its limit; ours is "more than".
-    ws_read.set_max_message_size(config.max_message_size.saturating_add(1));
-    let mut frames = FragmentCollectorRead::new(ws_read);
+    frames.set_max_message_size(config.max_message_size.saturating_add(1));
+    let mut assembler = Assembler::new(config.max_message_size);
 
     let (outbox, receiver) = outbox::outbox(
         config.outbound_queue,
@@ -103,11 +104,17 @@ async fn serve(
             frame = frames.read_frame(&mut obligated) => frame,
         };
         match frame {
-            Ok(mut frame) => match frame.opcode {
-                // The seed (Ratchet) hands binary messages to the same handler as text.
-                OpCode::Text | OpCode::Binary => session.handle_message(frame.payload.to_mut()),
+            Ok(frame) => match frame.opcode {
                 OpCode::Close => break End::PeerClosed,
-                _ => {}
+                OpCode::Ping | OpCode::Pong => {}
+                // The seed (Ratchet) hands binary messages to the same handler as text.
+                OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                    match assembler.push(frame) {
+                        Ok(Some(mut message)) => session.handle_message(&mut message.payload),
+                        Ok(None) => {}
+                        Err(error) => break End::from(error),
+                    }
+                }
             },
             Err(error) => break End::from(error),
         }
@@ -153,6 +160,20 @@ impl From<WebSocketError> for End {
             | WebSocketError::ConnectionClosed
             | WebSocketError::SendError(_) => return End::Abort,
             _ => close_code::PROTOCOL_ERROR,
+        };
+        End::Close(CloseRequest {
+            code: Some(code),
+            flush: false,
+        })
+    }
+}
+
+impl From<FragmentError> for End {
+    fn from(error: FragmentError) -> Self {
+        let code = match error {
+            FragmentError::InvalidSequence => close_code::PROTOCOL_ERROR,
+            FragmentError::TooBig => close_code::MESSAGE_TOO_BIG,
+            FragmentError::InvalidUtf8 => close_code::INVALID_PAYLOAD,
         };
         End::Close(CloseRequest {
             code: Some(code),

@@ -1,0 +1,317 @@
+//! Test harness: starts the real server on `127.0.0.1:0` and drives it with a real WebSocket
+//! client (tokio-tungstenite), plus a raw-socket client for frame-level tests.
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use roomcast::Config;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for a message it expects.
+pub const EXPECT: Duration = Duration::from_secs(5);
+/// How long a test watches for a message that must NOT arrive (the seed's silences).
+pub const SILENCE: Duration = Duration::from_millis(300);
+
+/// A server running inside the test's runtime.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub server: roomcast::server::ServerHandle,
+    task: JoinHandle<()>,
+}
+
+impl TestServer {
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    /// Cancels the server and waits for it to finish its drain.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("server stops within its drain timeout")
+            .expect("server task did not panic");
+    }
+}
+
+/// Starts a server with the default configuration on a free port.
+pub async fn start_server() -> TestServer {
+    start_server_with(|_| {}).await
+}
+
+/// Starts a server after `tweak` adjusted the defaults.
+pub async fn start_server_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let mut config = Config::with_listen("127.0.0.1:0".parse().unwrap());
+    config.workers = 2;
+    tweak(&mut config);
+    let shutdown = CancellationToken::new();
+    let server = roomcast::Server::bind(config, shutdown.clone()).expect("bind");
+    let addr = server.local_addr();
+    let handle = server.handle();
+    let task = tokio::spawn(server.run());
+    TestServer {
+        addr,
+        shutdown,
+        server: handle,
+        task,
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A connected protocol client that has read its `welcome`.
+pub struct Client {
+    pub ws: Ws,
+    pub id: String,
+    pub welcome: Value,
+}
+
+impl Client {
+    /// Connects and reads the welcome message.
+    pub async fn connect(server: &TestServer) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(server.url())
+            .await
+            .expect("websocket handshake");
+        let mut client = Client {
+            ws,
+            id: String::new(),
+            welcome: Value::Null,
+        };
+        let welcome = client.recv().await;
+        assert_eq!(welcome["type"], "welcome", "first message is welcome");
+        client.id = welcome["client_id"].as_str().expect("client_id").to_owned();
+        client.welcome = welcome;
+        client
+    }
+
+    pub async fn send(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.to_owned()))
+            .await
+            .expect("send");
+    }
+
+    /// The next text message as JSON; panics after [`EXPECT`].
+    pub async fn recv(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + EXPECT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("a message within the deadline")
+                .expect("connection open")
+                .expect("valid frame");
+            match next {
+                Message::Text(text) => {
+                    return serde_json::from_str(&text).expect("server sends JSON")
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives within [`SILENCE`].
+    pub async fn expect_silence(&mut self) {
+        if let Ok(Some(message)) = tokio::time::timeout(SILENCE, self.ws.next()).await {
+            panic!("expected silence, got {message:?}");
+        }
+    }
+
+    /// Reads until the server's close frame and returns it (skipping data frames).
+    pub async fn recv_close(&mut self, within: Duration) -> Option<CloseFrame<'static>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("no close frame within {within:?}"),
+                Ok(None) => return None,
+                Ok(Some(Ok(Message::Close(frame)))) => return frame,
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) => return None,
+            }
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.send(json!({"type": "join_room", "room": room})).await;
+        let reply = self.recv().await;
+        assert_eq!(reply["type"], "room_joined", "{reply}");
+        reply
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Wait for the server's echo so the server has processed the close.
+        let _ = tokio::time::timeout(EXPECT, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+/// Close code of a close frame as a number.
+pub fn code(frame: &Option<CloseFrame<'static>>) -> u16 {
+    frame.as_ref().map_or(0, |f| u16::from(f.code))
+}
+
+pub fn close_code(code: u16) -> CloseCode {
+    CloseCode::from(code)
+}
+
+/// A WebSocket client on a bare TCP socket, for sending frames a well-behaved library will not
+/// (fragments, bad UTF-8, reserved bits) and reading the server's frames byte by byte.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+/// A frame as read by [`RawClient`].
+#[derive(Debug)]
+pub struct RawFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    pub fn json(&self) -> Value {
+        assert_eq!(self.opcode, 1, "text frame");
+        serde_json::from_slice(&self.payload).expect("JSON payload")
+    }
+
+    pub fn close_code(&self) -> u16 {
+        assert_eq!(self.opcode, 8, "close frame, got {self:?}");
+        u16::from_be_bytes([self.payload[0], self.payload[1]])
+    }
+}
+
+impl RawClient {
+    /// Does the HTTP upgrade by hand and reads the welcome frame.
+    pub async fn connect(server: &TestServer) -> RawClient {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            server.addr
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buffer = Vec::new();
+        let header_end = loop {
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(EXPECT, stream.read(&mut chunk))
+                .await
+                .expect("upgrade response in time")
+                .unwrap();
+            assert!(n > 0, "server closed during the upgrade");
+            buffer.extend_from_slice(&chunk[..n]);
+            if let Some(pos) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buffer[..header_end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buffer.drain(..header_end);
+        let mut client = RawClient { stream, buffer };
+        let welcome = client.read_frame().await.expect("welcome");
+        assert_eq!(welcome.json()["type"], "welcome");
+        client
+    }
+
+    /// Sends one masked frame with the given first byte (FIN, RSV and opcode bits).
+    pub async fn send_frame(&mut self, first_byte: u8, payload: &[u8]) {
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        let mut frame = vec![first_byte];
+        let len = payload.len();
+        if len < 126 {
+            frame.push(0x80 | len as u8);
+        } else if len <= u16::MAX as usize {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.send_raw(&frame).await;
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        // The server may already have closed; a failed write shows up in the next read.
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// Reads the next frame, or `None` when the server closed the TCP connection.
+    pub async fn read_frame(&mut self) -> Option<RawFrame> {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buffer) {
+                self.buffer.drain(..used);
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = match tokio::time::timeout(EXPECT, self.stream.read(&mut chunk))
+                .await
+                .expect("a frame within the deadline")
+            {
+                Ok(n) => n,
+                Err(_) => return None,
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buffer.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads frames until a close frame and returns its code.
+    pub async fn read_close_code(&mut self) -> u16 {
+        loop {
+            let frame = self.read_frame().await.expect("a close frame before EOF");
+            if frame.opcode == 8 {
+                return frame.close_code();
+            }
+        }
+    }
+}
+
+fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    assert_eq!(buf[1] & 0x80, 0, "server frames are never masked");
+    let (len, start) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (
+            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+            10,
+        ),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    if buf.len() < start + len {
+        return None;
+    }
+    Some((
+        RawFrame {
+            fin: buf[0] & 0x80 != 0,
+            opcode: buf[0] & 0x0f,
+            payload: buf[start..start + len].to_vec(),
+        },
+        start + len,
+    ))
+}

@@ -1,0 +1,189 @@
+//! Fan-out at scale, ordering, and the slow-consumer policies of the bounded outbound queue.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{start_server, start_server_with, Client};
+use futures_util::StreamExt;
+use roomcast::outbox::SlowConsumerPolicy;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_in_one_room_all_receive_one_room_message() {
+    let server = start_server().await;
+    let mut sender = Client::connect(&server).await;
+    sender.join("big").await;
+    let mut members = Vec::new();
+    for _ in 0..999 {
+        let mut member = Client::connect(&server).await;
+        member
+            .send(json!({"type": "join_room", "room": "big"}))
+            .await;
+        members.push(member);
+    }
+    // Joins were sent without waiting; the sender sees the last one arrive.
+    loop {
+        let notice = sender.recv().await;
+        if notice["total_members"] == 1000 {
+            break;
+        }
+    }
+    assert_eq!(server.server.router().room_size("big"), 1000);
+    // Every member's queue holds its room_joined and the member_joined of later joiners; read
+    // up to the message, concurrently, so no socket buffer fills.
+    sender
+        .send(json!({"type": "room_message", "room": "big", "message": "to all"}))
+        .await;
+    let readers = members.into_iter().map(|mut member| {
+        tokio::spawn(async move {
+            // Skip the membership notices cheaply: 1,000 joins make ~500,000 of them.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while let Ok(Some(Ok(message))) =
+                tokio::time::timeout_at(deadline, member.ws.next()).await
+            {
+                if let Message::Text(text) = message {
+                    if text.contains(r#""type":"room_message""#) {
+                        let got: serde_json::Value = serde_json::from_str(&text).unwrap();
+                        return got["message"] == "to all";
+                    }
+                }
+            }
+            false
+        })
+    });
+    let mut received = 0;
+    for reader in readers {
+        if reader.await.unwrap() {
+            received += 1;
+        }
+    }
+    let closed = server
+        .server
+        .outbox_stats()
+        .closed_slow
+        .load(Ordering::Relaxed);
+    assert_eq!(received, 999, "slow consumers closed: {closed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_from_one_sender_arrive_in_order_at_every_member() {
+    let server = start_server().await;
+    let mut sender = Client::connect(&server).await;
+    sender.join("ordered").await;
+    let mut members = Vec::new();
+    for _ in 0..5 {
+        let mut member = Client::connect(&server).await;
+        member.join("ordered").await;
+        members.push(member);
+    }
+    for i in 0..2000 {
+        sender
+            .send(json!({"type": "room_message", "room": "ordered", "message": i.to_string()}))
+            .await;
+    }
+    for mut member in members {
+        let mut expected = 0;
+        while expected < 2000 {
+            let got = member.recv().await;
+            if got["type"] == "room_message" {
+                assert_eq!(got["message"], expected.to_string());
+                expected += 1;
+            }
+        }
+    }
+}
+
+/// Fills the socket of a client that never reads: large messages until the kernel buffers and
+/// the outbound queue are full.
+async fn flood(publisher: &mut Client, room: &str, count: usize) {
+    let body = "z".repeat(60_000);
+    for _ in 0..count {
+        publisher
+            .send(json!({"type": "room_message", "room": room, "message": body}))
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_with_1013_and_the_others_keep_receiving() {
+    let server = start_server_with(|config| {
+        config.outbound_queue = 16;
+        config.slow_consumer = SlowConsumerPolicy::Close;
+    })
+    .await;
+    let mut publisher = Client::connect(&server).await;
+    let mut reader = Client::connect(&server).await;
+    let mut sleeper = Client::connect(&server).await;
+    publisher.join("flood").await;
+    reader.join("flood").await;
+    sleeper.join("flood").await;
+    publisher.recv().await;
+    publisher.recv().await;
+    reader.recv().await;
+
+    // The reader takes each message before the next is sent; the sleeper reads nothing, so
+    // its socket buffers and then its 16-frame queue fill up.
+    let body = "z".repeat(60_000);
+    for i in 0..600 {
+        publisher
+            .send(json!({"type": "room_message", "room": "flood", "message": body}))
+            .await;
+        // The sleeper's departure (member_left) may come in between.
+        let mut got = reader.recv().await;
+        if got["type"] == "member_left" {
+            got = reader.recv().await;
+        }
+        assert_eq!(
+            got["type"], "room_message",
+            "message {i} reached the reader"
+        );
+    }
+
+    let frame = sleeper.recv_close(Duration::from_secs(20)).await;
+    assert_eq!(common::code(&frame), 1013);
+    assert_eq!(
+        server
+            .server
+            .outbox_stats()
+            .closed_slow
+            .load(Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_under_the_drop_policy_stays_connected_and_drops_are_counted() {
+    let server = start_server_with(|config| {
+        config.outbound_queue = 16;
+        config.slow_consumer = SlowConsumerPolicy::Drop;
+    })
+    .await;
+    let mut publisher = Client::connect(&server).await;
+    let mut sleeper = Client::connect(&server).await;
+    publisher.join("flood").await;
+    sleeper.join("flood").await;
+    publisher.recv().await;
+    flood(&mut publisher, "flood", 600).await;
+    let deadline = std::time::Instant::now() + common::EXPECT;
+    while server.server.outbox_stats().dropped.load(Ordering::Relaxed) == 0 {
+        assert!(std::time::Instant::now() < deadline, "frames were dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Now read everything that was kept: the connection is still open and still served.
+    let mut received = 0;
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(500), sleeper.ws.next()).await
+    {
+        if let Message::Text(_) = message {
+            received += 1;
+        }
+    }
+    assert!(received > 0 && received < 600, "received {received} of 600");
+    publisher
+        .send(json!({"type": "room_message", "room": "flood", "message": "after"}))
+        .await;
+    assert_eq!(sleeper.recv().await["message"], "after");
+}

@@ -1,0 +1,184 @@
+//! HTTP and WebSocket framing: health check, the upgrade, fragments, pings, the close
+//! handshake, and the close codes for frames that break RFC 6455 or the size limit.
+
+mod common;
+
+use common::{start_server, start_server_with, Client, RawClient};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FIN: u8 = 0x80;
+const TEXT: u8 = 0x1;
+const CONTINUATION: u8 = 0x0;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+
+async fn http_get(server: &common::TestServer, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(common::EXPECT, stream.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .unwrap();
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_200_on_the_websocket_port() {
+    let server = start_server().await;
+    let response = http_get(&server, "/healthz").await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_get_of_root_without_upgrade_is_refused_with_426() {
+    let server = start_server().await;
+    let response = http_get(&server, "/").await;
+    assert!(response.starts_with("HTTP/1.1 426"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_path_is_404() {
+    let server = start_server().await;
+    let response = http_get(&server, "/nope").await;
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_message_is_reassembled() {
+    let server = start_server().await;
+    let mut raw = RawClient::connect(&server).await;
+    let text = json!({"type": "join_room", "room": "fragments"}).to_string();
+    let (first, rest) = text.as_bytes().split_at(10);
+    let (middle, last) = rest.split_at(10);
+    raw.send_frame(TEXT, first).await;
+    raw.send_frame(CONTINUATION, middle).await;
+    // A ping may arrive between fragments and is answered at once.
+    raw.send_frame(FIN | PING, b"mid").await;
+    raw.send_frame(FIN | CONTINUATION, last).await;
+    let pong = raw.read_frame().await.unwrap();
+    assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"mid"[..]));
+    let joined = raw.read_frame().await.unwrap().json();
+    assert_eq!(joined["type"], "room_joined");
+    assert_eq!(joined["room"], "fragments");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_is_answered_with_a_pong_carrying_the_same_payload() {
+    let server = start_server().await;
+    let mut raw = RawClient::connect(&server).await;
+    raw.send_frame(FIN | PING, b"are you there").await;
+    let pong = raw.read_frame().await.unwrap();
+    assert!(pong.fin);
+    assert_eq!(pong.opcode, 0xA);
+    assert_eq!(pong.payload, b"are you there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_is_echoed_with_its_code() {
+    let server = start_server().await;
+    let mut raw = RawClient::connect(&server).await;
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(b"bye");
+    raw.send_frame(FIN | CLOSE, &payload).await;
+    assert_eq!(raw.read_close_code().await, 1000);
+    assert!(
+        raw.read_frame().await.is_none(),
+        "server closes the TCP connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
+    let server = start_server().await;
+    let mut raw = RawClient::connect(&server).await;
+    raw.send_frame(FIN | TEXT, &[b'{', 0xff, 0xfe, b'}']).await;
+    assert_eq!(raw.read_close_code().await, 1007);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_bits_close_with_1002() {
+    let server = start_server().await;
+    let mut raw = RawClient::connect(&server).await;
+    raw.send_frame(FIN | 0x40 | TEXT, b"{}").await;
+    assert_eq!(raw.read_close_code().await, 1002);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_opcode_closes_with_1002() {
+    let server = start_server().await;
+    let mut raw = RawClient::connect(&server).await;
+    raw.send_frame(FIN | 0x3, b"{}").await;
+    assert_eq!(raw.read_close_code().await, 1002);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_over_the_size_limit_closes_with_1009() {
+    let server = start_server_with(|config| config.max_message_size = 1024).await;
+    let mut raw = RawClient::connect(&server).await;
+    let mut big = br#"{"type":"broadcast","message":""#.to_vec();
+    big.resize(2000, b'x');
+    big.extend_from_slice(br#""}"#);
+    raw.send_frame(FIN | TEXT, &big).await;
+    assert_eq!(raw.read_close_code().await, 1009);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_message_over_the_size_limit_closes_with_1009() {
+    let server = start_server_with(|config| config.max_message_size = 1024).await;
+    let mut raw = RawClient::connect(&server).await;
+    let chunk = vec![b'x'; 600];
+    raw.send_frame(TEXT, &chunk).await;
+    raw.send_frame(CONTINUATION, &chunk).await;
+    raw.send_frame(FIN | CONTINUATION, &chunk).await;
+    assert_eq!(raw.read_close_code().await, 1009);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_at_the_size_limit_is_accepted() {
+    let server = start_server_with(|config| config.max_message_size = 1024).await;
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    let overhead = json!({"type": "broadcast", "message": ""})
+        .to_string()
+        .len();
+    let body = "y".repeat(1024 - overhead);
+    a.send(json!({"type": "broadcast", "message": body})).await;
+    assert_eq!(
+        b.recv().await["message"].as_str().unwrap().len(),
+        body.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_client_does_not_disturb_the_others() {
+    let server = start_server().await;
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    a.join("r").await;
+    b.join("r").await;
+    a.recv().await;
+    let mut raw = RawClient::connect(&server).await;
+    raw.send_raw(&[0xff; 64]).await;
+    a.send(json!({"type": "room_message", "room": "r", "message": "still here"}))
+        .await;
+    assert_eq!(b.recv().await["message"], "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_going_away_1001_to_every_client() {
+    let server = start_server().await;
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    a.join("r").await;
+    let shutdown = server.shutdown.clone();
+    let stopping = tokio::spawn(server.stop());
+    shutdown.cancel();
+    for client in [&mut a, &mut b] {
+        let frame = client.recv_close(common::EXPECT).await;
+        assert_eq!(common::code(&frame), 1001);
+    }
+    stopping.await.unwrap();
+}
