@@ -1,7 +1,7 @@
 //! The bounded outbound queue of one connection, holding frames that are already encoded.
 //!
 //! The hub (fan-out) and the connection's own reader push [`Bytes`] into an [`Outbox`]; the
-//! connection's writer drains everything queued and hands it to the socket in as few vectored
+//! connection task drains everything queued and hands it to the socket in as few vectored
 //! writes as the kernel accepts ("corking"): one syscall for many frames, never one per frame.
 //!
 //! Pushing is lock-free (a tokio bounded mpsc: atomics only, blocks of slots reused, so no
@@ -9,17 +9,24 @@
 //! handled by the configured [`SlowConsumerPolicy`], so one client that stops reading can
 //! neither grow the server's memory nor slow down the clients around it.
 //!
+//! The draining side is poll-based ([`OutboxReceiver::poll_flush`]) so that one task per
+//! connection can read and write without a second task, and an idle connection holds no write
+//! buffer: frames are gathered in a per-thread batch and only what the socket refuses is kept.
+//!
 //! This module sits at the bottom of the crate: it imports nothing of ours.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
+use futures_util::task::AtomicWaker;
+use tokio::io::AsyncWrite;
+use tokio::sync::mpsc;
 
 /// What to do with a frame for a client whose outbound queue is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -28,7 +35,7 @@ pub enum SlowConsumerPolicy {
     /// Close the connection with 1013 (Try Again Later); queued frames are discarded. The client
     /// reconnects and resynchronises, and never silently misses a message.
     Close,
-    /// Drop the frame and keep the connection; counted in [`OutboxStats::dropped`].
+    /// Drop the frame and keep the connection; the drop is counted.
     Drop,
 }
 
@@ -41,17 +48,22 @@ pub struct OutboxStats {
     pub closed_slow: AtomicU64,
 }
 
-/// Frames handed to one `writev` call. Enough to amortise the syscall; small enough for the
-/// stack array of slices.
+/// Frames handed to one `writev` call: enough to amortise the syscall, few enough for a stack
+/// array of slices. Linux accepts up to 1024 (IOV_MAX).
 const IOV_PER_WRITE: usize = 64;
 
 /// RFC 6455 close code 1013, Try Again Later: sent to a slow consumer.
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
-/// The most frames handed to one `writev` call; Linux accepts up to 1024 (IOV_MAX).
+/// The most frames taken out of one queue at once.
 const MAX_BATCH: usize = 256;
 
-/// A request, from any thread, that the writer stop: send a close frame and shut the socket.
+/// How many batches one [`OutboxReceiver::poll_flush`] writes before it yields, so a connection
+/// whose queue refills as fast as it drains cannot monopolise a worker thread.
+const BATCHES_PER_POLL: usize = 4;
+
+/// A request, from any thread, that the connection close: send a close frame and shut the
+/// socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseRequest {
     /// Status code for the close frame; `None` sends a close frame without a code.
@@ -68,7 +80,8 @@ const CLOSE_HAS_CODE: u32 = 1 << 29;
 
 struct Shared {
     close: AtomicU32,
-    wake_writer: Notify,
+    /// Wakes the connection task when a close is requested (frames wake it through the queue).
+    close_waker: AtomicWaker,
     policy: SlowConsumerPolicy,
     stats: Arc<OutboxStats>,
 }
@@ -81,14 +94,25 @@ pub struct Outbox {
     shared: Arc<Shared>,
 }
 
-/// The receiving side, owned by the connection's writer.
+/// The receiving side, owned by the connection task.
 pub struct OutboxReceiver {
     rx: mpsc::Receiver<Bytes>,
     shared: Arc<Shared>,
-    /// Most frames the writer takes out of the queue at once. Frames taken out no longer count
-    /// against the queue's capacity, so this is capped by the capacity: a connection holds at
-    /// most twice `capacity` frames in all (queued plus being written).
+    /// Most frames taken out of the queue at once. Frames taken out no longer count against
+    /// the queue's capacity, so this is capped by the capacity: a connection holds at most
+    /// twice `capacity` frames in all (queued plus being written).
     batch_limit: usize,
+    /// Frames the socket has not taken yet. Empty, and without an allocation, unless the peer
+    /// reads slower than we write.
+    unsent: VecDeque<Bytes>,
+    /// Whether the front of `unsent` is a frame the socket has taken only part of.
+    front_partial: bool,
+}
+
+thread_local! {
+    // The batch a flush gathers from a queue before one vectored write. Per thread, not per
+    // connection: an idle connection owns no write buffer.
+    static BATCH: RefCell<VecDeque<Bytes>> = RefCell::new(VecDeque::with_capacity(MAX_BATCH));
 }
 
 /// Creates an outbox holding at most `capacity` frames.
@@ -100,7 +124,7 @@ pub fn outbox(
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let shared = Arc::new(Shared {
         close: AtomicU32::new(0),
-        wake_writer: Notify::new(),
+        close_waker: AtomicWaker::new(),
         policy,
         stats,
     });
@@ -113,6 +137,8 @@ pub fn outbox(
             rx,
             shared,
             batch_limit: capacity.clamp(1, MAX_BATCH),
+            unsent: VecDeque::new(),
+            front_partial: false,
         },
     )
 }
@@ -163,8 +189,8 @@ impl Outbox {
         }
     }
 
-    /// Asks the writer to close the connection. Only the first request counts; returns whether
-    /// this was it.
+    /// Asks the connection to close. Only the first request counts; returns whether this was
+    /// it.
     pub fn request_close(&self, request: CloseRequest) -> bool {
         let mut word = CLOSE_REQUESTED;
         if request.flush {
@@ -179,7 +205,7 @@ impl Outbox {
             .compare_exchange(0, word, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if first {
-            self.shared.wake_writer.notify_one();
+            self.shared.close_waker.wake();
         }
         first
     }
@@ -195,22 +221,29 @@ impl Outbox {
     }
 }
 
-/// Why the writer stopped.
-#[derive(Debug, PartialEq, Eq)]
-pub enum WriterExit {
-    /// A close frame was written after a [`CloseRequest`].
-    Closed(CloseRequest),
-    /// Every [`Outbox`] was dropped without a close request.
+/// How a flush ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything queued is written and the queue is empty; the task is woken on the next frame.
+    Idle,
+    /// Every [`Outbox`] is gone: nothing more will be queued.
     Abandoned,
-    /// The socket failed or the peer stopped reading past the deadline.
-    Failed,
 }
 
 impl OutboxReceiver {
-    /// Takes the next queued frame without waiting (for tests and benches; the writer drains
-    /// the queue itself).
+    /// Takes the next queued frame without waiting (for tests and benches).
     pub fn try_next(&mut self) -> Option<Bytes> {
         self.rx.try_recv().ok()
+    }
+
+    /// The close request made for this connection, if any. Registers the task to be woken by
+    /// a later one.
+    pub fn poll_close_request(&self, cx: &mut Context<'_>) -> Option<CloseRequest> {
+        if let Some(request) = self.close_request() {
+            return Some(request);
+        }
+        self.shared.close_waker.register(cx.waker());
+        self.close_request()
     }
 
     fn close_request(&self) -> Option<CloseRequest> {
@@ -221,108 +254,136 @@ impl OutboxReceiver {
         })
     }
 
-    /// Drains the queue into `io` until a close is requested, then writes the close frame built
-    /// by `close_frame` and shuts the socket down. `linger` bounds how long the closing phase
-    /// (flushing, close frame) may wait on a peer that does not read.
-    pub async fn run_writer<W, F>(
-        mut self,
-        mut io: W,
-        linger: Duration,
-        close_frame: F,
-    ) -> WriterExit
-    where
-        W: AsyncWrite + Unpin,
-        F: FnOnce(Option<u16>) -> Bytes,
-    {
-        let mut pending = VecDeque::new();
-        let exit = match self.write_until_close(&mut io, &mut pending).await {
-            Ok((request, front_partial)) => {
-                if request.flush {
-                    while let Ok(frame) = self.rx.try_recv() {
-                        pending.push_back(frame);
-                    }
-                } else {
-                    // A slow consumer: discard what waits, but finish a frame the socket has
-                    // taken part of, so the close frame that follows is still well-formed.
-                    pending.truncate(usize::from(front_partial));
-                }
-                pending.push_back(close_frame(request.code));
-                let closing = async {
-                    write_frames(&mut io, &mut pending).await?;
-                    io.shutdown().await
-                };
-                match tokio::time::timeout(linger, closing).await {
-                    Ok(Ok(())) => WriterExit::Closed(request),
-                    _ => WriterExit::Failed,
-                }
+    /// Writes queued frames to `io`, many per vectored write, until the queue is empty
+    /// (`Ready(Ok(Idle))`) or the socket is full (`Pending`, woken when it drains or when a
+    /// frame arrives).
+    pub fn poll_flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+    ) -> Poll<std::io::Result<Flushed>> {
+        // Frames the socket refused last time go first.
+        while !self.unsent.is_empty() {
+            match poll_write_some(cx, io, &self.unsent) {
+                Poll::Ready(Ok(n)) => self.front_partial = advance(&mut self.unsent, n),
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
             }
-            Err(exit) => exit,
-        };
-        // Later pushes fail fast with `Pushed::Closing` instead of filling a dead queue.
-        self.rx.close();
-        exit
+        }
+        if self.unsent.capacity() > 0 {
+            // The slow spell is over: give the memory back.
+            self.unsent = VecDeque::new();
+        }
+        for _ in 0..BATCHES_PER_POLL {
+            let outcome = BATCH.with(|batch| {
+                let mut batch = batch.borrow_mut();
+                let result = self.write_one_batch(cx, io, &mut batch);
+                // Whatever the socket did not take stays with this connection.
+                if !batch.is_empty() {
+                    self.unsent.extend(batch.drain(..));
+                }
+                result
+            });
+            match outcome {
+                BatchOutcome::Written => continue,
+                BatchOutcome::Empty => return Poll::Ready(Ok(Flushed::Idle)),
+                BatchOutcome::Closed => return Poll::Ready(Ok(Flushed::Abandoned)),
+                BatchOutcome::SocketFull => return Poll::Pending,
+                BatchOutcome::Failed(error) => return Poll::Ready(Err(error)),
+            }
+        }
+        // More keeps coming: let other tasks run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
-    /// The steady state: wait for frames, write them in batches, until a close is requested.
-    /// Returns the request and whether the front of `pending` is a frame the socket has taken
-    /// only part of; or why it ended without a request.
-    async fn write_until_close<W: AsyncWrite + Unpin>(
+    fn write_one_batch<W: AsyncWrite + Unpin>(
         &mut self,
+        cx: &mut Context<'_>,
         io: &mut W,
-        pending: &mut VecDeque<Bytes>,
-    ) -> Result<(CloseRequest, bool), WriterExit> {
-        let mut batch: Vec<Bytes> = Vec::new();
-        let mut front_partial = false;
-        loop {
-            if let Some(request) = self.close_request() {
-                return Ok((request, front_partial));
+        batch: &mut VecDeque<Bytes>,
+    ) -> BatchOutcome {
+        while batch.len() < self.batch_limit {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(frame)) => batch.push_back(frame),
+                Poll::Ready(None) if batch.is_empty() => return BatchOutcome::Closed,
+                Poll::Ready(None) | Poll::Pending => break,
             }
-            if pending.is_empty() {
-                tokio::select! {
-                    biased;
-                    _ = self.shared.wake_writer.notified() => continue,
-                    received = self.rx.recv_many(&mut batch, self.batch_limit) => {
-                        if received == 0 {
-                            return Err(WriterExit::Abandoned);
-                        }
-                        pending.extend(batch.drain(..));
-                    }
-                }
+        }
+        if batch.is_empty() {
+            return BatchOutcome::Empty;
+        }
+        while !batch.is_empty() {
+            match poll_write_some(cx, io, batch) {
+                Poll::Ready(Ok(n)) => self.front_partial = advance(batch, n),
+                Poll::Ready(Err(error)) => return BatchOutcome::Failed(error),
+                Poll::Pending => return BatchOutcome::SocketFull,
             }
-            // Pick up frames queued while the previous write was in flight (corking).
-            while pending.len() < self.batch_limit {
-                match self.rx.try_recv() {
-                    Ok(frame) => pending.push_back(frame),
-                    Err(_) => break,
-                }
+        }
+        BatchOutcome::Written
+    }
+
+    /// Starts the closing phase: stops the queue, keeps what must still be written (everything
+    /// queued when `request.flush`, else only a partly written frame, so the stream stays
+    /// well-formed) and appends `close_frame`. Then [`poll_finish`](Self::poll_finish).
+    pub fn begin_close(&mut self, request: CloseRequest, close_frame: Bytes) {
+        // Later pushes fail fast with `Pushed::Closing` instead of filling a dead queue.
+        self.rx.close();
+        if request.flush {
+            while let Ok(frame) = self.rx.try_recv() {
+                self.unsent.push_back(frame);
             }
-            // Each `write_vectored` either writes some bytes or none, so racing it against a
-            // close request never loses track of a partly written frame. The closing phase
-            // then runs under the linger deadline, so a peer that stopped reading cannot hold
-            // the writer forever.
-            tokio::select! {
-                biased;
-                _ = self.shared.wake_writer.notified() => continue,
-                written = write_some(io, pending) => match written {
-                    Ok(0) | Err(_) => return Err(WriterExit::Failed),
-                    Ok(n) => front_partial = advance(pending, n),
-                }
+        } else {
+            self.unsent.truncate(usize::from(self.front_partial));
+        }
+        self.unsent.push_back(close_frame);
+    }
+
+    /// Writes what [`begin_close`](Self::begin_close) kept, then shuts the write side down.
+    pub fn poll_finish<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+    ) -> Poll<std::io::Result<()>> {
+        while !self.unsent.is_empty() {
+            match poll_write_some(cx, io, &self.unsent) {
+                Poll::Ready(Ok(n)) => self.front_partial = advance(&mut self.unsent, n),
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
             }
+        }
+        match Pin::new(&mut *io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => Pin::new(io).poll_shutdown(cx),
+            other => other,
         }
     }
 }
 
-async fn write_some<W: AsyncWrite + Unpin>(
+enum BatchOutcome {
+    Written,
+    Empty,
+    Closed,
+    SocketFull,
+    Failed(std::io::Error),
+}
+
+/// One vectored write of the frames at the front of `frames`. A write of zero bytes is an
+/// error: the peer is gone.
+fn poll_write_some<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
     io: &mut W,
-    pending: &VecDeque<Bytes>,
-) -> std::io::Result<usize> {
+    frames: &VecDeque<Bytes>,
+) -> Poll<std::io::Result<usize>> {
     let mut slices = [IoSlice::new(&[]); IOV_PER_WRITE];
     let mut count = 0;
-    for (slot, frame) in slices.iter_mut().zip(pending.iter()) {
+    for (slot, frame) in slices.iter_mut().zip(frames.iter()) {
         *slot = IoSlice::new(frame);
         count += 1;
     }
-    io.write_vectored(&slices[..count]).await
+    match Pin::new(io).poll_write_vectored(cx, &slices[..count]) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+        other => other,
+    }
 }
 
 /// Drops the frames `written` bytes completed and advances into a partly written one; returns
@@ -340,16 +401,122 @@ fn advance(pending: &mut VecDeque<Bytes>, mut written: usize) -> bool {
     false
 }
 
-async fn write_frames<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    pending: &mut VecDeque<Bytes>,
-) -> std::io::Result<()> {
-    while !pending.is_empty() {
-        let n = write_some(io, pending).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        advance(pending, n);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(list: &[&'static [u8]]) -> VecDeque<Bytes> {
+        list.iter().map(|b| Bytes::from_static(b)).collect()
     }
-    io.flush().await
+
+    #[test]
+    fn advance_drops_whole_frames_and_splits_a_partial_one() {
+        let mut pending = frames(&[b"abc", b"de", b"fgh"]);
+        assert!(advance(&mut pending, 4));
+        assert_eq!(pending, frames(&[b"e", b"fgh"]));
+        assert!(!advance(&mut pending, 1));
+        assert_eq!(pending, frames(&[b"fgh"]));
+        assert!(!advance(&mut pending, 3));
+        assert!(pending.is_empty());
+    }
+
+    /// A writer that takes at most `limit` bytes per call and records each call.
+    struct Recorder {
+        calls: usize,
+        data: Vec<u8>,
+        limit: usize,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            let n = buf.len().min(self.limit);
+            self.data.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(self.limit - n);
+                self.data.extend_from_slice(&buf[..take]);
+                n += take;
+                if n == self.limit {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn many_queued_frames_leave_in_one_vectored_write() {
+        let (tx, mut rx) = outbox(1024, SlowConsumerPolicy::Close, Arc::default());
+        for i in 0..50u8 {
+            tx.push(Bytes::from(vec![i; 10]));
+        }
+        let mut io = Recorder {
+            calls: 0,
+            data: Vec::new(),
+            limit: usize::MAX,
+        };
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(
+            rx.poll_flush(&mut cx, &mut io),
+            Poll::Ready(Ok(Flushed::Idle))
+        ));
+        assert_eq!(io.calls, 1, "50 frames, one syscall");
+        assert_eq!(io.data.len(), 500);
+    }
+
+    #[test]
+    fn a_slow_consumer_close_finishes_the_partly_written_frame_first() {
+        let (tx, mut rx) = outbox(8, SlowConsumerPolicy::Close, Arc::default());
+        tx.push(Bytes::from_static(b"0123456789"));
+        tx.push(Bytes::from_static(b"abcdefghij"));
+        // The socket takes 4 bytes, then nothing.
+        let mut io = Recorder {
+            calls: 0,
+            data: Vec::new(),
+            limit: 4,
+        };
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let _ = poll_write_some(&mut cx, &mut io, &frames(&[]));
+        rx.unsent = frames(&[b"0123456789", b"abcdefghij"]);
+        rx.front_partial = advance(&mut rx.unsent, 4);
+        rx.begin_close(
+            CloseRequest {
+                code: Some(1013),
+                flush: false,
+            },
+            Bytes::from_static(b"CLOSE"),
+        );
+        io.limit = usize::MAX;
+        io.data.clear();
+        assert!(matches!(
+            rx.poll_finish(&mut cx, &mut io),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(io.data, b"456789CLOSE");
+        assert_eq!(tx.push(Bytes::from_static(b"late")), Pushed::Closing);
+    }
 }

@@ -121,7 +121,15 @@ impl Server {
 
         ctx.tasks.close();
         let open = ctx.tasks.len();
-        info!(open, "shutting down: closing connections");
+        info!(
+            open,
+            "shutting down: closing connections with 1001 (Going Away)"
+        );
+        // Connections still in the HTTP phase stop through hyper's graceful shutdown; upgraded
+        // ones are told here, and one upgraded after this point closes itself on start.
+        ctx.router.for_each_connection(&mut |member| {
+            member.outbox.request_close(ws::session::going_away());
+        });
         if tokio::time::timeout(ctx.config.drain_timeout, ctx.tasks.wait())
             .await
             .is_err()
@@ -221,10 +229,15 @@ fn upgrade(request: &mut Request<Incoming>, ctx: Arc<Context>) -> Response<Full<
             Ok(websocket) => websocket.into_inner().into_inner(),
             Err(error) => return debug!(%error, "upgrade failed"),
         };
-        // We served hyper a `TokioIo<TcpStream>`, so that is what comes back; taking the
-        // TcpStream out lets the reader and writer own their halves without a shared lock.
+        // We served hyper a `TokioIo<TcpStream>`, so that is what comes back. Bytes read past
+        // the request (rare) are copied out: `read_buf` points into hyper's whole read buffer,
+        // which an idle connection should not keep alive.
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => ws::session::run(parts.io.into_inner(), parts.read_buf, ctx).await,
+            Ok(parts) => {
+                let prebuffered = Bytes::copy_from_slice(&parts.read_buf);
+                drop(parts.read_buf);
+                ws::session::run(parts.io.into_inner(), prebuffered, ctx).await
+            }
             Err(_) => warn!("upgraded connection is not a TCP stream"),
         }
     });

@@ -190,6 +190,12 @@ impl Router for LocalHub {
     fn counts(&self) -> (usize, usize) {
         (self.rooms.len(), self.clients.len())
     }
+
+    fn for_each_connection(&self, f: &mut dyn FnMut(&Member)) {
+        for client in self.clients.iter() {
+            f(client.value());
+        }
+    }
 }
 
 #[cfg(test)]

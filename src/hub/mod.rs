@@ -89,4 +89,7 @@ pub trait Router: Send + Sync + 'static {
 
     /// Number of rooms and connected clients.
     fn counts(&self) -> (usize, usize);
+
+    /// Calls `f` for every connection of this node (for shutdown, which closes them all).
+    fn for_each_connection(&self, f: &mut dyn FnMut(&Member));
 }

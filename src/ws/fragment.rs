@@ -1,24 +1,15 @@
-//! Reassembly of fragmented WebSocket messages (RFC 6455 section 5.4), under the message size
-//! limit.
+//! Reassembly of fragmented messages (RFC 6455 section 5.4) under the message size limit.
 //!
-//! fastwebsockets' own `FragmentCollector` limits each frame but not the sum of a message's
-//! fragments, so a client could grow one message without bound with endless continuation
-//! frames. This assembler enforces the limit on the whole message and checks UTF-8 once, on the
-//! complete text.
+//! The limit applies to the whole message, not to each frame: otherwise a client could grow one
+//! message without bound with endless continuation frames (fastwebsockets' `FragmentCollector`
+//! only bounds frames). UTF-8 is checked once, on the complete text.
 
 use bytes::BytesMut;
-use fastwebsockets::{Frame, OpCode, Payload};
 
-/// A complete data message.
-#[derive(Debug)]
-pub struct Message {
-    /// `Text` or `Binary`.
-    pub opcode: OpCode,
-    pub payload: BytesMut,
-}
+use super::frame::OpCode;
 
-/// A fragment sequence that breaks RFC 6455 or the size limit. Each maps to a close code.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+/// A fragment sequence that breaks RFC 6455 or the size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FragmentError {
     /// A continuation frame with no message to continue, or a new message before the last
     /// one finished.
@@ -27,15 +18,37 @@ pub enum FragmentError {
     /// The reassembled message is larger than the limit.
     #[error("message too big")]
     TooBig,
-    /// A fragmented text message is not valid UTF-8.
+    /// A text message is not valid UTF-8.
     #[error("invalid UTF-8 in a text message")]
     InvalidUtf8,
+}
+
+/// A complete message: the frame's own payload when it came whole (no copy), or the
+/// reassembled fragments.
+pub enum Complete<'a> {
+    Whole(OpCode, &'a mut [u8]),
+    Reassembled(OpCode, BytesMut),
+}
+
+impl Complete<'_> {
+    pub fn opcode(&self) -> OpCode {
+        match self {
+            Complete::Whole(opcode, _) | Complete::Reassembled(opcode, _) => *opcode,
+        }
+    }
+
+    pub fn payload(&mut self) -> &mut [u8] {
+        match self {
+            Complete::Whole(_, payload) => payload,
+            Complete::Reassembled(_, payload) => payload,
+        }
+    }
 }
 
 /// The message being reassembled, if any. Holds no buffer between messages.
 pub struct Assembler {
     max_message_size: usize,
-    partial: Option<Message>,
+    partial: Option<(OpCode, BytesMut)>,
 }
 
 impl Assembler {
@@ -46,63 +59,49 @@ impl Assembler {
         }
     }
 
-    /// Takes one data frame (text, binary or continuation); returns the message it completes.
-    /// Control frames are not for the assembler (they may come between fragments).
-    pub fn push(&mut self, frame: Frame<'_>) -> Result<Option<Message>, FragmentError> {
-        match frame.opcode {
+    /// Takes one data frame (text, binary or continuation) and returns the message it
+    /// completes. The frame size was checked against the limit by the frame parser.
+    pub fn push<'a>(
+        &mut self,
+        fin: bool,
+        opcode: OpCode,
+        payload: &'a mut [u8],
+    ) -> Result<Option<Complete<'a>>, FragmentError> {
+        match opcode {
             OpCode::Text | OpCode::Binary => {
                 if self.partial.is_some() {
                     return Err(FragmentError::InvalidSequence);
                 }
-                let message = Message {
-                    opcode: frame.opcode,
-                    payload: into_bytes_mut(frame.payload),
-                };
-                self.check_size(message.payload.len())?;
-                if frame.fin {
-                    // fastwebsockets has checked the UTF-8 of a complete text frame.
-                    return Ok(Some(message));
+                if fin {
+                    if opcode == OpCode::Text && std::str::from_utf8(payload).is_err() {
+                        return Err(FragmentError::InvalidUtf8);
+                    }
+                    return Ok(Some(Complete::Whole(opcode, payload)));
                 }
-                self.partial = Some(message);
+                self.partial = Some((opcode, BytesMut::from(&payload[..])));
                 Ok(None)
             }
             OpCode::Continuation => {
-                let Some(partial) = self.partial.as_mut() else {
+                let Some((_, buffer)) = self.partial.as_mut() else {
                     return Err(FragmentError::InvalidSequence);
                 };
-                let total = partial.payload.len() + frame.payload.len();
-                if total > self.max_message_size {
+                if buffer.len() + payload.len() > self.max_message_size {
                     self.partial = None;
                     return Err(FragmentError::TooBig);
                 }
-                partial.payload.extend_from_slice(&frame.payload);
-                if !frame.fin {
+                buffer.extend_from_slice(payload);
+                if !fin {
                     return Ok(None);
                 }
-                let message = self.partial.take().expect("checked above");
-                if message.opcode == OpCode::Text && std::str::from_utf8(&message.payload).is_err()
-                {
+                let (opcode, buffer) = self.partial.take().expect("checked above");
+                if opcode == OpCode::Text && std::str::from_utf8(&buffer).is_err() {
                     return Err(FragmentError::InvalidUtf8);
                 }
-                Ok(Some(message))
+                Ok(Some(Complete::Reassembled(opcode, buffer)))
             }
-            _ => Ok(None),
+            // Control frames never reach the assembler.
+            OpCode::Close | OpCode::Ping | OpCode::Pong => Ok(None),
         }
-    }
-
-    fn check_size(&self, len: usize) -> Result<(), FragmentError> {
-        if len > self.max_message_size {
-            Err(FragmentError::TooBig)
-        } else {
-            Ok(())
-        }
-    }
-}
-
-fn into_bytes_mut(payload: Payload<'_>) -> BytesMut {
-    match payload {
-        Payload::Bytes(bytes) => bytes,
-        other => BytesMut::from(&other[..]),
     }
 }
 
@@ -110,43 +109,39 @@ fn into_bytes_mut(payload: Payload<'_>) -> BytesMut {
 mod tests {
     use super::*;
 
-    fn frame(fin: bool, opcode: OpCode, data: &[u8]) -> Frame<'static> {
-        Frame::new(fin, opcode, None, Payload::Owned(data.to_vec()))
+    fn push(
+        a: &mut Assembler,
+        fin: bool,
+        opcode: OpCode,
+        data: &[u8],
+    ) -> Result<Option<Vec<u8>>, FragmentError> {
+        let mut data = data.to_vec();
+        a.push(fin, opcode, &mut data)
+            .map(|complete| complete.map(|mut c| c.payload().to_vec()))
     }
 
     #[test]
     fn fragments_are_joined_in_order() {
         let mut a = Assembler::new(100);
-        assert!(a.push(frame(false, OpCode::Text, b"ab")).unwrap().is_none());
-        assert!(a
-            .push(frame(false, OpCode::Continuation, b"cd"))
-            .unwrap()
-            .is_none());
-        let message = a
-            .push(frame(true, OpCode::Continuation, b"ef"))
-            .unwrap()
-            .unwrap();
-        assert_eq!(&message.payload[..], b"abcdef");
-        assert_eq!(message.opcode, OpCode::Text);
+        assert_eq!(push(&mut a, false, OpCode::Text, b"ab"), Ok(None));
+        assert_eq!(push(&mut a, false, OpCode::Continuation, b"cd"), Ok(None));
+        assert_eq!(
+            push(&mut a, true, OpCode::Continuation, b"ef"),
+            Ok(Some(b"abcdef".to_vec()))
+        );
     }
 
     #[test]
     fn the_limit_applies_to_the_whole_message() {
         let mut a = Assembler::new(5);
-        a.push(frame(false, OpCode::Binary, b"abc")).unwrap();
+        push(&mut a, false, OpCode::Binary, b"abc").unwrap();
         assert_eq!(
-            a.push(frame(false, OpCode::Continuation, b"def"))
-                .unwrap_err(),
-            FragmentError::TooBig
-        );
-        let mut a = Assembler::new(5);
-        assert_eq!(
-            a.push(frame(true, OpCode::Binary, b"abcdef")).unwrap_err(),
-            FragmentError::TooBig
+            push(&mut a, false, OpCode::Continuation, b"def"),
+            Err(FragmentError::TooBig)
         );
         let mut a = Assembler::new(6);
-        assert!(a
-            .push(frame(true, OpCode::Binary, b"abcdef"))
+        push(&mut a, false, OpCode::Binary, b"abc").unwrap();
+        assert!(push(&mut a, true, OpCode::Continuation, b"def")
             .unwrap()
             .is_some());
     }
@@ -155,13 +150,13 @@ mod tests {
     fn continuation_without_a_start_and_interleaved_starts_are_refused() {
         let mut a = Assembler::new(100);
         assert_eq!(
-            a.push(frame(true, OpCode::Continuation, b"x")).unwrap_err(),
-            FragmentError::InvalidSequence
+            push(&mut a, true, OpCode::Continuation, b"x"),
+            Err(FragmentError::InvalidSequence)
         );
-        a.push(frame(false, OpCode::Text, b"x")).unwrap();
+        push(&mut a, false, OpCode::Text, b"x").unwrap();
         assert_eq!(
-            a.push(frame(true, OpCode::Text, b"y")).unwrap_err(),
-            FragmentError::InvalidSequence
+            push(&mut a, true, OpCode::Text, b"y"),
+            Err(FragmentError::InvalidSequence)
         );
     }
 
@@ -169,16 +164,23 @@ mod tests {
     fn utf8_split_across_fragments_is_accepted_and_invalid_utf8_refused() {
         let snowman = "\u{2603}".as_bytes();
         let mut a = Assembler::new(100);
-        a.push(frame(false, OpCode::Text, &snowman[..1])).unwrap();
-        let message = a
-            .push(frame(true, OpCode::Continuation, &snowman[1..]))
-            .unwrap();
-        assert_eq!(&message.unwrap().payload[..], snowman);
-        a.push(frame(false, OpCode::Text, b"ok")).unwrap();
+        push(&mut a, false, OpCode::Text, &snowman[..1]).unwrap();
         assert_eq!(
-            a.push(frame(true, OpCode::Continuation, &[0xff]))
-                .unwrap_err(),
-            FragmentError::InvalidUtf8
+            push(&mut a, true, OpCode::Continuation, &snowman[1..]),
+            Ok(Some(snowman.to_vec()))
         );
+        push(&mut a, false, OpCode::Text, b"ok").unwrap();
+        assert_eq!(
+            push(&mut a, true, OpCode::Continuation, &[0xff]),
+            Err(FragmentError::InvalidUtf8)
+        );
+        assert_eq!(
+            push(&mut a, true, OpCode::Text, &[0xc3]),
+            Err(FragmentError::InvalidUtf8)
+        );
+        // Binary is not text: any bytes go.
+        assert!(push(&mut a, true, OpCode::Binary, &[0xff])
+            .unwrap()
+            .is_some());
     }
 }

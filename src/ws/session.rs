@@ -1,29 +1,55 @@
-//! One WebSocket connection after the upgrade: a reader (this task) and a writer (its own task).
+//! One WebSocket connection after the upgrade, served by one task that both reads and writes.
 //!
-//! The reader turns frames into protocol commands (via fastwebsockets: fragments reassembled,
-//! UTF-8 checked, pings answered, close handshake done). The writer owns the socket's write half
-//! and drains the connection's [`Outbox`](crate::outbox::Outbox) in batches. Nothing the reader
-//! does writes to the socket directly: replies, pongs and close frames are queued like any other
-//! frame, which keeps one order for everything a client receives.
+//! Why one hand-polled task instead of a reader task and a writer task: an idle connection
+//! should cost as little memory as possible. This task owns no read buffer (it reads into a
+//! per-thread scratch buffer and keeps only a frame that a read cut off), no write buffer
+//! (the outbox gathers frames in a per-thread batch and keeps only what the socket refused),
+//! and no timers or futures while open. When woken it
+//! 1. starts closing if someone asked it to (slow consumer, shutdown),
+//! 2. writes everything queued in vectored writes ([`OutboxReceiver::poll_flush`]),
+//! 3. reads what arrived and handles each frame ([`FrameReader`] -> [`Session`]),
+//!
+//! and loops until both the socket and the queue have nothing for it. Replies, pongs and the
+//! close frame go through the outbox like any other frame, which keeps one order for everything
+//! a client receives.
+//!
+//! Closing: the task leaves every room and the directory at once, writes what the close
+//! request keeps plus the close frame, shuts its write side, then reads until the peer answers
+//! with its close frame or closes its side (so our close frame is not lost to a TCP reset),
+//! all under `--drain-timeout`.
 
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Role, WebSocketError};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
-use tracing::{debug, info_span, Instrument};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+use tracing::{debug, debug_span, Instrument};
 
 use super::commands::Session;
-use super::fragment::{Assembler, FragmentError};
+use super::frame::{Event, FrameError, FrameReader, PeerClose};
 use crate::hub::Member;
-use crate::outbox::{self, CloseRequest, Outbox, WriterExit};
+use crate::outbox::{self, CloseRequest, Flushed, OutboxReceiver};
 use crate::protocol::{self, close_code};
-use crate::server::Context;
+use crate::server;
 
 /// Source of process-unique connection numbers.
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// Bytes one socket read may take. Per thread, shared by every connection the thread serves.
+const SCRATCH_SIZE: usize = 64 * 1024;
+
+/// Socket reads one wake-up may do before the task yields, so a client that sends without
+/// pause cannot keep a worker thread to itself.
+const READS_PER_POLL: usize = 16;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+}
 
 /// A fresh, unguessable client id: `client_` and 128 random bits in hex. The seed's
 /// `uniqid()` is time-based and guessable, and the id is the only address of private messages.
@@ -33,171 +59,260 @@ fn new_client_id() -> Arc<str> {
 
 /// Serves one upgraded connection until it closes. `prebuffered` holds bytes the HTTP layer read
 /// past the upgrade request; they are the start of the WebSocket stream.
-pub async fn run(stream: TcpStream, prebuffered: Bytes, ctx: Arc<Context>) {
-    let peer = stream.peer_addr().ok();
+pub async fn run<S>(io: S, prebuffered: Bytes, ctx: Arc<server::Context>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let client_id = new_client_id();
-    let span = info_span!("conn", id = %client_id, peer = ?peer);
-    serve(stream, prebuffered, ctx, conn, client_id)
-        .instrument(span)
-        .await
+    // A debug span: at the default `info` level it is disabled and costs nothing per idle
+    // connection; with RUST_LOG=roomcast=debug every line of a connection carries its id.
+    let span = debug_span!("conn", id = %client_id);
+    let mut connection = Connection::open(io, ctx, conn, client_id);
+    async move {
+        debug!("connected");
+        let mut prebuffered = prebuffered.to_vec();
+        if !prebuffered.is_empty() {
+            connection.on_bytes(&mut prebuffered);
+        }
+        drop(prebuffered);
+        std::future::poll_fn(|cx| connection.poll(cx)).await;
+        debug!("disconnected");
+    }
+    .instrument(span)
+    .await
 }
 
-async fn serve(
-    stream: TcpStream,
-    prebuffered: Bytes,
-    ctx: Arc<Context>,
-    conn: u64,
-    client_id: Arc<str>,
-) {
-    let config = &ctx.config;
-    let (read_half, write_half) = stream.into_split();
-    let reader = std::io::Cursor::new(prebuffered).chain(read_half);
-    // fastwebsockets' own writer is not used: frames reach the socket through the outbox.
-    let (ws_read, _) =
-        fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
-    let mut frames = ws_read;
-    // fastwebsockets refuses a frame whose length is >= its limit; ours is "more than".
-    frames.set_max_message_size(config.max_message_size.saturating_add(1));
-    let mut assembler = Assembler::new(config.max_message_size);
+enum State {
+    Open,
+    /// Writing the close frame (`finished` once written and the write side shut), then waiting
+    /// for the peer to go, until `deadline`.
+    Closing {
+        deadline: Pin<Box<Sleep>>,
+        finished: bool,
+    },
+}
 
-    let (outbox, receiver) = outbox::outbox(
-        config.outbound_queue,
-        config.slow_consumer,
-        ctx.outbox_stats.clone(),
-    );
-    let mut writer = tokio::spawn(
-        receiver.run_writer(write_half, config.drain_timeout, |code| {
-            protocol::close(code, "")
-        }),
-    );
+struct Connection<S> {
+    io: S,
+    reader: FrameReader,
+    outbox: OutboxReceiver,
+    session: Session,
+    state: State,
+    ctx: Arc<server::Context>,
+}
 
-    outbox.push(protocol::welcome(&client_id, protocol::timestamp()));
-    let member = Member {
-        conn,
-        client_id,
-        outbox: outbox.clone(),
-    };
-    ctx.router.connect(&member);
-    let mut session = Session::new(member, ctx.router.clone());
-    debug!("connected");
+/// What reading stopped on.
+enum ReadEnd {
+    /// The peer sent a close frame: echo it.
+    PeerClosed(PeerClose),
+    /// The peer broke RFC 6455 or a limit: close with the matching code.
+    Violation(FrameError),
+    /// The transport is gone (EOF or error): nothing more can be sent.
+    Gone,
+}
 
-    // Frames fastwebsockets obliges us to send (pong, close echo) go through the outbox too.
-    let mut obligated = |frame: Frame<'static>| {
-        send_obligated(&outbox, frame);
-        std::future::ready(Ok::<(), std::convert::Infallible>(()))
-    };
-
-    let mut writer_done = false;
-    let end = loop {
-        let frame = tokio::select! {
-            biased;
-            _ = ctx.shutdown.cancelled() => break End::Close(CloseRequest {
-                code: Some(close_code::GOING_AWAY),
-                flush: true,
-            }),
-            exit = &mut writer => {
-                writer_done = true;
-                debug!(exit = ?exit.unwrap_or(WriterExit::Failed), "writer stopped first");
-                break End::WriterStopped;
-            }
-            frame = frames.read_frame(&mut obligated) => frame,
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    fn open(io: S, ctx: Arc<server::Context>, conn: u64, client_id: Arc<str>) -> Self {
+        let config = &ctx.config;
+        let (own_outbox, outbox) = outbox::outbox(
+            config.outbound_queue,
+            config.slow_consumer,
+            ctx.outbox_stats.clone(),
+        );
+        own_outbox.push(protocol::welcome(&client_id, protocol::timestamp()));
+        let member = Member {
+            conn,
+            client_id,
+            outbox: own_outbox,
         };
-        match frame {
-            Ok(frame) => match frame.opcode {
-                OpCode::Close => break End::PeerClosed,
-                OpCode::Ping | OpCode::Pong => {}
-                // The seed (Ratchet) hands binary messages to the same handler as text.
-                OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                    match assembler.push(frame) {
-                        Ok(Some(mut message)) => session.handle_message(&mut message.payload),
-                        Ok(None) => {}
-                        Err(error) => break End::from(error),
+        ctx.router.connect(&member);
+        // A shutdown that began while this client was upgrading has not seen it in the
+        // directory: close it here.
+        if ctx.shutdown.is_cancelled() {
+            member.outbox.request_close(going_away());
+        }
+        Self {
+            io,
+            reader: FrameReader::new(config.max_message_size),
+            outbox,
+            session: Session::new(member, ctx.router.clone()),
+            state: State::Open,
+            ctx,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut reads = 0;
+        loop {
+            match &mut self.state {
+                State::Open => {
+                    if let Some(request) = self.outbox.poll_close_request(cx) {
+                        self.start_closing(request);
+                        continue;
+                    }
+                    match self.outbox.poll_flush(cx, &mut self.io) {
+                        Poll::Ready(Err(error)) => {
+                            debug!(%error, "write failed");
+                            return Poll::Ready(());
+                        }
+                        // Impossible while the session holds its own outbox; harmless anyway.
+                        Poll::Ready(Ok(Flushed::Abandoned)) => return Poll::Ready(()),
+                        Poll::Ready(Ok(Flushed::Idle)) | Poll::Pending => {}
+                    }
+                    if reads == READS_PER_POLL {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    reads += 1;
+                    match self.poll_read(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        // Frames were handled: flush the replies they queued, read on.
+                        Poll::Ready(None) => continue,
+                        Poll::Ready(Some(end)) => match end {
+                            ReadEnd::PeerClosed(close) => {
+                                debug!(code = ?close.code, "peer closed");
+                                self.start_closing(CloseRequest {
+                                    code: close.code,
+                                    flush: true,
+                                });
+                            }
+                            ReadEnd::Violation(error) => {
+                                debug!(%error, "protocol violation");
+                                self.start_closing(CloseRequest {
+                                    code: Some(error.close_code()),
+                                    flush: false,
+                                });
+                            }
+                            ReadEnd::Gone => return Poll::Ready(()),
+                        },
                     }
                 }
-            },
-            Err(error) => break End::from(error),
-        }
-    };
-    debug!(?end, "disconnecting");
-
-    session.disconnect();
-    drop(session);
-    if !writer_done {
-        match end {
-            End::Close(request) => {
-                outbox.request_close(request);
+                State::Closing { deadline, finished } => {
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        debug!("close did not complete in time");
+                        return Poll::Ready(());
+                    }
+                    if !*finished {
+                        match self.outbox.poll_finish(cx, &mut self.io) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(Err(_)) => return Poll::Ready(()),
+                            Poll::Ready(Ok(())) => *finished = true,
+                        }
+                    }
+                    return poll_until_peer_closes(cx, &mut self.io, &mut self.reader);
+                }
             }
-            End::Abort => writer.abort(),
-            End::PeerClosed | End::WriterStopped => {}
         }
-        let _ = writer.await;
     }
-}
 
-/// Why the reader stopped.
-#[derive(Debug)]
-enum End {
-    /// Close with this request (protocol violation, shutdown).
-    Close(CloseRequest),
-    /// The peer sent a close frame; its echo is already queued.
-    PeerClosed,
-    /// The writer finished first (slow consumer closed, socket failed).
-    WriterStopped,
-    /// The transport is gone: nothing more can be sent.
-    Abort,
-}
-
-impl From<WebSocketError> for End {
-    fn from(error: WebSocketError) -> Self {
-        let code = match error {
-            WebSocketError::InvalidUTF8 => close_code::INVALID_PAYLOAD,
-            WebSocketError::FrameTooLarge => close_code::MESSAGE_TOO_BIG,
-            // An invalid close code was answered by fastwebsockets' obligated 1002 already.
-            WebSocketError::InvalidCloseCode => return End::PeerClosed,
-            WebSocketError::UnexpectedEOF
-            | WebSocketError::IoError(_)
-            | WebSocketError::ConnectionClosed
-            | WebSocketError::SendError(_) => return End::Abort,
-            _ => close_code::PROTOCOL_ERROR,
-        };
-        End::Close(CloseRequest {
-            code: Some(code),
-            flush: false,
+    /// One socket read into the per-thread scratch buffer, and the frames it completed.
+    /// `Ready(None)`: bytes were handled, read again.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Option<ReadEnd>> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut buf = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(error)) => {
+                    debug!(%error, "read failed");
+                    Poll::Ready(Some(ReadEnd::Gone))
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Some(ReadEnd::Gone));
+                    }
+                    Poll::Ready(self.on_bytes(&mut scratch[..n]))
+                }
+            }
         })
     }
-}
 
-impl From<FragmentError> for End {
-    fn from(error: FragmentError) -> Self {
-        let code = match error {
-            FragmentError::InvalidSequence => close_code::PROTOCOL_ERROR,
-            FragmentError::TooBig => close_code::MESSAGE_TOO_BIG,
-            FragmentError::InvalidUtf8 => close_code::INVALID_PAYLOAD,
+    /// Handles every frame `bytes` completes.
+    fn on_bytes(&mut self, bytes: &mut [u8]) -> Option<ReadEnd> {
+        let session = &mut self.session;
+        let result = self.reader.feed(bytes, &mut |event| match event {
+            // The seed (Ratchet) hands binary messages to the same handler as text.
+            Event::Message { payload, .. } => session.handle_message(payload),
+            Event::Ping(payload) => {
+                session.member().outbox.push(protocol::pong(payload));
+            }
+        });
+        match result {
+            Ok(None) => None,
+            Ok(Some(close)) => Some(ReadEnd::PeerClosed(close)),
+            Err(error) => Some(ReadEnd::Violation(error)),
+        }
+    }
+
+    fn start_closing(&mut self, request: CloseRequest) {
+        // Leave rooms and the directory now: members learn at once, and nothing more is
+        // queued for a connection that is going.
+        self.session.disconnect();
+        self.outbox
+            .begin_close(request, protocol::close(request.code, ""));
+        self.state = State::Closing {
+            deadline: Box::pin(tokio::time::sleep(self.ctx.config.drain_timeout)),
+            finished: false,
         };
-        End::Close(CloseRequest {
-            code: Some(code),
-            flush: false,
-        })
     }
 }
 
-fn send_obligated(outbox: &Outbox, frame: Frame<'static>) {
-    match frame.opcode {
-        OpCode::Pong => {
-            outbox.push(protocol::pong(&frame.payload));
+impl<S> Drop for Connection<S> {
+    fn drop(&mut self) {
+        // Whatever ended the task (error, EOF, runtime shutdown, a panic), the connection
+        // leaves its rooms and the directory. `disconnect` is idempotent.
+        self.session.disconnect();
+    }
+}
+
+/// The shutdown close: 1001 Going Away, after flushing what is queued.
+pub fn going_away() -> CloseRequest {
+    CloseRequest {
+        code: Some(close_code::GOING_AWAY),
+        flush: true,
+    }
+}
+
+/// Reads until the peer answers our close frame with its own, closes its side, or breaks the
+/// protocol; data frames that were already on their way are discarded.
+fn poll_until_peer_closes<S: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    io: &mut S,
+    reader: &mut FrameReader,
+) -> Poll<()> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        for _ in 0..READS_PER_POLL {
+            let mut buf = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    let n = buf.filled().len();
+                    match reader.feed(&mut scratch[..n], &mut |_| {}) {
+                        Ok(None) => continue,
+                        Ok(Some(_)) | Err(_) => return Poll::Ready(()),
+                    }
+                }
+                Poll::Ready(_) => return Poll::Ready(()),
+            }
         }
-        OpCode::Close => {
-            // Echo the peer's code; a close payload over 125 bytes breaks RFC 6455 5.5.
-            let code = if frame.payload.len() > 125 {
-                Some(close_code::PROTOCOL_ERROR)
-            } else if frame.payload.len() >= 2 {
-                Some(u16::from_be_bytes([frame.payload[0], frame.payload[1]]))
-            } else {
-                None
-            };
-            outbox.request_close(CloseRequest { code, flush: true });
-        }
-        _ => {}
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connection state is what every idle connection pays for (with the tokio task header,
+    /// the socket's registration and its outbound queue). Guard it against silent growth.
+    #[test]
+    fn connection_state_stays_small() {
+        let size = std::mem::size_of::<Connection<tokio::net::TcpStream>>();
+        println!("Connection<TcpStream> is {size} bytes");
+        assert!(size <= 512, "Connection is {size} bytes");
     }
 }

@@ -140,7 +140,15 @@ impl Client {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {
                 Err(_) => panic!("no close frame within {within:?}"),
                 Ok(None) => return None,
-                Ok(Some(Ok(Message::Close(frame)))) => return frame,
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    // Keep polling, as a real client does, so the close reply goes out and the
+                    // handshake completes.
+                    let _ = tokio::time::timeout_at(deadline, async {
+                        while let Some(Ok(_)) = self.ws.next().await {}
+                    })
+                    .await;
+                    return frame;
+                }
                 Ok(Some(Ok(_))) => continue,
                 Ok(Some(Err(_))) => return None,
             }
