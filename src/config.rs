@@ -1,4 +1,7 @@
 //! The server's configuration: one struct, every option a flag with an environment twin.
+//!
+//! Defaults live in the `defaults` module, used both by the command line and by
+//! [`Config::with_listen`], so the two can never disagree.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,12 +10,27 @@ use clap::Args;
 
 use crate::outbox::SlowConsumerPolicy;
 
+/// Every default, in one place.
+pub mod defaults {
+    pub const LISTEN: &str = "0.0.0.0:8080";
+    pub const OUTBOUND_QUEUE: usize = 1024;
+    pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
+    pub const MAX_FRAME_SIZE: usize = 64 * 1024;
+    pub const HANDSHAKE_TIMEOUT: &str = "10s";
+    pub const DRAIN_TIMEOUT: &str = "10s";
+    pub const RATE_LIMIT: f64 = 100.0;
+    pub const RATE_BURST: u32 = 200;
+    pub const MAX_ROOMS_PER_CONNECTION: usize = 100;
+    pub const MAX_ROOM_NAME_LENGTH: usize = 128;
+    pub const MAX_METADATA_SIZE: usize = 4096;
+}
+
 /// Everything `roomcast serve` can be told. Each option is a flag and a `ROOMCAST_*` variable;
 /// the flag wins.
 #[derive(Args, Debug, Clone)]
 pub struct Config {
     /// Address to listen on (WebSocket on any path, plus `GET /healthz`).
-    #[arg(long, env = "ROOMCAST_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "ROOMCAST_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
 
     /// Runtime worker threads, each with its own SO_REUSEPORT listener. Default: one per core.
@@ -21,7 +39,7 @@ pub struct Config {
 
     /// Frames that may wait in one connection's outbound queue before it counts as a slow
     /// consumer. Memory is only used while frames actually wait.
-    #[arg(long, env = "ROOMCAST_OUTBOUND_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "ROOMCAST_OUTBOUND_QUEUE", default_value_t = defaults::OUTBOUND_QUEUE)]
     pub outbound_queue: usize,
 
     /// What happens to a slow consumer whose outbound queue is full: `close` it with 1013
@@ -34,22 +52,54 @@ pub struct Config {
     )]
     pub slow_consumer: SlowConsumerPolicy,
 
-    /// Largest message a client may send, in bytes; larger ones close the connection with 1009.
-    #[arg(long, env = "ROOMCAST_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    /// Largest message a client may send, in bytes, all its fragments together; larger closes
+    /// the connection with 1009.
+    #[arg(long, env = "ROOMCAST_MAX_MESSAGE_SIZE", default_value_t = defaults::MAX_MESSAGE_SIZE)]
     pub max_message_size: usize,
 
+    /// Largest single frame a client may send, in bytes; larger closes the connection with 1009.
+    #[arg(long, env = "ROOMCAST_MAX_FRAME_SIZE", default_value_t = defaults::MAX_FRAME_SIZE)]
+    pub max_frame_size: usize,
+
+    /// Messages per second one connection may send (token bucket refill rate); 0 turns the
+    /// limit off. Over the limit a message gets an `error` reply; see `--rate-burst`.
+    #[arg(long, env = "ROOMCAST_RATE_LIMIT", default_value_t = defaults::RATE_LIMIT)]
+    pub rate_limit: f64,
+
+    /// Messages a connection may send at once before the rate limit applies (bucket size).
+    /// A client that sends this many more while limited is closed with 1008.
+    #[arg(long, env = "ROOMCAST_RATE_BURST", default_value_t = defaults::RATE_BURST)]
+    pub rate_burst: u32,
+
+    /// Rooms one connection may be in at once; one more gets an `error` reply.
+    #[arg(long, env = "ROOMCAST_MAX_ROOMS_PER_CONNECTION", default_value_t = defaults::MAX_ROOMS_PER_CONNECTION)]
+    pub max_rooms_per_connection: usize,
+
+    /// Longest room name, in bytes; longer gets an `error` reply.
+    #[arg(long, env = "ROOMCAST_MAX_ROOM_NAME_LENGTH", default_value_t = defaults::MAX_ROOM_NAME_LENGTH)]
+    pub max_room_name_length: usize,
+
+    /// Largest metadata a connection may hold, in bytes of JSON after merging; larger gets an
+    /// `error` reply and the metadata stays as it was.
+    #[arg(long, env = "ROOMCAST_MAX_METADATA_SIZE", default_value_t = defaults::MAX_METADATA_SIZE)]
+    pub max_metadata_size: usize,
+
     /// How long a client may take to send its HTTP upgrade request.
-    #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = defaults::HANDSHAKE_TIMEOUT, value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
 
     /// How long closing may take: flushing queued frames and the close frame to a client, and
     /// on shutdown, all clients together.
-    #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 }
 
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn duration(text: &str) -> Duration {
+    humantime::parse_duration(text).expect("defaults parse")
 }
 
 impl Config {
@@ -58,28 +108,49 @@ impl Config {
         Self {
             listen,
             workers: default_workers(),
-            outbound_queue: 1024,
+            outbound_queue: defaults::OUTBOUND_QUEUE,
             slow_consumer: SlowConsumerPolicy::Close,
-            max_message_size: 64 * 1024,
-            handshake_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(10),
+            max_message_size: defaults::MAX_MESSAGE_SIZE,
+            max_frame_size: defaults::MAX_FRAME_SIZE,
+            rate_limit: defaults::RATE_LIMIT,
+            rate_burst: defaults::RATE_BURST,
+            max_rooms_per_connection: defaults::MAX_ROOMS_PER_CONNECTION,
+            max_room_name_length: defaults::MAX_ROOM_NAME_LENGTH,
+            max_metadata_size: defaults::MAX_METADATA_SIZE,
+            handshake_timeout: duration(defaults::HANDSHAKE_TIMEOUT),
+            drain_timeout: duration(defaults::DRAIN_TIMEOUT),
         }
     }
 
     /// Rejects values that cannot work, with a message naming the option.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.workers == 0 {
-            return Err(ConfigError::Invalid("--workers must be at least 1"));
-        }
-        if self.outbound_queue == 0 {
-            return Err(ConfigError::Invalid("--outbound-queue must be at least 1"));
-        }
-        if self.max_message_size == 0 {
-            return Err(ConfigError::Invalid(
+        let checks = [
+            (self.workers == 0, "--workers must be at least 1"),
+            (
+                self.outbound_queue == 0,
+                "--outbound-queue must be at least 1",
+            ),
+            (
+                self.max_message_size == 0,
                 "--max-message-size must be at least 1",
-            ));
+            ),
+            (
+                self.max_frame_size == 0,
+                "--max-frame-size must be at least 1",
+            ),
+            (
+                !(self.rate_limit >= 0.0 && self.rate_limit.is_finite()),
+                "--rate-limit must be a number of messages per second, 0 for none",
+            ),
+            (
+                self.rate_limit > 0.0 && self.rate_burst == 0,
+                "--rate-burst must be at least 1 when --rate-limit is set",
+            ),
+        ];
+        match checks.iter().find(|(failed, _)| *failed) {
+            Some((_, message)) => Err(ConfigError::Invalid(message)),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 

@@ -25,6 +25,7 @@
 
 pub mod config;
 pub mod hub;
+pub mod limits;
 pub mod outbox;
 pub mod protocol;
 pub mod server;

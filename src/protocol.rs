@@ -383,6 +383,18 @@ pub fn metadata_updated(metadata: &serde_json::Map<String, serde_json::Value>) -
     f.finish(OpCode::Text)
 }
 
+/// Bytes of the metadata object inside a `metadata_updated` frame: the frame less its header
+/// and the fixed JSON around the object.
+pub fn metadata_size(frame: &Bytes) -> usize {
+    const ENVELOPE: usize = r#"{"type":"metadata_updated","metadata":}"#.len();
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.len().saturating_sub(header + ENVELOPE)
+}
+
 /// A pong answering a ping, echoing its payload (at most 125 bytes, checked by the reader).
 pub fn pong(payload: &[u8]) -> Bytes {
     let mut f = FrameBuilder::with_capacity(payload.len());
@@ -407,6 +419,8 @@ pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     /// A frame broke RFC 6455 (reserved bits, bad continuation, fragmented control frame...).
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// The client kept sending far over its rate limit.
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// A text message was not valid UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// A message exceeded the configured maximum size.
@@ -531,6 +545,15 @@ mod tests {
             decode(&mut buf).unwrap(),
             Command::SetMetadata { metadata } if metadata.is_empty()
         ));
+    }
+
+    #[test]
+    fn metadata_size_counts_only_the_object() {
+        let mut map = serde_json::Map::new();
+        assert_eq!(metadata_size(&metadata_updated(&map)), 2); // {}
+        map.insert("k".into(), serde_json::Value::String("x".repeat(300)));
+        let expected = serde_json::to_vec(&map).unwrap().len();
+        assert_eq!(metadata_size(&metadata_updated(&map)), expected);
     }
 
     #[test]

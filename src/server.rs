@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::hub::{LocalHub, Router};
+use crate::limits::SessionLimits;
 use crate::outbox::OutboxStats;
 use crate::ws;
 
@@ -32,6 +33,7 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// What every connection task shares.
 pub struct Context {
     pub config: Config,
+    pub session_limits: Arc<SessionLimits>,
     pub router: Arc<dyn Router>,
     pub outbox_stats: Arc<OutboxStats>,
     pub shutdown: CancellationToken,
@@ -78,6 +80,7 @@ impl Server {
             listeners.push(reuseport_listener(local_addr)?);
         }
         let ctx = Arc::new(Context {
+            session_limits: Arc::new(SessionLimits::from_config(&config)),
             config,
             router: Arc::new(LocalHub::new()),
             outbox_stats: Arc::default(),

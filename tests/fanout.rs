@@ -70,7 +70,9 @@ async fn a_thousand_clients_in_one_room_all_receive_one_room_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_from_one_sender_arrive_in_order_at_every_member() {
-    let server = start_server().await;
+    // 2,000 messages as fast as possible: well over the default rate limit, which is not what
+    // this test is about.
+    let server = start_server_with(|config| config.rate_limit = 0.0).await;
     let mut sender = Client::connect(&server).await;
     sender.join("ordered").await;
     let mut members = Vec::new();
@@ -112,6 +114,7 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_keep_receiving() {
     let server = start_server_with(|config| {
         config.outbound_queue = 16;
         config.slow_consumer = SlowConsumerPolicy::Close;
+        config.rate_limit = 0.0;
     })
     .await;
     let mut publisher = Client::connect(&server).await;
@@ -159,6 +162,7 @@ async fn a_slow_consumer_under_the_drop_policy_stays_connected_and_drops_are_cou
     let server = start_server_with(|config| {
         config.outbound_queue = 16;
         config.slow_consumer = SlowConsumerPolicy::Drop;
+        config.rate_limit = 0.0;
     })
     .await;
     let mut publisher = Client::connect(&server).await;

@@ -3,26 +3,39 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::hub::{Joined, Member, Router};
-use crate::protocol::{self, Body, Command, DecodeError};
+use crate::limits::{self, Rate, SessionLimits, TokenBucket};
+use crate::outbox::CloseRequest;
+use crate::protocol::{self, close_code, Body, Command, DecodeError};
 
-/// The protocol state of one connection: who it is, which rooms it is in, its metadata.
-/// Owned by the connection's reader task, so none of it needs a lock.
+/// The protocol state of one connection: who it is, which rooms it is in, its metadata, its
+/// rate limit. Owned by the connection's task, so none of it needs a lock.
 pub struct Session {
     member: Member,
     router: Arc<dyn Router>,
+    limits: Arc<SessionLimits>,
+    bucket: Option<TokenBucket>,
     rooms: HashSet<Arc<str>>,
     metadata: serde_json::Map<String, serde_json::Value>,
+    /// Set once the session asked its connection to close: later messages are ignored.
+    closing: bool,
 }
 
 impl Session {
-    pub fn new(member: Member, router: Arc<dyn Router>) -> Self {
+    pub fn new(member: Member, router: Arc<dyn Router>, limits: Arc<SessionLimits>) -> Self {
+        let bucket = limits
+            .rate
+            .map(|(_, burst)| TokenBucket::new(burst, Instant::now()));
         Self {
             member,
             router,
+            limits,
+            bucket,
             rooms: HashSet::new(),
             metadata: serde_json::Map::new(),
+            closing: false,
         }
     }
 
@@ -32,6 +45,9 @@ impl Session {
 
     /// Handles one client message (the payload of a text or binary message, parsed in place).
     pub fn handle_message(&mut self, payload: &mut [u8]) {
+        if self.closing || !self.within_rate() {
+            return;
+        }
         match protocol::decode(payload) {
             Ok(command) => self.dispatch(command),
             Err(DecodeError::UnknownType(kind)) => {
@@ -52,6 +68,30 @@ impl Session {
         }
     }
 
+    /// Takes a token for one message. Over the limit the message gets an error reply; a
+    /// client that keeps sending a whole burst's worth while limited is closed with 1008.
+    fn within_rate(&mut self) -> bool {
+        let (Some(bucket), Some((per_second, burst))) = (self.bucket.as_mut(), self.limits.rate)
+        else {
+            return true;
+        };
+        match bucket.take(per_second, burst, Instant::now()) {
+            Rate::Allowed => true,
+            Rate::Refused => {
+                self.reply_error(limits::errors::RATE_LIMITED);
+                false
+            }
+            Rate::Flooding => {
+                self.closing = true;
+                self.member.outbox.request_close(CloseRequest {
+                    code: Some(close_code::POLICY_VIOLATION),
+                    flush: true,
+                });
+                false
+            }
+        }
+    }
+
     fn reply_error(&self, message: &str) {
         self.member
             .outbox
@@ -67,6 +107,15 @@ impl Session {
     fn join_room(&mut self, room: &str) {
         if room.is_empty() {
             return self.reply_error(protocol::errors::ROOM_REQUIRED);
+        }
+        if room.len() > self.limits.max_room_name_length {
+            return self.reply_error(limits::errors::ROOM_NAME_TOO_LONG);
+        }
+        if self.rooms.contains(room) {
+            return; // already a member: the seed sends nothing
+        }
+        if self.rooms.len() >= self.limits.max_rooms {
+            return self.reply_error(limits::errors::TOO_MANY_ROOMS);
         }
         if let Joined::Added { .. } = self.router.join(room, &self.member) {
             self.rooms.insert(Arc::from(room));
@@ -98,13 +147,18 @@ impl Session {
     }
 
     /// Merged over the existing metadata (keys overwrite, new keys append), echoed back whole.
+    /// A merge that would exceed the size limit is refused and changes nothing.
     fn set_metadata(&mut self, update: serde_json::Map<String, serde_json::Value>) {
+        let mut merged = self.metadata.clone();
         for (key, value) in update {
-            self.metadata.insert(key, value);
+            merged.insert(key, value);
         }
-        self.member
-            .outbox
-            .push(protocol::metadata_updated(&self.metadata));
+        let reply = protocol::metadata_updated(&merged);
+        if protocol::metadata_size(&reply) > self.limits.max_metadata_size {
+            return self.reply_error(limits::errors::METADATA_TOO_LARGE);
+        }
+        self.metadata = merged;
+        self.member.outbox.push(reply);
     }
 
     /// Leaves every room (members are told, as with `leave_room`) and the directory. Called

@@ -72,6 +72,9 @@ impl Assembler {
                 if self.partial.is_some() {
                     return Err(FragmentError::InvalidSequence);
                 }
+                if payload.len() > self.max_message_size {
+                    return Err(FragmentError::TooBig);
+                }
                 if fin {
                     if opcode == OpCode::Text && std::str::from_utf8(payload).is_err() {
                         return Err(FragmentError::InvalidUtf8);

@@ -164,15 +164,16 @@ pub struct FrameReader {
     /// The start of a frame that a read cut off. Empty, with no allocation, between frames.
     partial: BytesMut,
     assembler: Assembler,
-    max_message_size: usize,
+    max_frame_size: usize,
 }
 
 impl FrameReader {
-    pub fn new(max_message_size: usize) -> Self {
+    /// A reader refusing frames over `max_frame_size` and messages over `max_message_size`.
+    pub fn new(max_frame_size: usize, max_message_size: usize) -> Self {
         Self {
             partial: BytesMut::new(),
             assembler: Assembler::new(max_message_size),
-            max_message_size,
+            max_frame_size,
         }
     }
 
@@ -186,17 +187,17 @@ impl FrameReader {
         let Self {
             partial,
             assembler,
-            max_message_size,
+            max_frame_size,
         } = self;
         if partial.is_empty() {
-            let (consumed, close) = process(input, assembler, *max_message_size, on_event)?;
+            let (consumed, close) = process(input, assembler, *max_frame_size, on_event)?;
             if close.is_none() && consumed < input.len() {
                 partial.extend_from_slice(&input[consumed..]);
             }
             return Ok(close);
         }
         partial.extend_from_slice(input);
-        let (consumed, close) = process(partial, assembler, *max_message_size, on_event)?;
+        let (consumed, close) = process(partial, assembler, *max_frame_size, on_event)?;
         partial.advance(consumed);
         if partial.is_empty() {
             // Give the memory back: an idle connection holds no buffer.
@@ -215,11 +216,11 @@ impl FrameReader {
 fn process(
     buf: &mut [u8],
     assembler: &mut Assembler,
-    max_message_size: usize,
+    max_frame_size: usize,
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<(usize, Option<PeerClose>), FrameError> {
     let mut offset = 0;
-    while let Some(header) = parse_header(&buf[offset..], max_message_size)? {
+    while let Some(header) = parse_header(&buf[offset..], max_frame_size)? {
         let end = offset + header.header_len + header.payload_len;
         if buf.len() < end {
             break;
@@ -314,7 +315,7 @@ mod tests {
         stream.extend(client_frame(0x82, &vec![7u8; 300]));
         stream.extend(client_frame(0x81, &vec![b'a'; 70_000]));
         for chunk in [1, 2, 3, 7, 64, 1000, usize::MAX] {
-            let mut reader = FrameReader::new(100_000);
+            let mut reader = FrameReader::new(100_000, 100_000);
             let (messages, pings, close) = feed_all(&mut reader, &stream, chunk).unwrap();
             assert_eq!(messages.len(), 3, "chunk {chunk}");
             assert_eq!(messages[0], b"hello");
@@ -349,7 +350,7 @@ mod tests {
             (client_frame(0x81, &[b'x'; 101]), FrameError::TooBig),
         ];
         for (bytes, expected) in cases {
-            let mut reader = FrameReader::new(100);
+            let mut reader = FrameReader::new(100, 100);
             assert_eq!(
                 feed_all(&mut reader, &bytes, usize::MAX).unwrap_err(),
                 expected
@@ -361,8 +362,28 @@ mod tests {
     }
 
     #[test]
+    fn frame_and_message_limits_are_separate() {
+        // Frames of 60 bytes are fine, a 150-byte message made of three is not.
+        let mut stream = client_frame(0x01, &[b'a'; 60]);
+        stream.extend(client_frame(0x00, &[b'a'; 60]));
+        stream.extend(client_frame(0x80, &[b'a'; 30]));
+        let mut reader = FrameReader::new(64, 140);
+        assert_eq!(
+            feed_all(&mut reader, &stream, usize::MAX).unwrap_err(),
+            FrameError::TooBig
+        );
+        // One 100-byte frame is over a 64-byte frame limit even though the message limit is
+        // larger.
+        let mut reader = FrameReader::new(64, 1000);
+        assert_eq!(
+            feed_all(&mut reader, &client_frame(0x81, &[b'a'; 100]), usize::MAX).unwrap_err(),
+            FrameError::TooBig
+        );
+    }
+
+    #[test]
     fn a_huge_declared_length_is_refused_before_any_buffering() {
-        let mut reader = FrameReader::new(1 << 16);
+        let mut reader = FrameReader::new(1 << 16, 1 << 16);
         let mut header = vec![0x82, 0x80 | 127];
         header.extend_from_slice(&u64::MAX.to_be_bytes());
         header.extend_from_slice(&MASK);
@@ -378,12 +399,12 @@ mod tests {
         payload.extend_from_slice(b"bye");
         let mut stream = client_frame(0x88, &payload);
         stream.extend(client_frame(0x81, b"after close"));
-        let mut reader = FrameReader::new(100);
+        let mut reader = FrameReader::new(100, 100);
         let (messages, _, close) = feed_all(&mut reader, &stream, usize::MAX).unwrap();
         assert!(messages.is_empty());
         assert_eq!(close, Some(PeerClose { code: Some(1001) }));
         let (_, _, close) =
-            feed_all(&mut FrameReader::new(100), &client_frame(0x88, b""), 1).unwrap();
+            feed_all(&mut FrameReader::new(100, 100), &client_frame(0x88, b""), 1).unwrap();
         assert_eq!(close, Some(PeerClose { code: None }));
     }
 
@@ -393,7 +414,7 @@ mod tests {
         stream.extend(client_frame(0x89, b"p"));
         stream.extend(client_frame(0x00, b"lo "));
         stream.extend(client_frame(0x80, b"world"));
-        let mut reader = FrameReader::new(100);
+        let mut reader = FrameReader::new(100, 100);
         let (messages, pings, _) = feed_all(&mut reader, &stream, 5).unwrap();
         assert_eq!(messages, vec![b"hello world".to_vec()]);
         assert_eq!(pings.len(), 1);

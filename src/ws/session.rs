@@ -134,9 +134,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         Self {
             io,
-            reader: FrameReader::new(config.max_message_size),
+            reader: FrameReader::new(config.max_frame_size, config.max_message_size),
             outbox,
-            session: Session::new(member, ctx.router.clone()),
+            session: Session::new(member, ctx.router.clone(), ctx.session_limits.clone()),
             state: State::Open,
             ctx,
         }
