@@ -84,6 +84,46 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_MAX_METADATA_SIZE", default_value_t = defaults::MAX_METADATA_SIZE)]
     pub max_metadata_size: usize,
 
+    /// HS256 secret that tokens are signed with. Setting it (or `--jwt-public-key`) makes a
+    /// valid token required: missing, bad or expired tokens get HTTP 401 before the upgrade.
+    #[arg(
+        long,
+        env = "ROOMCAST_JWT_SECRET",
+        conflicts_with = "jwt_public_key",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with the RSA (RS256/384/512) or EC (ES256/384) public key that tokens are
+    /// signed with; makes a valid token required.
+    #[arg(long, env = "ROOMCAST_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<String>,
+
+    /// Cookie that may carry the token, besides the `token` query parameter and an
+    /// `Authorization: Bearer` header. Default: none.
+    #[arg(long, env = "ROOMCAST_TOKEN_COOKIE")]
+    pub token_cookie: Option<String>,
+
+    /// Origins allowed to open WebSockets, comma-separated: `https://app.example.com`,
+    /// `https://*.example.com` (any subdomain), or `*`. Others get HTTP 403. Default: any
+    /// origin (a warning is logged). Requests without an Origin header (non-browser clients)
+    /// are always allowed.
+    #[arg(long, env = "ROOMCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Open connections the server accepts; more get HTTP 503. 0: no limit.
+    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Open connections one client address may have; more get HTTP 429. 0: no limit.
+    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Addresses or CIDR ranges of proxies (load balancers) whose `X-Forwarded-For` is
+    /// believed, comma-separated. Default: none, so the client address is the TCP peer's.
+    #[arg(long, env = "ROOMCAST_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
     /// How long a client may take to send its HTTP upgrade request.
     #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = defaults::HANDSHAKE_TIMEOUT, value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
@@ -117,6 +157,13 @@ impl Config {
             max_rooms_per_connection: defaults::MAX_ROOMS_PER_CONNECTION,
             max_room_name_length: defaults::MAX_ROOM_NAME_LENGTH,
             max_metadata_size: defaults::MAX_METADATA_SIZE,
+            jwt_secret: None,
+            jwt_public_key: None,
+            token_cookie: None,
+            allowed_origins: None,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            trusted_proxies: Vec::new(),
             handshake_timeout: duration(defaults::HANDSHAKE_TIMEOUT),
             drain_timeout: duration(defaults::DRAIN_TIMEOUT),
         }

@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
 pub mod config;
 pub mod hub;
 pub mod limits;

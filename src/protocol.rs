@@ -27,6 +27,8 @@ pub mod errors {
     pub const ROOM_NOT_STRING: &str = "Room name must be a string";
     pub const RECIPIENT_NOT_STRING: &str = "Recipient id must be a string";
     pub const METADATA_NOT_OBJECT: &str = "Metadata must be an object";
+    // Only with token auth: the token's `rooms` claim does not list the room.
+    pub const ROOM_NOT_ALLOWED: &str = "Not allowed to join this room";
 }
 
 /// A message body as the client sent it.
@@ -268,14 +270,16 @@ fn body_len_hint(body: &Body<'_>) -> usize {
     }
 }
 
-/// `{"type":"welcome","client_id":…,"timestamp":…}`
-pub fn welcome(client_id: &str, now: u64) -> Bytes {
-    let mut f = FrameBuilder::with_capacity(96);
+/// `{"type":"welcome","client_id":…,"timestamp":…}`, with `"user_id":…` after the client id
+/// when the connection authenticated with a token.
+pub fn welcome(client_id: &str, user_id: Option<&str>, now: u64) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(96 + user_id.map_or(0, str::len));
     f.raw(br#"{"type":"welcome","client_id":"#)
-        .string(client_id)
-        .raw(br#","timestamp":"#)
-        .number(now)
-        .raw(b"}");
+        .string(client_id);
+    if let Some(user_id) = user_id {
+        f.raw(br#","user_id":"#).string(user_id);
+    }
+    f.raw(br#","timestamp":"#).number(now).raw(b"}");
     f.finish(OpCode::Text)
 }
 
@@ -421,6 +425,10 @@ pub mod close_code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// The client kept sending far over its rate limit.
     pub const POLICY_VIOLATION: u16 = 1008;
+    /// The client answered no ping within `--idle-timeout`.
+    pub const IDLE_TIMEOUT: u16 = 4000;
+    /// The token the connection authenticated with has expired (`exp`).
+    pub const TOKEN_EXPIRED: u16 = 4001;
     /// A text message was not valid UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// A message exceeded the configured maximum size.

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::hub::{LocalHub, Router};
 use crate::limits::SessionLimits;
@@ -33,6 +34,7 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// What every connection task shares.
 pub struct Context {
     pub config: Config,
+    pub admission: Arc<Admission>,
     pub session_limits: Arc<SessionLimits>,
     pub router: Arc<dyn Router>,
     pub outbox_stats: Arc<OutboxStats>,
@@ -79,7 +81,10 @@ impl Server {
         for _ in 1..config.workers {
             listeners.push(reuseport_listener(local_addr)?);
         }
+        let admission = Admission::from_config(&config)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let ctx = Arc::new(Context {
+            admission: Arc::new(admission),
             session_limits: Arc::new(SessionLimits::from_config(&config)),
             config,
             router: Arc::new(LocalHub::new()),
@@ -182,7 +187,7 @@ async fn serve_http(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     let service_ctx = ctx.clone();
     let service = service_fn(move |request| {
         let ctx = service_ctx.clone();
-        async move { Ok::<_, Infallible>(route(request, ctx)) }
+        async move { Ok::<_, Infallible>(route(request, peer, ctx)) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -202,9 +207,13 @@ async fn serve_http(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     }
 }
 
-fn route(mut request: Request<Incoming>, ctx: Arc<Context>) -> Response<Full<Bytes>> {
+fn route(
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+    ctx: Arc<Context>,
+) -> Response<Full<Bytes>> {
     if fastwebsockets::upgrade::is_upgrade_request(&request) {
-        return upgrade(&mut request, ctx);
+        return upgrade(&mut request, peer, ctx);
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -216,7 +225,18 @@ fn route(mut request: Request<Incoming>, ctx: Arc<Context>) -> Response<Full<Byt
     }
 }
 
-fn upgrade(request: &mut Request<Incoming>, ctx: Arc<Context>) -> Response<Full<Bytes>> {
+fn upgrade(
+    request: &mut Request<Incoming>,
+    peer: SocketAddr,
+    ctx: Arc<Context>,
+) -> Response<Full<Bytes>> {
+    let (permit, identity) = match ctx.admission.admit(request.uri(), request.headers(), peer) {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            debug!(%peer, %refusal, "upgrade refused");
+            return text(refusal.status(), &format!("{refusal}\n"));
+        }
+    };
     let (response, upgrading) = match fastwebsockets::upgrade::upgrade(request) {
         Ok(pair) => pair,
         Err(error) => {
@@ -239,7 +259,8 @@ fn upgrade(request: &mut Request<Incoming>, ctx: Arc<Context>) -> Response<Full<
             Ok(parts) => {
                 let prebuffered = Bytes::copy_from_slice(&parts.read_buf);
                 drop(parts.read_buf);
-                ws::session::run(parts.io.into_inner(), prebuffered, ctx).await
+                let io = parts.io.into_inner();
+                ws::session::run(io, prebuffered, ctx, permit, identity).await
             }
             Err(_) => warn!("upgraded connection is not a TCP stream"),
         }

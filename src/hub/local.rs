@@ -85,6 +85,8 @@ impl Room {
 pub struct LocalHub {
     rooms: DashMap<Arc<str>, Arc<Room>>,
     clients: DashMap<Arc<str>, Member>,
+    /// Connections by the user id of their token (auth only).
+    users: DashMap<Arc<str>, Vec<Member>>,
 }
 
 impl LocalHub {
@@ -101,11 +103,23 @@ impl Router for LocalHub {
     fn connect(&self, member: &Member) {
         self.clients
             .insert(member.client_id.clone(), member.clone());
+        if let Some(user) = &member.user_id {
+            self.users
+                .entry(user.clone())
+                .or_default()
+                .push(member.clone());
+        }
     }
 
     fn disconnect(&self, member: &Member) {
         self.clients
             .remove_if(&*member.client_id, |_, entry| entry.conn == member.conn);
+        if let Some(user) = &member.user_id {
+            self.users.remove_if_mut(&**user, |_, connections| {
+                connections.retain(|c| c.conn != member.conn);
+                connections.is_empty()
+            });
+        }
     }
 
     fn join(&self, room_name: &str, member: &Member) -> Joined {
@@ -177,8 +191,14 @@ impl Router for LocalHub {
     }
 
     fn private_message(&self, to: &str, frame: Bytes) -> Result<(), RecipientNotFound> {
-        let recipient = self.clients.get(to).ok_or(RecipientNotFound)?;
-        recipient.outbox.push(frame);
+        if let Some(recipient) = self.clients.get(to) {
+            recipient.outbox.push(frame);
+            return Ok(());
+        }
+        let connections = self.users.get(to).ok_or(RecipientNotFound)?;
+        for connection in connections.iter() {
+            connection.outbox.push(frame.clone());
+        }
         Ok(())
     }
 
@@ -208,6 +228,7 @@ mod tests {
         let member = Member {
             conn,
             client_id: format!("client_{conn}").into(),
+            user_id: None,
             outbox: tx,
         };
         (member, rx)

@@ -26,6 +26,9 @@ pub struct Member {
     pub conn: ConnId,
     /// The protocol-level id (`client_…`), the address of private messages.
     pub client_id: Arc<str>,
+    /// The token's `sub` when auth is on: private messages to it reach every connection of
+    /// that user.
+    pub user_id: Option<Arc<str>>,
     pub outbox: Outbox,
 }
 
@@ -81,7 +84,8 @@ pub trait Router: Send + Sync + 'static {
     /// Delivers `frame` to every connected client except `sender`.
     fn broadcast(&self, sender: &Member, frame: Bytes);
 
-    /// Delivers `frame` to the client whose id is `to`.
+    /// Delivers `frame` to the client whose id is `to`, or else to every connection of the
+    /// user whose id is `to`.
     fn private_message(&self, to: &str, frame: Bytes) -> Result<(), RecipientNotFound>;
 
     /// Number of members of `room` (0 when it does not exist).

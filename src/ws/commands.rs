@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::admission::RoomPolicy;
 use crate::hub::{Joined, Member, Router};
 use crate::limits::{self, Rate, SessionLimits, TokenBucket};
 use crate::outbox::CloseRequest;
@@ -17,6 +18,8 @@ pub struct Session {
     router: Arc<dyn Router>,
     limits: Arc<SessionLimits>,
     bucket: Option<TokenBucket>,
+    /// The rooms the token allows (auth only); `None` allows every room.
+    allowed_rooms: Option<RoomPolicy>,
     rooms: HashSet<Arc<str>>,
     metadata: serde_json::Map<String, serde_json::Value>,
     /// Set once the session asked its connection to close: later messages are ignored.
@@ -24,7 +27,12 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(member: Member, router: Arc<dyn Router>, limits: Arc<SessionLimits>) -> Self {
+    pub fn new(
+        member: Member,
+        router: Arc<dyn Router>,
+        limits: Arc<SessionLimits>,
+        allowed_rooms: Option<RoomPolicy>,
+    ) -> Self {
         let bucket = limits
             .rate
             .map(|(_, burst)| TokenBucket::new(burst, Instant::now()));
@@ -33,6 +41,7 @@ impl Session {
             router,
             limits,
             bucket,
+            allowed_rooms,
             rooms: HashSet::new(),
             metadata: serde_json::Map::new(),
             closing: false,
@@ -113,6 +122,11 @@ impl Session {
         }
         if self.rooms.contains(room) {
             return; // already a member: the seed sends nothing
+        }
+        if let Some(policy) = &self.allowed_rooms {
+            if !policy.allows(room) {
+                return self.reply_error(protocol::errors::ROOM_NOT_ALLOWED);
+            }
         }
         if self.rooms.len() >= self.limits.max_rooms {
             return self.reply_error(limits::errors::TOO_MANY_ROOMS);

@@ -32,6 +32,7 @@ use tracing::{debug, debug_span, Instrument};
 
 use super::commands::Session;
 use super::frame::{Event, FrameError, FrameReader, PeerClose};
+use crate::admission::{Identity, Permit};
 use crate::hub::Member;
 use crate::outbox::{self, CloseRequest, Flushed, OutboxReceiver};
 use crate::protocol::{self, close_code};
@@ -59,16 +60,22 @@ fn new_client_id() -> Arc<str> {
 
 /// Serves one upgraded connection until it closes. `prebuffered` holds bytes the HTTP layer read
 /// past the upgrade request; they are the start of the WebSocket stream.
-pub async fn run<S>(io: S, prebuffered: Bytes, ctx: Arc<server::Context>)
-where
+/// `permit` holds the connection's place under the connection caps until it ends.
+pub async fn run<S>(
+    io: S,
+    prebuffered: Bytes,
+    ctx: Arc<server::Context>,
+    permit: Permit,
+    identity: Identity,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let client_id = new_client_id();
     // A debug span: at the default `info` level it is disabled and costs nothing per idle
     // connection; with RUST_LOG=roomcast=debug every line of a connection carries its id.
-    let span = debug_span!("conn", id = %client_id);
-    let mut connection = Connection::open(io, ctx, conn, client_id);
+    let span = debug_span!("conn", id = %client_id, user = ?identity.user_id);
+    let mut connection = Connection::open(io, ctx, conn, client_id, identity, permit);
     async move {
         debug!("connected");
         let mut prebuffered = prebuffered.to_vec();
@@ -100,6 +107,7 @@ struct Connection<S> {
     session: Session,
     state: State,
     ctx: Arc<server::Context>,
+    _permit: Permit,
 }
 
 /// What reading stopped on.
@@ -113,17 +121,29 @@ enum ReadEnd {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    fn open(io: S, ctx: Arc<server::Context>, conn: u64, client_id: Arc<str>) -> Self {
+    fn open(
+        io: S,
+        ctx: Arc<server::Context>,
+        conn: u64,
+        client_id: Arc<str>,
+        identity: Identity,
+        permit: Permit,
+    ) -> Self {
         let config = &ctx.config;
         let (own_outbox, outbox) = outbox::outbox(
             config.outbound_queue,
             config.slow_consumer,
             ctx.outbox_stats.clone(),
         );
-        own_outbox.push(protocol::welcome(&client_id, protocol::timestamp()));
+        own_outbox.push(protocol::welcome(
+            &client_id,
+            identity.user_id.as_deref(),
+            protocol::timestamp(),
+        ));
         let member = Member {
             conn,
             client_id,
+            user_id: identity.user_id,
             outbox: own_outbox,
         };
         ctx.router.connect(&member);
@@ -136,9 +156,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             io,
             reader: FrameReader::new(config.max_frame_size, config.max_message_size),
             outbox,
-            session: Session::new(member, ctx.router.clone(), ctx.session_limits.clone()),
+            session: Session::new(
+                member,
+                ctx.router.clone(),
+                ctx.session_limits.clone(),
+                identity.rooms,
+            ),
             state: State::Open,
             ctx,
+            _permit: permit,
         }
     }
 

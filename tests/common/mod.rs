@@ -323,3 +323,38 @@ fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
         start + len,
     ))
 }
+
+/// Connects with a hand-built upgrade request (extra headers, query string). Returns the HTTP
+/// status of a refusal as `Err`.
+pub async fn connect_with(
+    server: &TestServer,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> Result<Client, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Error;
+    let url = format!("ws://{}{}", server.addr, path_and_query);
+    let mut request = url.into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => {
+            let mut client = Client {
+                ws,
+                id: String::new(),
+                welcome: Value::Null,
+            };
+            let welcome = client.recv().await;
+            assert_eq!(welcome["type"], "welcome");
+            client.id = welcome["client_id"].as_str().unwrap().to_owned();
+            client.welcome = welcome;
+            Ok(client)
+        }
+        Err(Error::Http(response)) => Err(response.status().as_u16()),
+        Err(other) => panic!("unexpected handshake error: {other}"),
+    }
+}

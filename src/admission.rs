@@ -1,0 +1,449 @@
+//! Admission: everything decided before a WebSocket upgrade is accepted.
+//!
+//! In order: the client's address (behind trusted proxies), the per-IP and global connection
+//! caps (cheap, so a flood is refused before any token is verified), the Origin (against
+//! cross-site WebSocket hijacking), and the token (a JWT the main application issued). A
+//! refusal is an HTTP status with a short reason, before the upgrade, never an internal error.
+//!
+//! An admitted connection carries a [`Permit`] for its whole life: dropping it gives the
+//! connection's place back to the caps.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use hyper::header::{HeaderMap, AUTHORIZATION, COOKIE, ORIGIN};
+use hyper::{StatusCode, Uri};
+use ipnet::IpNet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use tracing::warn;
+
+use crate::config::Config;
+
+/// Why a connection was refused before the upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// `--max-connections-per-ip` reached for the client's address: 429.
+    #[error("too many connections from your address")]
+    TooManyFromAddress,
+    /// `--max-connections` reached: 503.
+    #[error("server is at its connection limit")]
+    ServerFull,
+    /// The Origin is not in `--allowed-origins`: 403.
+    #[error("origin not allowed")]
+    OriginNotAllowed,
+    /// Auth is on and the token is missing, malformed, badly signed or expired: 401.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::TooManyFromAddress => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
+/// Who an admitted connection is, from its token (all empty when auth is off).
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// The token's `sub`: shown in `welcome` and usable as a `private_message` target.
+    pub user_id: Option<Arc<str>>,
+    /// The token's `rooms` claim: the rooms this client may join.
+    pub rooms: Option<RoomPolicy>,
+    /// The token's `exp` (Unix seconds): the connection is closed with 4001 then.
+    pub expires_at: Option<u64>,
+}
+
+/// Rooms a token allows: exact names, or prefixes written with a trailing `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomPolicy {
+    patterns: Vec<String>,
+}
+
+impl RoomPolicy {
+    pub fn new(patterns: Vec<String>) -> Self {
+        Self { patterns }
+    }
+
+    pub fn allows(&self, room: &str) -> bool {
+        self.patterns
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => room.starts_with(prefix),
+                None => room == pattern,
+            })
+    }
+}
+
+/// The claims roomcast reads; others are ignored.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    exp: Option<u64>,
+    rooms: Option<Vec<String>>,
+}
+
+/// Verifies tokens with one key.
+struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl TokenVerifier {
+    fn verify(&self, token: &str) -> Result<Identity, Refusal> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |error| match error.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    Refusal::Unauthorized("token expired")
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    Refusal::Unauthorized("bad token signature")
+                }
+                _ => Refusal::Unauthorized("invalid token"),
+            },
+        )?;
+        let claims = data.claims;
+        let user_id = claims
+            .sub
+            .filter(|sub| !sub.is_empty())
+            .ok_or(Refusal::Unauthorized("token has no sub"))?;
+        Ok(Identity {
+            user_id: Some(user_id.into()),
+            rooms: claims.rooms.map(RoomPolicy::new),
+            expires_at: claims.exp,
+        })
+    }
+}
+
+/// An Origin pattern: `*`, an exact origin, or one with a `*.` wildcard for subdomains.
+#[derive(Debug, Clone)]
+enum OriginPattern {
+    Any,
+    Exact(String),
+    /// Scheme plus `://`, and the domain suffix starting with `.`.
+    Subdomains {
+        scheme: String,
+        suffix: String,
+    },
+}
+
+impl OriginPattern {
+    fn parse(text: &str) -> Self {
+        let text = text.trim().trim_end_matches('/').to_ascii_lowercase();
+        if text == "*" {
+            return OriginPattern::Any;
+        }
+        if let Some((scheme, rest)) = text.split_once("://*.") {
+            return OriginPattern::Subdomains {
+                scheme: format!("{scheme}://"),
+                suffix: format!(".{rest}"),
+            };
+        }
+        OriginPattern::Exact(text)
+    }
+
+    fn matches(&self, origin: &str) -> bool {
+        match self {
+            OriginPattern::Any => true,
+            OriginPattern::Exact(exact) => origin == exact,
+            OriginPattern::Subdomains { scheme, suffix } => origin
+                .strip_prefix(scheme.as_str())
+                .is_some_and(|host| host.len() > suffix.len() && host.ends_with(suffix.as_str())),
+        }
+    }
+}
+
+/// A configuration error in the admission options.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmissionError {
+    #[error("--jwt-public-key {path}: {reason}")]
+    PublicKey { path: String, reason: String },
+    #[error("--trusted-proxies: {0:?} is not an IP address or CIDR range")]
+    TrustedProxy(String),
+}
+
+/// The admission policy of a server, and its live connection counts.
+pub struct Admission {
+    origins: Option<Vec<OriginPattern>>,
+    verifier: Option<TokenVerifier>,
+    token_cookie: Option<String>,
+    max_connections: usize,
+    max_per_ip: usize,
+    trusted_proxies: Vec<IpNet>,
+    open: AtomicUsize,
+    per_ip: DashMap<IpAddr, usize>,
+}
+
+impl Admission {
+    pub fn from_config(config: &Config) -> Result<Self, AdmissionError> {
+        let verifier = if let Some(secret) = &config.jwt_secret {
+            Some(TokenVerifier {
+                key: DecodingKey::from_secret(secret.as_bytes()),
+                validation: validation(&[Algorithm::HS256]),
+            })
+        } else if let Some(path) = &config.jwt_public_key {
+            Some(public_key_verifier(path)?)
+        } else {
+            None
+        };
+        let origins = config.allowed_origins.as_ref().map(|list| {
+            list.iter()
+                .filter(|o| !o.trim().is_empty())
+                .map(|o| OriginPattern::parse(o))
+                .collect()
+        });
+        if origins.is_none() {
+            warn!(
+                "--allowed-origins is not set: WebSocket upgrades from any web origin are accepted"
+            );
+        }
+        let trusted_proxies = config
+            .trusted_proxies
+            .iter()
+            .map(|text| parse_net(text).ok_or_else(|| AdmissionError::TrustedProxy(text.clone())))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            origins,
+            verifier,
+            token_cookie: config.token_cookie.clone(),
+            max_connections: config.max_connections,
+            max_per_ip: config.max_connections_per_ip,
+            trusted_proxies,
+            open: AtomicUsize::new(0),
+            per_ip: DashMap::new(),
+        })
+    }
+
+    /// Whether tokens are required.
+    pub fn auth_enabled(&self) -> bool {
+        self.verifier.is_some()
+    }
+
+    /// Connections admitted and not yet closed.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Decides on an upgrade request from `peer`.
+    pub fn admit(
+        self: &Arc<Self>,
+        uri: &Uri,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+    ) -> Result<(Permit, Identity), Refusal> {
+        let ip = self.client_ip(headers, peer.ip());
+        let permit = self.reserve(ip)?;
+        self.check_origin(headers)?;
+        let identity = match &self.verifier {
+            None => Identity::default(),
+            Some(verifier) => {
+                let token = self
+                    .find_token(uri, headers)
+                    .ok_or(Refusal::Unauthorized("token required"))?;
+                verifier.verify(&token)?
+            }
+        };
+        Ok((permit, identity))
+    }
+
+    /// The client's address: the peer's, unless the peer is a trusted proxy, in which case the
+    /// nearest untrusted address in `X-Forwarded-For`.
+    fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for value in headers.get_all("x-forwarded-for") {
+            let Ok(value) = value.to_str() else { continue };
+            for hop in value
+                .rsplit(',')
+                .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
+            {
+                client = hop;
+                if !self.is_trusted(hop) {
+                    return hop;
+                }
+            }
+        }
+        client
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    fn reserve(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
+        if self.max_per_ip > 0 {
+            let mut count = self.per_ip.entry(ip).or_insert(0);
+            if *count >= self.max_per_ip {
+                return Err(Refusal::TooManyFromAddress);
+            }
+            *count += 1;
+        }
+        // The permit exists from here, so a refusal below gives the per-IP place back.
+        let permit = Permit {
+            admission: self.clone(),
+            ip,
+        };
+        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.max_connections > 0 && open > self.max_connections {
+            return Err(Refusal::ServerFull);
+        }
+        Ok(permit)
+    }
+
+    fn check_origin(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        let Some(patterns) = &self.origins else {
+            return Ok(());
+        };
+        // Browsers always send Origin with a WebSocket upgrade; clients that are not browsers
+        // (servers, apps) usually do not, and cannot be hijacked cross-site.
+        let Some(origin) = headers.get(ORIGIN) else {
+            return Ok(());
+        };
+        let origin = origin
+            .to_str()
+            .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+            .map_err(|_| Refusal::OriginNotAllowed)?;
+        if patterns.iter().any(|pattern| pattern.matches(&origin)) {
+            Ok(())
+        } else {
+            Err(Refusal::OriginNotAllowed)
+        }
+    }
+
+    /// The token from the `token` query parameter, an `Authorization: Bearer` header, or the
+    /// configured cookie, in that order.
+    fn find_token(&self, uri: &Uri, headers: &HeaderMap) -> Option<String> {
+        let from_query = uri.query().and_then(|query| {
+            form_urlencoded::parse(query.as_bytes())
+                .find(|(key, _)| key == "token")
+                .map(|(_, value)| value.into_owned())
+        });
+        let from_header = || {
+            headers
+                .get(AUTHORIZATION)?
+                .to_str()
+                .ok()?
+                .strip_prefix("Bearer ")
+                .map(|token| token.trim().to_owned())
+        };
+        let from_cookie = || {
+            let name = self.token_cookie.as_deref()?;
+            headers.get_all(COOKIE).iter().find_map(|value| {
+                value.to_str().ok()?.split(';').find_map(|pair| {
+                    let (key, value) = pair.trim().split_once('=')?;
+                    (key == name).then(|| value.to_owned())
+                })
+            })
+        };
+        from_query
+            .or_else(from_header)
+            .or_else(from_cookie)
+            .filter(|token| !token.is_empty())
+    }
+}
+
+fn validation(algorithms: &[Algorithm]) -> Validation {
+    let mut validation = Validation::new(algorithms[0]);
+    validation.algorithms = algorithms.to_vec();
+    // `exp` is checked when present; tokens without one are accepted and never expire.
+    validation.required_spec_claims.clear();
+    validation.leeway = 0;
+    validation
+}
+
+fn public_key_verifier(path: &str) -> Result<TokenVerifier, AdmissionError> {
+    let error = |reason: String| AdmissionError::PublicKey {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok(TokenVerifier {
+            key,
+            validation: validation(&[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512]),
+        });
+    }
+    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+        return Ok(TokenVerifier {
+            key,
+            validation: validation(&[Algorithm::ES256, Algorithm::ES384]),
+        });
+    }
+    Err(error("not an RSA or EC public key in PEM".into()))
+}
+
+fn parse_net(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// A connection's place under the caps, held for its whole life.
+pub struct Permit {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let admission = &self.admission;
+        admission.open.fetch_sub(1, Ordering::AcqRel);
+        if admission.max_per_ip > 0 {
+            admission.per_ip.remove_if_mut(&self.ip, |_, count| {
+                *count -= 1;
+                *count == 0
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_patterns() {
+        let any = OriginPattern::parse("*");
+        let exact = OriginPattern::parse("https://App.example.com/");
+        let wild = OriginPattern::parse("https://*.example.com");
+        assert!(any.matches("http://evil.test"));
+        assert!(exact.matches("https://app.example.com"));
+        assert!(!exact.matches("http://app.example.com"));
+        assert!(wild.matches("https://a.example.com"));
+        assert!(wild.matches("https://a.b.example.com"));
+        assert!(!wild.matches("https://example.com"));
+        assert!(!wild.matches("https://evilexample.com"));
+        assert!(!wild.matches("http://a.example.com"));
+    }
+
+    #[test]
+    fn room_policy_takes_names_and_prefixes() {
+        let policy = RoomPolicy::new(vec!["lobby".into(), "team-42:*".into()]);
+        assert!(policy.allows("lobby"));
+        assert!(policy.allows("team-42:general"));
+        assert!(!policy.allows("lobby2"));
+        assert!(!policy.allows("team-43:general"));
+    }
+
+    #[test]
+    fn trusted_proxy_entries_parse_as_addresses_or_ranges() {
+        assert!(parse_net("10.0.0.0/8")
+            .unwrap()
+            .contains(&"10.1.2.3".parse::<IpAddr>().unwrap()));
+        assert!(parse_net("127.0.0.1")
+            .unwrap()
+            .contains(&"127.0.0.1".parse::<IpAddr>().unwrap()));
+        assert!(parse_net("::1").is_some());
+        assert!(parse_net("nope").is_none());
+    }
+}

@@ -1,0 +1,288 @@
+//! What is decided before the upgrade: tokens, Origin, connection caps, the client address
+//! behind trusted proxies. Each option is shown working and refusing.
+
+mod common;
+
+use common::{connect_with, start_server_with};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+const SECRET: &str = "test-secret-that-is-long-enough";
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(claims: serde_json::Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn auth_server() -> common::TestServer {
+    start_server_with(|config| config.jwt_secret = Some(SECRET.into())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_token_in_the_query_string_is_accepted_and_its_sub_is_the_user_id() {
+    let server = auth_server().await;
+    let t = token(json!({"sub": "user-7", "exp": now() + 60}));
+    let client = connect_with(&server, &format!("/?token={t}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(client.welcome["user_id"], "user-7");
+    assert!(client.id.starts_with("client_"), "client_id is kept");
+    let keys: Vec<_> = client
+        .welcome
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(keys, ["type", "client_id", "user_id", "timestamp"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auth_welcome_has_no_user_id() {
+    let server = start_server_with(|_| {}).await;
+    let client = connect_with(&server, "/", &[]).await.unwrap();
+    assert!(client.welcome.get("user_id").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_token_is_refused_with_401() {
+    let server = auth_server().await;
+    assert_eq!(connect_with(&server, "/", &[]).await.err(), Some(401));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_refused_with_401() {
+    let server = auth_server().await;
+    let t = token(json!({"sub": "u", "exp": now() - 10}));
+    assert_eq!(
+        connect_with(&server, &format!("/?token={t}"), &[])
+            .await
+            .err(),
+        Some(401)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_signed_with_another_key_is_refused_with_401() {
+    let server = auth_server().await;
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "admin"}),
+        &EncodingKey::from_secret(b"not the secret"),
+    )
+    .unwrap();
+    assert_eq!(
+        connect_with(&server, &format!("/?token={forged}"), &[])
+            .await
+            .err(),
+        Some(401)
+    );
+    assert_eq!(
+        connect_with(&server, "/?token=garbage", &[]).await.err(),
+        Some(401)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_an_authorization_header_is_accepted() {
+    let server = auth_server().await;
+    let bearer = format!("Bearer {}", token(json!({"sub": "hdr"})));
+    let client = connect_with(&server, "/", &[("authorization", &bearer)])
+        .await
+        .unwrap();
+    assert_eq!(client.welcome["user_id"], "hdr");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_the_configured_cookie_is_accepted() {
+    let server = start_server_with(|config| {
+        config.jwt_secret = Some(SECRET.into());
+        config.token_cookie = Some("rc_token".into());
+    })
+    .await;
+    let cookie = format!(
+        "theme=dark; rc_token={}",
+        token(json!({"sub": "cookie-user"}))
+    );
+    let client = connect_with(&server, "/", &[("cookie", &cookie)])
+        .await
+        .unwrap();
+    assert_eq!(client.welcome["user_id"], "cookie-user");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_es256_public_key_verifies_tokens_signed_by_its_private_key() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let dir = std::env::temp_dir().join(format!("roomcast-es256-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let public_pem = dir.join("public.pem");
+    std::fs::write(&public_pem, key.public_key_pem()).unwrap();
+    let server = start_server_with(|config| {
+        config.jwt_public_key = Some(public_pem.to_string_lossy().into_owned());
+    })
+    .await;
+    let signed = encode(
+        &Header::new(Algorithm::ES256),
+        &json!({"sub": "ec-user", "exp": now() + 60}),
+        &EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let client = connect_with(&server, &format!("/?token={signed}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(client.welcome["user_id"], "ec-user");
+    // An HS256 token cannot pass for an ES256 one.
+    let hs = token(json!({"sub": "x"}));
+    assert_eq!(
+        connect_with(&server, &format!("/?token={hs}"), &[])
+            .await
+            .err(),
+        Some(401)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_message_to_a_user_id_reaches_every_connection_of_that_user() {
+    let server = auth_server().await;
+    let ann = token(json!({"sub": "ann"}));
+    let bob = token(json!({"sub": "bob"}));
+    let mut phone = connect_with(&server, &format!("/?token={ann}"), &[])
+        .await
+        .unwrap();
+    let mut laptop = connect_with(&server, &format!("/?token={ann}"), &[])
+        .await
+        .unwrap();
+    let mut sender = connect_with(&server, &format!("/?token={bob}"), &[])
+        .await
+        .unwrap();
+    sender
+        .send(json!({"type": "private_message", "to": "ann", "message": "hi ann"}))
+        .await;
+    for device in [&mut phone, &mut laptop] {
+        let got = device.recv().await;
+        assert_eq!(got["type"], "private_message");
+        assert_eq!(got["from"], sender.id.as_str());
+        assert_eq!(got["message"], "hi ann");
+    }
+    sender.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rooms_claim_limits_which_rooms_a_client_may_join() {
+    let server = auth_server().await;
+    let t = token(json!({"sub": "u", "rooms": ["lobby", "team-1:*"]}));
+    let mut client = connect_with(&server, &format!("/?token={t}"), &[])
+        .await
+        .unwrap();
+    client.join("lobby").await;
+    client.join("team-1:general").await;
+    client
+        .send(json!({"type": "join_room", "room": "team-2:general"}))
+        .await;
+    let reply = client.recv().await;
+    assert_eq!(reply["type"], "error");
+    assert_eq!(reply["message"], "Not allowed to join this room");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_not_in_the_allowed_list_is_refused_with_403() {
+    let server = start_server_with(|config| {
+        config.allowed_origins = Some(vec![
+            "https://app.example.com".into(),
+            "https://*.example.org".into(),
+        ]);
+    })
+    .await;
+    for allowed in ["https://app.example.com", "https://chat.example.org"] {
+        assert!(connect_with(&server, "/", &[("origin", allowed)])
+            .await
+            .is_ok());
+    }
+    for refused in [
+        "https://evil.test",
+        "http://app.example.com",
+        "https://example.org",
+    ] {
+        assert_eq!(
+            connect_with(&server, "/", &[("origin", refused)])
+                .await
+                .err(),
+            Some(403),
+            "{refused}"
+        );
+    }
+    // Clients that are not browsers send no Origin and are not subject to it.
+    assert!(connect_with(&server, "/", &[]).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_ip_cap_are_refused_with_429_until_one_closes() {
+    let server = start_server_with(|config| config.max_connections_per_ip = 2).await;
+    let first = connect_with(&server, "/", &[]).await.unwrap();
+    let _second = connect_with(&server, "/", &[]).await.unwrap();
+    assert_eq!(connect_with(&server, "/", &[]).await.err(), Some(429));
+    first.close().await;
+    let deadline = std::time::Instant::now() + common::EXPECT;
+    loop {
+        match connect_with(&server, "/", &[]).await {
+            Ok(_) => break,
+            Err(429) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            Err(status) => panic!("place not given back: {status}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_global_cap_are_refused_with_503() {
+    let server = start_server_with(|config| config.max_connections = 2).await;
+    let _a = connect_with(&server, "/", &[]).await.unwrap();
+    let _b = connect_with(&server, "/", &[]).await.unwrap();
+    assert_eq!(connect_with(&server, "/", &[]).await.err(), Some(503));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
+    // Trusted: each forwarded client has its own per-IP count.
+    let server = start_server_with(|config| {
+        config.max_connections_per_ip = 1;
+        config.trusted_proxies = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let _a = connect_with(&server, "/", &[("x-forwarded-for", "203.0.113.1")])
+        .await
+        .unwrap();
+    let _b = connect_with(&server, "/", &[("x-forwarded-for", "203.0.113.2")])
+        .await
+        .unwrap();
+    assert_eq!(
+        connect_with(&server, "/", &[("x-forwarded-for", "203.0.113.1")])
+            .await
+            .err(),
+        Some(429)
+    );
+    // Not trusted: the header is ignored and every connection counts for 127.0.0.1.
+    let server = start_server_with(|config| config.max_connections_per_ip = 1).await;
+    let _c = connect_with(&server, "/", &[("x-forwarded-for", "203.0.113.1")])
+        .await
+        .unwrap();
+    assert_eq!(
+        connect_with(&server, "/", &[("x-forwarded-for", "203.0.113.9")])
+            .await
+            .err(),
+        Some(429)
+    );
+}
