@@ -18,6 +18,8 @@ pub mod defaults {
     pub const MAX_FRAME_SIZE: usize = 64 * 1024;
     pub const HANDSHAKE_TIMEOUT: &str = "10s";
     pub const DRAIN_TIMEOUT: &str = "10s";
+    pub const PING_INTERVAL: &str = "30s";
+    pub const IDLE_TIMEOUT: &str = "70s";
     pub const RATE_LIMIT: f64 = 100.0;
     pub const RATE_BURST: u32 = 200;
     pub const MAX_ROOMS_PER_CONNECTION: usize = 100;
@@ -128,6 +130,17 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = defaults::HANDSHAKE_TIMEOUT, value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// How often the server pings every connection; `0s` sends no pings. Clients answer with
+    /// a pong, which counts as activity for `--idle-timeout`.
+    #[arg(long, env = "ROOMCAST_PING_INTERVAL", default_value = defaults::PING_INTERVAL, value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// How long a connection may send nothing at all (no message, no pong) before it is closed
+    /// with 4000; checked at each ping, so closing may take up to one ping interval more.
+    /// `0s` never closes for silence.
+    #[arg(long, env = "ROOMCAST_IDLE_TIMEOUT", default_value = defaults::IDLE_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
     /// How long closing may take: flushing queued frames and the close frame to a client, and
     /// on shutdown, all clients together.
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
@@ -166,6 +179,8 @@ impl Config {
             trusted_proxies: Vec::new(),
             handshake_timeout: duration(defaults::HANDSHAKE_TIMEOUT),
             drain_timeout: duration(defaults::DRAIN_TIMEOUT),
+            ping_interval: duration(defaults::PING_INTERVAL),
+            idle_timeout: duration(defaults::IDLE_TIMEOUT),
         }
     }
 
@@ -188,6 +203,14 @@ impl Config {
             (
                 !(self.rate_limit >= 0.0 && self.rate_limit.is_finite()),
                 "--rate-limit must be a number of messages per second, 0 for none",
+            ),
+            (
+                !self.ping_interval.is_zero() && self.ping_interval < Duration::from_secs(1),
+                "--ping-interval must be 0s or at least 1s",
+            ),
+            (
+                !self.idle_timeout.is_zero() && self.ping_interval.is_zero(),
+                "--idle-timeout needs --ping-interval: without pings, quiet clients look idle",
             ),
             (
                 self.rate_limit > 0.0 && self.rate_burst == 0,

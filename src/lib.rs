@@ -25,6 +25,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod heartbeat;
 pub mod hub;
 pub mod limits;
 pub mod outbox;

@@ -84,6 +84,10 @@ struct Shared {
     close_waker: AtomicWaker,
     policy: SlowConsumerPolicy,
     stats: Arc<OutboxStats>,
+    /// When the peer was last heard from, on the heartbeat's coarse clock (seconds).
+    last_seen: AtomicU32,
+    /// When the connection's token expires (Unix seconds); 0 for never.
+    expires_at: AtomicU64,
 }
 
 /// The sending side of a connection's outbound queue. Cheap to clone: the hub keeps one per
@@ -127,6 +131,8 @@ pub fn outbox(
         close_waker: AtomicWaker::new(),
         policy,
         stats,
+        last_seen: AtomicU32::new(0),
+        expires_at: AtomicU64::new(0),
     });
     (
         Outbox {
@@ -208,6 +214,29 @@ impl Outbox {
             self.shared.close_waker.wake();
         }
         first
+    }
+
+    /// Records that the peer was heard from at `now` (the heartbeat's coarse clock).
+    #[inline]
+    pub fn touch(&self, now: u32) {
+        self.shared.last_seen.store(now, Ordering::Relaxed);
+    }
+
+    /// When the peer was last heard from (see [`touch`](Self::touch)).
+    pub fn last_seen(&self) -> u32 {
+        self.shared.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Sets when the connection's token expires (Unix seconds).
+    pub fn set_expires_at(&self, unix_seconds: u64) {
+        self.shared
+            .expires_at
+            .store(unix_seconds, Ordering::Relaxed);
+    }
+
+    /// When the connection's token expires (Unix seconds), if it does.
+    pub fn expires_at(&self) -> Option<u64> {
+        Some(self.shared.expires_at.load(Ordering::Relaxed)).filter(|&at| at != 0)
     }
 
     /// Whether a close was requested (by anyone) for this connection.

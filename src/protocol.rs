@@ -192,6 +192,7 @@ pub fn timestamp() -> u64 {
 pub enum OpCode {
     Text = 0x1,
     Close = 0x8,
+    Ping = 0x9,
     Pong = 0xA,
 }
 
@@ -397,6 +398,13 @@ pub fn metadata_size(frame: &Bytes) -> usize {
         _ => 2,
     };
     frame.len().saturating_sub(header + ENVELOPE)
+}
+
+/// A ping from the server's heartbeat.
+pub fn ping(payload: &[u8]) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(payload.len());
+    f.raw(payload);
+    f.finish(OpCode::Ping)
 }
 
 /// A pong answering a ping, echoing its payload (at most 125 bytes, checked by the reader).

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::Admission;
 use crate::config::Config;
+use crate::heartbeat::{self, CoarseClock, Heartbeat};
 use crate::hub::{LocalHub, Router};
 use crate::limits::SessionLimits;
 use crate::outbox::OutboxStats;
@@ -34,6 +35,8 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// What every connection task shares.
 pub struct Context {
     pub config: Config,
+    /// The heartbeat's clock: when each connection was last heard from.
+    pub clock: Arc<CoarseClock>,
     pub admission: Arc<Admission>,
     pub session_limits: Arc<SessionLimits>,
     pub router: Arc<dyn Router>,
@@ -84,6 +87,7 @@ impl Server {
         let admission = Admission::from_config(&config)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let ctx = Arc::new(Context {
+            clock: Arc::default(),
             admission: Arc::new(admission),
             session_limits: Arc::new(SessionLimits::from_config(&config)),
             config,
@@ -120,12 +124,23 @@ impl Server {
             workers = listeners.len(),
             "roomcast listening"
         );
+        let heartbeat = tokio::spawn(heartbeat::run(
+            Heartbeat {
+                ping_interval: ctx.config.ping_interval,
+                idle_timeout: ctx.config.idle_timeout,
+                check_expiry: ctx.admission.auth_enabled(),
+            },
+            ctx.clock.clone(),
+            ctx.router.clone(),
+            ctx.shutdown.clone(),
+        ));
         let accept_loops = TaskTracker::new();
         for listener in listeners {
             accept_loops.spawn(accept_loop(listener, ctx.clone()));
         }
         accept_loops.close();
         accept_loops.wait().await;
+        let _ = heartbeat.await;
 
         ctx.tasks.close();
         let open = ctx.tasks.len();

@@ -140,6 +140,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             identity.user_id.as_deref(),
             protocol::timestamp(),
         ));
+        own_outbox.touch(ctx.clock.now());
+        if let Some(expires_at) = identity.expires_at {
+            own_outbox.set_expires_at(expires_at);
+        }
         let member = Member {
             conn,
             client_id,
@@ -249,6 +253,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     if n == 0 {
                         return Poll::Ready(Some(ReadEnd::Gone));
                     }
+                    self.session.member().outbox.touch(self.ctx.clock.now());
                     Poll::Ready(self.on_bytes(&mut scratch[..n]))
                 }
             }
