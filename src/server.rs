@@ -118,9 +118,13 @@ impl Server {
     /// Accepts and serves until the shutdown token is cancelled, then closes every client with
     /// 1001 (Going Away), waits up to the drain timeout for them, and returns.
     pub async fn run(self) {
-        let Server { listeners, ctx, .. } = self;
+        let Server {
+            listeners,
+            ctx,
+            local_addr,
+        } = self;
         info!(
-            addr = %ctx.config.listen,
+            addr = %local_addr,
             workers = listeners.len(),
             "roomcast listening"
         );

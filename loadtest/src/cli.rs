@@ -1,0 +1,269 @@
+//! The command line: one subcommand per scenario, options common to all of them, and the
+//! defaults every option documents. Parsing only: no I/O happens here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::source_ip::SourceIps;
+
+/// Load generator for roomcast and any server speaking its WebSocket rooms protocol.
+///
+/// Every scenario stops by itself (bounded by --duration and its counts), then prints a summary
+/// (or one JSON object with --json). Run it against servers you own: it is built to saturate
+/// them.
+#[derive(Parser, Debug)]
+#[command(name = "roomcast-loadtest", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+/// Options every scenario takes (before or after the subcommand).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Common options (any scenario)")]
+pub struct CommonArgs {
+    /// Server URL, ws:// or wss://. Repeat for a cluster: clients are spread over the URLs
+    /// round-robin (give all of them on the same side of the subcommand).
+    #[arg(long = "url", global = true, default_value = "ws://127.0.0.1:8080/")]
+    pub urls: Vec<String>,
+
+    /// Token sent as the `token` query parameter of every upgrade request. [default: none]
+    #[arg(long, global = true)]
+    pub token: Option<String>,
+
+    /// `Origin` header sent with every upgrade request. [default: none]
+    #[arg(long, global = true)]
+    pub origin: Option<String>,
+
+    /// Accept any TLS certificate (self-signed staging servers). Signatures are still checked.
+    /// [default: off]
+    #[arg(long, global = true, default_value_t = false)]
+    pub insecure: bool,
+
+    /// PEM file of extra CA certificates trusted for wss://, besides Mozilla's roots.
+    /// [default: none]
+    #[arg(long, global = true, value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Local source addresses, handed out round-robin, one per connection: `127.0.0.1-127.0.0.20`,
+    /// `127.0.0.1-20`, or a comma list. Lifts the ~28k ephemeral ports per source address.
+    /// [default: the kernel picks]
+    #[arg(long, global = true, value_name = "LIST")]
+    pub source_ips: Option<SourceIps>,
+
+    /// Worker threads of the generator's runtime. [default: all cores]
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+
+    /// PID of the server (same machine): samples its CPU time and RSS around the measured
+    /// phase and reports CPU per delivery / RSS per connection. [default: none]
+    #[arg(long, global = true)]
+    pub server_pid: Option<u32>,
+
+    /// Limit for TCP connect + TLS + upgrade + welcome of one connection.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Limit for any single reply or write (room_joined, a blocked send, the close handshake).
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// Print one JSON report object on stdout instead of the text summary (no progress bar).
+    /// [default: off]
+    #[arg(long, global = true, default_value_t = false)]
+    pub json: bool,
+
+    /// Hide the progress bar (it is also hidden when stderr is not a terminal). [default: off]
+    #[arg(long, global = true, default_value_t = false)]
+    pub no_progress: bool,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Scenario {
+    /// Fan-out latency and throughput: subscribers in rooms, publishers sending stamped
+    /// room_message at a fixed rate; reports deliveries/s, loss and latency percentiles.
+    Fanout(FanoutArgs),
+    /// Idle connections: open N at a ramp rate, hold them; reports connect rate, failures by
+    /// cause and (with --server-pid) server RSS per connection.
+    Connections(ConnectionsArgs),
+    /// Connection churn: workers looping connect, welcome, join_room, room_message, leave_room,
+    /// close; reports handshakes/s and errors by cause.
+    Churn(ChurnArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Fan-out options")]
+pub struct FanoutArgs {
+    /// Subscriber connections, spread round-robin over the rooms.
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+
+    /// Rooms.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+
+    /// Publisher connections, spread round-robin over the rooms (each also receives the other
+    /// publishers' messages in its room).
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+
+    /// Messages per second per publisher. 0 = as fast as possible (saturation), limited by
+    /// --window.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+
+    /// Length of the publish phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Stop each publisher after this many messages. 0 = only --duration limits.
+    #[arg(long, default_value_t = 0)]
+    pub messages: u64,
+
+    /// Bytes of each message's `message` string (the stamp, padded); never less than the stamp
+    /// (~30 bytes).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+
+    /// With --rate 0: most messages a publisher may have in flight, counted as undelivered
+    /// deliveries divided by its room's receivers.
+    #[arg(long, default_value_t = 128)]
+    pub window: u64,
+
+    /// After publishing stops, how long to wait for in-flight deliveries before counting loss.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+
+    /// Connections opened per second during setup. 0 = as fast as --concurrency allows.
+    #[arg(long, default_value_t = 0.0)]
+    pub ramp: f64,
+
+    /// Connection attempts in flight at once during setup.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+
+    /// Room names are `<prefix>-<run id>-<n>`, so runs never share rooms.
+    #[arg(long, default_value = "loadtest")]
+    pub room_prefix: String,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Connections options")]
+pub struct ConnectionsArgs {
+    /// Connections to open.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+
+    /// Connection attempts started per second. 0 = as fast as --concurrency allows.
+    #[arg(long, default_value_t = 500.0)]
+    pub ramp: f64,
+
+    /// How long to hold the connections open once the ramp is done.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
+
+    /// Longest the ramp may take; attempts not started by then are skipped.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Churn options")]
+pub struct ChurnArgs {
+    /// Concurrent workers, each looping over whole connection lifecycles.
+    #[arg(long, default_value_t = 50)]
+    pub workers: usize,
+
+    /// How long the workers loop.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Stop after this many cycles in total. 0 = only --duration limits.
+    #[arg(long, default_value_t = 0)]
+    pub cycles: u64,
+
+    /// Bytes of the room_message each cycle sends.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+
+    /// Pause of a worker after a failed cycle, so a refusing server is not hammered in a
+    /// tight loop.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub backoff: Duration,
+
+    /// Room names are `<prefix>-<run id>-<worker>`.
+    #[arg(long, default_value = "loadtest")]
+    pub room_prefix: String,
+}
+
+impl Scenario {
+    /// Sockets the scenario holds open at once, for the open-file limit check.
+    pub fn max_connections(&self) -> usize {
+        match self {
+            Scenario::Fanout(a) => a.subscribers + a.publishers,
+            // Each lifecycle is short, but a socket lingers briefly while closing.
+            Scenario::Connections(a) => a.connections,
+            Scenario::Churn(a) => a.workers,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::Fanout(_) => "fanout",
+            Scenario::Connections(_) => "connections",
+            Scenario::Churn(_) => "churn",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn common_options_go_before_or_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "roomcast-loadtest",
+            "--json",
+            "fanout",
+            "--url",
+            "ws://127.0.0.1:9001/",
+            "--url",
+            "ws://127.0.0.1:9002/",
+            "--rate",
+            "0",
+            "--source-ips",
+            "127.0.0.1-3",
+        ])
+        .unwrap();
+        assert_eq!(cli.common.urls.len(), 2);
+        assert!(cli.common.json);
+        assert_eq!(cli.common.source_ips.unwrap().addrs().len(), 3);
+        let Scenario::Fanout(f) = cli.scenario else {
+            panic!()
+        };
+        assert_eq!(f.rate, 0.0);
+        assert_eq!(f.subscribers, 1000);
+        assert_eq!(f.duration, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn default_url_is_used_when_none_given() {
+        let cli = Cli::try_parse_from(["roomcast-loadtest", "churn"]).unwrap();
+        assert_eq!(cli.common.urls, ["ws://127.0.0.1:8080/"]);
+    }
+}

@@ -1,0 +1,438 @@
+//! One WebSocket client connection, from socket to welcome, and the [`Connector`] that opens
+//! them for every scenario.
+//!
+//! This module owns the transport: source-address binding, TCP, TLS, the HTTP/1.1 upgrade
+//! (hyper 1, as fastwebsockets' `handshake::client` does it, plus a `Sec-WebSocket-Accept`
+//! check and no stderr noise), the masked client frames (fastwebsockets), and the timeouts that
+//! keep any of it from hanging. fastwebsockets was chosen over tungstenite for its lower CPU per
+//! frame: a load generator must not be the bottleneck it measures.
+//!
+//! A [`Conn`] is split: a [`Reader`] that one task drives, and a cloneable [`Writer`] that a
+//! publisher can use from another future while the reader waits. Pings are answered and close
+//! frames echoed by the reader, through the writer.
+
+pub mod error;
+pub mod source_ip;
+pub mod target;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use fastwebsockets::{
+    FragmentCollectorRead, Frame, OpCode, Payload, Role, WebSocket, WebSocketRead, WebSocketWrite,
+};
+use http_body_util::Empty;
+use hyper::header::{CONNECTION, HOST, UPGRADE, USER_AGENT};
+use hyper::upgrade::Upgraded;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Mutex;
+use tokio_rustls::TlsConnector;
+
+pub use error::{Cause, ClientError, CloseCode};
+use source_ip::SourceIps;
+pub use target::Target;
+
+use crate::message::{ClientMessage, ServerMessage};
+
+/// The byte stream under every WebSocket: hyper's upgraded connection, whatever the transport.
+type Io = TokioIo<Upgraded>;
+
+/// How connections are made: shared, read-only, by every task of a run.
+pub struct Connector {
+    targets: Vec<Target>,
+    tls: Option<TlsConnector>,
+    source_ips: Option<SourceIps>,
+    origin: Option<String>,
+    connect_timeout: Duration,
+}
+
+impl Connector {
+    pub fn new(
+        targets: Vec<Target>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        source_ips: Option<SourceIps>,
+        origin: Option<String>,
+        connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            targets,
+            tls: tls.map(TlsConnector::from),
+            source_ips,
+            origin,
+            connect_timeout,
+        }
+    }
+
+    /// Connects client number `index` (targets are used round-robin by index) and waits for its
+    /// `welcome`. TCP connect, TLS, upgrade and welcome together must fit in the connect timeout.
+    pub async fn connect(&self, index: usize) -> Result<Conn, ClientError> {
+        let target = &self.targets[index % self.targets.len()];
+        let started = Instant::now();
+        match tokio::time::timeout(self.connect_timeout, self.connect_inner(target)).await {
+            Ok(Ok(mut conn)) => {
+                conn.connect_time = started.elapsed();
+                Ok(conn)
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(ClientError::Timeout(
+                "connecting (TCP + TLS + upgrade + welcome)",
+            )),
+        }
+    }
+
+    async fn connect_inner(&self, target: &Target) -> Result<Conn, ClientError> {
+        let tcp = self.tcp_connect(target.addr).await?;
+        let ws = match (&self.tls, target.tls) {
+            (Some(tls), true) => {
+                let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                    .map_err(|e| ClientError::Tls(std::io::Error::other(e)))?;
+                let stream = tls.connect(name, tcp).await.map_err(ClientError::Tls)?;
+                upgrade(stream, target, self.origin.as_deref()).await?
+            }
+            (None, true) => {
+                return Err(ClientError::Tls(std::io::Error::other(
+                    "no TLS configuration for a wss:// target",
+                )))
+            }
+            (_, false) => upgrade(tcp, target, self.origin.as_deref()).await?,
+        };
+        let mut conn = Conn::new(ws);
+        conn.client_id = conn.reader.welcome().await?;
+        Ok(conn)
+    }
+
+    async fn tcp_connect(&self, addr: SocketAddr) -> Result<TcpStream, ClientError> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(ClientError::Socket)?;
+        if let Some(ips) = &self.source_ips {
+            let local = SocketAddr::new(ips.next(), 0);
+            bind_address_no_port(&socket).map_err(ClientError::Socket)?;
+            socket
+                .bind(local)
+                .map_err(|error| ClientError::Bind { addr: local, error })?;
+        }
+        let stream = socket.connect(addr).await.map_err(ClientError::Connect)?;
+        // Every frame we send is a whole message; Nagle would only delay it.
+        stream.set_nodelay(true).map_err(ClientError::Connect)?;
+        Ok(stream)
+    }
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT`: `bind()` to a source address then picks no port, and
+/// `connect()` picks one unique for the full 4-tuple, so each source address serves ~28k
+/// connections per destination instead of ~28k in total.
+fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// RFC 6455's GUID, hashed with the key into `Sec-WebSocket-Accept`.
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(WS_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// Aborts the HTTP connection task unless the upgrade completed.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The HTTP/1.1 upgrade on an established stream.
+async fn upgrade<S>(
+    stream: S,
+    target: &Target,
+    origin: Option<&str>,
+) -> Result<WebSocket<Io>, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let key = fastwebsockets::handshake::generate_key();
+    let mut request = Request::builder()
+        .method("GET")
+        .uri(target.path_and_query.as_str())
+        .header(HOST, target.authority.as_str())
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "Upgrade")
+        .header("Sec-WebSocket-Key", key.as_str())
+        .header("Sec-WebSocket-Version", "13")
+        .header(
+            USER_AGENT,
+            concat!("roomcast-loadtest/", env!("CARGO_PKG_VERSION")),
+        );
+    if let Some(origin) = origin {
+        request = request.header("Origin", origin);
+    }
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| ClientError::BadUpgrade("cannot build the upgrade request"))?;
+
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(ClientError::Http)?;
+    let mut http_task = AbortOnDrop(Some(tokio::spawn(async move {
+        // Ends once the connection is upgraded; errors surface through `send_request`.
+        let _ = connection.with_upgrades().await;
+    })));
+    let mut response = sender
+        .send_request(request)
+        .await
+        .map_err(ClientError::Http)?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ClientError::Status(response.status().as_u16()));
+    }
+    let headers = response.headers();
+    let header_is = |name, value: &str| {
+        headers
+            .get(name)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|h| h.eq_ignore_ascii_case(value))
+    };
+    if !header_is(UPGRADE, "websocket") {
+        return Err(ClientError::BadUpgrade("no `Upgrade: websocket` header"));
+    }
+    if !headers
+        .get(CONNECTION)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| {
+            h.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    {
+        return Err(ClientError::BadUpgrade("no `Connection: Upgrade` header"));
+    }
+    if headers
+        .get("Sec-WebSocket-Accept")
+        .and_then(|h| h.to_str().ok())
+        != Some(accept_key(&key).as_str())
+    {
+        return Err(ClientError::BadUpgrade("wrong Sec-WebSocket-Accept"));
+    }
+    let upgraded = hyper::upgrade::on(&mut response)
+        .await
+        .map_err(ClientError::Http)?;
+    // The HTTP task is finishing on its own now.
+    http_task.0 = None;
+    Ok(WebSocket::after_handshake(
+        TokioIo::new(upgraded),
+        Role::Client,
+    ))
+}
+
+/// An open connection that has received its `welcome`.
+pub struct Conn {
+    pub reader: Reader,
+    pub writer: Writer,
+    /// The `client_id` of the welcome.
+    pub client_id: String,
+    /// TCP connect to welcome.
+    pub connect_time: Duration,
+}
+
+impl Conn {
+    fn new(ws: WebSocket<Io>) -> Self {
+        let (read, write): (WebSocketRead<ReadHalf<Io>>, WebSocketWrite<WriteHalf<Io>>) =
+            ws.split(tokio::io::split);
+        let writer = Writer {
+            inner: Arc::new(Mutex::new(write)),
+        };
+        Conn {
+            reader: Reader {
+                frames: FragmentCollectorRead::new(read),
+                writer: writer.clone(),
+            },
+            writer,
+            client_id: String::new(),
+            connect_time: Duration::ZERO,
+        }
+    }
+
+    /// Sends `join_room` and reads until its `room_joined` arrives (other traffic, such as
+    /// `member_joined` of earlier joiners, is skipped). Returns the member count it reported.
+    pub async fn join(&mut self, room: &str, timeout: Duration) -> Result<u64, ClientError> {
+        self.writer.send(&ClientMessage::JoinRoom { room }).await?;
+        let wait = async {
+            loop {
+                let payload = self.reader.recv().await?;
+                match ServerMessage::parse(&payload) {
+                    Ok(ServerMessage::RoomJoined { room: r, members }) if r == room => {
+                        return Ok(members)
+                    }
+                    Ok(ServerMessage::Error { message }) => {
+                        return Err(ClientError::ServerError(message))
+                    }
+                    Ok(_) => {}
+                    Err(error) => return Err(ClientError::Unexpected(error.to_string())),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ClientError::Timeout("waiting for room_joined"))?
+    }
+
+    /// Sends a close frame and waits (at most `timeout`) for the server's close and end of
+    /// stream, so the server closes TCP first and keeps the TIME_WAIT (our ephemeral ports stay
+    /// free). Errors from the server that arrive first are returned.
+    pub async fn close(mut self, timeout: Duration) -> Result<(), ClientError> {
+        self.writer.close().await?;
+        let drain = async {
+            loop {
+                match self.reader.recv().await {
+                    Ok(payload) => {
+                        if let Ok(ServerMessage::Error { message }) = ServerMessage::parse(&payload)
+                        {
+                            return Err(ClientError::ServerError(message));
+                        }
+                    }
+                    // Our close was answered; anything after it is the end of the stream.
+                    Err(ClientError::Closed(_)) => return Ok(()),
+                    Err(error) => {
+                        return match error.cause() {
+                            Cause::Closed | Cause::Reset => Ok(()),
+                            _ => Err(error),
+                        }
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, drain)
+            .await
+            .map_err(|_| ClientError::Timeout("waiting for the server's close"))?
+    }
+}
+
+/// The receiving half of a connection.
+pub struct Reader {
+    frames: FragmentCollectorRead<ReadHalf<Io>>,
+    writer: Writer,
+}
+
+impl Reader {
+    /// The next text (or binary) message's payload. A close frame from the server ends the
+    /// connection with [`ClientError::Closed`] (its echo is sent first). Not cancel-safe: drop
+    /// the reader after cancelling it.
+    pub async fn recv(&mut self) -> Result<Payload<'static>, ClientError> {
+        loop {
+            let writer = &self.writer;
+            let frame = self
+                .frames
+                .read_frame(&mut |obligated: Frame<'static>| {
+                    let writer = writer.clone();
+                    async move {
+                        // A pong or close echo that cannot be written (the server already shut
+                        // the socket) must not hide the frame that asked for it.
+                        let _ = writer.send_frame(obligated).await;
+                        Ok::<(), fastwebsockets::WebSocketError>(())
+                    }
+                })
+                .await?;
+            match frame.opcode {
+                OpCode::Text | OpCode::Binary => return Ok(frame.payload),
+                OpCode::Close => {
+                    let code = (frame.payload.len() >= 2)
+                        .then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]));
+                    return Err(ClientError::Closed(CloseCode(code)));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads the `welcome` every connection starts with; returns its `client_id`.
+    async fn welcome(&mut self) -> Result<String, ClientError> {
+        let payload = self.recv().await?;
+        match ServerMessage::parse(&payload) {
+            Ok(ServerMessage::Welcome { client_id }) => Ok(client_id.into_owned()),
+            Ok(other) => Err(ClientError::Unexpected(format!(
+                "expected welcome, got {other:?}"
+            ))),
+            Err(error) => Err(ClientError::Unexpected(error.to_string())),
+        }
+    }
+}
+
+/// The sending half of a connection; clones share one socket.
+#[derive(Clone)]
+pub struct Writer {
+    inner: Arc<Mutex<WebSocketWrite<WriteHalf<Io>>>>,
+}
+
+impl Writer {
+    /// Sends one client message as a text frame.
+    pub async fn send(&self, message: &ClientMessage<'_>) -> Result<(), ClientError> {
+        let json = message.encode().map_err(ClientError::Encode)?;
+        self.send_frame(Frame::text(Payload::Owned(json)))
+            .await
+            .map_err(ClientError::Ws)
+    }
+
+    /// Sends a close frame with code 1000 (once; later calls do nothing).
+    pub async fn close(&self) -> Result<(), ClientError> {
+        self.send_frame(Frame::close(1000, b""))
+            .await
+            .map_err(ClientError::Ws)
+    }
+
+    async fn send_frame(&self, frame: Frame<'_>) -> Result<(), fastwebsockets::WebSocketError> {
+        let mut ws = self.inner.lock().await;
+        if ws.is_closed() && frame.opcode == OpCode::Close {
+            // A close frame went out already: a second one (e.g. the echo of the server's
+            // answer to ours) must not be sent. Data frames fail with ConnectionClosed below.
+            return Ok(());
+        }
+        ws.write_frame(frame).await?;
+        // A no-op on plain TCP; pushes the TLS record out on wss://.
+        ws.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc_6455_example() {
+        // RFC 6455 section 1.3.
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+}
