@@ -126,7 +126,21 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
 
-    /// How long a client may take to send its HTTP upgrade request.
+    /// PEM file with the certificate chain for wss:// (with `--tls-key`). Default: plain ws://.
+    #[arg(long, env = "ROOMCAST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<String>,
+
+    /// PEM file with the private key for `--tls-cert`.
+    #[arg(long, env = "ROOMCAST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<String>,
+
+    /// A path that echoes every message back with the same opcode, through the same frame
+    /// stack, for RFC 6455 conformance suites (e.g. `/echo`). Default: off.
+    #[arg(long, env = "ROOMCAST_ECHO_PATH")]
+    pub echo_path: Option<String>,
+
+    /// How long a client may take to send its HTTP upgrade request (and finish the TLS
+    /// handshake).
     #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = defaults::HANDSHAKE_TIMEOUT, value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
 
@@ -177,6 +191,9 @@ impl Config {
             max_connections: 0,
             max_connections_per_ip: 0,
             trusted_proxies: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            echo_path: None,
             handshake_timeout: duration(defaults::HANDSHAKE_TIMEOUT),
             drain_timeout: duration(defaults::DRAIN_TIMEOUT),
             ping_interval: duration(defaults::PING_INTERVAL),

@@ -32,6 +32,7 @@ pub mod outbox;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 pub mod ws;
 
 pub use config::Config;

@@ -191,6 +191,7 @@ pub fn timestamp() -> u64 {
 #[repr(u8)]
 pub enum OpCode {
     Text = 0x1,
+    Binary = 0x2,
     Close = 0x8,
     Ping = 0x9,
     Pong = 0xA,
@@ -398,6 +399,13 @@ pub fn metadata_size(frame: &Bytes) -> usize {
         _ => 2,
     };
     frame.len().saturating_sub(header + ENVELOPE)
+}
+
+/// A text or binary message carrying `payload` as it is (the echo endpoint).
+pub fn data(binary: bool, payload: &[u8]) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(payload.len());
+    f.raw(payload);
+    f.finish(if binary { OpCode::Binary } else { OpCode::Text })
 }
 
 /// A ping from the server's heartbeat.

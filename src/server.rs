@@ -15,7 +15,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -26,7 +28,9 @@ use crate::heartbeat::{self, CoarseClock, Heartbeat};
 use crate::hub::{LocalHub, Router};
 use crate::limits::SessionLimits;
 use crate::outbox::OutboxStats;
+use crate::tls;
 use crate::ws;
+use crate::ws::session::Mode;
 
 /// Connection backlog of each listener: generous, so a reconnect storm is queued by the kernel
 /// rather than refused.
@@ -35,6 +39,8 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// What every connection task shares.
 pub struct Context {
     pub config: Config,
+    /// Set when serving wss://.
+    pub tls: Option<TlsAcceptor>,
     /// The heartbeat's clock: when each connection was last heard from.
     pub clock: Arc<CoarseClock>,
     pub admission: Arc<Admission>,
@@ -86,7 +92,15 @@ impl Server {
         }
         let admission = Admission::from_config(&config)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                tls::acceptor(cert, key)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            ),
+            _ => None,
+        };
         let ctx = Arc::new(Context {
+            tls,
             clock: Arc::default(),
             admission: Arc::new(admission),
             session_limits: Arc::new(SessionLimits::from_config(&config)),
@@ -125,6 +139,7 @@ impl Server {
         } = self;
         info!(
             addr = %local_addr,
+            tls = ctx.tls.is_some(),
             workers = listeners.len(),
             "roomcast listening"
         );
@@ -190,7 +205,15 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
             Ok((stream, peer)) => {
                 // Frames are batched by the outbox writer; Nagle would only add latency.
                 let _ = stream.set_nodelay(true);
-                ctx.tasks.spawn(serve_http(stream, peer, ctx.clone()));
+                match ctx.tls.clone() {
+                    None => {
+                        ctx.tasks.spawn(serve_http(stream, peer, ctx.clone()));
+                    }
+                    Some(acceptor) => {
+                        ctx.tasks
+                            .spawn(serve_tls(acceptor, stream, peer, ctx.clone()));
+                    }
+                }
             }
             Err(error) => {
                 // Out of file descriptors or similar: back off instead of spinning, and keep
@@ -202,11 +225,25 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
     }
 }
 
-async fn serve_http(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+/// The TLS handshake, bounded by the handshake timeout like the HTTP request, then HTTP.
+async fn serve_tls(acceptor: TlsAcceptor, stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+    let handshake = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(stream));
+    match handshake.await {
+        Ok(Ok(tls_stream)) => serve_http(tls_stream, peer, ctx).await,
+        Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) until it ends or is upgraded.
+async fn serve_http<S>(stream: S, peer: SocketAddr, ctx: Arc<Context>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service_ctx = ctx.clone();
     let service = service_fn(move |request| {
         let ctx = service_ctx.clone();
-        async move { Ok::<_, Infallible>(route(request, peer, ctx)) }
+        async move { Ok::<_, Infallible>(route::<S>(request, peer, ctx)) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -226,13 +263,18 @@ async fn serve_http(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     }
 }
 
-fn route(
+fn route<S>(
     mut request: Request<Incoming>,
     peer: SocketAddr,
     ctx: Arc<Context>,
-) -> Response<Full<Bytes>> {
+) -> Response<Full<Bytes>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     if fastwebsockets::upgrade::is_upgrade_request(&request) {
-        return upgrade(&mut request, peer, ctx);
+        let echo = ctx.config.echo_path.as_deref() == Some(request.uri().path());
+        let mode = if echo { Mode::Echo } else { Mode::Rooms };
+        return upgrade::<S>(&mut request, peer, ctx, mode);
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -244,11 +286,15 @@ fn route(
     }
 }
 
-fn upgrade(
+fn upgrade<S>(
     request: &mut Request<Incoming>,
     peer: SocketAddr,
     ctx: Arc<Context>,
-) -> Response<Full<Bytes>> {
+    mode: Mode,
+) -> Response<Full<Bytes>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (permit, identity) = match ctx.admission.admit(request.uri(), request.headers(), peer) {
         Ok(admitted) => admitted,
         Err(refusal) => {
@@ -271,17 +317,17 @@ fn upgrade(
             Ok(websocket) => websocket.into_inner().into_inner(),
             Err(error) => return debug!(%error, "upgrade failed"),
         };
-        // We served hyper a `TokioIo<TcpStream>`, so that is what comes back. Bytes read past
-        // the request (rare) are copied out: `read_buf` points into hyper's whole read buffer,
+        // We served hyper a `TokioIo<S>`, so that is what comes back. Bytes read past the
+        // request (rare) are copied out: `read_buf` points into hyper's whole read buffer,
         // which an idle connection should not keep alive.
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<S>>() {
             Ok(parts) => {
                 let prebuffered = Bytes::copy_from_slice(&parts.read_buf);
                 drop(parts.read_buf);
                 let io = parts.io.into_inner();
-                ws::session::run(io, prebuffered, ctx, permit, identity).await
+                ws::session::run(io, prebuffered, ctx, permit, identity, mode).await
             }
-            Err(_) => warn!("upgraded connection is not a TCP stream"),
+            Err(_) => warn!("upgraded connection is not the stream we served"),
         }
     });
     response.map(|_| Full::default())

@@ -7,7 +7,8 @@
 //! and no timers or futures while open. When woken it
 //! 1. starts closing if someone asked it to (slow consumer, shutdown),
 //! 2. writes everything queued in vectored writes ([`OutboxReceiver::poll_flush`]),
-//! 3. reads what arrived and handles each frame ([`FrameReader`] -> [`Session`]),
+//! 3. reads what arrived and handles each frame ([`FrameReader`] -> [`Session`], or straight
+//!    back in [`Mode::Echo`]),
 //!
 //! and loops until both the socket and the queue have nothing for it. Replies, pongs and the
 //! close frame go through the outbox like any other frame, which keeps one order for everything
@@ -34,7 +35,7 @@ use super::commands::Session;
 use super::frame::{Event, FrameError, FrameReader, PeerClose};
 use crate::admission::{Identity, Permit};
 use crate::hub::Member;
-use crate::outbox::{self, CloseRequest, Flushed, OutboxReceiver};
+use crate::outbox::{self, CloseRequest, Flushed, Outbox, OutboxReceiver};
 use crate::protocol::{self, close_code};
 use crate::server;
 
@@ -58,6 +59,49 @@ fn new_client_id() -> Arc<str> {
     format!("client_{:032x}", rand::random::<u128>()).into()
 }
 
+/// What an upgraded connection serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The seed protocol: welcome, rooms, broadcasts, private messages.
+    Rooms,
+    /// `--echo-path`: every message straight back with its opcode, through the same frame
+    /// reader and writer, for conformance suites. No welcome, no rooms, no rate limit.
+    Echo,
+}
+
+/// Where a connection's messages go.
+// Echo connections are rare (conformance testing); boxing the session to even the variants out
+// would cost every protocol connection an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Handler {
+    Rooms(Session),
+    Echo(Outbox),
+}
+
+impl Handler {
+    fn outbox(&self) -> &Outbox {
+        match self {
+            Handler::Rooms(session) => &session.member().outbox,
+            Handler::Echo(outbox) => outbox,
+        }
+    }
+
+    fn on_message(&mut self, binary: bool, payload: &mut [u8]) {
+        match self {
+            Handler::Rooms(session) => session.handle_message(payload),
+            Handler::Echo(outbox) => {
+                outbox.push(protocol::data(binary, payload));
+            }
+        }
+    }
+
+    fn disconnect(&mut self) {
+        if let Handler::Rooms(session) = self {
+            session.disconnect();
+        }
+    }
+}
+
 /// Serves one upgraded connection until it closes. `prebuffered` holds bytes the HTTP layer read
 /// past the upgrade request; they are the start of the WebSocket stream.
 /// `permit` holds the connection's place under the connection caps until it ends.
@@ -67,6 +111,7 @@ pub async fn run<S>(
     ctx: Arc<server::Context>,
     permit: Permit,
     identity: Identity,
+    mode: Mode,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -75,7 +120,7 @@ pub async fn run<S>(
     // A debug span: at the default `info` level it is disabled and costs nothing per idle
     // connection; with RUST_LOG=roomcast=debug every line of a connection carries its id.
     let span = debug_span!("conn", id = %client_id, user = ?identity.user_id);
-    let mut connection = Connection::open(io, ctx, conn, client_id, identity, permit);
+    let mut connection = Connection::open(io, ctx, conn, client_id, identity, permit, mode);
     async move {
         debug!("connected");
         let mut prebuffered = prebuffered.to_vec();
@@ -104,7 +149,7 @@ struct Connection<S> {
     io: S,
     reader: FrameReader,
     outbox: OutboxReceiver,
-    session: Session,
+    handler: Handler,
     state: State,
     ctx: Arc<server::Context>,
     _permit: Permit,
@@ -128,6 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         client_id: Arc<str>,
         identity: Identity,
         permit: Permit,
+        mode: Mode,
     ) -> Self {
         let config = &ctx.config;
         let (own_outbox, outbox) = outbox::outbox(
@@ -135,6 +181,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             config.slow_consumer,
             ctx.outbox_stats.clone(),
         );
+        let reader = FrameReader::new(config.max_frame_size, config.max_message_size);
+        if mode == Mode::Echo {
+            return Self {
+                io,
+                reader,
+                outbox,
+                handler: Handler::Echo(own_outbox),
+                state: State::Open,
+                ctx,
+                _permit: permit,
+            };
+        }
         own_outbox.push(protocol::welcome(
             &client_id,
             identity.user_id.as_deref(),
@@ -158,14 +216,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         Self {
             io,
-            reader: FrameReader::new(config.max_frame_size, config.max_message_size),
+            reader,
             outbox,
-            session: Session::new(
+            handler: Handler::Rooms(Session::new(
                 member,
                 ctx.router.clone(),
                 ctx.session_limits.clone(),
                 identity.rooms,
-            ),
+            )),
             state: State::Open,
             ctx,
             _permit: permit,
@@ -209,9 +267,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                             }
                             ReadEnd::Violation(error) => {
                                 debug!(%error, "protocol violation");
+                                // Replies to the frames before the bad one still go out first.
                                 self.start_closing(CloseRequest {
                                     code: Some(error.close_code()),
-                                    flush: false,
+                                    flush: true,
                                 });
                             }
                             ReadEnd::Gone => return Poll::Ready(()),
@@ -253,7 +312,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     if n == 0 {
                         return Poll::Ready(Some(ReadEnd::Gone));
                     }
-                    self.session.member().outbox.touch(self.ctx.clock.now());
+                    self.handler.outbox().touch(self.ctx.clock.now());
                     Poll::Ready(self.on_bytes(&mut scratch[..n]))
                 }
             }
@@ -262,12 +321,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Handles every frame `bytes` completes.
     fn on_bytes(&mut self, bytes: &mut [u8]) -> Option<ReadEnd> {
-        let session = &mut self.session;
+        let handler = &mut self.handler;
         let result = self.reader.feed(bytes, &mut |event| match event {
             // The seed (Ratchet) hands binary messages to the same handler as text.
-            Event::Message { payload, .. } => session.handle_message(payload),
+            Event::Message { binary, payload } => handler.on_message(binary, payload),
             Event::Ping(payload) => {
-                session.member().outbox.push(protocol::pong(payload));
+                handler.outbox().push(protocol::pong(payload));
             }
         });
         match result {
@@ -280,7 +339,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn start_closing(&mut self, request: CloseRequest) {
         // Leave rooms and the directory now: members learn at once, and nothing more is
         // queued for a connection that is going.
-        self.session.disconnect();
+        self.handler.disconnect();
         self.outbox
             .begin_close(request, protocol::close(request.code, ""));
         self.state = State::Closing {
@@ -294,7 +353,7 @@ impl<S> Drop for Connection<S> {
     fn drop(&mut self) {
         // Whatever ended the task (error, EOF, runtime shutdown, a panic), the connection
         // leaves its rooms and the directory. `disconnect` is idempotent.
-        self.session.disconnect();
+        self.handler.disconnect();
     }
 }
 
