@@ -33,6 +33,7 @@ pub mod protocol;
 pub mod server;
 pub mod shutdown;
 pub mod tls;
+pub mod web;
 pub mod ws;
 
 pub use config::Config;

@@ -29,6 +29,7 @@ use crate::hub::{LocalHub, Router};
 use crate::limits::SessionLimits;
 use crate::outbox::OutboxStats;
 use crate::tls;
+use crate::web;
 use crate::ws;
 use crate::ws::session::Mode;
 
@@ -278,10 +279,17 @@ where
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/") => text(
-            StatusCode::UPGRADE_REQUIRED,
-            "roomcast: connect with a WebSocket client\n",
-        ),
+        (&Method::GET, path) => match web::asset(path) {
+            Some((content_type, body)) => {
+                let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(content_type),
+                );
+                response
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

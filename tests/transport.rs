@@ -33,10 +33,14 @@ async fn healthz_answers_200_on_the_websocket_port() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_get_of_root_without_upgrade_is_refused_with_426() {
+async fn plain_get_of_root_without_upgrade_serves_the_demo_page() {
     let server = start_server().await;
     let response = http_get(&server, "/").await;
-    assert!(response.starts_with("HTTP/1.1 426"), "{response}");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("text/html"), "{response}");
+    let script = http_get(&server, "/roomcast.js").await;
+    assert!(script.starts_with("HTTP/1.1 200"), "{script}");
+    assert!(script.contains("text/javascript"), "{script}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
