@@ -3,7 +3,11 @@
 
 /// The embedded files: path, content type, body.
 const ASSETS: &[(&str, &str, &str)] = &[
-    ("/", "text/html; charset=utf-8", include_str!("web/index.html")),
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("web/index.html"),
+    ),
     (
         "/roomcast.js",
         "text/javascript; charset=utf-8",
