@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::outbox::SlowConsumerPolicy;
+use crate::telemetry::LogFormat;
 
 /// Every default, in one place.
 pub mod defaults {
@@ -20,6 +21,7 @@ pub mod defaults {
     pub const DRAIN_TIMEOUT: &str = "10s";
     pub const PING_INTERVAL: &str = "30s";
     pub const IDLE_TIMEOUT: &str = "70s";
+    pub const SHUTDOWN_DELAY: &str = "0s";
     pub const RATE_LIMIT: f64 = 100.0;
     pub const RATE_BURST: u32 = 200;
     pub const MAX_ROOMS_PER_CONNECTION: usize = 100;
@@ -31,6 +33,11 @@ pub mod defaults {
 /// the flag wins.
 #[derive(Args, Debug, Clone)]
 pub struct Config {
+    /// Log lines as `text` or `json` (one object per line, for log shippers). Levels come
+    /// from RUST_LOG (default `info`).
+    #[arg(long, env = "ROOMCAST_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
     /// Address to listen on (WebSocket on any path, plus `GET /healthz`).
     #[arg(long, env = "ROOMCAST_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
@@ -155,6 +162,11 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_IDLE_TIMEOUT", default_value = defaults::IDLE_TIMEOUT, value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
+    /// On SIGTERM, how long to keep serving with `/readyz` answering 503 before closing, so
+    /// load balancers take the node out first.
+    #[arg(long, env = "ROOMCAST_SHUTDOWN_DELAY", default_value = defaults::SHUTDOWN_DELAY, value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// How long closing may take: flushing queued frames and the close frame to a client, and
     /// on shutdown, all clients together.
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
@@ -173,6 +185,7 @@ impl Config {
     /// The defaults, listening on `listen`: what tests and embedders start from.
     pub fn with_listen(listen: SocketAddr) -> Self {
         Self {
+            log_format: LogFormat::Text,
             listen,
             workers: default_workers(),
             outbound_queue: defaults::OUTBOUND_QUEUE,
@@ -197,6 +210,7 @@ impl Config {
             handshake_timeout: duration(defaults::HANDSHAKE_TIMEOUT),
             drain_timeout: duration(defaults::DRAIN_TIMEOUT),
             ping_interval: duration(defaults::PING_INTERVAL),
+            shutdown_delay: duration(defaults::SHUTDOWN_DELAY),
             idle_timeout: duration(defaults::IDLE_TIMEOUT),
         }
     }

@@ -32,6 +32,7 @@ pub mod outbox;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;
+pub mod telemetry;
 pub mod tls;
 pub mod web;
 pub mod ws;

@@ -3,7 +3,6 @@
 use clap::{Parser, Subcommand};
 use roomcast::{Config, Server};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 // The allocator the design card chose; fan-out allocates one buffer per message from many
 // threads, which mimalloc's thread-local free lists serve well.
@@ -33,11 +32,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Serve(config)) => config,
         None => cli.serve,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    roomcast::telemetry::init(config.log_format);
     if let Err(error) = config.validate() {
         eprintln!("roomcast: {error}");
         return std::process::ExitCode::from(2);

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,7 +49,13 @@ pub struct Context {
     pub session_limits: Arc<SessionLimits>,
     pub router: Arc<dyn Router>,
     pub outbox_stats: Arc<OutboxStats>,
+    /// Cancelled by the owner to stop the server (SIGTERM). The server then turns unready and
+    /// keeps serving for `--shutdown-delay` before `closing`.
     pub shutdown: CancellationToken,
+    /// Cancelled when the server stops accepting and starts closing connections.
+    pub closing: CancellationToken,
+    /// What `/readyz` answers: false from the moment shutdown begins.
+    pub ready: AtomicBool,
     tasks: TaskTracker,
 }
 
@@ -108,7 +115,9 @@ impl Server {
             config,
             router: Arc::new(LocalHub::new()),
             outbox_stats: Arc::default(),
+            closing: CancellationToken::new(),
             shutdown,
+            ready: AtomicBool::new(true),
             tasks: TaskTracker::new(),
         });
         Ok(Self {
@@ -152,13 +161,25 @@ impl Server {
             },
             ctx.clock.clone(),
             ctx.router.clone(),
-            ctx.shutdown.clone(),
+            ctx.closing.clone(),
         ));
         let accept_loops = TaskTracker::new();
         for listener in listeners {
             accept_loops.spawn(accept_loop(listener, ctx.clone()));
         }
         accept_loops.close();
+
+        ctx.shutdown.cancelled().await;
+        ctx.ready.store(false, Ordering::Release);
+        let delay = ctx.config.shutdown_delay;
+        if !delay.is_zero() {
+            info!(
+                ?delay,
+                "shutdown requested: /readyz answers 503, still serving until the delay ends"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        ctx.closing.cancel();
         accept_loops.wait().await;
         let _ = heartbeat.await;
 
@@ -199,7 +220,7 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
     loop {
         let accepted = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
+            _ = ctx.closing.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -254,7 +275,7 @@ where
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        _ = ctx.shutdown.cancelled() => {
+        _ = ctx.closing.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -279,6 +300,13 @@ where
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if ctx.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            }
+        }
         (&Method::GET, path) => match web::asset(path) {
             Some((content_type, body)) => {
                 let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -333,7 +361,7 @@ where
                 let prebuffered = Bytes::copy_from_slice(&parts.read_buf);
                 drop(parts.read_buf);
                 let io = parts.io.into_inner();
-                ws::session::run(io, prebuffered, ctx, permit, identity, mode).await
+                ws::session::run(io, prebuffered, ctx, peer, permit, identity, mode).await
             }
             Err(_) => warn!("upgraded connection is not the stream we served"),
         }

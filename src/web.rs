@@ -13,6 +13,16 @@ const ASSETS: &[(&str, &str, &str)] = &[
         "text/javascript; charset=utf-8",
         include_str!("web/roomcast.js"),
     ),
+    (
+        "/app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("web/app.js"),
+    ),
+    (
+        "/style.css",
+        "text/css; charset=utf-8",
+        include_str!("web/style.css"),
+    ),
 ];
 
 /// The embedded file at `path`, with its content type.

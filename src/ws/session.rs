@@ -21,15 +21,17 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
-use tracing::{debug, debug_span, Instrument};
+use tracing::{debug, debug_span, info, Instrument};
 
 use super::commands::Session;
 use super::frame::{Event, FrameError, FrameReader, PeerClose};
@@ -109,6 +111,7 @@ pub async fn run<S>(
     io: S,
     prebuffered: Bytes,
     ctx: Arc<server::Context>,
+    peer: SocketAddr,
     permit: Permit,
     identity: Identity,
     mode: Mode,
@@ -119,20 +122,67 @@ pub async fn run<S>(
     let client_id = new_client_id();
     // A debug span: at the default `info` level it is disabled and costs nothing per idle
     // connection; with RUST_LOG=roomcast=debug every line of a connection carries its id.
-    let span = debug_span!("conn", id = %client_id, user = ?identity.user_id);
-    let mut connection = Connection::open(io, ctx, conn, client_id, identity, permit, mode);
+    let span = debug_span!("conn", id = %client_id);
+    info!(client_id = %client_id, %peer, user_id = ?identity.user_id, ?mode, "connection opened");
+    let opened = Instant::now();
+    let mut connection = Connection::open(io, ctx, conn, client_id.clone(), identity, permit, mode);
     async move {
-        debug!("connected");
         let mut prebuffered = prebuffered.to_vec();
         if !prebuffered.is_empty() {
-            connection.on_bytes(&mut prebuffered);
+            if let Some(end) = connection.on_bytes(&mut prebuffered) {
+                connection.end_reading(end);
+            }
         }
         drop(prebuffered);
         std::future::poll_fn(|cx| connection.poll(cx)).await;
-        debug!("disconnected");
+        info!(
+            client_id = %client_id,
+            %peer,
+            reason = %connection.ended_by,
+            duration_ms = opened.elapsed().as_millis() as u64,
+            "connection closed"
+        );
     }
     .instrument(span)
     .await
+}
+
+/// Why a connection ended, for its closing log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndedBy {
+    /// Still open (never logged).
+    Open,
+    /// The client sent a close frame with this code.
+    Peer(Option<u16>),
+    /// The client broke RFC 6455 or a limit.
+    Violation(FrameError),
+    /// Someone asked the connection to close with this code (shutdown, slow consumer,
+    /// heartbeat, rate limit).
+    Request(Option<u16>),
+    /// The TCP connection ended or failed without a close handshake.
+    Lost,
+}
+
+impl std::fmt::Display for EndedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndedBy::Open => f.write_str("open"),
+            EndedBy::Peer(code) => write!(f, "client closed ({})", code.unwrap_or(1005)),
+            EndedBy::Violation(error) => write!(f, "{error} ({})", error.close_code()),
+            EndedBy::Request(code) => {
+                let why = match code.unwrap_or(0) {
+                    close_code::GOING_AWAY => "server shutting down",
+                    close_code::TRY_AGAIN_LATER => "slow consumer",
+                    close_code::POLICY_VIOLATION => "rate limit flood",
+                    close_code::IDLE_TIMEOUT => "idle timeout",
+                    close_code::TOKEN_EXPIRED => "token expired",
+                    _ => "closed by the server",
+                };
+                write!(f, "{why} ({})", code.unwrap_or(1005))
+            }
+            EndedBy::Lost => f.write_str("connection lost"),
+        }
+    }
 }
 
 enum State {
@@ -151,6 +201,7 @@ struct Connection<S> {
     outbox: OutboxReceiver,
     handler: Handler,
     state: State,
+    ended_by: EndedBy,
     ctx: Arc<server::Context>,
     _permit: Permit,
 }
@@ -189,6 +240,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 outbox,
                 handler: Handler::Echo(own_outbox),
                 state: State::Open,
+                ended_by: EndedBy::Open,
                 ctx,
                 _permit: permit,
             };
@@ -211,7 +263,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         ctx.router.connect(&member);
         // A shutdown that began while this client was upgrading has not seen it in the
         // directory: close it here.
-        if ctx.shutdown.is_cancelled() {
+        if ctx.closing.is_cancelled() {
             member.outbox.request_close(going_away());
         }
         Self {
@@ -225,6 +277,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 identity.rooms,
             )),
             state: State::Open,
+            ended_by: EndedBy::Open,
             ctx,
             _permit: permit,
         }
@@ -236,12 +289,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             match &mut self.state {
                 State::Open => {
                     if let Some(request) = self.outbox.poll_close_request(cx) {
+                        self.ended_by = EndedBy::Request(request.code);
                         self.start_closing(request);
                         continue;
                     }
                     match self.outbox.poll_flush(cx, &mut self.io) {
                         Poll::Ready(Err(error)) => {
                             debug!(%error, "write failed");
+                            self.ended_by = EndedBy::Lost;
                             return Poll::Ready(());
                         }
                         // Impossible while the session holds its own outbox; harmless anyway.
@@ -257,24 +312,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         Poll::Pending => return Poll::Pending,
                         // Frames were handled: flush the replies they queued, read on.
                         Poll::Ready(None) => continue,
-                        Poll::Ready(Some(end)) => match end {
-                            ReadEnd::PeerClosed(close) => {
-                                debug!(code = ?close.code, "peer closed");
-                                self.start_closing(CloseRequest {
-                                    code: close.code,
-                                    flush: true,
-                                });
+                        Poll::Ready(Some(end)) => {
+                            if !self.end_reading(end) {
+                                return Poll::Ready(());
                             }
-                            ReadEnd::Violation(error) => {
-                                debug!(%error, "protocol violation");
-                                // Replies to the frames before the bad one still go out first.
-                                self.start_closing(CloseRequest {
-                                    code: Some(error.close_code()),
-                                    flush: true,
-                                });
-                            }
-                            ReadEnd::Gone => return Poll::Ready(()),
-                        },
+                        }
                     }
                 }
                 State::Closing { deadline, finished } => {
@@ -291,6 +333,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                     return poll_until_peer_closes(cx, &mut self.io, &mut self.reader);
                 }
+            }
+        }
+    }
+
+    /// Acts on why reading stopped: starts the close handshake, or returns false when the
+    /// transport is gone and the task should end.
+    fn end_reading(&mut self, end: ReadEnd) -> bool {
+        match end {
+            ReadEnd::PeerClosed(close) => {
+                self.ended_by = EndedBy::Peer(close.code);
+                self.start_closing(CloseRequest {
+                    code: close.code,
+                    flush: true,
+                });
+                true
+            }
+            ReadEnd::Violation(error) => {
+                self.ended_by = EndedBy::Violation(error);
+                // Replies to the frames before the bad one still go out first.
+                self.start_closing(CloseRequest {
+                    code: Some(error.close_code()),
+                    flush: true,
+                });
+                true
+            }
+            ReadEnd::Gone => {
+                self.ended_by = EndedBy::Lost;
+                false
             }
         }
     }
