@@ -28,6 +28,7 @@ pub mod config;
 pub mod heartbeat;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod server;

@@ -46,6 +46,8 @@ pub struct OutboxStats {
     pub dropped: AtomicU64,
     /// Connections closed under [`SlowConsumerPolicy::Close`].
     pub closed_slow: AtomicU64,
+    /// Frames written to sockets completely; added once per write syscall.
+    pub frames_written: AtomicU64,
 }
 
 /// Frames handed to one `writev` call: enough to amortise the syscall, few enough for a stack
@@ -216,6 +218,11 @@ impl Outbox {
         first
     }
 
+    /// Frames waiting in the queue (not counting those the writer has taken out).
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Records that the peer was heard from at `now` (the heartbeat's coarse clock).
     #[inline]
     pub fn touch(&self, now: u32) {
@@ -294,7 +301,7 @@ impl OutboxReceiver {
         // Frames the socket refused last time go first.
         while !self.unsent.is_empty() {
             match poll_write_some(cx, io, &self.unsent) {
-                Poll::Ready(Ok(n)) => self.front_partial = advance(&mut self.unsent, n),
+                Poll::Ready(Ok(n)) => self.wrote(n, None),
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -344,12 +351,25 @@ impl OutboxReceiver {
         }
         while !batch.is_empty() {
             match poll_write_some(cx, io, batch) {
-                Poll::Ready(Ok(n)) => self.front_partial = advance(batch, n),
+                Poll::Ready(Ok(n)) => self.wrote(n, Some(batch)),
                 Poll::Ready(Err(error)) => return BatchOutcome::Failed(error),
                 Poll::Pending => return BatchOutcome::SocketFull,
             }
         }
         BatchOutcome::Written
+    }
+
+    /// Accounts for `n` bytes written from `batch` (or from `unsent` when `None`).
+    fn wrote(&mut self, n: usize, batch: Option<&mut VecDeque<Bytes>>) {
+        let frames = batch.unwrap_or(&mut self.unsent);
+        let (partial, completed) = advance(frames, n);
+        self.front_partial = partial;
+        if completed > 0 {
+            self.shared
+                .stats
+                .frames_written
+                .fetch_add(completed, Ordering::Relaxed);
+        }
     }
 
     /// Starts the closing phase: stops the queue, keeps what must still be written (everything
@@ -376,7 +396,7 @@ impl OutboxReceiver {
     ) -> Poll<std::io::Result<()>> {
         while !self.unsent.is_empty() {
             match poll_write_some(cx, io, &self.unsent) {
-                Poll::Ready(Ok(n)) => self.front_partial = advance(&mut self.unsent, n),
+                Poll::Ready(Ok(n)) => self.wrote(n, None),
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -416,18 +436,20 @@ fn poll_write_some<W: AsyncWrite + Unpin>(
 }
 
 /// Drops the frames `written` bytes completed and advances into a partly written one; returns
-/// whether the new front frame is partly written.
-fn advance(pending: &mut VecDeque<Bytes>, mut written: usize) -> bool {
+/// whether the new front frame is partly written, and how many frames were completed.
+fn advance(pending: &mut VecDeque<Bytes>, mut written: usize) -> (bool, u64) {
+    let mut completed = 0;
     while let Some(front) = pending.front_mut() {
         if written >= front.len() {
             written -= front.len();
             pending.pop_front();
+            completed += 1;
         } else {
             front.advance(written);
-            return written > 0;
+            return (written > 0, completed);
         }
     }
-    false
+    (false, completed)
 }
 
 #[cfg(test)]
@@ -441,11 +463,11 @@ mod tests {
     #[test]
     fn advance_drops_whole_frames_and_splits_a_partial_one() {
         let mut pending = frames(&[b"abc", b"de", b"fgh"]);
-        assert!(advance(&mut pending, 4));
+        assert_eq!(advance(&mut pending, 4), (true, 1));
         assert_eq!(pending, frames(&[b"e", b"fgh"]));
-        assert!(!advance(&mut pending, 1));
+        assert_eq!(advance(&mut pending, 1), (false, 1));
         assert_eq!(pending, frames(&[b"fgh"]));
-        assert!(!advance(&mut pending, 3));
+        assert_eq!(advance(&mut pending, 3), (false, 1));
         assert!(pending.is_empty());
     }
 
@@ -531,7 +553,7 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let _ = poll_write_some(&mut cx, &mut io, &frames(&[]));
         rx.unsent = frames(&[b"0123456789", b"abcdefghij"]);
-        rx.front_partial = advance(&mut rx.unsent, 4);
+        rx.front_partial = advance(&mut rx.unsent, 4).0;
         rx.begin_close(
             CloseRequest {
                 code: Some(1013),

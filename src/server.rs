@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::heartbeat::{self, CoarseClock, Heartbeat};
 use crate::hub::{LocalHub, Router};
 use crate::limits::SessionLimits;
+use crate::metrics::Metrics;
 use crate::outbox::OutboxStats;
 use crate::tls;
 use crate::web;
@@ -41,6 +42,7 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// What every connection task shares.
 pub struct Context {
     pub config: Config,
+    pub metrics: Arc<Metrics>,
     /// Set when serving wss://.
     pub tls: Option<TlsAcceptor>,
     /// The heartbeat's clock: when each connection was last heard from.
@@ -108,6 +110,7 @@ impl Server {
             _ => None,
         };
         let ctx = Arc::new(Context {
+            metrics: Metrics::new(),
             tls,
             clock: Arc::default(),
             admission: Arc::new(admission),
@@ -252,8 +255,14 @@ async fn serve_tls(acceptor: TlsAcceptor, stream: TcpStream, peer: SocketAddr, c
     let handshake = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(stream));
     match handshake.await {
         Ok(Ok(tls_stream)) => serve_http(tls_stream, peer, ctx).await,
-        Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
-        Err(_) => debug!(%peer, "TLS handshake timed out"),
+        Ok(Err(error)) => {
+            ctx.metrics.handshake_failures.increment(1);
+            debug!(%peer, %error, "TLS handshake failed");
+        }
+        Err(_) => {
+            ctx.metrics.handshake_failures.increment(1);
+            debug!(%peer, "TLS handshake timed out");
+        }
     }
 }
 
@@ -300,6 +309,19 @@ where
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/metrics") => {
+            let body = ctx.metrics.render(
+                ctx.admission.open_connections(),
+                &*ctx.router,
+                &ctx.outbox_stats,
+            );
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
         (&Method::GET, "/readyz") => {
             if ctx.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
@@ -334,6 +356,7 @@ where
     let (permit, identity) = match ctx.admission.admit(request.uri(), request.headers(), peer) {
         Ok(admitted) => admitted,
         Err(refusal) => {
+            ctx.metrics.refused(&refusal);
             debug!(%peer, %refusal, "upgrade refused");
             return text(refusal.status(), &format!("{refusal}\n"));
         }
@@ -341,17 +364,22 @@ where
     let (response, upgrading) = match fastwebsockets::upgrade::upgrade(request) {
         Ok(pair) => pair,
         Err(error) => {
+            ctx.metrics.handshake_failures.increment(1);
             return text(
                 StatusCode::BAD_REQUEST,
                 &format!("bad upgrade request: {error}\n"),
             );
         }
     };
+    ctx.metrics.connections_accepted.increment(1);
     let tasks = ctx.tasks.clone();
     tasks.spawn(async move {
         let upgraded = match upgrading.await {
             Ok(websocket) => websocket.into_inner().into_inner(),
-            Err(error) => return debug!(%error, "upgrade failed"),
+            Err(error) => {
+                ctx.metrics.handshake_failures.increment(1);
+                return debug!(%error, "upgrade failed");
+            }
         };
         // We served hyper a `TokioIo<S>`, so that is what comes back. Bytes read past the
         // request (rare) are copied out: `read_buf` points into hyper's whole read buffer,

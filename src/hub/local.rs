@@ -53,13 +53,17 @@ impl Members {
         true
     }
 
-    /// Pushes `frame` to every member but `except`: the fan-out inner loop.
-    fn deliver(&self, frame: &Bytes, except: ConnId) {
+    /// Pushes `frame` to every member but `except`: the fan-out inner loop. Returns how many
+    /// members it was handed to.
+    fn deliver(&self, frame: &Bytes, except: ConnId) -> usize {
+        let mut delivered = 0;
         for member in &self.list {
             if member.conn != except {
                 member.outbox.push(frame.clone());
+                delivered += 1;
             }
         }
+        delivered
     }
 }
 
@@ -148,23 +152,20 @@ impl Router for LocalHub {
         }
     }
 
-    fn leave(&self, room_name: &str, member: &Member) -> bool {
-        let Some(room) = self.room(room_name) else {
-            return false;
-        };
+    fn leave(&self, room_name: &str, member: &Member) -> Option<usize> {
+        let room = self.room(room_name)?;
         let mut members = room.write();
         if !members.remove(member.conn) {
-            return false;
+            return None;
         }
         if members.list.is_empty() {
             members.closed = true;
             self.rooms
                 .remove_if(room_name, |_, current| Arc::ptr_eq(current, &room));
-        } else {
-            let frame = protocol::member_left(room_name, &member.client_id, members.list.len());
-            members.deliver(&frame, member.conn);
+            return Some(0);
         }
-        true
+        let frame = protocol::member_left(room_name, &member.client_id, members.list.len());
+        Some(members.deliver(&frame, member.conn))
     }
 
     fn room_message(
@@ -172,34 +173,36 @@ impl Router for LocalHub {
         room_name: &str,
         sender: &Member,
         frame: Bytes,
-    ) -> Result<(), RoomMessageError> {
+    ) -> Result<usize, RoomMessageError> {
         let room = self.room(room_name).ok_or(RoomMessageError::NoSuchRoom)?;
         let members = room.read();
         if !members.contains(sender.conn) {
             return Err(RoomMessageError::NotAMember);
         }
-        members.deliver(&frame, sender.conn);
-        Ok(())
+        Ok(members.deliver(&frame, sender.conn))
     }
 
-    fn broadcast(&self, sender: &Member, frame: Bytes) {
+    fn broadcast(&self, sender: &Member, frame: Bytes) -> usize {
+        let mut delivered = 0;
         for client in self.clients.iter() {
             if client.conn != sender.conn {
                 client.outbox.push(frame.clone());
+                delivered += 1;
             }
         }
+        delivered
     }
 
-    fn private_message(&self, to: &str, frame: Bytes) -> Result<(), RecipientNotFound> {
+    fn private_message(&self, to: &str, frame: Bytes) -> Result<usize, RecipientNotFound> {
         if let Some(recipient) = self.clients.get(to) {
             recipient.outbox.push(frame);
-            return Ok(());
+            return Ok(1);
         }
         let connections = self.users.get(to).ok_or(RecipientNotFound)?;
         for connection in connections.iter() {
             connection.outbox.push(frame.clone());
         }
-        Ok(())
+        Ok(connections.len())
     }
 
     fn room_size(&self, room_name: &str) -> usize {
@@ -286,8 +289,8 @@ mod tests {
         let (a, _ra) = member(1, 16);
         assert_eq!(hub.join("r", &a), Joined::Added { members: 1 });
         assert_eq!(hub.join("r", &a), Joined::AlreadyMember);
-        assert!(hub.leave("r", &a));
-        assert!(!hub.leave("r", &a));
+        assert_eq!(hub.leave("r", &a), Some(0));
+        assert_eq!(hub.leave("r", &a), None);
         assert_eq!(hub.counts().0, 0);
         assert_eq!(hub.join("r", &a), Joined::Added { members: 1 });
     }
@@ -300,12 +303,12 @@ mod tests {
             hub.join("r", m);
         }
         for i in [0, 5, 9, 3] {
-            assert!(hub.leave("r", &members[i].0));
+            assert!(hub.leave("r", &members[i].0).is_some());
         }
         assert_eq!(hub.room_size("r"), 6);
         for i in [1, 2, 4, 6, 7, 8] {
             assert_eq!(hub.join("r", &members[i].0), Joined::AlreadyMember);
-            assert!(hub.leave("r", &members[i].0));
+            assert!(hub.leave("r", &members[i].0).is_some());
         }
         assert_eq!(hub.counts().0, 0);
     }

@@ -70,23 +70,24 @@ pub trait Router: Send + Sync + 'static {
     fn join(&self, room: &str, member: &Member) -> Joined;
 
     /// Removes `member` from `room`; the remaining members receive `member_left`, and an empty
-    /// room is deleted. Returns false (and does nothing) if it was not a member.
-    fn leave(&self, room: &str, member: &Member) -> bool;
+    /// room is deleted. Returns how many were told, or `None` (having done nothing) if it was
+    /// not a member.
+    fn leave(&self, room: &str, member: &Member) -> Option<usize>;
 
-    /// Delivers `frame` to every member of `room` except `sender`.
+    /// Delivers `frame` to every member of `room` except `sender`; returns how many.
     fn room_message(
         &self,
         room: &str,
         sender: &Member,
         frame: Bytes,
-    ) -> Result<(), RoomMessageError>;
+    ) -> Result<usize, RoomMessageError>;
 
-    /// Delivers `frame` to every connected client except `sender`.
-    fn broadcast(&self, sender: &Member, frame: Bytes);
+    /// Delivers `frame` to every connected client except `sender`; returns how many.
+    fn broadcast(&self, sender: &Member, frame: Bytes) -> usize;
 
     /// Delivers `frame` to the client whose id is `to`, or else to every connection of the
     /// user whose id is `to`.
-    fn private_message(&self, to: &str, frame: Bytes) -> Result<(), RecipientNotFound>;
+    fn private_message(&self, to: &str, frame: Bytes) -> Result<usize, RecipientNotFound>;
 
     /// Number of members of `room` (0 when it does not exist).
     fn room_size(&self, room: &str) -> usize;

@@ -8,8 +8,12 @@ use std::time::Instant;
 use crate::admission::RoomPolicy;
 use crate::hub::{Joined, Member, Router};
 use crate::limits::{self, Rate, SessionLimits, TokenBucket};
+use crate::metrics::Metrics;
 use crate::outbox::CloseRequest;
 use crate::protocol::{self, close_code, Body, Command, DecodeError};
+
+/// `metrics::MESSAGE_TYPES` index of messages that did not decode.
+const INVALID: usize = 6;
 
 /// The protocol state of one connection: who it is, which rooms it is in, its metadata, its
 /// rate limit. Owned by the connection's task, so none of it needs a lock.
@@ -17,9 +21,12 @@ pub struct Session {
     member: Member,
     router: Arc<dyn Router>,
     limits: Arc<SessionLimits>,
+    metrics: Arc<Metrics>,
     bucket: Option<TokenBucket>,
-    /// The rooms the token allows (auth only); `None` allows every room.
-    allowed_rooms: Option<RoomPolicy>,
+    /// The rooms the token allows (auth only); `None` allows every room. Boxed: only tokens
+    /// with a `rooms` claim have one, and every connection pays for the field (see the size
+    /// guard in `ws::session`).
+    allowed_rooms: Option<Box<RoomPolicy>>,
     rooms: HashSet<Arc<str>>,
     metadata: serde_json::Map<String, serde_json::Value>,
     /// Set once the session asked its connection to close: later messages are ignored.
@@ -31,6 +38,7 @@ impl Session {
         member: Member,
         router: Arc<dyn Router>,
         limits: Arc<SessionLimits>,
+        metrics: Arc<Metrics>,
         allowed_rooms: Option<RoomPolicy>,
     ) -> Self {
         let bucket = limits
@@ -40,8 +48,9 @@ impl Session {
             member,
             router,
             limits,
+            metrics,
             bucket,
-            allowed_rooms,
+            allowed_rooms: allowed_rooms.map(Box::new),
             rooms: HashSet::new(),
             metadata: serde_json::Map::new(),
             closing: false,
@@ -60,13 +69,27 @@ impl Session {
         match protocol::decode(payload) {
             Ok(command) => self.dispatch(command),
             Err(DecodeError::UnknownType(kind)) => {
+                self.metrics.message_in(INVALID);
                 self.reply_error(&format!("{}{kind}", protocol::errors::UNKNOWN_TYPE_PREFIX));
             }
-            Err(error) => self.reply_error(&error.to_string()),
+            Err(error) => {
+                self.metrics.message_in(INVALID);
+                self.reply_error(&error.to_string());
+            }
         }
     }
 
     fn dispatch(&mut self, command: Command<'_>) {
+        // The index into metrics::MESSAGE_TYPES.
+        let kind = match &command {
+            Command::Broadcast { .. } => 0,
+            Command::JoinRoom { .. } => 1,
+            Command::LeaveRoom { .. } => 2,
+            Command::RoomMessage { .. } => 3,
+            Command::PrivateMessage { .. } => 4,
+            Command::SetMetadata { .. } => 5,
+        };
+        self.metrics.message_in(kind);
         match command {
             Command::Broadcast { message } => self.broadcast(&message),
             Command::JoinRoom { room } => self.join_room(&room),
@@ -109,8 +132,10 @@ impl Session {
 
     /// Every other connected client gets it; the sender gets nothing.
     fn broadcast(&self, message: &Body<'_>) {
+        let started = Instant::now();
         let frame = protocol::broadcast(&self.member.client_id, message, protocol::timestamp());
-        self.router.broadcast(&self.member, frame);
+        let delivered = self.router.broadcast(&self.member, frame);
+        self.metrics.fanout(delivered, started.elapsed());
     }
 
     fn join_room(&mut self, room: &str) {
@@ -131,23 +156,28 @@ impl Session {
         if self.rooms.len() >= self.limits.max_rooms {
             return self.reply_error(limits::errors::TOO_MANY_ROOMS);
         }
-        if let Joined::Added { .. } = self.router.join(room, &self.member) {
+        if let Joined::Added { members } = self.router.join(room, &self.member) {
             self.rooms.insert(Arc::from(room));
+            // room_joined to the joiner, member_joined to the others.
+            self.metrics.fanout_deliveries.increment(members as u64);
         }
     }
 
     /// Not a member, or no such room: nothing happens and nothing is sent.
     fn leave_room(&mut self, room: &str) {
-        if self.router.leave(room, &self.member) {
+        if let Some(told) = self.router.leave(room, &self.member) {
             self.rooms.remove(room);
+            self.metrics.fanout_deliveries.increment(told as u64);
         }
     }
 
     fn room_message(&self, room: &str, message: &Body<'_>) {
+        let started = Instant::now();
         let frame =
             protocol::room_message(room, &self.member.client_id, message, protocol::timestamp());
-        if let Err(refusal) = self.router.room_message(room, &self.member, frame) {
-            self.reply_error(&refusal.to_string());
+        match self.router.room_message(room, &self.member, frame) {
+            Ok(delivered) => self.metrics.fanout(delivered, started.elapsed()),
+            Err(refusal) => self.reply_error(&refusal.to_string()),
         }
     }
 
@@ -155,8 +185,9 @@ impl Session {
     fn private_message(&self, to: &str, message: &Body<'_>) {
         let frame =
             protocol::private_message(&self.member.client_id, message, protocol::timestamp());
-        if let Err(refusal) = self.router.private_message(to, frame) {
-            self.reply_error(&refusal.to_string());
+        match self.router.private_message(to, frame) {
+            Ok(delivered) => self.metrics.fanout_deliveries.increment(delivered as u64),
+            Err(refusal) => self.reply_error(&refusal.to_string()),
         }
     }
 
@@ -179,7 +210,9 @@ impl Session {
     /// once when the connection ends, for whatever reason.
     pub fn disconnect(&mut self) {
         for room in self.rooms.drain() {
-            self.router.leave(&room, &self.member);
+            if let Some(told) = self.router.leave(&room, &self.member) {
+                self.metrics.fanout_deliveries.increment(told as u64);
+            }
         }
         self.router.disconnect(&self.member);
     }

@@ -274,6 +274,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 member,
                 ctx.router.clone(),
                 ctx.session_limits.clone(),
+                ctx.metrics.clone(),
                 identity.rooms,
             )),
             state: State::Open,

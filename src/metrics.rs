@@ -1,0 +1,191 @@
+//! `GET /metrics` in the Prometheus text format.
+//!
+//! What costs what: counters and the fan-out histogram are handles registered once at start-up
+//! in a recorder owned by the server (not a process-global one, so several servers in one
+//! process, as in the tests, keep apart). Touching one is an atomic add, once per message or
+//! per write syscall, never per recipient. Gauges (open connections, rooms, queued frames) and
+//! the outbox counters are read from the live state when `/metrics` is scraped, so the hot
+//! path pays nothing for them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::admission::Refusal;
+use crate::hub::Router;
+use crate::outbox::OutboxStats;
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// Message types counted in `roomcast_messages_in_total{type}`; the last is everything that
+/// did not decode.
+pub const MESSAGE_TYPES: [&str; 7] = [
+    "broadcast",
+    "join_room",
+    "leave_room",
+    "room_message",
+    "private_message",
+    "set_metadata",
+    "invalid",
+];
+
+/// Every metric of a server.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    pub connections_accepted: Counter,
+    refused: [Counter; 4],
+    pub handshake_failures: Counter,
+    messages_in: [Counter; MESSAGE_TYPES.len()],
+    pub fanout_deliveries: Counter,
+    pub fanout_seconds: Histogram,
+    connections_open: Gauge,
+    rooms: Gauge,
+    clients: Gauge,
+    outbound_queue_frames: Gauge,
+    frames_out: Counter,
+    slow_consumers_closed: Counter,
+    frames_dropped: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("roomcast_fanout_seconds".into()),
+                &[
+                    0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5,
+                ],
+            )
+            .expect("buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let counter = |name: &'static str, help: &'static str| {
+            recorder.describe_counter(name.into(), None, help.into());
+            recorder.register_counter(&Key::from_static_name(name), &METADATA)
+        };
+        let labelled = |name: &'static str, label: &'static str, value: &'static str| {
+            let key = Key::from_parts(name, vec![Label::from_static_parts(label, value)]);
+            recorder.register_counter(&key, &METADATA)
+        };
+        let gauge = |name: &'static str, help: &'static str| {
+            recorder.describe_gauge(name.into(), None, help.into());
+            recorder.register_gauge(&Key::from_static_name(name), &METADATA)
+        };
+        recorder.describe_counter(
+            "roomcast_connections_refused_total".into(),
+            None,
+            "Upgrades refused before the handshake, by reason.".into(),
+        );
+        recorder.describe_counter(
+            "roomcast_messages_in_total".into(),
+            None,
+            "Client messages received, by type (`invalid`: did not decode).".into(),
+        );
+        recorder.describe_histogram(
+            "roomcast_fanout_seconds".into(),
+            None,
+            "Time to hand one broadcast or room message to every recipient's queue.".into(),
+        );
+        let refused = [
+            "too_many_from_address",
+            "server_full",
+            "origin",
+            "unauthorized",
+        ]
+        .map(|reason| labelled("roomcast_connections_refused_total", "reason", reason));
+        let messages_in =
+            MESSAGE_TYPES.map(|kind| labelled("roomcast_messages_in_total", "type", kind));
+        let fanout_seconds = recorder
+            .register_histogram(&Key::from_static_name("roomcast_fanout_seconds"), &METADATA);
+        Arc::new(Self {
+            connections_accepted: counter(
+                "roomcast_connections_accepted_total",
+                "WebSocket upgrades accepted.",
+            ),
+            handshake_failures: counter(
+                "roomcast_handshake_failures_total",
+                "Upgrade requests that were malformed or failed, and failed TLS handshakes.",
+            ),
+            fanout_deliveries: counter(
+                "roomcast_fanout_deliveries_total",
+                "Frames handed to recipients' queues by fan-outs (broadcasts, room and private \
+                 messages, membership notices).",
+            ),
+            connections_open: gauge("roomcast_connections_open", "Open WebSocket connections."),
+            rooms: gauge("roomcast_rooms", "Rooms with at least one member."),
+            clients: gauge("roomcast_clients", "Clients in the directory."),
+            outbound_queue_frames: gauge(
+                "roomcast_outbound_queue_frames",
+                "Frames waiting in all connections' outbound queues.",
+            ),
+            frames_out: counter(
+                "roomcast_frames_out_total",
+                "Frames written to sockets completely.",
+            ),
+            slow_consumers_closed: counter(
+                "roomcast_slow_consumers_closed_total",
+                "Connections closed with 1013 because their outbound queue was full.",
+            ),
+            frames_dropped: counter(
+                "roomcast_frames_dropped_total",
+                "Frames dropped for full outbound queues (--slow-consumer drop).",
+            ),
+            refused,
+            messages_in,
+            fanout_seconds,
+            handle,
+            recorder,
+        })
+    }
+
+    /// Counts a refused upgrade.
+    pub fn refused(&self, refusal: &Refusal) {
+        let index = match refusal {
+            Refusal::TooManyFromAddress => 0,
+            Refusal::ServerFull => 1,
+            Refusal::OriginNotAllowed => 2,
+            Refusal::Unauthorized(_) => 3,
+        };
+        self.refused[index].increment(1);
+    }
+
+    /// Counts a client message of `kind` (one of [`MESSAGE_TYPES`]).
+    #[inline]
+    pub fn message_in(&self, kind: usize) {
+        self.messages_in[kind].increment(1);
+    }
+
+    /// Counts one fan-out of `deliveries` frames that took `elapsed`.
+    #[inline]
+    pub fn fanout(&self, deliveries: usize, elapsed: Duration) {
+        self.fanout_deliveries.increment(deliveries as u64);
+        self.fanout_seconds.record(elapsed.as_secs_f64());
+    }
+
+    /// The exposition text, with the gauges read from the live state first.
+    pub fn render(&self, open: usize, router: &dyn Router, outbox: &OutboxStats) -> String {
+        let (rooms, clients) = router.counts();
+        let mut queued = 0usize;
+        router.for_each_connection(&mut |member| queued += member.outbox.queued());
+        self.connections_open.set(open as f64);
+        self.rooms.set(rooms as f64);
+        self.clients.set(clients as f64);
+        self.outbound_queue_frames.set(queued as f64);
+        let load = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        self.frames_out.absolute(load(&outbox.frames_written));
+        self.slow_consumers_closed
+            .absolute(load(&outbox.closed_slow));
+        self.frames_dropped.absolute(load(&outbox.dropped));
+        // Keep the recorder alive with the handles it backs.
+        let _ = &self.recorder;
+        self.handle.render()
+    }
+}

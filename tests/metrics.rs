@@ -1,0 +1,106 @@
+//! `GET /metrics`: every documented metric is present, and moves with traffic.
+
+mod common;
+
+use common::{connect_with, start_server, start_server_with, Client};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample whose name and labels start the line with `series`.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_present_and_move_with_traffic() {
+    let server = start_server().await;
+    let before = scrape(server.addr).await;
+    for name in [
+        "roomcast_connections_open",
+        "roomcast_connections_accepted_total",
+        "roomcast_rooms",
+        "roomcast_clients",
+        "roomcast_outbound_queue_frames",
+        "roomcast_frames_out_total",
+        "roomcast_fanout_deliveries_total",
+        "roomcast_slow_consumers_closed_total",
+        "roomcast_frames_dropped_total",
+        "roomcast_handshake_failures_total",
+    ] {
+        assert!(
+            before.contains(&format!("# TYPE {name} ")),
+            "{name} missing"
+        );
+    }
+    assert_eq!(value(&before, "roomcast_connections_open"), 0.0);
+
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    a.join("m").await;
+    b.join("m").await;
+    a.recv().await;
+    a.send(json!({"type": "room_message", "room": "m", "message": "x"}))
+        .await;
+    b.recv().await;
+    a.send_text("not json").await;
+    a.recv().await;
+
+    let after = scrape(server.addr).await;
+    assert_eq!(value(&after, "roomcast_connections_open"), 2.0);
+    assert_eq!(value(&after, "roomcast_connections_accepted_total"), 2.0);
+    assert_eq!(value(&after, "roomcast_rooms"), 1.0);
+    assert_eq!(
+        value(&after, r#"roomcast_messages_in_total{type="room_message"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(&after, r#"roomcast_messages_in_total{type="join_room"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(&after, r#"roomcast_messages_in_total{type="invalid"}"#),
+        1.0
+    );
+    // room_joined x2, member_joined x1, the room message x1.
+    assert_eq!(value(&after, "roomcast_fanout_deliveries_total"), 4.0);
+    assert!(value(&after, "roomcast_frames_out_total") >= 7.0, "{after}");
+    assert_eq!(value(&after, "roomcast_fanout_seconds_count"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upgrades_are_counted_by_reason() {
+    let server = start_server_with(|config| {
+        config.allowed_origins = Some(vec!["https://ok.example".into()]);
+    })
+    .await;
+    assert_eq!(
+        connect_with(&server, "/", &[("origin", "https://evil.example")])
+            .await
+            .err(),
+        Some(403)
+    );
+    let text = scrape(server.addr).await;
+    assert_eq!(
+        value(
+            &text,
+            r#"roomcast_connections_refused_total{reason="origin"}"#
+        ),
+        1.0
+    );
+}
