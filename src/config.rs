@@ -1,12 +1,20 @@
-//! The server's configuration: one struct, every option a flag with an environment twin.
+//! The server's configuration: one struct, every option a flag with an environment twin and a
+//! key of the `--config` TOML file.
 //!
+//! Precedence: flag > `ROOMCAST_*` environment variable > file > default. The file layer is
+//! applied by [`with_file_args`], which turns the file's keys into flags placed before the real
+//! ones (the command line lets a later flag override an earlier one), leaving out keys whose
+//! environment variable is set. So one parser checks every value, whatever its source.
 //! Defaults live in the `defaults` module, used both by the command line and by
 //! [`Config::with_listen`], so the two can never disagree.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, CommandFactory};
+use serde::{Serialize, Serializer};
 
 use crate::outbox::SlowConsumerPolicy;
 use crate::telemetry::LogFormat;
@@ -31,8 +39,15 @@ pub mod defaults {
 
 /// Everything `roomcast serve` can be told. Each option is a flag and a `ROOMCAST_*` variable;
 /// the flag wins.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Config {
+    /// TOML file with any of these options, keyed by flag name (`max-connections = 1000`).
+    /// Flags and environment variables override it.
+    #[arg(long, env = "ROOMCAST_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
     /// Log lines as `text` or `json` (one object per line, for log shippers). Levels come
     /// from RUST_LOG (default `info`).
     #[arg(long, env = "ROOMCAST_LOG_FORMAT", value_enum, default_value = "text")]
@@ -101,6 +116,7 @@ pub struct Config {
         conflicts_with = "jwt_public_key",
         hide_env_values = true
     )]
+    #[serde(serialize_with = "redacted")]
     pub jwt_secret: Option<String>,
 
     /// PEM file with the RSA (RS256/384/512) or EC (ES256/384) public key that tokens are
@@ -149,27 +165,32 @@ pub struct Config {
     /// How long a client may take to send its HTTP upgrade request (and finish the TLS
     /// handshake).
     #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = defaults::HANDSHAKE_TIMEOUT, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
     pub handshake_timeout: Duration,
 
     /// How often the server pings every connection; `0s` sends no pings. Clients answer with
     /// a pong, which counts as activity for `--idle-timeout`.
     #[arg(long, env = "ROOMCAST_PING_INTERVAL", default_value = defaults::PING_INTERVAL, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
     pub ping_interval: Duration,
 
     /// How long a connection may send nothing at all (no message, no pong) before it is closed
     /// with 4000; checked at each ping, so closing may take up to one ping interval more.
     /// `0s` never closes for silence.
     #[arg(long, env = "ROOMCAST_IDLE_TIMEOUT", default_value = defaults::IDLE_TIMEOUT, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
     pub idle_timeout: Duration,
 
     /// On SIGTERM, how long to keep serving with `/readyz` answering 503 before closing, so
     /// load balancers take the node out first.
     #[arg(long, env = "ROOMCAST_SHUTDOWN_DELAY", default_value = defaults::SHUTDOWN_DELAY, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
     pub shutdown_delay: Duration,
 
     /// How long closing may take: flushing queued frames and the close frame to a client, and
     /// on shutdown, all clients together.
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
     pub drain_timeout: Duration,
 }
 
@@ -185,6 +206,7 @@ impl Config {
     /// The defaults, listening on `listen`: what tests and embedders start from.
     pub fn with_listen(listen: SocketAddr) -> Self {
         Self {
+            config: None,
             log_format: LogFormat::Text,
             listen,
             workers: default_workers(),
@@ -260,4 +282,143 @@ impl Config {
 pub enum ConfigError {
     #[error("invalid configuration: {0}")]
     Invalid(&'static str),
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{path}: unknown key `{key}` (keys are the long flag names, e.g. `max-connections`)")]
+    UnknownKey { path: String, key: String },
+}
+
+fn humantime_duration<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&humantime::format_duration(*value).to_string())
+}
+
+fn redacted<S: Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => serializer.serialize_str("<redacted>"),
+        None => serializer.serialize_none(),
+    }
+}
+
+impl Config {
+    /// The effective configuration as TOML (secrets redacted), for `roomcast check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// A parser for `Config` alone: the server's options without subcommands.
+#[derive(clap::Parser)]
+#[command(name = "roomcast", args_override_self = true)]
+struct ConfigOnly {
+    #[command(flatten)]
+    config: Config,
+}
+
+/// Parses the server's options (`args[0]` is the program name) with the `--config` file
+/// applied under them, and validates the result.
+pub fn load(args: Vec<OsString>) -> Result<Config, LoadError> {
+    use clap::Parser;
+    let args = with_file_args(args)?;
+    let config = ConfigOnly::try_parse_from(args)?.config;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A flag, environment variable or file value the parser refused (the message names it).
+    #[error("{0}")]
+    Parse(#[from] clap::Error),
+}
+
+/// The command-line arguments with the `--config` file's options inserted in front of the real
+/// ones (after a leading `serve`), so that flags override the file. Keys whose `ROOMCAST_*`
+/// environment variable is set are left out, since the environment overrides the file. The
+/// file comes from `--config` or `ROOMCAST_CONFIG`; without one the arguments are returned
+/// as they are.
+pub fn with_file_args(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+    let path =
+        config_path(&args).or_else(|| std::env::var_os("ROOMCAST_CONFIG").map(PathBuf::from));
+    let Some(path) = path else {
+        return Ok(args);
+    };
+    let file_args = file_args(&path)?;
+    let at = if args.get(1).is_some_and(|a| a == "serve") {
+        2
+    } else {
+        1.min(args.len())
+    };
+    let mut merged = args[..at].to_vec();
+    merged.extend(file_args);
+    merged.extend_from_slice(&args[at..]);
+    Ok(merged)
+}
+
+fn config_path(args: &[OsString]) -> Option<PathBuf> {
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let arg = arg.to_string_lossy();
+        if arg == "--config" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(path) = arg.strip_prefix("--config=") {
+            return Some(PathBuf::from(path));
+        }
+    }
+    None
+}
+
+/// The file's options as `--key=value` arguments.
+fn file_args(path: &Path) -> Result<Vec<OsString>, ConfigError> {
+    let shown = path.display().to_string();
+    let error = |reason: String| ConfigError::File {
+        path: shown.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| error(e.to_string()))?;
+    let command = ConfigOnly::command();
+    let mut args = Vec::new();
+    for (key, value) in table {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
+            .ok_or_else(|| ConfigError::UnknownKey {
+                path: shown.clone(),
+                key: key.clone(),
+            })?;
+        let env_set = arg
+            .get_env()
+            .is_some_and(|name| std::env::var_os(name).is_some());
+        if env_set {
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(text) => text,
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Float(x) => x.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => items
+                .into_iter()
+                .map(|item| match item {
+                    toml::Value::String(text) => Ok(text),
+                    other => Ok(other.to_string()),
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?
+                .join(","),
+            other => {
+                return Err(error(format!(
+                    "`{key}` must be a string, number, boolean or list, not {}",
+                    other.type_str()
+                )))
+            }
+        };
+        args.push(OsString::from(format!("--{key}={value}")));
+    }
+    Ok(args)
 }

@@ -29,7 +29,9 @@ use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 
 /// What to do with a frame for a client whose outbound queue is full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum SlowConsumerPolicy {
     /// Close the connection with 1013 (Try Again Later); queued frames are discarded. The client

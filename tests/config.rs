@@ -1,0 +1,114 @@
+//! Configuration layers: the `--config` TOML file under flags and environment variables, and
+//! clear errors for unknown keys and bad values.
+
+use std::ffi::OsString;
+
+use roomcast::config::{load, LoadError};
+
+fn file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("roomcast-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn args(list: &[&str]) -> Vec<OsString> {
+    std::iter::once("roomcast")
+        .chain(list.iter().copied())
+        .map(OsString::from)
+        .collect()
+}
+
+#[test]
+fn the_file_sets_options_by_their_flag_names() {
+    let path = file(
+        "sets.toml",
+        r#"
+        listen = "127.0.0.1:9100"
+        max-connections = 1234
+        allowed-origins = ["https://a.example", "https://*.b.example"]
+        ping-interval = "15s"
+        slow-consumer = "drop"
+        "#,
+    );
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:9100");
+    assert_eq!(config.max_connections, 1234);
+    assert_eq!(
+        config.allowed_origins.unwrap(),
+        ["https://a.example", "https://*.b.example"]
+    );
+    assert_eq!(config.ping_interval, std::time::Duration::from_secs(15));
+    assert_eq!(
+        config.slow_consumer,
+        roomcast::outbox::SlowConsumerPolicy::Drop
+    );
+}
+
+#[test]
+fn flags_override_the_file() {
+    let path = file("flags.toml", "max-connections = 10\nworkers = 1\n");
+    let config = load(args(&[
+        "--max-connections",
+        "20",
+        "--config",
+        path.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(config.max_connections, 20, "the flag wins");
+    assert_eq!(config.workers, 1, "the file still sets what no flag sets");
+}
+
+#[test]
+fn options_the_file_leaves_out_keep_their_defaults() {
+    let path = file("defaults.toml", "max-connections = 10\n");
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(config.max_message_size, 64 * 1024);
+    assert_eq!(config.outbound_queue, 1024);
+}
+
+#[test]
+fn an_unknown_key_is_an_error_naming_it() {
+    let path = file("unknown.toml", "max-conections = 10\n");
+    let error = load(args(&["--config", path.to_str().unwrap()])).unwrap_err();
+    assert!(matches!(error, LoadError::Config(_)), "{error}");
+    assert!(
+        error.to_string().contains("unknown key `max-conections`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_bad_value_is_an_error_naming_the_option() {
+    let path = file("bad.toml", "workers = \"many\"\n");
+    let error = load(args(&["--config", path.to_str().unwrap()])).unwrap_err();
+    assert!(error.to_string().contains("--workers"), "{error}");
+    let path = file("zero.toml", "workers = 0\n");
+    let error = load(args(&["--config", path.to_str().unwrap()])).unwrap_err();
+    assert!(
+        error.to_string().contains("--workers must be at least 1"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_toml_is_an_error_naming_the_file() {
+    let path = file("broken.toml", "listen = \n");
+    let error = load(args(&["--config", path.to_str().unwrap()])).unwrap_err();
+    assert!(error.to_string().contains("broken.toml"), "{error}");
+}
+
+#[test]
+fn the_effective_configuration_prints_as_toml_with_the_secret_redacted() {
+    let path = file(
+        "print.toml",
+        "jwt-secret = \"hunter2\"\nmax-connections = 7\n",
+    );
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    let text = config.to_toml();
+    assert!(text.contains("max-connections = 7"), "{text}");
+    assert!(text.contains("jwt-secret = \"<redacted>\""), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("ping-interval = \"30s\""), "{text}");
+}
