@@ -31,6 +31,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

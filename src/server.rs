@@ -30,6 +30,7 @@ use crate::hub::{LocalHub, Router};
 use crate::limits::SessionLimits;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxStats;
+use crate::proxy_protocol;
 use crate::tls;
 use crate::web;
 use crate::ws;
@@ -230,15 +231,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
             Ok((stream, peer)) => {
                 // Frames are batched by the outbox writer; Nagle would only add latency.
                 let _ = stream.set_nodelay(true);
-                match ctx.tls.clone() {
-                    None => {
-                        ctx.tasks.spawn(serve_http(stream, peer, ctx.clone()));
-                    }
-                    Some(acceptor) => {
-                        ctx.tasks
-                            .spawn(serve_tls(acceptor, stream, peer, ctx.clone()));
-                    }
-                }
+                ctx.tasks.spawn(serve_tcp(stream, peer, ctx.clone()));
             }
             Err(error) => {
                 // Out of file descriptors or similar: back off instead of spinning, and keep
@@ -247,6 +240,27 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// One accepted TCP connection: the PROXY header from a trusted load balancer if it sends one,
+/// TLS if configured, then HTTP.
+async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+    let peer = if ctx.admission.is_trusted(peer.ip()) {
+        let timeout = ctx.config.handshake_timeout;
+        match proxy_protocol::client_address(&mut stream, peer, timeout).await {
+            Ok(client) => client,
+            Err(error) => {
+                ctx.metrics.handshake_failures.increment(1);
+                return debug!(%peer, %error, "PROXY header refused");
+            }
+        }
+    } else {
+        peer
+    };
+    match ctx.tls.clone() {
+        None => serve_http(stream, peer, ctx).await,
+        Some(acceptor) => serve_tls(acceptor, stream, peer, ctx).await,
     }
 }
 

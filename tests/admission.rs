@@ -286,3 +286,70 @@ async fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
         Some(429)
     );
 }
+
+/// Opens a TCP connection, sends `preamble` then a WebSocket upgrade request, and returns the
+/// HTTP status of the answer.
+async fn upgrade_after(server: &common::TestServer, preamble: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut request = preamble.to_vec();
+    request.extend_from_slice(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    stream.write_all(&request).await.unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(common::EXPECT, stream.read_exact(&mut head))
+        .await
+        .expect("an answer in time")
+        .expect("a status line");
+    let status = std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap();
+    if status == 101 {
+        // Keep the connection (and its place under the caps) until the test ends.
+        std::mem::forget(stream);
+    }
+    status
+}
+
+fn proxy_v2(source: [u8; 4], port: u16) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend_from_slice(&[0x21, 0x11, 0, 12]); // v2 PROXY, TCP over IPv4, 12 bytes
+    header.extend_from_slice(&source);
+    header.extend_from_slice(&[127, 0, 0, 1]);
+    header.extend_from_slice(&port.to_be_bytes());
+    header.extend_from_slice(&80u16.to_be_bytes());
+    header
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_header_from_a_trusted_proxy_gives_the_client_address() {
+    let server = start_server_with(|config| {
+        config.max_connections_per_ip = 1;
+        config.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let v1 = |ip: &str| format!("PROXY TCP4 {ip} 127.0.0.1 40000 80\r\n").into_bytes();
+    assert_eq!(upgrade_after(&server, &v1("198.51.100.1")).await, 101);
+    assert_eq!(upgrade_after(&server, &v1("198.51.100.2")).await, 101);
+    // The same client address again is over its cap: the header really set the address.
+    assert_eq!(upgrade_after(&server, &v1("198.51.100.1")).await, 429);
+    // Version 2 (binary) too.
+    assert_eq!(
+        upgrade_after(&server, &proxy_v2([198, 51, 100, 3], 1234)).await,
+        101
+    );
+    assert_eq!(
+        upgrade_after(&server, &proxy_v2([198, 51, 100, 3], 1235)).await,
+        429
+    );
+    // A trusted proxy may also connect without a header.
+    assert_eq!(upgrade_after(&server, b"").await, 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_header_from_an_untrusted_peer_is_not_believed() {
+    let server = start_server_with(|config| config.max_connections_per_ip = 1).await;
+    let header = b"PROXY TCP4 198.51.100.1 127.0.0.1 40000 80\r\n";
+    // Not a load balancer: the header is just bytes before the request, which HTTP refuses.
+    assert_eq!(upgrade_after(&server, header).await, 400);
+}
