@@ -24,6 +24,7 @@
 //! ```
 
 pub mod admission;
+pub mod client;
 pub mod config;
 pub mod heartbeat;
 pub mod hub;

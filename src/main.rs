@@ -1,8 +1,16 @@
-//! The `roomcast` binary: parse the command line, set up logging, build the runtime, serve.
+//! The `roomcast` binary: parse the command line (with the `--config` file under it), set up
+//! logging, build the runtime, serve; or check a configuration file; or run one of the
+//! command-line clients (`client`, `publish`) of [`roomcast::client::cli`].
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use roomcast::client::cli::{run_client, run_publish, ClientArgs, PublishArgs};
 use roomcast::{Config, Server};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
 // The allocator the design card chose; fan-out allocates one buffer per message from many
 // threads, which mimalloc's thread-local free lists serve well.
@@ -11,7 +19,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A real-time rooms / broadcast / private-message WebSocket server.
 #[derive(Parser)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    // The --config file's options come first as flags; a real flag given later overrides one.
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -23,19 +37,66 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (the default).
-    Serve(Config),
+    Serve(Box<Config>),
+    /// Connect, print what arrives, send the lines typed to the room joined last (slash
+    /// commands: /join, /leave, /pm, /broadcast, /meta, /quit, /help). Reconnects by itself.
+    Client(ClientArgs),
+    /// Join a room, send one message, exit 0 once the server has taken it (1 on failure).
+    Publish(PublishArgs),
+    /// Validate a configuration file (with the ROOMCAST_* environment over it) and print the
+    /// effective configuration; exit 2 with the reason if it cannot be served.
+    CheckConfig {
+        /// The TOML file, as given to `--config`.
+        file: PathBuf,
+    },
 }
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+/// Subcommands that are not the server, and so take no `--config` file.
+const NOT_SERVER: [&str; 3] = ["client", "publish", "check-config"];
+
+/// The clients print messages on stdout: their logs go to stderr, warnings and up by default.
+fn init_client_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let is_server = !args
+        .get(1)
+        .is_some_and(|first| NOT_SERVER.iter().any(|name| first == *name));
+    let args = if is_server {
+        match roomcast::config::with_file_args(args) {
+            Ok(args) => args,
+            Err(error) => {
+                eprintln!("roomcast: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        args
+    };
+    let cli = Cli::parse_from(args);
     let config = match cli.command {
-        Some(Command::Serve(config)) => config,
+        Some(Command::Serve(config)) => *config,
         None => cli.serve,
+        Some(Command::Client(args)) => {
+            init_client_logging();
+            return run_client(args);
+        }
+        Some(Command::Publish(args)) => {
+            init_client_logging();
+            return run_publish(args);
+        }
+        Some(Command::CheckConfig { file }) => return check_config(file),
     };
     roomcast::telemetry::init(config.log_format);
     if let Err(error) = config.validate() {
         eprintln!("roomcast: {error}");
-        return std::process::ExitCode::from(2);
+        return ExitCode::from(2);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.workers)
@@ -45,7 +106,7 @@ fn main() -> std::process::ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("roomcast: cannot start the runtime: {error}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
     runtime.block_on(async {
@@ -54,11 +115,40 @@ fn main() -> std::process::ExitCode {
             Ok(server) => server,
             Err(error) => {
                 eprintln!("roomcast: cannot listen: {error}");
-                return std::process::ExitCode::FAILURE;
+                return ExitCode::FAILURE;
             }
         };
         tokio::spawn(roomcast::shutdown::cancel_on_signal(shutdown));
         server.run().await;
-        std::process::ExitCode::SUCCESS
+        ExitCode::SUCCESS
     })
+}
+
+/// `roomcast check-config FILE`: everything the server would check at start-up (values,
+/// combinations, the JWT key and TLS files), then the effective configuration as TOML.
+fn check_config(file: PathBuf) -> ExitCode {
+    let args = vec![
+        OsString::from("roomcast"),
+        OsString::from("--config"),
+        file.into_os_string(),
+    ];
+    let config = match roomcast::config::load(args) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("roomcast: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(error) = roomcast::admission::Admission::from_config(&config) {
+        eprintln!("roomcast: {error}");
+        return ExitCode::from(2);
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        if let Err(error) = roomcast::tls::acceptor(cert, key) {
+            eprintln!("roomcast: {error}");
+            return ExitCode::from(2);
+        }
+    }
+    print!("{}", config.to_toml());
+    ExitCode::SUCCESS
 }

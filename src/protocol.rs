@@ -593,3 +593,399 @@ mod tests {
         );
     }
 }
+
+/// The protocol's messages as serde types: what a client sends
+/// ([`ClientMessage`](typed::ClientMessage)) and everything the server sends
+/// ([`ServerMessage`](typed::ServerMessage)).
+///
+/// The server itself does not use them (it decodes in place with [`decode`] and encodes each
+/// frame once with the builders above); the [`client`](crate::client) library and Rust programs
+/// that talk to roomcast do. The tests of this module run every server encoder through
+/// `ServerMessage` and every `ClientMessage` through the server's decoder, so the two
+/// descriptions of the wire format cannot drift apart.
+///
+/// ```
+/// use roomcast::protocol::typed::{ClientMessage, ServerMessage};
+///
+/// let join = ClientMessage::JoinRoom { room: "lobby".into() };
+/// assert_eq!(join.to_json(), r#"{"type":"join_room","room":"lobby"}"#);
+///
+/// let reply: ServerMessage =
+///     serde_json::from_str(r#"{"type":"room_joined","room":"lobby","members":2}"#).unwrap();
+/// assert_eq!(reply, ServerMessage::RoomJoined { room: "lobby".into(), members: 2 });
+/// ```
+pub mod typed {
+    use serde::{Deserialize, Serialize};
+    use serde_json::{Map, Value};
+
+    /// A message a client sends. Serializes exactly as `shared/PROTOCOL.md` writes it, `type`
+    /// first.
+    ///
+    /// `message` is any JSON value: the seed relays strings, roomcast relays other values
+    /// verbatim.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum ClientMessage {
+        /// `{"type":"broadcast","message":M}`: to every other connected client.
+        Broadcast { message: Value },
+        /// `{"type":"join_room","room":R}`
+        JoinRoom { room: String },
+        /// `{"type":"leave_room","room":R}`
+        LeaveRoom { room: String },
+        /// `{"type":"room_message","room":R,"message":M}`: to every other member of `room`.
+        RoomMessage { room: String, message: Value },
+        /// `{"type":"private_message","to":ID,"message":M}`: `to` is a client id, or a user
+        /// id when the server authenticates with tokens.
+        PrivateMessage { to: String, message: Value },
+        /// `{"type":"set_metadata","metadata":{…}}`: merged over the client's metadata.
+        SetMetadata { metadata: Map<String, Value> },
+    }
+
+    impl ClientMessage {
+        /// The message as the JSON text of one frame.
+        pub fn to_json(&self) -> String {
+            // Strings, maps with string keys and `Value`s always serialize.
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+
+    /// A message the server sends. Field names and order are the seed's; unknown fields are
+    /// ignored, so a newer server's additions do not break an older client.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum ServerMessage {
+        /// The first message on every connection. `user_id` is the token's `sub` when the
+        /// server requires tokens.
+        Welcome {
+            client_id: String,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            user_id: Option<String>,
+            timestamp: u64,
+        },
+        /// Another client's broadcast.
+        Broadcast {
+            from: String,
+            message: Value,
+            timestamp: u64,
+        },
+        /// The reply to this client's `join_room` (no timestamp, as in the seed).
+        RoomJoined { room: String, members: u64 },
+        /// Someone else joined a room this client is in.
+        MemberJoined {
+            room: String,
+            client_id: String,
+            total_members: u64,
+        },
+        /// Someone else left (or disconnected from) a room this client is in.
+        MemberLeft {
+            room: String,
+            client_id: String,
+            total_members: u64,
+        },
+        /// Another member's message to a room this client is in.
+        RoomMessage {
+            room: String,
+            from: String,
+            message: Value,
+            timestamp: u64,
+        },
+        /// A private message to this client (or to its user).
+        PrivateMessage {
+            from: String,
+            message: Value,
+            timestamp: u64,
+        },
+        /// The reply to `set_metadata`: the merged metadata.
+        MetadataUpdated { metadata: Map<String, Value> },
+        /// A refusal; the connection stays open. `message` is one of the texts in
+        /// [`errors`](super::errors) (or `Unknown message type: …`).
+        Error { message: String, timestamp: u64 },
+    }
+
+    impl ServerMessage {
+        /// The message as the JSON text the server sends.
+        pub fn to_json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::*;
+        use super::*;
+        use serde_json::json;
+
+        /// The JSON text of a complete server frame: the 2, 4 or 10 byte header stripped.
+        fn text(frame: &Bytes) -> &str {
+            let start = match frame[1] & 0x7f {
+                126 => 4,
+                127 => 10,
+                _ => 2,
+            };
+            std::str::from_utf8(&frame[start..]).unwrap()
+        }
+
+        /// Decodes a server frame as a [`ServerMessage`] and checks that serializing it again
+        /// gives the server's exact bytes (same fields, same order).
+        fn typed(frame: &Bytes) -> ServerMessage {
+            let json = text(frame);
+            let message: ServerMessage = serde_json::from_str(json).expect(json);
+            assert_eq!(message.to_json(), json, "re-encodes to the server's bytes");
+            message
+        }
+
+        fn json_body(json: &str) -> Vec<u8> {
+            format!(r#"{{"type":"broadcast","message":{json}}}"#).into_bytes()
+        }
+
+        #[test]
+        fn every_server_encoder_decodes_into_its_variant() {
+            assert_eq!(
+                typed(&welcome("client_1", None, 9)),
+                ServerMessage::Welcome {
+                    client_id: "client_1".into(),
+                    user_id: None,
+                    timestamp: 9
+                }
+            );
+            assert_eq!(
+                typed(&welcome("client_1", Some("user-7"), 9)),
+                ServerMessage::Welcome {
+                    client_id: "client_1".into(),
+                    user_id: Some("user-7".into()),
+                    timestamp: 9
+                }
+            );
+            assert_eq!(
+                typed(&error(errors::ROOM_NOT_FOUND, 3)),
+                ServerMessage::Error {
+                    message: "Room does not exist".into(),
+                    timestamp: 3
+                }
+            );
+            assert_eq!(
+                typed(&broadcast("client_2", &Body::Text("hi".into()), 4)),
+                ServerMessage::Broadcast {
+                    from: "client_2".into(),
+                    message: json!("hi"),
+                    timestamp: 4
+                }
+            );
+            assert_eq!(
+                typed(&room_joined("lobby", 2)),
+                ServerMessage::RoomJoined {
+                    room: "lobby".into(),
+                    members: 2
+                }
+            );
+            assert_eq!(
+                typed(&member_joined("lobby", "client_3", 3)),
+                ServerMessage::MemberJoined {
+                    room: "lobby".into(),
+                    client_id: "client_3".into(),
+                    total_members: 3
+                }
+            );
+            assert_eq!(
+                typed(&member_left("lobby", "client_3", 1)),
+                ServerMessage::MemberLeft {
+                    room: "lobby".into(),
+                    client_id: "client_3".into(),
+                    total_members: 1
+                }
+            );
+            assert_eq!(
+                typed(&room_message(
+                    "lobby",
+                    "client_4",
+                    &Body::Text("quote \" é".into()),
+                    5
+                )),
+                ServerMessage::RoomMessage {
+                    room: "lobby".into(),
+                    from: "client_4".into(),
+                    message: json!("quote \" é"),
+                    timestamp: 5
+                }
+            );
+            assert_eq!(
+                typed(&private_message("client_5", &Body::Text("psst".into()), 6)),
+                ServerMessage::PrivateMessage {
+                    from: "client_5".into(),
+                    message: json!("psst"),
+                    timestamp: 6
+                }
+            );
+            assert_eq!(
+                typed(&metadata_updated(&serde_json::Map::new())),
+                ServerMessage::MetadataUpdated {
+                    metadata: serde_json::Map::new()
+                }
+            );
+            let mut metadata = serde_json::Map::new();
+            metadata.insert("z".into(), json!(1));
+            metadata.insert("a".into(), json!({"nested": [true, null]}));
+            assert_eq!(
+                typed(&metadata_updated(&metadata)),
+                ServerMessage::MetadataUpdated { metadata }
+            );
+        }
+
+        #[test]
+        fn non_string_messages_and_long_frames_decode() {
+            for value in [r#"{"a":[1,2.5,true,null]}"#, "42", "[]", "false", r#""x""#] {
+                let mut buf = json_body(value);
+                let Command::Broadcast { message } = decode(&mut buf).unwrap() else {
+                    panic!("not a broadcast")
+                };
+                let expected: Value = serde_json::from_str(value).unwrap();
+                for frame in [
+                    broadcast("c", &message, 1),
+                    room_message("r", "c", &message, 1),
+                    private_message("c", &message, 1),
+                ] {
+                    let decoded: ServerMessage = serde_json::from_str(text(&frame)).unwrap();
+                    let (ServerMessage::Broadcast { message, .. }
+                    | ServerMessage::RoomMessage { message, .. }
+                    | ServerMessage::PrivateMessage { message, .. }) = decoded
+                    else {
+                        panic!("{decoded:?}")
+                    };
+                    assert_eq!(message, expected, "{value}");
+                }
+            }
+            // 4- and 10-byte headers.
+            for size in [200usize, 70_000] {
+                let long = "x".repeat(size);
+                let frame = room_message("r", "c", &Body::Text(long.as_str().into()), 1);
+                assert!(matches!(
+                    typed(&frame),
+                    ServerMessage::RoomMessage { message, .. } if message == json!(long)
+                ));
+            }
+        }
+
+        #[test]
+        fn client_messages_serialize_as_the_protocol_writes_them() {
+            let cases = [
+                (
+                    ClientMessage::Broadcast {
+                        message: json!("hi"),
+                    },
+                    r#"{"type":"broadcast","message":"hi"}"#,
+                ),
+                (
+                    ClientMessage::JoinRoom { room: "x".into() },
+                    r#"{"type":"join_room","room":"x"}"#,
+                ),
+                (
+                    ClientMessage::LeaveRoom { room: "x".into() },
+                    r#"{"type":"leave_room","room":"x"}"#,
+                ),
+                (
+                    ClientMessage::RoomMessage {
+                        room: "x".into(),
+                        message: json!({"n": 1}),
+                    },
+                    r#"{"type":"room_message","room":"x","message":{"n":1}}"#,
+                ),
+                (
+                    ClientMessage::PrivateMessage {
+                        to: "client_1".into(),
+                        message: json!("psst"),
+                    },
+                    r#"{"type":"private_message","to":"client_1","message":"psst"}"#,
+                ),
+                (
+                    ClientMessage::SetMetadata {
+                        metadata: json!({"name": "ann"}).as_object().unwrap().clone(),
+                    },
+                    r#"{"type":"set_metadata","metadata":{"name":"ann"}}"#,
+                ),
+            ];
+            for (message, wire) in cases {
+                assert_eq!(message.to_json(), wire);
+                let back: ClientMessage = serde_json::from_str(wire).unwrap();
+                assert_eq!(back, message);
+            }
+        }
+
+        #[test]
+        fn every_client_message_is_what_the_server_decodes() {
+            let metadata = json!({"name": "ann", "age": 5})
+                .as_object()
+                .unwrap()
+                .clone();
+            let messages = [
+                ClientMessage::Broadcast {
+                    message: json!("hi"),
+                },
+                ClientMessage::JoinRoom {
+                    room: "lobby".into(),
+                },
+                ClientMessage::LeaveRoom {
+                    room: "lobby".into(),
+                },
+                ClientMessage::RoomMessage {
+                    room: "lobby".into(),
+                    message: json!({"n": [1, 2]}),
+                },
+                ClientMessage::PrivateMessage {
+                    to: "client_9".into(),
+                    message: json!("psst"),
+                },
+                ClientMessage::SetMetadata {
+                    metadata: metadata.clone(),
+                },
+            ];
+            for message in messages {
+                let mut buf = message.to_json().into_bytes();
+                let command = decode(&mut buf).expect("the server accepts it");
+                // Re-encode the server's view as a message and compare.
+                let body = |body: &Body<'_>| match body {
+                    Body::Text(text) => json!(text.as_ref()),
+                    Body::Json(value) => serde_json::to_value(value).unwrap(),
+                };
+                let seen = match &command {
+                    Command::Broadcast { message } => ClientMessage::Broadcast {
+                        message: body(message),
+                    },
+                    Command::JoinRoom { room } => ClientMessage::JoinRoom {
+                        room: room.to_string(),
+                    },
+                    Command::LeaveRoom { room } => ClientMessage::LeaveRoom {
+                        room: room.to_string(),
+                    },
+                    Command::RoomMessage { room, message } => ClientMessage::RoomMessage {
+                        room: room.to_string(),
+                        message: body(message),
+                    },
+                    Command::PrivateMessage { to, message } => ClientMessage::PrivateMessage {
+                        to: to.to_string(),
+                        message: body(message),
+                    },
+                    Command::SetMetadata { metadata } => ClientMessage::SetMetadata {
+                        metadata: metadata.clone(),
+                    },
+                };
+                assert_eq!(seen, message);
+            }
+        }
+
+        #[test]
+        fn unknown_fields_are_ignored_and_unknown_types_refused() {
+            let message: ServerMessage = serde_json::from_str(
+                r#"{"type":"room_joined","room":"r","members":1,"extra":true}"#,
+            )
+            .unwrap();
+            assert_eq!(
+                message,
+                ServerMessage::RoomJoined {
+                    room: "r".into(),
+                    members: 1
+                }
+            );
+            assert!(serde_json::from_str::<ServerMessage>(r#"{"type":"presence"}"#).is_err());
+        }
+    }
+}

@@ -112,3 +112,46 @@ fn the_effective_configuration_prints_as_toml_with_the_secret_redacted() {
     assert!(!text.contains("hunter2"), "{text}");
     assert!(text.contains("ping-interval = \"30s\""), "{text}");
 }
+
+fn check_config(path: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_roomcast"));
+    command.arg("check-config").arg(path);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("run roomcast check-config")
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration_with_the_environment_over_the_file() {
+    let path = file("check.toml", "max-connections = 10\nworkers = 3\n");
+    let output = check_config(&path, &[("ROOMCAST_MAX_CONNECTIONS", "99")]);
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("max-connections = 99"),
+        "the environment wins: {text}"
+    );
+    assert!(
+        text.contains("workers = 3"),
+        "the file sets the rest: {text}"
+    );
+}
+
+#[test]
+fn check_config_exits_2_with_the_reason_for_a_bad_file() {
+    let path = file("check-bad.toml", "listen = \"not an address\"\n");
+    let output = check_config(&path, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let error = String::from_utf8(output.stderr).unwrap();
+    assert!(error.contains("--listen"), "{error}");
+    let path = file(
+        "check-tls.toml",
+        "tls-cert = \"/nope/cert.pem\"\ntls-key = \"/nope/key.pem\"\n",
+    );
+    let output = check_config(&path, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8(output.stderr)
+        .unwrap()
+        .contains("/nope/cert.pem"));
+}
