@@ -94,6 +94,7 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig { file }) => return check_config(file),
     };
     roomcast::telemetry::init(config.log_format);
+    raise_open_file_limit();
     if let Err(error) = config.validate() {
         eprintln!("roomcast: {error}");
         return ExitCode::from(2);
@@ -151,4 +152,14 @@ fn check_config(file: PathBuf) -> ExitCode {
     }
     print!("{}", config.to_toml());
     ExitCode::SUCCESS
+}
+
+/// Every connection is a file descriptor, and many environments start processes with a soft
+/// limit of 1024 under a far higher hard limit (containerd gives 1024 / 524288): raise the soft
+/// limit to the hard one, as far as the process may.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
 }
