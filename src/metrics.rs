@@ -168,6 +168,13 @@ impl Metrics {
         self.fanout_seconds.record(elapsed.as_secs_f64());
     }
 
+    /// Folds the histogram samples recorded since the last call into their buckets. The
+    /// recorder keeps every sample until then, so this must run periodically even when nobody
+    /// scrapes `/metrics` (the server does it every few seconds), or memory grows.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// The exposition text, with the gauges read from the live state first.
     pub fn render(&self, open: usize, router: &dyn Router, outbox: &OutboxStats) -> String {
         let (rooms, clients) = router.counts();
@@ -187,5 +194,23 @@ impl Metrics {
         // Keep the recorder alive with the handles it backs.
         let _ = &self.recorder;
         self.handle.render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::LocalHub;
+
+    #[test]
+    fn upkeep_folds_histogram_samples_into_the_exposition() {
+        let metrics = Metrics::new();
+        for _ in 0..1000 {
+            metrics.fanout(10, Duration::from_micros(3));
+        }
+        metrics.upkeep();
+        let text = metrics.render(0, &LocalHub::new(), &OutboxStats::default());
+        assert!(text.contains("roomcast_fanout_seconds_count 1000"), "{text}");
+        assert!(text.contains("roomcast_fanout_deliveries_total 10000"), "{text}");
     }
 }

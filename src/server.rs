@@ -167,6 +167,7 @@ impl Server {
             ctx.router.clone(),
             ctx.closing.clone(),
         ));
+        let upkeep = tokio::spawn(metrics_upkeep(ctx.clone()));
         let accept_loops = TaskTracker::new();
         for listener in listeners {
             accept_loops.spawn(accept_loop(listener, ctx.clone()));
@@ -186,6 +187,7 @@ impl Server {
         ctx.closing.cancel();
         accept_loops.wait().await;
         let _ = heartbeat.await;
+        let _ = upkeep.await;
 
         ctx.tasks.close();
         let open = ctx.tasks.len();
@@ -206,6 +208,19 @@ impl Server {
                 left = ctx.tasks.len(),
                 "drain timeout reached with connections still open"
             );
+        }
+    }
+}
+
+/// Folds recorded histogram samples into buckets every few seconds, so that they do not pile
+/// up between scrapes (or forever, without a scraper).
+async fn metrics_upkeep(ctx: Arc<Context>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(5));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ctx.closing.cancelled() => return,
+            _ = ticks.tick() => ctx.metrics.upkeep(),
         }
     }
 }
