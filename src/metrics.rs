@@ -210,7 +210,13 @@ mod tests {
         }
         metrics.upkeep();
         let text = metrics.render(0, &LocalHub::new(), &OutboxStats::default());
-        assert!(text.contains("roomcast_fanout_seconds_count 1000"), "{text}");
-        assert!(text.contains("roomcast_fanout_deliveries_total 10000"), "{text}");
+        assert!(
+            text.contains("roomcast_fanout_seconds_count 1000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("roomcast_fanout_deliveries_total 10000"),
+            "{text}"
+        );
     }
 }
