@@ -7,25 +7,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{start_server_with, Client, TestServer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn http_status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    tokio::time::timeout(common::EXPECT, stream.read_to_string(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    response.get(9..12)?.parse().ok()
+async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    common::status(&common::http_get(addr, path).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_answers_200_while_serving() {
     let server = start_server_with(|_| {}).await;
-    assert_eq!(http_status(server.addr, "/readyz").await, Some(200));
-    assert_eq!(http_status(server.addr, "/healthz").await, Some(200));
+    assert_eq!(http_status(server.addr, "/readyz").await, 200);
+    assert_eq!(http_status(server.addr, "/healthz").await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +28,7 @@ async fn during_the_shutdown_delay_readyz_is_503_and_clients_are_still_served() 
     let mut a = Client::connect(&server).await;
     server.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(http_status(server.addr, "/readyz").await, Some(503));
+    assert_eq!(http_status(server.addr, "/readyz").await, 503);
     // Still serving: a new client connects and the old one is answered.
     let mut b = Client::connect(&server).await;
     a.join("still").await;

@@ -2,13 +2,8 @@
 
 mod common;
 
-use common::{start_server_with, Client, RawClient};
-use serde_json::{json, Value};
-
-fn assert_error(reply: &Value, text: &str) {
-    assert_eq!(reply["type"], "error", "{reply}");
-    assert_eq!(reply["message"], text, "{reply}");
-}
+use common::{assert_error, start_server_with, Client, RawClient};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_over_the_rate_limit_get_rate_limit_exceeded() {

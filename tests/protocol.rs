@@ -3,26 +3,8 @@
 
 mod common;
 
-use common::{start_server, Client};
-use serde_json::{json, Value};
-
-fn keys(value: &Value) -> Vec<&str> {
-    let mut keys: Vec<&str> = value
-        .as_object()
-        .expect("an object")
-        .keys()
-        .map(String::as_str)
-        .collect();
-    keys.sort_unstable();
-    keys
-}
-
-fn assert_error(reply: &Value, text: &str) {
-    assert_eq!(reply["type"], "error", "{reply}");
-    assert_eq!(reply["message"], text, "{reply}");
-    assert!(reply["timestamp"].is_u64(), "{reply}");
-    assert_eq!(keys(reply), ["message", "timestamp", "type"]);
-}
+use common::{assert_error, keys, start_server, Client};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn welcome_carries_a_random_client_id_and_a_timestamp() {

@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::{start_server, start_server_with, Client, RawClient};
+use common::{http_get, start_server, start_server_with, Client, RawClient};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FIN: u8 = 0x80;
 const TEXT: u8 = 0x1;
@@ -13,32 +12,20 @@ const CONTINUATION: u8 = 0x0;
 const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 
-async fn http_get(server: &common::TestServer, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(common::EXPECT, stream.read_to_string(&mut response))
-        .await
-        .expect("response in time")
-        .unwrap();
-    response
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_answers_200_on_the_websocket_port() {
     let server = start_server().await;
-    let response = http_get(&server, "/healthz").await;
+    let response = http_get(server.addr, "/healthz").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_get_of_root_without_upgrade_serves_the_demo_page() {
     let server = start_server().await;
-    let response = http_get(&server, "/").await;
+    let response = http_get(server.addr, "/").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("text/html"), "{response}");
-    let script = http_get(&server, "/roomcast.js").await;
+    let script = http_get(server.addr, "/roomcast.js").await;
     assert!(script.starts_with("HTTP/1.1 200"), "{script}");
     assert!(script.contains("text/javascript"), "{script}");
 }
@@ -46,7 +33,7 @@ async fn plain_get_of_root_without_upgrade_serves_the_demo_page() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_path_is_404() {
     let server = start_server().await;
-    let response = http_get(&server, "/nope").await;
+    let response = http_get(server.addr, "/nope").await;
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
 }
 

@@ -18,6 +18,47 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+/// Sorted keys of a JSON object.
+pub fn keys(value: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = value
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// Asserts that `reply` is the seed's `error` message with exactly this text.
+pub fn assert_error(reply: &Value, text: &str) {
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["message"], text, "{reply}");
+    assert!(reply["timestamp"].is_u64(), "{reply}");
+    assert_eq!(keys(reply), ["message", "timestamp", "type"]);
+}
+
+/// A plain HTTP GET on the server's port; the whole response as text.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    tokio::time::timeout(EXPECT, stream.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read");
+    response
+}
+
+/// The status code of an HTTP response.
+pub fn status(response: &str) -> u16 {
+    response
+        .get(9..12)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"))
+}
+
 /// How long a test waits for a message it expects.
 pub const EXPECT: Duration = Duration::from_secs(5);
 /// How long a test watches for a message that must NOT arrive (the seed's silences).
