@@ -445,6 +445,20 @@ pub mod close_code {
     pub const IDLE_TIMEOUT: u16 = 4000;
     /// The token the connection authenticated with has expired (`exp`).
     pub const TOKEN_EXPIRED: u16 = 4001;
+
+    /// The short reason sent in the close frame with `code`, for people reading a client's
+    /// logs; empty for codes that explain themselves or echo the peer's.
+    pub fn reason(code: Option<u16>) -> &'static str {
+        match code {
+            Some(GOING_AWAY) => "server shutting down",
+            Some(MESSAGE_TOO_BIG) => "message too big",
+            Some(POLICY_VIOLATION) => "rate limit exceeded",
+            Some(TRY_AGAIN_LATER) => "slow consumer",
+            Some(IDLE_TIMEOUT) => "idle timeout",
+            Some(TOKEN_EXPIRED) => "token expired",
+            _ => "",
+        }
+    }
     /// A text message was not valid UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// A message exceeded the configured maximum size.

@@ -95,6 +95,7 @@ impl Server {
         config
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        ensure_port_is_free(config.listen)?;
         let first = reuseport_listener(config.listen)?;
         let local_addr = first.local_addr()?;
         let mut listeners = vec![first];
@@ -225,6 +226,27 @@ async fn metrics_upkeep(ctx: Arc<Context>) {
     }
 }
 
+/// SO_REUSEPORT lets a second server started on the same port by mistake share it silently,
+/// the kernel splitting connections between the two. A plain bind (without SO_REUSEPORT) fails
+/// while anyone listens there, so try one first and refuse to start.
+fn ensure_port_is_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|error| {
+        if error.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{addr} is already in use (is another roomcast running?)"),
+            )
+        } else {
+            error
+        }
+    })
+}
+
 fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -337,7 +359,7 @@ where
         return upgrade::<S>(&mut request, peer, ctx, mode);
     }
     match (request.method(), request.uri().path()) {
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => {
             let body = ctx.metrics.render(
                 ctx.admission.open_connections(),
@@ -351,7 +373,7 @@ where
             );
             response
         }
-        (&Method::GET, "/readyz") => {
+        (&Method::GET | &Method::HEAD, "/readyz") => {
             if ctx.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
             } else {

@@ -163,6 +163,7 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_keep_receiving() {
 
     let frame = sleeper.recv_close(Duration::from_secs(20)).await;
     assert_eq!(common::code(&frame), 1013);
+    assert_eq!(frame.unwrap().reason, "slow consumer");
     assert_eq!(
         server
             .server

@@ -170,6 +170,36 @@ async fn shutdown_sends_going_away_1001_to_every_client() {
     for client in [&mut a, &mut b] {
         let frame = client.recv_close(common::EXPECT).await;
         assert_eq!(common::code(&frame), 1001);
+        assert_eq!(frame.unwrap().reason, "server shutting down");
     }
     stopping.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_a_port_in_use_refuses_to_start() {
+    let server = start_server().await;
+    let mut config = roomcast::Config::with_listen(server.addr);
+    config.workers = 1;
+    let error = roomcast::Server::bind(config, Default::default())
+        .err()
+        .expect("SO_REUSEPORT must not let a second server share the port silently");
+    assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse, "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_violation_names_itself_in_the_close_frame() {
+    let server = start_server().await;
+    let mut raw = RawClient::connect(&server).await;
+    raw.send_frame(FIN | 0x40 | TEXT, b"{}").await;
+    let close = loop {
+        let frame = raw.read_frame().await.expect("a close frame");
+        if frame.opcode == 8 {
+            break frame;
+        }
+    };
+    assert_eq!(close.close_code(), 1002);
+    assert_eq!(
+        std::str::from_utf8(&close.payload[2..]).unwrap(),
+        "reserved bits set without an extension"
+    );
 }

@@ -291,7 +291,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 State::Open => {
                     if let Some(request) = self.outbox.poll_close_request(cx) {
                         self.ended_by = EndedBy::Request(request.code);
-                        self.start_closing(request);
+                        self.start_closing(request, close_code::reason(request.code));
                         continue;
                     }
                     match self.outbox.poll_flush(cx, &mut self.io) {
@@ -344,19 +344,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         match end {
             ReadEnd::PeerClosed(close) => {
                 self.ended_by = EndedBy::Peer(close.code);
-                self.start_closing(CloseRequest {
-                    code: close.code,
-                    flush: true,
-                });
+                // The echo carries the peer's code and no reason of ours.
+                self.start_closing(
+                    CloseRequest {
+                        code: close.code,
+                        flush: true,
+                    },
+                    "",
+                );
                 true
             }
             ReadEnd::Violation(error) => {
                 self.ended_by = EndedBy::Violation(error);
                 // Replies to the frames before the bad one still go out first.
-                self.start_closing(CloseRequest {
-                    code: Some(error.close_code()),
-                    flush: true,
-                });
+                self.start_closing(
+                    CloseRequest {
+                        code: Some(error.close_code()),
+                        flush: true,
+                    },
+                    &error.to_string(),
+                );
                 true
             }
             ReadEnd::Gone => {
@@ -407,12 +414,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    fn start_closing(&mut self, request: CloseRequest) {
+    /// `reason` goes in the close frame (at most 123 bytes by RFC 6455; ours are short).
+    fn start_closing(&mut self, request: CloseRequest, reason: &str) {
         // Leave rooms and the directory now: members learn at once, and nothing more is
         // queued for a connection that is going.
         self.handler.disconnect();
         self.outbox
-            .begin_close(request, protocol::close(request.code, ""));
+            .begin_close(request, protocol::close(request.code, reason));
         self.state = State::Closing {
             deadline: Box::pin(tokio::time::sleep(self.ctx.config.drain_timeout)),
             finished: false,
