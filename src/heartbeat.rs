@@ -56,7 +56,7 @@ pub async fn run(
     router: Arc<dyn Router>,
     shutdown: CancellationToken,
 ) {
-    let ping = protocol::ping(b"");
+    let ping = std::sync::Arc::new(protocol::ping(b""));
     let ping_every = settings.ping_interval.as_secs() as u32;
     let idle_limit = settings.idle_timeout.as_secs() as u32;
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
@@ -91,7 +91,7 @@ pub async fn run(
                 return;
             }
             if ping_now {
-                outbox.push(ping.clone());
+                outbox.push_shared(ping.clone());
                 pinged += 1;
             }
         });

@@ -28,6 +28,12 @@ use futures_util::task::AtomicWaker;
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 
+/// A queued frame: the encoded frame behind one more pointer. Why not `Bytes` itself: the
+/// queue's storage is allocated per connection in blocks of 32 slots, and an 8-byte slot
+/// instead of a 32-byte one halves what every connection's queue costs (1.8 -> 0.9 KiB
+/// measured). A fan-out wraps its frame once and clones the `Arc` per recipient.
+pub type SharedFrame = Arc<Bytes>;
+
 /// What to do with a frame for a client whose outbound queue is full.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
@@ -98,13 +104,13 @@ struct Shared {
 /// room membership and one in the client directory.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<SharedFrame>,
     shared: Arc<Shared>,
 }
 
 /// The receiving side, owned by the connection task.
 pub struct OutboxReceiver {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<SharedFrame>,
     shared: Arc<Shared>,
     /// Most frames taken out of the queue at once. Frames taken out no longer count against
     /// the queue's capacity, so this is capped by the capacity: a connection holds at most
@@ -165,10 +171,17 @@ pub enum Pushed {
 }
 
 impl Outbox {
-    /// Queues a frame without ever waiting. This is the per-recipient step of every fan-out:
-    /// a reference-count increment on the shared frame and a lock-free enqueue.
+    /// Queues a frame for this connection alone (a reply, a pong, a private message).
     #[inline]
     pub fn push(&self, frame: Bytes) -> Pushed {
+        self.push_shared(Arc::new(frame))
+    }
+
+    /// Queues a frame shared with other recipients without ever waiting. This is the
+    /// per-recipient step of every fan-out: a reference-count increment on the shared frame
+    /// and a lock-free enqueue.
+    #[inline]
+    pub fn push_shared(&self, frame: SharedFrame) -> Pushed {
         match self.tx.try_send(frame) {
             Ok(()) => Pushed::Queued,
             Err(mpsc::error::TrySendError::Closed(_)) => Pushed::Closing,
@@ -271,7 +284,7 @@ pub enum Flushed {
 impl OutboxReceiver {
     /// Takes the next queued frame without waiting (for tests and benches).
     pub fn try_next(&mut self) -> Option<Bytes> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().ok().map(|frame| Bytes::clone(&frame))
     }
 
     /// The close request made for this connection, if any. Registers the task to be woken by
@@ -343,7 +356,8 @@ impl OutboxReceiver {
     ) -> BatchOutcome {
         while batch.len() < self.batch_limit {
             match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(frame)) => batch.push_back(frame),
+                // A reference-count increment: the batch holds the frame itself.
+                Poll::Ready(Some(frame)) => batch.push_back(Bytes::clone(&frame)),
                 Poll::Ready(None) if batch.is_empty() => return BatchOutcome::Closed,
                 Poll::Ready(None) | Poll::Pending => break,
             }
@@ -382,7 +396,7 @@ impl OutboxReceiver {
         self.rx.close();
         if request.flush {
             while let Ok(frame) = self.rx.try_recv() {
-                self.unsent.push_back(frame);
+                self.unsent.push_back(Bytes::clone(&frame));
             }
         } else {
             self.unsent.truncate(usize::from(self.front_partial));

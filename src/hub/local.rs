@@ -56,10 +56,11 @@ impl Members {
     /// Pushes `frame` to every member but `except`: the fan-out inner loop. Returns how many
     /// members it was handed to.
     fn deliver(&self, frame: &Bytes, except: ConnId) -> usize {
+        let shared = Arc::new(frame.clone());
         let mut delivered = 0;
         for member in &self.list {
             if member.conn != except {
-                member.outbox.push(frame.clone());
+                member.outbox.push_shared(shared.clone());
                 delivered += 1;
             }
         }
@@ -183,10 +184,11 @@ impl Router for LocalHub {
     }
 
     fn broadcast(&self, sender: &Member, frame: Bytes) -> usize {
+        let shared = Arc::new(frame);
         let mut delivered = 0;
         for client in self.clients.iter() {
             if client.conn != sender.conn {
-                client.outbox.push(frame.clone());
+                client.outbox.push_shared(shared.clone());
                 delivered += 1;
             }
         }
@@ -199,8 +201,9 @@ impl Router for LocalHub {
             return Ok(1);
         }
         let connections = self.users.get(to).ok_or(RecipientNotFound)?;
+        let shared = Arc::new(frame);
         for connection in connections.iter() {
-            connection.outbox.push(frame.clone());
+            connection.outbox.push_shared(shared.clone());
         }
         Ok(connections.len())
     }
