@@ -121,6 +121,10 @@ pub struct OutboxReceiver {
     unsent: VecDeque<Bytes>,
     /// Whether the front of `unsent` is a frame the socket has taken only part of.
     front_partial: bool,
+    /// Whether bytes were written since the last flush. A TLS stream takes frames into its
+    /// own buffer and reports them written before they reach the socket; only `poll_flush`
+    /// pushes them on, so it must run before the connection goes idle.
+    needs_flush: bool,
 }
 
 thread_local! {
@@ -155,6 +159,7 @@ pub fn outbox(
             batch_limit: capacity.clamp(1, MAX_BATCH),
             unsent: VecDeque::new(),
             front_partial: false,
+            needs_flush: false,
         },
     )
 }
@@ -337,7 +342,18 @@ impl OutboxReceiver {
             });
             match outcome {
                 BatchOutcome::Written => continue,
-                BatchOutcome::Empty => return Poll::Ready(Ok(Flushed::Idle)),
+                BatchOutcome::Empty => {
+                    if self.needs_flush {
+                        // Pending: the stream keeps bytes it could not pass on yet, and has
+                        // registered to be woken when it can.
+                        match Pin::new(&mut *io).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.needs_flush = false,
+                            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    return Poll::Ready(Ok(Flushed::Idle));
+                }
                 BatchOutcome::Closed => return Poll::Ready(Ok(Flushed::Abandoned)),
                 BatchOutcome::SocketFull => return Poll::Pending,
                 BatchOutcome::Failed(error) => return Poll::Ready(Err(error)),
@@ -377,6 +393,7 @@ impl OutboxReceiver {
 
     /// Accounts for `n` bytes written from `batch` (or from `unsent` when `None`).
     fn wrote(&mut self, n: usize, batch: Option<&mut VecDeque<Bytes>>) {
+        self.needs_flush = true;
         let frames = batch.unwrap_or(&mut self.unsent);
         let (partial, completed) = advance(frames, n);
         self.front_partial = partial;

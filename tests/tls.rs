@@ -110,3 +110,54 @@ async fn a_missing_certificate_file_is_a_clear_startup_error() {
         "{error}"
     );
 }
+
+/// A TLS stream reports frames written once they are in its own buffer; the outbox must flush
+/// it before going idle, or the tail of a burst waits for the next frame (a ping, 30 s later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_of_a_burst_reaches_a_slow_wss_reader_without_another_frame() {
+    use roomcast::outbox::{outbox, Flushed, SlowConsumerPolicy};
+    use std::task::Poll;
+    use tokio::io::AsyncReadExt;
+
+    let cert = self_signed("tail");
+    let acceptor = roomcast::tls::acceptor(
+        cert.dir.join("cert.pem").to_str().unwrap(),
+        cert.dir.join("key.pem").to_str().unwrap(),
+    )
+    .unwrap();
+    // A small pipe stands in for a socket that fills up.
+    let (server_io, client_io) = tokio::io::duplex(16 * 1024);
+    let (server_tls, client_tls) = tokio::join!(
+        acceptor.accept(server_io),
+        connector(cert.der.clone()).connect(ServerName::try_from("localhost").unwrap(), client_io)
+    );
+    let (mut server_tls, mut client_tls) = (server_tls.unwrap(), client_tls.unwrap());
+    let (tx, mut rx) = outbox(1024, SlowConsumerPolicy::Close, Arc::default());
+    let (frames, frame_len) = (10usize, 8 * 1024);
+    for i in 0..frames {
+        tx.push(bytes::Bytes::from(vec![b'a' + i as u8; frame_len]));
+    }
+    // Driven as the connection task drives it: flush until idle, then wait to be woken.
+    let writer = tokio::spawn(async move {
+        let _keep_the_queue_open = tx;
+        std::future::poll_fn(|cx| match rx.poll_flush(cx, &mut server_tls) {
+            Poll::Ready(Ok(Flushed::Idle)) | Poll::Pending => Poll::<()>::Pending,
+            Poll::Ready(other) => panic!("{:?}", other.map(|_| ())),
+        })
+        .await
+    });
+    // A slow reader: 1 KiB a millisecond.
+    let (mut got, mut buf) = (0usize, [0u8; 1024]);
+    while got < frames * frame_len {
+        match tokio::time::timeout(std::time::Duration::from_secs(2), client_tls.read(&mut buf))
+            .await
+        {
+            Ok(Ok(n)) if n > 0 => got += n,
+            _ => break,
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    writer.abort();
+    std::fs::remove_dir_all(&cert.dir).ok();
+    assert_eq!(got, frames * frame_len, "bytes left in the TLS buffer");
+}
