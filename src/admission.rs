@@ -259,13 +259,20 @@ impl Admission {
         if !self.is_trusted(peer) {
             return peer;
         }
+        // Walk the hops from the one nearest us: the last header line (a proxy that appends a
+        // line, like HAProxy's `option forwardfor`, puts its hop there), right to left within a
+        // line. The first hop that is not a trusted proxy is the client. A hop that does not
+        // parse ends the walk: everything left of it may have been written by the client.
         let mut client = peer;
-        for value in headers.get_all("x-forwarded-for") {
-            let Ok(value) = value.to_str() else { continue };
-            for hop in value
-                .rsplit(',')
-                .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
-            {
+        let lines: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+        for value in lines.into_iter().rev() {
+            let Ok(value) = value.to_str() else {
+                return client;
+            };
+            for hop in value.rsplit(',') {
+                let Some(hop) = parse_hop(hop) else {
+                    return client;
+                };
                 client = hop;
                 if !self.is_trusted(hop) {
                     return hop;
@@ -382,6 +389,18 @@ fn public_key_verifier(path: &str) -> Result<TokenVerifier, AdmissionError> {
     Err(error("not an RSA or EC public key in PEM".into()))
 }
 
+/// One `X-Forwarded-For` hop: an address, possibly with a port (`1.2.3.4:5678`,
+/// `[2001:db8::1]:5678`), as some proxies write it.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    hop.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|addr| addr.ip())
+}
+
 fn parse_net(text: &str) -> Option<IpNet> {
     let text = text.trim();
     text.parse::<IpNet>()
@@ -434,6 +453,17 @@ mod tests {
         assert!(policy.allows("team-42:general"));
         assert!(!policy.allows("lobby2"));
         assert!(!policy.allows("team-43:general"));
+    }
+
+    #[test]
+    fn forwarded_hops_parse_with_or_without_a_port() {
+        assert_eq!(parse_hop(" 1.2.3.4 "), Some("1.2.3.4".parse().unwrap()));
+        assert_eq!(parse_hop("1.2.3.4:5555"), Some("1.2.3.4".parse().unwrap()));
+        assert_eq!(
+            parse_hop("[2001:db8::1]:80"),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(parse_hop("unknown"), None);
     }
 
     #[test]

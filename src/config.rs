@@ -175,8 +175,8 @@ pub struct Config {
     pub ping_interval: Duration,
 
     /// How long a connection may send nothing at all (no message, no pong) before it is closed
-    /// with 4000; checked at each ping, so closing may take up to one ping interval more.
-    /// `0s` never closes for silence.
+    /// with 4000. Checked at each ping: a silent connection is closed between this long and
+    /// this plus one ping interval after its last frame. `0s` never closes for silence.
     #[arg(long, env = "ROOMCAST_IDLE_TIMEOUT", default_value = defaults::IDLE_TIMEOUT, value_parser = humantime::parse_duration)]
     #[serde(serialize_with = "humantime_duration")]
     pub idle_timeout: Duration,
@@ -193,6 +193,10 @@ pub struct Config {
     #[serde(serialize_with = "humantime_duration")]
     pub drain_timeout: Duration,
 }
+
+/// The largest size limit accepted: a message must fit in memory, and frame arithmetic stays
+/// far from overflow.
+const MAX_SIZE_LIMIT: usize = 1 << 30;
 
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -252,6 +256,14 @@ impl Config {
             (
                 self.max_frame_size == 0,
                 "--max-frame-size must be at least 1",
+            ),
+            (
+                self.max_message_size > MAX_SIZE_LIMIT || self.max_frame_size > MAX_SIZE_LIMIT,
+                "--max-message-size and --max-frame-size must be at most 1 GiB",
+            ),
+            (
+                self.drain_timeout < Duration::from_millis(100),
+                "--drain-timeout must be at least 100ms, or close frames cannot be written",
             ),
             (
                 !(self.rate_limit >= 0.0 && self.rate_limit.is_finite()),

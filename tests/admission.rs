@@ -353,3 +353,60 @@ async fn a_proxy_protocol_header_from_an_untrusted_peer_is_not_believed() {
     // Not a load balancer: the header is just bytes before the request, which HTTP refuses.
     assert_eq!(upgrade_after(&server, header).await, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_pick_its_address_with_its_own_forwarded_header_line() {
+    // Behind a proxy that appends its own X-Forwarded-For line (HAProxy's option forwardfor),
+    // the client's own line comes first and must not be believed.
+    let server = start_server_with(|config| {
+        config.max_connections_per_ip = 1;
+        config.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let mut kept = Vec::new();
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let spoofed = format!("7.7.7.{i}");
+        // tungstenite sends one line per header name, so build the request by hand.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             X-Forwarded-For: {spoofed}\r\nX-Forwarded-For: 5.6.7.8\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        statuses.push(std::str::from_utf8(&head[9..12]).unwrap().to_owned());
+        kept.push(stream);
+    }
+    assert_eq!(statuses, ["101", "429", "429"], "all three are 5.6.7.8");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_hop_with_a_port_is_read_and_nothing_left_of_it_is_skipped_to() {
+    let server = start_server_with(|config| {
+        config.max_connections_per_ip = 1;
+        config.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let _first = connect_with(
+        &server,
+        "/",
+        &[("x-forwarded-for", "8.8.8.1, 9.9.9.9:5555")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        connect_with(
+            &server,
+            "/",
+            &[("x-forwarded-for", "8.8.8.2, 9.9.9.9:5555")]
+        )
+        .await
+        .err(),
+        Some(429),
+        "both are 9.9.9.9"
+    );
+}

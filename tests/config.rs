@@ -155,3 +155,11 @@ fn check_config_exits_2_with_the_reason_for_a_bad_file() {
         .unwrap()
         .contains("/nope/cert.pem"));
 }
+
+#[test]
+fn size_limits_and_the_drain_timeout_have_sane_bounds() {
+    let error = load(args(&["--max-message-size", "4294967296"])).unwrap_err();
+    assert!(error.to_string().contains("at most 1 GiB"), "{error}");
+    let error = load(args(&["--drain-timeout", "0s"])).unwrap_err();
+    assert!(error.to_string().contains("--drain-timeout"), "{error}");
+}
