@@ -2,15 +2,22 @@
 //! protocol of the Ratchet seed server (`shared/PROTOCOL.md`) exactly.
 //!
 //! # Layout
-//! Data flows one way: socket -> [`server`] (accept, HTTP, upgrade) -> [`ws::session`] (read a
-//! frame) -> [`protocol`] (decode) -> [`ws::commands`] (one handler per message type) ->
-//! [`hub`] (rooms, directory, behind the [`hub::Router`] trait) -> the [`outbox`] of each
-//! recipient -> that connection's writer, which sends queued frames in batched vectored writes.
+//! Data flows one way: socket -> [`server`] (accept, [`proxy_protocol`], [`tls`], HTTP:
+//! health, [`metrics`], the [`web`] demo page, [`admission`], upgrade) -> [`ws::session`] (one
+//! task per connection) -> [`ws::frame`] (RFC 6455 frames) -> [`protocol`] (decode) ->
+//! [`ws::commands`] (one handler per message type, under [`limits`]) -> [`hub`] (rooms,
+//! directory, behind the [`hub::Router`] trait) -> the [`outbox`] of each recipient -> the
+//! recipient's task, which sends queued frames in batched vectored writes.
+//!
+//! Beside the flow: [`config`] (one `Config`: flags, environment, TOML file), [`telemetry`]
+//! (logging), [`heartbeat`] (pings, idle timeout, token expiry for all connections),
+//! [`shutdown`] (the stop signal), and [`client`] (the Rust client library and the command-line
+//! clients).
 //!
 //! [`protocol`] and [`outbox`] sit at the bottom and import nothing of ours: the wire format,
 //! and the bounded queue of pre-encoded frames. A fan-out encodes its frame once, as one
 //! [`bytes::Bytes`] holding the JSON and the WebSocket header, and every recipient's outbox
-//! gets a clone of it.
+//! gets a reference to it.
 //!
 //! # Embedding
 //! ```no_run

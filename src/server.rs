@@ -1,5 +1,5 @@
 //! Listening, accepting and HTTP: one SO_REUSEPORT listener per worker, hyper for HTTP/1.1,
-//! and the hand-off of upgraded connections to [`ws::session`](crate::ws::session).
+//! and the hand-off of upgraded connections to [`crate::ws::session`].
 
 use std::convert::Infallible;
 use std::io;
