@@ -1,7 +1,7 @@
 //! Per-connection limits on what a client may do: message rate, rooms, room names, metadata.
 //!
 //! Each limit answers with an `error` reply (the connection stays) except a sustained flood,
-//! which closes the connection with 1008. The values come from [`Config`](crate::config::Config) and are
+//! which closes the connection with 1008. The values come from [`crate::Config`] and are
 //! shared by every session of a server.
 
 use std::time::Instant;
