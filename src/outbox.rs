@@ -47,7 +47,9 @@ pub enum SlowConsumerPolicy {
     Drop,
 }
 
-/// Counters shared by every outbox of a server. Touched only on the rare slow-consumer path.
+/// Counters shared by every outbox of a server: `frames_written` once per socket write, the
+/// others only on the rare slow-consumer path. One set per server: on hosts with many cores,
+/// per-worker counters would avoid sharing the cache line between threads.
 #[derive(Debug, Default)]
 pub struct OutboxStats {
     /// Frames dropped under [`SlowConsumerPolicy::Drop`].

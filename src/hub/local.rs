@@ -129,12 +129,17 @@ impl Router for LocalHub {
 
     fn join(&self, room_name: &str, member: &Member) -> Joined {
         loop {
-            let room = self
-                .rooms
-                .entry(Arc::from(room_name))
-                .or_default()
-                .value()
-                .clone();
+            // Usually the room exists: a shared lookup, with no key to allocate and no shard
+            // write lock; only a new room takes the entry path.
+            let room = match self.room(room_name) {
+                Some(room) => room,
+                None => self
+                    .rooms
+                    .entry(Arc::from(room_name))
+                    .or_default()
+                    .value()
+                    .clone(),
+            };
             let mut members = room.write();
             if members.closed {
                 continue; // emptied and removed between our lookup and our lock
