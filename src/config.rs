@@ -149,6 +149,12 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
 
+    /// Key that opens `GET /api/stats` (connections, rooms, the largest rooms as JSON), sent
+    /// as `Authorization: Bearer KEY`. Default: none, and the endpoint answers 404.
+    #[arg(long, env = "ROOMCAST_API_KEY", hide_env_values = true)]
+    #[serde(serialize_with = "redacted")]
+    pub api_key: Option<String>,
+
     /// PEM file with the certificate chain for wss:// (with `--tls-key`). Default: plain ws://.
     #[arg(long, env = "ROOMCAST_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<String>,
@@ -230,6 +236,7 @@ impl Config {
             max_connections: 0,
             max_connections_per_ip: 0,
             trusted_proxies: Vec::new(),
+            api_key: None,
             tls_cert: None,
             tls_key: None,
             echo_path: None,

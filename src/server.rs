@@ -360,6 +360,7 @@ where
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/api/stats") => api_stats(&request, &ctx),
         (&Method::GET, "/metrics") => {
             let body = ctx.metrics.render(
                 ctx.admission.open_connections(),
@@ -446,6 +447,48 @@ where
         }
     });
     response.map(|_| Full::default())
+}
+
+/// `GET /api/stats`: open connections, clients, rooms and the ten largest rooms, as JSON, for
+/// `Authorization: Bearer` with `--api-key`; 404 when no key is configured.
+fn api_stats(request: &Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> {
+    let Some(key) = ctx.config.api_key.as_deref() else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let presented = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(presented.as_bytes(), key.as_bytes()) {
+        return text(StatusCode::UNAUTHORIZED, "API key required\n");
+    }
+    let (rooms, clients) = ctx.router.counts();
+    let top: Vec<_> = ctx
+        .router
+        .top_rooms(10)
+        .into_iter()
+        .map(|(room, members)| serde_json::json!({"room": room, "members": members}))
+        .collect();
+    let body = serde_json::json!({
+        "connections": ctx.admission.open_connections(),
+        "clients": clients,
+        "rooms": rooms,
+        "top_rooms": top,
+    });
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Compares secrets without stopping at the first difference, so response times do not tell
+/// an attacker how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -97,3 +97,46 @@ async fn refused_upgrades_are_counted_by_reason() {
         1.0
     );
 }
+
+async fn get_with(addr: std::net::SocketAddr, path: &str, authorization: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_stats_is_off_without_an_api_key() {
+    let server = start_server().await;
+    let response = common::http_get(server.addr, "/api/stats").await;
+    assert_eq!(common::status(&response), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_stats_needs_the_key_and_lists_the_largest_rooms() {
+    let server = start_server_with(|config| config.api_key = Some("s3cret".into())).await;
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    a.join("big").await;
+    b.join("big").await;
+    b.join("small").await;
+    for wrong in ["Bearer nope", "Bearer s3cre", "s3cret"] {
+        let response = get_with(server.addr, "/api/stats", wrong).await;
+        assert_eq!(common::status(&response), 401, "{wrong}");
+    }
+    let response = get_with(server.addr, "/api/stats", "Bearer s3cret").await;
+    assert_eq!(common::status(&response), 200, "{response}");
+    let body = response.split("\r\n\r\n").nth(1).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(stats["connections"], 2);
+    assert_eq!(stats["rooms"], 2);
+    assert_eq!(
+        stats["top_rooms"],
+        json!([{"room": "big", "members": 2}, {"room": "small", "members": 1}])
+    );
+}

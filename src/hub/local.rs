@@ -222,6 +222,17 @@ impl Router for LocalHub {
         (self.rooms.len(), self.clients.len())
     }
 
+    fn top_rooms(&self, n: usize) -> Vec<(String, usize)> {
+        let mut rooms: Vec<(String, usize)> = self
+            .rooms
+            .iter()
+            .map(|entry| (entry.key().to_string(), entry.value().read().list.len()))
+            .collect();
+        rooms.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        rooms.truncate(n);
+        rooms
+    }
+
     fn for_each_connection(&self, f: &mut dyn FnMut(&Member)) {
         for client in self.clients.iter() {
             f(client.value());

@@ -97,4 +97,8 @@ pub trait Router: Send + Sync + 'static {
 
     /// Calls `f` for every connection of this node (for shutdown, which closes them all).
     fn for_each_connection(&self, f: &mut dyn FnMut(&Member));
+
+    /// The `n` rooms with the most members, largest first (for the admin stats endpoint; it
+    /// visits every room).
+    fn top_rooms(&self, n: usize) -> Vec<(String, usize)>;
 }
