@@ -110,6 +110,14 @@ fn quick_retries() -> ReconnectPolicy {
     }
 }
 
+/// An address nobody listens on: bound for a moment to get a free port, then released.
+fn unused_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_joins_a_room_and_receives_another_clients_message() {
     let server = start_server().await;
@@ -312,10 +320,7 @@ async fn the_client_reconnects_to_a_restarted_server_and_restores_its_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_offline_queue_refuses_with_a_clear_error() {
     // A port nobody listens on.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = unused_addr();
     let mut client = Client::connect(
         ClientConfig::new(format!("ws://{addr}/"))
             .queue_capacity(3)
@@ -352,10 +357,7 @@ async fn a_full_offline_queue_refuses_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_attempts_ends_the_client() {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = unused_addr();
     let policy = ReconnectPolicy {
         max_attempts: Some(2),
         ..quick_retries()
@@ -519,10 +521,7 @@ async fn publish_sends_one_message_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_fails_with_a_reason() {
     // Nothing listening: retried until --timeout, then exit 1 with the last failure.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = unused_addr();
     let mut command = roomcast();
     command.args([
         "publish",

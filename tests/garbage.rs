@@ -10,16 +10,6 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Two clients in a room, to check after each attack that the server still serves.
-async fn bystanders(server: &TestServer) -> (Client, Client) {
-    let mut a = Client::connect(server).await;
-    let mut b = Client::connect(server).await;
-    a.join("bystanders").await;
-    b.join("bystanders").await;
-    a.recv().await; // b joined
-    (a, b)
-}
-
 async fn still_served(a: &mut Client, b: &mut Client, after: &str) {
     a.send(json!({"type": "room_message", "room": "bystanders", "message": after}))
         .await;
@@ -53,7 +43,7 @@ async fn every_kind_of_garbage_gets_its_answer_and_the_others_are_still_served()
         config.handshake_timeout = Duration::from_secs(1);
     })
     .await;
-    let (mut a, mut b) = bystanders(&server).await;
+    let (mut a, mut b) = common::pair_in_room(&server, "bystanders").await;
 
     // Frames that break RFC 6455: 1002.
     let unmasked = [0x81, 0x02, b'{', b'}'];

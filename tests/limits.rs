@@ -55,11 +55,7 @@ async fn a_sustained_flood_is_closed_with_1008_and_others_are_served() {
 async fn without_a_rate_limit_ten_thousand_malformed_messages_each_get_an_error() {
     let server = start_server_with(|config| config.rate_limit = 0.0).await;
     let mut bad = Client::connect(&server).await;
-    let mut a = Client::connect(&server).await;
-    let mut b = Client::connect(&server).await;
-    a.join("r").await;
-    b.join("r").await;
-    a.recv().await;
+    let (mut a, mut b) = common::pair_in_room(&server, "r").await;
     // In bursts of 100, reading the replies in between: a client that never reads its
     // replies would be a slow consumer, which is another test.
     let sending = async {

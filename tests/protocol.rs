@@ -415,11 +415,7 @@ async fn closing_a_connection_leaves_all_its_rooms_with_member_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_tcp_connection_is_cleaned_up_like_a_close() {
     let server = start_server().await;
-    let mut a = Client::connect(&server).await;
-    let mut b = Client::connect(&server).await;
-    a.join("r").await;
-    b.join("r").await;
-    a.recv().await;
+    let (mut a, b) = common::pair_in_room(&server, "r").await;
     let b_id = b.id.clone();
     drop(b); // no close frame: the TCP connection just goes away
     assert_eq!(

@@ -146,11 +146,7 @@ async fn message_at_the_size_limit_is_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_client_does_not_disturb_the_others() {
     let server = start_server().await;
-    let mut a = Client::connect(&server).await;
-    let mut b = Client::connect(&server).await;
-    a.join("r").await;
-    b.join("r").await;
-    a.recv().await;
+    let (mut a, mut b) = common::pair_in_room(&server, "r").await;
     let mut raw = RawClient::connect(&server).await;
     raw.send_raw(&[0xff; 64]).await;
     a.send(json!({"type": "room_message", "room": "r", "message": "still here"}))

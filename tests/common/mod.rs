@@ -222,6 +222,17 @@ pub fn close_code(code: u16) -> CloseCode {
     CloseCode::from(code)
 }
 
+/// Two clients that have both joined `room`; the first has already read the second's
+/// `member_joined`, so both start with nothing waiting.
+pub async fn pair_in_room(server: &TestServer, room: &str) -> (Client, Client) {
+    let mut a = Client::connect(server).await;
+    let mut b = Client::connect(server).await;
+    a.join(room).await;
+    b.join(room).await;
+    a.recv().await; // b joined
+    (a, b)
+}
+
 /// A WebSocket client on a bare TCP socket, for sending frames a well-behaved library will not
 /// (fragments, bad UTF-8, reserved bits) and reading the server's frames byte by byte.
 pub struct RawClient {
