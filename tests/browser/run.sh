@@ -8,6 +8,11 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
+# A relative ROOMCAST_BIN means relative to where we were called from; this script changes directory.
+if [ -n "${ROOMCAST_BIN:-}" ]; then
+    ROOMCAST_BIN=$(realpath "$ROOMCAST_BIN")
+    export ROOMCAST_BIN
+fi
 
 if [ ! -x /usr/bin/chromium ]; then
     echo "== installing chromium (Debian)"
