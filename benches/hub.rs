@@ -56,7 +56,7 @@ use criterion::{
     criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use roomcast::hub::{ConnId, LocalHub, Member, Router};
-use roomcast::outbox::{outbox, OutboxReceiver, SlowConsumerPolicy};
+use roomcast::outbox::{outbox, OutboxReceiver, QueueLimits, SlowConsumerPolicy};
 use roomcast::protocol::{self, Body};
 
 // The allocator of the server binary (`src/main.rs`), so allocation costs match production.
@@ -68,7 +68,11 @@ const ROOM: &str = "lobby";
 const CHAT_LINE: &str = "Hello room, anyone?!"; // 20 bytes
 
 fn member(conn: ConnId, capacity: usize) -> (Member, OutboxReceiver) {
-    let (tx, rx) = outbox(capacity, SlowConsumerPolicy::Drop, Arc::default());
+    let (tx, rx) = outbox(
+        QueueLimits::frames(capacity),
+        SlowConsumerPolicy::Drop,
+        Arc::default(),
+    );
     let member = Member {
         conn,
         client_id: format!("client_{conn:013x}").into(),

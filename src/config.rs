@@ -23,6 +23,7 @@ use crate::telemetry::LogFormat;
 pub mod defaults {
     pub const LISTEN: &str = "0.0.0.0:8080";
     pub const OUTBOUND_QUEUE: usize = 1024;
+    pub const OUTBOUND_QUEUE_BYTES: usize = 1024 * 1024;
     pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
     pub const MAX_FRAME_SIZE: usize = 64 * 1024;
     pub const HANDSHAKE_TIMEOUT: &str = "10s";
@@ -62,9 +63,19 @@ pub struct Config {
     pub workers: usize,
 
     /// Frames that may wait in one connection's outbound queue before it counts as a slow
-    /// consumer. Memory is only used while frames actually wait.
+    /// consumer.
     #[arg(long, env = "ROOMCAST_OUTBOUND_QUEUE", default_value_t = defaults::OUTBOUND_QUEUE)]
     pub outbound_queue: usize,
+
+    /// Bytes that may wait in one connection's outbound queue before it counts as a slow
+    /// consumer, whichever of the two bounds is reached first. A single frame larger than this
+    /// still goes out when nothing else waits.
+    #[arg(
+        long,
+        env = "ROOMCAST_OUTBOUND_QUEUE_BYTES",
+        default_value_t = defaults::OUTBOUND_QUEUE_BYTES
+    )]
+    pub outbound_queue_bytes: usize,
 
     /// What happens to a slow consumer whose outbound queue is full: `close` it with 1013
     /// (Try Again Later) or `drop` the frames it cannot take.
@@ -221,6 +232,7 @@ impl Config {
             listen,
             workers: default_workers(),
             outbound_queue: defaults::OUTBOUND_QUEUE,
+            outbound_queue_bytes: defaults::OUTBOUND_QUEUE_BYTES,
             slow_consumer: SlowConsumerPolicy::Close,
             max_message_size: defaults::MAX_MESSAGE_SIZE,
             max_frame_size: defaults::MAX_FRAME_SIZE,
@@ -255,6 +267,10 @@ impl Config {
             (
                 self.outbound_queue == 0,
                 "--outbound-queue must be at least 1",
+            ),
+            (
+                self.outbound_queue_bytes == 0,
+                "--outbound-queue-bytes must be at least 1",
             ),
             (
                 self.max_message_size == 0,

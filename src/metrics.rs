@@ -48,6 +48,7 @@ pub struct Metrics {
     rooms: Gauge,
     clients: Gauge,
     outbound_queue_frames: Gauge,
+    outbound_queue_bytes: Gauge,
     frames_out: Counter,
     slow_consumers_closed: Counter,
     frames_dropped: Counter,
@@ -124,6 +125,11 @@ impl Metrics {
                 "roomcast_outbound_queue_frames",
                 "Frames waiting in all connections' outbound queues.",
             ),
+            outbound_queue_bytes: gauge(
+                "roomcast_outbound_queue_bytes",
+                "Bytes waiting in all connections' outbound queues (a shared frame counts once \
+                 per queue).",
+            ),
             frames_out: counter(
                 "roomcast_frames_out_total",
                 "Frames written to sockets completely.",
@@ -178,12 +184,16 @@ impl Metrics {
     /// The exposition text, with the gauges read from the live state first.
     pub fn render(&self, open: usize, router: &dyn Router, outbox: &OutboxStats) -> String {
         let (rooms, clients) = router.counts();
-        let mut queued = 0usize;
-        router.for_each_connection(&mut |member| queued += member.outbox.queued());
+        let (mut queued, mut queued_bytes) = (0usize, 0usize);
+        router.for_each_connection(&mut |member| {
+            queued += member.outbox.queued();
+            queued_bytes += member.outbox.queued_bytes();
+        });
         self.connections_open.set(open as f64);
         self.rooms.set(rooms as f64);
         self.clients.set(clients as f64);
         self.outbound_queue_frames.set(queued as f64);
+        self.outbound_queue_bytes.set(queued_bytes as f64);
         let load = |counter: &std::sync::atomic::AtomicU64| {
             counter.load(std::sync::atomic::Ordering::Relaxed)
         };

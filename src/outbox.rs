@@ -5,9 +5,10 @@
 //! writes as the kernel accepts ("corking"): one syscall for many frames, never one per frame.
 //!
 //! Pushing is lock-free (a tokio bounded mpsc: atomics only, blocks of slots reused, so no
-//! allocation per frame in steady state) and never waits. A full queue means a slow consumer,
-//! handled by the configured [`SlowConsumerPolicy`], so one client that stops reading can
-//! neither grow the server's memory nor slow down the clients around it.
+//! allocation per frame in steady state) and never waits. The queue is bounded twice, in frames
+//! and in bytes ([`QueueLimits`]): many small frames or a few large ones. A full queue means a
+//! slow consumer, handled by the configured [`SlowConsumerPolicy`], so one client that stops
+//! reading can neither grow the server's memory nor slow down the clients around it.
 //!
 //! The draining side is poll-based ([`OutboxReceiver::poll_flush`]) so that one task per
 //! connection can read and write without a second task, and an idle connection holds no write
@@ -19,7 +20,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -33,6 +34,27 @@ use tokio::sync::mpsc;
 /// instead of a 32-byte one halves what every connection's queue costs (1.8 -> 0.9 KiB
 /// measured). A fan-out wraps its frame once and clones the `Arc` per recipient.
 pub type SharedFrame = Arc<Bytes>;
+
+/// How much may wait in one connection's queue before it counts as a slow consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Frames waiting, whatever their size.
+    pub frames: usize,
+    /// Bytes of the frames waiting, counted per connection even when a fan-out frame is shared
+    /// (it measures how far behind the client is). A frame larger than this still goes through
+    /// when nothing else waits, so every message the server accepts can be delivered.
+    pub bytes: usize,
+}
+
+impl QueueLimits {
+    /// A bound in frames alone.
+    pub fn frames(frames: usize) -> Self {
+        Self {
+            frames,
+            bytes: usize::MAX,
+        }
+    }
+}
 
 /// What to do with a frame for a client whose outbound queue is full.
 #[derive(
@@ -70,6 +92,11 @@ const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 /// The most frames taken out of one queue at once.
 const MAX_BATCH: usize = 256;
 
+/// A batch stops taking frames once it holds this many bytes: a socket's send buffer takes no
+/// more in one write, and what the socket refuses stays with the connection, outside the
+/// queue's byte bound; this caps that part.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
 /// How many batches one [`OutboxReceiver::poll_flush`] writes before it yields, so a connection
 /// whose queue refills as fast as it drains cannot monopolise a worker thread.
 const BATCHES_PER_POLL: usize = 4;
@@ -96,6 +123,10 @@ struct Shared {
     close_waker: AtomicWaker,
     policy: SlowConsumerPolicy,
     stats: Arc<OutboxStats>,
+    /// Bytes of the frames in the queue: added before a push, taken off when the writer takes
+    /// the frame out, so it never goes below zero.
+    queued_bytes: AtomicUsize,
+    byte_limit: usize,
     /// When the peer was last heard from, on the heartbeat's coarse clock (seconds).
     last_seen: AtomicU32,
     /// When the connection's token expires (Unix seconds); 0 for never.
@@ -115,8 +146,9 @@ pub struct OutboxReceiver {
     rx: mpsc::Receiver<SharedFrame>,
     shared: Arc<Shared>,
     /// Most frames taken out of the queue at once. Frames taken out no longer count against
-    /// the queue's capacity, so this is capped by the capacity: a connection holds at most
-    /// twice `capacity` frames in all (queued plus being written).
+    /// the queue's limits, so this is capped by the frame limit (and a batch by
+    /// [`MAX_BATCH_BYTES`]): a connection holds at most twice its frame limit in all, and its
+    /// byte limit plus one batch (queued plus being written).
     batch_limit: usize,
     /// Frames the socket has not taken yet. Empty, and without an allocation, unless the peer
     /// reads slower than we write.
@@ -135,18 +167,21 @@ thread_local! {
     static BATCH: RefCell<VecDeque<Bytes>> = RefCell::new(VecDeque::with_capacity(MAX_BATCH));
 }
 
-/// Creates an outbox holding at most `capacity` frames.
+/// Creates an outbox holding at most `limits` (in frames and in bytes).
 pub fn outbox(
-    capacity: usize,
+    limits: QueueLimits,
     policy: SlowConsumerPolicy,
     stats: Arc<OutboxStats>,
 ) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let capacity = limits.frames.max(1);
+    let (tx, rx) = mpsc::channel(capacity);
     let shared = Arc::new(Shared {
         close: AtomicU32::new(0),
         close_waker: AtomicWaker::new(),
         policy,
         stats,
+        queued_bytes: AtomicUsize::new(0),
+        byte_limit: limits.bytes.max(1),
         last_seen: AtomicU32::new(0),
         expires_at: AtomicU64::new(0),
     });
@@ -185,14 +220,25 @@ impl Outbox {
     }
 
     /// Queues a frame shared with other recipients without ever waiting. This is the
-    /// per-recipient step of every fan-out: a reference-count increment on the shared frame
-    /// and a lock-free enqueue.
+    /// per-recipient step of every fan-out: a reference-count increment on the shared frame,
+    /// one atomic add on this connection's byte count and a lock-free enqueue.
     #[inline]
     pub fn push_shared(&self, frame: SharedFrame) -> Pushed {
+        let len = frame.len();
+        let before = self.shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if before > 0 && before.saturating_add(len) > self.shared.byte_limit {
+            self.shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            return self.overflow();
+        }
         match self.tx.try_send(frame) {
             Ok(()) => Pushed::Queued,
-            Err(mpsc::error::TrySendError::Closed(_)) => Pushed::Closing,
-            Err(mpsc::error::TrySendError::Full(_)) => self.overflow(),
+            Err(error) => {
+                self.shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                match error {
+                    mpsc::error::TrySendError::Closed(_) => Pushed::Closing,
+                    mpsc::error::TrySendError::Full(_) => self.overflow(),
+                }
+            }
         }
     }
 
@@ -245,6 +291,11 @@ impl Outbox {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
+    /// Bytes of the frames waiting in the queue (not counting those the writer has taken out).
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Relaxed)
+    }
+
     /// Records that the peer was heard from at `now` (the heartbeat's coarse clock).
     #[inline]
     pub fn touch(&self, now: u32) {
@@ -291,7 +342,15 @@ pub enum Flushed {
 impl OutboxReceiver {
     /// Takes the next queued frame without waiting (for tests and benches).
     pub fn try_next(&mut self) -> Option<Bytes> {
-        self.rx.try_recv().ok().map(|frame| Bytes::clone(&frame))
+        let frame = self.rx.try_recv().ok()?;
+        self.taken_bytes(frame.len());
+        Some(Bytes::clone(&frame))
+    }
+
+    /// Frames of `bytes` bytes left the queue: they no longer count against its byte bound.
+    #[inline]
+    fn taken_bytes(&self, bytes: usize) {
+        self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// The close request made for this connection, if any. Registers the task to be woken by
@@ -372,10 +431,14 @@ impl OutboxReceiver {
         io: &mut W,
         batch: &mut VecDeque<Bytes>,
     ) -> BatchOutcome {
-        while batch.len() < self.batch_limit {
+        let mut batch_bytes = 0;
+        while batch.len() < self.batch_limit && batch_bytes < MAX_BATCH_BYTES {
             match self.rx.poll_recv(cx) {
-                // A reference-count increment: the batch holds the frame itself.
-                Poll::Ready(Some(frame)) => batch.push_back(Bytes::clone(&frame)),
+                Poll::Ready(Some(frame)) => {
+                    batch_bytes += frame.len();
+                    // A reference-count increment: the batch holds the frame itself.
+                    batch.push_back(Bytes::clone(&frame));
+                }
                 Poll::Ready(None) if batch.is_empty() => return BatchOutcome::Closed,
                 Poll::Ready(None) | Poll::Pending => break,
             }
@@ -383,6 +446,8 @@ impl OutboxReceiver {
         if batch.is_empty() {
             return BatchOutcome::Empty;
         }
+        // Once per batch, not per frame.
+        self.taken_bytes(batch_bytes);
         while !batch.is_empty() {
             match poll_write_some(cx, io, batch) {
                 Poll::Ready(Ok(n)) => self.wrote(n, Some(batch)),
@@ -415,6 +480,7 @@ impl OutboxReceiver {
         self.rx.close();
         if request.flush {
             while let Ok(frame) = self.rx.try_recv() {
+                self.taken_bytes(frame.len());
                 self.unsent.push_back(Bytes::clone(&frame));
             }
         } else {
@@ -554,7 +620,11 @@ mod tests {
 
     #[test]
     fn many_queued_frames_leave_in_one_vectored_write() {
-        let (tx, mut rx) = outbox(1024, SlowConsumerPolicy::Close, Arc::default());
+        let (tx, mut rx) = outbox(
+            QueueLimits::frames(1024),
+            SlowConsumerPolicy::Close,
+            Arc::default(),
+        );
         for i in 0..50u8 {
             tx.push(Bytes::from(vec![i; 10]));
         }
@@ -575,7 +645,11 @@ mod tests {
 
     #[test]
     fn a_slow_consumer_close_finishes_the_partly_written_frame_first() {
-        let (tx, mut rx) = outbox(8, SlowConsumerPolicy::Close, Arc::default());
+        let (tx, mut rx) = outbox(
+            QueueLimits::frames(8),
+            SlowConsumerPolicy::Close,
+            Arc::default(),
+        );
         tx.push(Bytes::from_static(b"0123456789"));
         tx.push(Bytes::from_static(b"abcdefghij"));
         // The socket takes 4 bytes, then nothing.
@@ -604,5 +678,70 @@ mod tests {
         ));
         assert_eq!(io.data, b"456789CLOSE");
         assert_eq!(tx.push(Bytes::from_static(b"late")), Pushed::Closing);
+    }
+
+    fn bytes_limited(bytes: usize, policy: SlowConsumerPolicy) -> (Outbox, OutboxReceiver) {
+        let limits = QueueLimits {
+            frames: 1024,
+            bytes,
+        };
+        outbox(limits, policy, Arc::default())
+    }
+
+    #[test]
+    fn the_byte_bound_drops_what_does_not_fit_and_frees_what_the_writer_takes() {
+        let (tx, mut rx) = bytes_limited(100, SlowConsumerPolicy::Drop);
+        assert_eq!(tx.push(Bytes::from(vec![0; 60])), Pushed::Queued);
+        assert_eq!(tx.push(Bytes::from(vec![1; 40])), Pushed::Queued);
+        assert_eq!(tx.queued_bytes(), 100);
+        assert_eq!(tx.push(Bytes::from(vec![2; 1])), Pushed::Dropped);
+        assert_eq!(tx.shared.stats.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(tx.queued_bytes(), 100, "a refused frame is not counted");
+        assert_eq!(rx.try_next().map(|frame| frame.len()), Some(60));
+        assert_eq!(tx.queued_bytes(), 40);
+        assert_eq!(tx.push(Bytes::from(vec![3; 60])), Pushed::Queued);
+        assert_eq!(tx.queued(), 2);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_byte_bound_goes_through_an_empty_queue() {
+        let (tx, rx) = bytes_limited(100, SlowConsumerPolicy::Close);
+        assert_eq!(tx.push(Bytes::from(vec![0; 500])), Pushed::Queued);
+        assert_eq!(tx.push(Bytes::from(vec![1; 1])), Pushed::Closing);
+        assert_eq!(tx.shared.stats.closed_slow.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            rx.close_request(),
+            Some(CloseRequest {
+                code: Some(1013),
+                flush: false
+            })
+        );
+    }
+
+    #[test]
+    fn a_write_batch_stops_at_its_byte_cap_and_the_rest_follows() {
+        let (tx, mut rx) = outbox(
+            QueueLimits::frames(1024),
+            SlowConsumerPolicy::Close,
+            Arc::default(),
+        );
+        let frame = Bytes::from(vec![7; MAX_BATCH_BYTES / 4]);
+        for _ in 0..10 {
+            tx.push(frame.clone());
+        }
+        let mut io = Recorder {
+            calls: 0,
+            data: Vec::new(),
+            limit: usize::MAX,
+        };
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(
+            rx.poll_flush(&mut cx, &mut io),
+            Poll::Ready(Ok(Flushed::Idle))
+        ));
+        assert_eq!(io.calls, 3, "4 + 4 + 2 frames");
+        assert_eq!(io.data.len(), 10 * frame.len());
+        assert_eq!(tx.queued_bytes(), 0);
     }
 }

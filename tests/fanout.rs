@@ -175,6 +175,42 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_keep_receiving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_when_its_queue_holds_more_bytes_than_the_byte_bound() {
+    // Room for 4,096 frames but only 256 KiB: large messages reach the byte bound long before
+    // the frame bound.
+    let server = start_server_with(|config| {
+        config.outbound_queue = 4096;
+        config.outbound_queue_bytes = 256 * 1024;
+        config.slow_consumer = SlowConsumerPolicy::Close;
+        config.rate_limit = 0.0;
+    })
+    .await;
+    let mut publisher = Client::connect(&server).await;
+    let mut sleeper = Client::connect(&server).await;
+    publisher.join("flood").await;
+    sleeper.join("flood").await;
+    publisher.recv().await;
+    flood(&mut publisher, "flood", 600).await;
+
+    // Whatever the kernel buffered arrives first; then the close.
+    let frame = sleeper.recv_close(Duration::from_secs(20)).await;
+    assert_eq!(common::code(&frame), 1013);
+    assert_eq!(frame.unwrap().reason, "slow consumer");
+    assert_eq!(
+        server
+            .server
+            .outbox_stats()
+            .closed_slow
+            .load(Ordering::Relaxed),
+        1
+    );
+    // The publisher was never held up, and is told the sleeper left.
+    let left = publisher.recv().await;
+    assert_eq!(left["type"], "member_left", "{left}");
+    assert_eq!(left["total_members"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_under_the_drop_policy_stays_connected_and_drops_are_counted() {
     let server = start_server_with(|config| {
         config.outbound_queue = 16;

@@ -30,6 +30,7 @@ async fn metrics_are_present_and_move_with_traffic() {
         "roomcast_rooms",
         "roomcast_clients",
         "roomcast_outbound_queue_frames",
+        "roomcast_outbound_queue_bytes",
         "roomcast_frames_out_total",
         "roomcast_fanout_deliveries_total",
         "roomcast_slow_consumers_closed_total",
@@ -74,6 +75,39 @@ async fn metrics_are_present_and_move_with_traffic() {
     assert_eq!(value(&after, "roomcast_fanout_deliveries_total"), 4.0);
     assert!(value(&after, "roomcast_frames_out_total") >= 7.0, "{after}");
     assert_eq!(value(&after, "roomcast_fanout_seconds_count"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_queue_gauges_show_a_client_that_stopped_reading() {
+    let server = start_server_with(|config| {
+        config.rate_limit = 0.0;
+        config.outbound_queue = 4096;
+        config.outbound_queue_bytes = 64 * 1024 * 1024;
+    })
+    .await;
+    let (mut publisher, _sleeper) = common::pair_in_room(&server, "q").await;
+    // Far more than the kernel's socket buffers hold, far less than the queue's bounds.
+    let body = "z".repeat(60_000);
+    for _ in 0..400 {
+        publisher
+            .send(json!({"type": "room_message", "room": "q", "message": body}))
+            .await;
+    }
+    let deadline = std::time::Instant::now() + common::EXPECT;
+    loop {
+        let text = scrape(server.addr).await;
+        let frames = value(&text, "roomcast_outbound_queue_frames");
+        let bytes = value(&text, "roomcast_outbound_queue_bytes");
+        // The two gauges are read one after the other: retry while the writer still drains.
+        if frames > 0.0 && bytes >= frames * 60_000.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queued: {frames} frames in {bytes} bytes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,7 +115,7 @@ async fn a_missing_certificate_file_is_a_clear_startup_error() {
 /// it before going idle, or the tail of a burst waits for the next frame (a ping, 30 s later).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tail_of_a_burst_reaches_a_slow_wss_reader_without_another_frame() {
-    use roomcast::outbox::{outbox, Flushed, SlowConsumerPolicy};
+    use roomcast::outbox::{outbox, Flushed, QueueLimits, SlowConsumerPolicy};
     use std::task::Poll;
     use tokio::io::AsyncReadExt;
 
@@ -132,7 +132,11 @@ async fn the_tail_of_a_burst_reaches_a_slow_wss_reader_without_another_frame() {
         connector(cert.der.clone()).connect(ServerName::try_from("localhost").unwrap(), client_io)
     );
     let (mut server_tls, mut client_tls) = (server_tls.unwrap(), client_tls.unwrap());
-    let (tx, mut rx) = outbox(1024, SlowConsumerPolicy::Close, Arc::default());
+    let (tx, mut rx) = outbox(
+        QueueLimits::frames(1024),
+        SlowConsumerPolicy::Close,
+        Arc::default(),
+    );
     let (frames, frame_len) = (10usize, 8 * 1024);
     for i in 0..frames {
         tx.push(bytes::Bytes::from(vec![b'a' + i as u8; frame_len]));

@@ -243,10 +243,14 @@ impl Router for LocalHub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::{outbox, OutboxReceiver, OutboxStats, SlowConsumerPolicy};
+    use crate::outbox::{outbox, OutboxReceiver, OutboxStats, QueueLimits, SlowConsumerPolicy};
 
     fn member(conn: ConnId, capacity: usize) -> (Member, OutboxReceiver) {
-        let (tx, rx) = outbox(capacity, SlowConsumerPolicy::Drop, Arc::default());
+        let (tx, rx) = outbox(
+            QueueLimits::frames(capacity),
+            SlowConsumerPolicy::Drop,
+            Arc::default(),
+        );
         let member = Member {
             conn,
             client_id: format!("client_{conn}").into(),
@@ -335,7 +339,11 @@ mod tests {
     #[test]
     fn a_full_outbox_drops_under_the_drop_policy_and_counts_it() {
         let stats = Arc::new(OutboxStats::default());
-        let (tx, _rx) = outbox(2, SlowConsumerPolicy::Drop, stats.clone());
+        let (tx, _rx) = outbox(
+            QueueLimits::frames(2),
+            SlowConsumerPolicy::Drop,
+            stats.clone(),
+        );
         for _ in 0..5 {
             tx.push(Bytes::from_static(b"x"));
         }
@@ -346,7 +354,11 @@ mod tests {
     #[test]
     fn a_full_outbox_asks_to_close_under_the_close_policy() {
         let stats = Arc::new(OutboxStats::default());
-        let (tx, _rx) = outbox(2, SlowConsumerPolicy::Close, stats.clone());
+        let (tx, _rx) = outbox(
+            QueueLimits::frames(2),
+            SlowConsumerPolicy::Close,
+            stats.clone(),
+        );
         for _ in 0..5 {
             tx.push(Bytes::from_static(b"x"));
         }

@@ -227,11 +227,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         mode: Mode,
     ) -> Self {
         let config = &ctx.config;
-        let (own_outbox, outbox) = outbox::outbox(
-            config.outbound_queue,
-            config.slow_consumer,
-            ctx.outbox_stats.clone(),
-        );
+        let limits = outbox::QueueLimits {
+            frames: config.outbound_queue,
+            bytes: config.outbound_queue_bytes,
+        };
+        let (own_outbox, outbox) =
+            outbox::outbox(limits, config.slow_consumer, ctx.outbox_stats.clone());
         let reader = FrameReader::new(config.max_frame_size, config.max_message_size);
         if mode == Mode::Echo {
             return Self {
