@@ -90,6 +90,12 @@ impl Session {
             Command::SetMetadata { .. } => 5,
         };
         self.metrics.message_in(kind);
+        // Disabled unless RUST_LOG asks for debug: then one check of a cached level per message.
+        tracing::debug!(
+            client_id = %self.member.client_id,
+            kind = crate::metrics::MESSAGE_TYPES[kind],
+            "message"
+        );
         match command {
             Command::Broadcast { message } => self.broadcast(&message),
             Command::JoinRoom { room } => self.join_room(&room),
@@ -125,6 +131,7 @@ impl Session {
     }
 
     fn reply_error(&self, message: &str) {
+        tracing::debug!(client_id = %self.member.client_id, error = message, "refused");
         self.member
             .outbox
             .push(protocol::error(message, protocol::timestamp()));
