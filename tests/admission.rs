@@ -154,6 +154,41 @@ async fn an_es256_public_key_verifies_tokens_signed_by_its_private_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rs256_public_key_verifies_tokens_signed_by_its_private_key() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let public_pem = fixtures.join("rs256-public.pem");
+    let server = start_server_with(|config| {
+        config.jwt_public_key = Some(public_pem.to_string_lossy().into_owned());
+    })
+    .await;
+    let private_pem = std::fs::read(fixtures.join("rs256-private.pem")).unwrap();
+    let signed = encode(
+        &Header::new(Algorithm::RS256),
+        &json!({"sub": "rsa-user", "exp": now() + 60}),
+        &EncodingKey::from_rsa_pem(&private_pem).unwrap(),
+    )
+    .unwrap();
+    let client = connect_with(&server, &format!("/?token={signed}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(client.welcome["user_id"], "rsa-user");
+    // Tampering with the claims breaks the signature.
+    let mut parts: Vec<&str> = signed.split('.').collect();
+    let forged_claims = {
+        use base64::Engine;
+        let claims = json!({"sub": "admin", "exp": now() + 60}).to_string();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims)
+    };
+    parts[1] = &forged_claims;
+    assert_eq!(
+        connect_with(&server, &format!("/?token={}", parts.join(".")), &[])
+            .await
+            .err(),
+        Some(401)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_message_to_a_user_id_reaches_every_connection_of_that_user() {
     let server = auth_server().await;
     let ann = token(json!({"sub": "ann"}));
