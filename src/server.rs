@@ -90,8 +90,18 @@ pub struct Server {
 impl Server {
     /// Binds `config.workers` listeners to `config.listen` with SO_REUSEPORT, so the kernel
     /// spreads incoming connections over them. With port 0, the first listener picks the port
-    /// and the others join it. Must be called inside a tokio runtime.
+    /// and the others join it. Must be called inside a tokio runtime. Rooms and clients live
+    /// in this process ([`LocalHub`]).
     pub fn bind(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
+        Self::bind_with_router(config, shutdown, Arc::new(LocalHub::new()))
+    }
+
+    /// [`bind`](Self::bind) with the given [`Router`]: where a multi-node backplane plugs in.
+    pub fn bind_with_router(
+        config: Config,
+        shutdown: CancellationToken,
+        router: Arc<dyn Router>,
+    ) -> io::Result<Self> {
         config
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -118,7 +128,7 @@ impl Server {
             admission: Arc::new(admission),
             session_limits: Arc::new(SessionLimits::from_config(&config)),
             config,
-            router: Arc::new(LocalHub::new()),
+            router,
             outbox_stats: Arc::default(),
             closing: CancellationToken::new(),
             shutdown,

@@ -5,7 +5,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{start_server, start_server_with, Client};
+use common::{start_server, start_server_routed, start_server_with, Client};
 use futures_util::StreamExt;
 use roomcast::outbox::SlowConsumerPolicy;
 use serde_json::json;
@@ -243,4 +243,27 @@ async fn a_slow_consumer_under_the_drop_policy_stays_connected_and_drops_are_cou
         .send(json!({"type": "room_message", "room": "flood", "message": "after"}))
         .await;
     assert_eq!(sleeper.recv().await["message"], "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_sharing_one_router_serve_one_room_across_both() {
+    // The Router is the seam a multi-node backplane plugs into: here two listeners ("nodes")
+    // share one in-process hub, and nothing in the connection or protocol code notices.
+    let router: std::sync::Arc<dyn roomcast::hub::Router> =
+        std::sync::Arc::new(roomcast::hub::LocalHub::new());
+    let node_a = start_server_routed(|_| {}, router.clone()).await;
+    let node_b = start_server_routed(|_| {}, router).await;
+    let mut ann = Client::connect(&node_a).await;
+    let mut bob = Client::connect(&node_b).await;
+    ann.join("shared").await;
+    assert_eq!(bob.join("shared").await["members"], 2);
+    assert_eq!(ann.recv().await["type"], "member_joined");
+    ann.send(json!({"type": "room_message", "room": "shared", "message": "across"}))
+        .await;
+    let got = bob.recv().await;
+    assert_eq!(got["message"], "across");
+    assert_eq!(got["from"], ann.id.as_str());
+    bob.send(json!({"type": "private_message", "to": ann.id, "message": "back"}))
+        .await;
+    assert_eq!(ann.recv().await["message"], "back");
 }

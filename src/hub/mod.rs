@@ -2,8 +2,9 @@
 //!
 //! [`Router`] is the one seam between connections and delivery. The connection code (the `ws`
 //! module) only ever talks to a `dyn Router`; [`LocalHub`] is the single-node implementation,
-//! and a multi-node backplane (Redis) is a second implementation of the same trait, chosen at
-//! start-up, without touching connection or protocol code.
+//! and a multi-node backplane (Redis) would be a second implementation of the same trait, handed
+//! to `Server::bind_with_router` at start-up, without touching connection or protocol code.
+//! None exists yet: `roomcast serve` always uses `LocalHub`.
 //!
 //! Every frame a router delivers is encoded once by the `protocol` module into one [`Bytes`];
 //! each recipient's [`Outbox`] receives a clone of it (a reference-count increment).

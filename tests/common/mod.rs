@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -92,13 +93,35 @@ pub async fn start_server() -> TestServer {
     start_server_with(|_| {}).await
 }
 
+/// Raises this process's soft open-file limit to its hard limit, once. Server and clients of a
+/// test share the process, so a 1,000-client test needs over 2,000 descriptors, more than the
+/// common soft default of 1,024. The `roomcast` binary does the same at start-up.
+pub fn raise_open_file_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+            eprintln!("could not raise the open-file limit: {error}");
+        }
+    });
+}
+
 /// Starts a server after `tweak` adjusted the defaults.
 pub async fn start_server_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    start_server_routed(tweak, Arc::new(roomcast::hub::LocalHub::new())).await
+}
+
+/// Starts a server that delivers through `router` (which other servers may share).
+pub async fn start_server_routed(
+    tweak: impl FnOnce(&mut Config),
+    router: Arc<dyn roomcast::hub::Router>,
+) -> TestServer {
+    raise_open_file_limit();
     let mut config = Config::with_listen("127.0.0.1:0".parse().unwrap());
     config.workers = 2;
     tweak(&mut config);
     let shutdown = CancellationToken::new();
-    let server = roomcast::Server::bind(config, shutdown.clone()).expect("bind");
+    let server =
+        roomcast::Server::bind_with_router(config, shutdown.clone(), router).expect("bind");
     let addr = server.local_addr();
     let handle = server.handle();
     let task = tokio::spawn(server.run());
