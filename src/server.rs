@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -29,7 +30,7 @@ use crate::heartbeat::{self, CoarseClock, Heartbeat};
 use crate::hub::{LocalHub, Router};
 use crate::limits::SessionLimits;
 use crate::metrics::Metrics;
-use crate::outbox::OutboxStats;
+use crate::outbox::{Outbox, OutboxStats};
 use crate::proxy_protocol;
 use crate::tls;
 use crate::web;
@@ -52,6 +53,9 @@ pub struct Context {
     pub session_limits: Arc<SessionLimits>,
     pub router: Arc<dyn Router>,
     pub outbox_stats: Arc<OutboxStats>,
+    /// Connections on `--echo-path`, by connection number: they are in no room and not in the
+    /// directory, and the shutdown must still reach them.
+    pub echo_connections: DashMap<u64, Outbox>,
     /// Cancelled by the owner to stop the server (SIGTERM). The server then turns unready and
     /// keeps serving for `--shutdown-delay` before `closing`.
     pub shutdown: CancellationToken,
@@ -130,6 +134,7 @@ impl Server {
             config,
             router,
             outbox_stats: Arc::default(),
+            echo_connections: DashMap::new(),
             closing: CancellationToken::new(),
             shutdown,
             ready: AtomicBool::new(true),
@@ -211,6 +216,9 @@ impl Server {
         ctx.router.for_each_connection(&mut |member| {
             member.outbox.request_close(ws::session::going_away());
         });
+        for echo in ctx.echo_connections.iter() {
+            echo.value().request_close(ws::session::going_away());
+        }
         if tokio::time::timeout(ctx.config.drain_timeout, ctx.tasks.wait())
             .await
             .is_err()

@@ -56,3 +56,31 @@ async fn without_the_option_the_echo_path_is_an_ordinary_protocol_connection() {
     let first = ws.next().await.unwrap().unwrap();
     assert!(first.to_text().unwrap().contains("\"welcome\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_connections_are_closed_with_1001_at_shutdown_like_protocol_ones() {
+    let server = start_server_with(|config| {
+        config.echo_path = Some("/echo".into());
+        // Far longer than the test waits: the close must come from the drain, not the timeout.
+        config.drain_timeout = std::time::Duration::from_secs(30);
+    })
+    .await;
+    let url = format!("ws://{}/echo", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::Text("before".into())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Text("before".into())
+    );
+    server.shutdown.cancel();
+    let next = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .expect("a close frame within 5 s of the shutdown");
+    match next {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1001);
+            assert_eq!(frame.reason, "server shutting down");
+        }
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+}

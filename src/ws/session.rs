@@ -77,29 +77,38 @@ pub enum Mode {
 #[allow(clippy::large_enum_variant)]
 enum Handler {
     Rooms(Session),
-    Echo(Outbox),
+    /// An echo connection, listed in `Context::echo_connections` under `conn` so that a
+    /// shutdown reaches it too.
+    Echo {
+        outbox: Outbox,
+        conn: u64,
+    },
 }
 
 impl Handler {
     fn outbox(&self) -> &Outbox {
         match self {
             Handler::Rooms(session) => &session.member().outbox,
-            Handler::Echo(outbox) => outbox,
+            Handler::Echo { outbox, .. } => outbox,
         }
     }
 
     fn on_message(&mut self, binary: bool, payload: &mut [u8]) {
         match self {
             Handler::Rooms(session) => session.handle_message(payload),
-            Handler::Echo(outbox) => {
+            Handler::Echo { outbox, .. } => {
                 outbox.push(protocol::data(binary, payload));
             }
         }
     }
 
-    fn disconnect(&mut self) {
-        if let Handler::Rooms(session) = self {
-            session.disconnect();
+    /// Leaves rooms and the directory (or the echo list). Idempotent.
+    fn disconnect(&mut self, ctx: &server::Context) {
+        match self {
+            Handler::Rooms(session) => session.disconnect(),
+            Handler::Echo { conn, .. } => {
+                ctx.echo_connections.remove(conn);
+            }
         }
     }
 }
@@ -235,11 +244,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             outbox::outbox(limits, config.slow_consumer, ctx.outbox_stats.clone());
         let reader = FrameReader::new(config.max_frame_size, config.max_message_size);
         if mode == Mode::Echo {
+            ctx.echo_connections.insert(conn, own_outbox.clone());
+            // As below: a shutdown that began meanwhile has not seen it in the list.
+            if ctx.closing.is_cancelled() {
+                own_outbox.request_close(going_away());
+            }
             return Self {
                 io,
                 reader,
                 outbox,
-                handler: Handler::Echo(own_outbox),
+                handler: Handler::Echo {
+                    outbox: own_outbox,
+                    conn,
+                },
                 state: State::Open,
                 ended_by: EndedBy::Open,
                 ctx,
@@ -419,7 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn start_closing(&mut self, request: CloseRequest, reason: &str) {
         // Leave rooms and the directory now: members learn at once, and nothing more is
         // queued for a connection that is going.
-        self.handler.disconnect();
+        self.handler.disconnect(&self.ctx);
         self.outbox
             .begin_close(request, protocol::close(request.code, reason));
         self.state = State::Closing {
@@ -433,7 +450,7 @@ impl<S> Drop for Connection<S> {
     fn drop(&mut self) {
         // Whatever ended the task (error, EOF, runtime shutdown, a panic), the connection
         // leaves its rooms and the directory. `disconnect` is idempotent.
-        self.handler.disconnect();
+        self.handler.disconnect(&self.ctx);
     }
 }
 
