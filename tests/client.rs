@@ -1,7 +1,8 @@
 //! The client library (`roomcast::client`) and the command-line clients (`roomcast client`,
 //! `roomcast publish`) against the real server: rooms, private messages, reconnection to a
-//! restarted server with the rooms, metadata and offline messages restored, the bounded queue,
-//! tokens, wss://.
+//! restarted server with the rooms, metadata and offline messages restored (after a graceful
+//! stop, a killed server process, and a frozen one only the keepalive notices), the bounded
+//! queue, tokens, wss://.
 
 mod common;
 
@@ -688,4 +689,195 @@ async fn the_json_client_prints_raw_messages_and_sends_piped_input_before_exitin
     );
     watcher.close().await;
     server.stop().await;
+}
+
+/// The real `roomcast` binary serving on `addr`, so a test can kill or freeze the whole process
+/// (an in-process server can only be stopped gracefully). Killed when dropped, so a failing
+/// test leaves no server behind.
+struct ServerProcess {
+    child: std::process::Child,
+}
+
+impl ServerProcess {
+    async fn start(addr: SocketAddr) -> ServerProcess {
+        let mut child = roomcast()
+            .args(["--listen", &addr.to_string(), "--workers", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start roomcast");
+        let deadline = tokio::time::Instant::now() + EXPECT;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("roomcast exited before listening on {addr}: {status}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "roomcast not listening on {addr} within {EXPECT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ServerProcess { child }
+    }
+
+    /// SIGKILL: no close frame, no drain; the kernel ends the sockets.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGSTOP: the process stops answering, but its sockets stay open and the kernel keeps
+    /// ACKing, so the client sees neither FIN nor RST: a half-open connection as far as the
+    /// application can tell.
+    fn freeze(&mut self) {
+        let status = Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill -STOP");
+        assert!(status.success());
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_reconnects_after_the_server_process_is_killed_and_restores_its_state() {
+    let addr = unused_addr();
+    let mut first = ServerProcess::start(addr).await;
+    // A fixed 1.5 s between attempts, so the observer below is in the room before the client
+    // comes back and sees the queued message.
+    let policy = ReconnectPolicy {
+        initial_delay: Duration::from_millis(1500),
+        max_delay: Duration::from_millis(1500),
+        jitter: Jitter::None,
+        ..ReconnectPolicy::default()
+    };
+    let mut client =
+        Client::connect(ClientConfig::new(format!("ws://{addr}/")).reconnect(policy)).unwrap();
+    let (first_id, _) = connected(&mut client).await;
+    client.join_room("ops").unwrap();
+    assert_eq!(joined(&mut client, "ops").await, 1);
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("name".into(), json!("ann"));
+    client.set_metadata(metadata).unwrap();
+    expect_event(&mut client, "metadata_updated", |e| {
+        matches!(e, Event::Message(ServerMessage::MetadataUpdated { .. }))
+    })
+    .await;
+
+    // The process dies without a close frame: the client notices the end of the stream.
+    first.kill();
+    let event = expect_event(&mut client, "Disconnected", |e| {
+        matches!(e, Event::Disconnected { .. })
+    })
+    .await;
+    assert!(
+        matches!(&event, Event::Disconnected { reason } if reason.starts_with("connection lost")),
+        "{event:?}"
+    );
+    expect_event(&mut client, "Reconnecting", |e| {
+        matches!(e, Event::Reconnecting { attempt: 1, .. })
+    })
+    .await;
+    client.room_message("ops", "sent while offline").unwrap();
+
+    let second = start_server_on(addr).await;
+    let mut observer = RawClient::connect(&second).await;
+    assert_eq!(
+        observer.join("ops").await["members"],
+        1,
+        "the observer joined before the client came back"
+    );
+
+    // Back by itself: new id, metadata and room restored, then the queued message.
+    let (second_id, _) = connected(&mut client).await;
+    assert_ne!(second_id, first_id);
+    let event = expect_event(&mut client, "metadata_updated after reconnecting", |e| {
+        matches!(e, Event::Message(ServerMessage::MetadataUpdated { .. }))
+    })
+    .await;
+    assert_eq!(
+        event,
+        Event::Message(ServerMessage::MetadataUpdated {
+            metadata: json!({"name": "ann"}).as_object().unwrap().clone()
+        })
+    );
+    assert_eq!(joined(&mut client, "ops").await, 2);
+    let rejoined = recv_type(&mut observer, "member_joined").await;
+    assert_eq!(rejoined["client_id"], second_id.as_str());
+    let queued = recv_type(&mut observer, "room_message").await;
+    assert_eq!(queued["from"], second_id.as_str());
+    assert_eq!(queued["message"], "sent while offline");
+
+    observer
+        .send(json!({"type": "room_message", "room": "ops", "message": "welcome back"}))
+        .await;
+    assert_eq!(
+        room_message(&mut client, "ops", "welcome back").await,
+        observer.id
+    );
+    client.close().await;
+    observer.close().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_notices_a_frozen_server_and_the_client_reconnects() {
+    let addr = unused_addr();
+    let mut first = ServerProcess::start(addr).await;
+    let keepalive = Duration::from_millis(250);
+    let mut client = Client::connect(
+        ClientConfig::new(format!("ws://{addr}/"))
+            .keepalive(Some(keepalive))
+            // Attempts against the frozen process get a TCP connection but never a welcome.
+            .connect_timeout(Duration::from_secs(1))
+            .reconnect(quick_retries()),
+    )
+    .unwrap();
+    let (first_id, _) = connected(&mut client).await;
+    client.join_room("ops").unwrap();
+    joined(&mut client, "ops").await;
+
+    // No FIN, no RST, no pong: only the keepalive can tell the server is gone.
+    first.freeze();
+    let frozen_at = tokio::time::Instant::now();
+    let event = expect_event(&mut client, "Disconnected", |e| {
+        matches!(e, Event::Disconnected { .. })
+    })
+    .await;
+    assert!(
+        matches!(&event, Event::Disconnected { reason } if reason.contains("(keepalive)")),
+        "{event:?}"
+    );
+    // Silence for two periods, checked at each tick: at most three periods, plus slack for a
+    // loaded machine.
+    assert!(
+        frozen_at.elapsed() < keepalive * 3 + Duration::from_secs(1),
+        "noticed after {:?}",
+        frozen_at.elapsed()
+    );
+
+    first.kill();
+    let second = start_server_on(addr).await;
+    let (second_id, _) = connected(&mut client).await;
+    assert_ne!(second_id, first_id);
+    joined(&mut client, "ops").await;
+    let mut observer = RawClient::connect(&second).await;
+    observer.join("ops").await;
+    observer
+        .send(json!({"type": "room_message", "room": "ops", "message": "still there?"}))
+        .await;
+    assert_eq!(
+        room_message(&mut client, "ops", "still there?").await,
+        observer.id
+    );
+    client.close().await;
+    observer.close().await;
+    second.stop().await;
 }
