@@ -26,7 +26,7 @@ use roomcast::outbox::{outbox, OutboxStats, QueueLimits, SlowConsumerPolicy};
 use tokio_util::sync::CancellationToken;
 
 /// Instances of each part; large enough that one-off costs (a slab page, a table resize)
-/// disappear in the average, small enough for the default open-file limit (two sockets each).
+/// disappear in the average. Two sockets each: `main` raises the open-file limit first.
 const N: usize = 5_000;
 
 // The `mimalloc` crate exposes `usable_size` only with its `extended` feature, which the server
@@ -255,6 +255,11 @@ fn open_idle(addr: SocketAddr, count: usize) -> Vec<std::net::TcpStream> {
 }
 
 fn main() {
+    // 5,000 connections are 10,000 descriptors in this one process; the soft limit is often
+    // 1,024. The roomcast binary raises it the same way.
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("could not raise the open-file limit: {error}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

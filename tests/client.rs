@@ -858,7 +858,7 @@ async fn keepalive_notices_a_frozen_server_and_the_client_reconnects() {
     // Silence for two periods, checked at each tick: at most three periods, plus slack for a
     // loaded machine.
     assert!(
-        frozen_at.elapsed() < keepalive * 3 + Duration::from_secs(1),
+        frozen_at.elapsed() < keepalive * 3 + Duration::from_secs(3),
         "noticed after {:?}",
         frozen_at.elapsed()
     );
