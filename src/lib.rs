@@ -14,8 +14,9 @@
 //! [`shutdown`] (the stop signal), and [`client`] (the Rust client library and the command-line
 //! clients).
 //!
-//! [`protocol`] and [`outbox`] sit at the bottom and import nothing of ours: the wire format,
-//! and the bounded queue of pre-encoded frames. A fan-out encodes its frame once, as one
+//! [`protocol`] and [`outbox`] sit at the bottom and import nothing of ours but [`counter`]
+//! (a per-thread-sharded counter for hot paths): the wire format, and the bounded queue of
+//! pre-encoded frames. A fan-out encodes its frame once, as one
 //! [`bytes::Bytes`] holding the JSON and the WebSocket header, and every recipient's outbox
 //! gets a reference to it.
 //!
@@ -33,6 +34,7 @@
 pub mod admission;
 pub mod client;
 pub mod config;
+pub mod counter;
 pub mod heartbeat;
 pub mod hub;
 pub mod limits;

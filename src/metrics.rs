@@ -200,7 +200,7 @@ impl Metrics {
         let load = |counter: &std::sync::atomic::AtomicU64| {
             counter.load(std::sync::atomic::Ordering::Relaxed)
         };
-        self.frames_out.absolute(load(&outbox.frames_written));
+        self.frames_out.absolute(outbox.frames_written.get());
         self.slow_consumers_closed
             .absolute(load(&outbox.closed_slow));
         self.frames_dropped.absolute(load(&outbox.dropped));

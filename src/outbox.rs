@@ -14,7 +14,7 @@
 //! connection can read and write without a second task, and an idle connection holds no write
 //! buffer: frames are gathered in a per-thread batch and only what the socket refuses is kept.
 //!
-//! This module sits at the bottom of the crate: it imports nothing of ours.
+//! This module sits near the bottom of the crate: it imports only [`crate::counter`].
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -28,6 +28,8 @@ use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
+
+use crate::counter::ShardedCounter;
 
 /// A queued frame: the encoded frame behind one more pointer. Why not `Bytes` itself: the
 /// queue's storage is allocated per connection in blocks of 32 slots, and an 8-byte slot
@@ -69,9 +71,8 @@ pub enum SlowConsumerPolicy {
     Drop,
 }
 
-/// Counters shared by every outbox of a server: `frames_written` once per socket write, the
-/// others only on the rare slow-consumer path. One set per server: on hosts with many cores,
-/// per-worker counters would avoid sharing the cache line between threads.
+/// Counters shared by every outbox of a server: `frames_written` once per socket write (spread
+/// over per-thread cache lines), the others only on the rare slow-consumer path.
 #[derive(Debug, Default)]
 pub struct OutboxStats {
     /// Frames dropped under [`SlowConsumerPolicy::Drop`].
@@ -79,7 +80,7 @@ pub struct OutboxStats {
     /// Connections closed under [`SlowConsumerPolicy::Close`].
     pub closed_slow: AtomicU64,
     /// Frames written to sockets completely; added once per write syscall.
-    pub frames_written: AtomicU64,
+    pub frames_written: ShardedCounter,
 }
 
 /// Frames handed to one `writev` call: enough to amortise the syscall, few enough for a stack
@@ -465,10 +466,7 @@ impl OutboxReceiver {
         let (partial, completed) = advance(frames, n);
         self.front_partial = partial;
         if completed > 0 {
-            self.shared
-                .stats
-                .frames_written
-                .fetch_add(completed, Ordering::Relaxed);
+            self.shared.stats.frames_written.add(completed);
         }
     }
 
