@@ -108,6 +108,18 @@ def tables(results):
             server = rep.get("server") or {}
             cores = server.get("cpu_cores_used")
             out.append(f"| --workers {workers} | {f['rate'] / 1e6:.2f}M | {f['cpu']} us | {cores} |")
+    out.append("")
+    out.append("| churn (50 workers) | handshakes/s | cycles failed | errors | server CPU/cycle | handshake p50 / p99 | server cores used |")
+    out.append("|---|---|---|---|---|---|---|")
+    for peer in PEERS:
+        rep = load(results, f"churn--{peer}")
+        if rep:
+            r = rep["results"]
+            errors = sum(e.get("count", 0) for e in rep.get("errors", []))
+            lat = r.get("handshake_latency", {})
+            cores = (rep.get("server") or {}).get("cpu_cores_used")
+            out.append(f"| {peer} | {r['handshakes_per_second']:,.0f} | {r['cycles_failed']} | {errors} | "
+                       f"{r.get('server_cpu_us_per_cycle')} us | {ms(lat.get('p50_us'))} / {ms(lat.get('p99_us'))} | {cores} |")
     return "\n".join(out)
 
 

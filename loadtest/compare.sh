@@ -7,8 +7,9 @@
 #   loadtest/compare.sh [SCENARIO...]     # default: all of them
 #
 # Scenarios: fanout-1k  fanout-5k-saturated  rooms-1000x10  idle-19k  latency-vs-fanout
-#            rss-vs-connections  workers-1-vs-2
-# Environment: PEERS (default: all three), RESULTS_DIR, PORT, LATENCY_SIZES.
+#            rss-vs-connections  workers-1-vs-2  churn
+# Environment: PEERS (default: all three), RESULTS_DIR, PORT, LATENCY_SIZES,
+#              CHURN_DURATION (default 20s), CHURN_WORKERS (default 50).
 # Needs: target/release/roomcast and roomcast-loadtest (cargo build --release --workspace),
 # the peers built (see loadtest/peers/README.md). Loopback only; every run is bounded.
 set -euo pipefail
@@ -50,7 +51,8 @@ run() { # FILE SCENARIO-ARGS... ; the generator on CPU 1, one thread
 import json, sys
 r = json.load(open(sys.argv[1])); res = r["results"]
 keys = ["deliveries_per_second", "lost", "server_cpu_us_per_delivery", "server_rss_per_connection_bytes",
-        "established", "join_storm_seconds"]
+        "established", "join_storm_seconds", "handshakes_per_second", "cycles_per_second",
+        "cycles_failed", "server_cpu_us_per_cycle"]
 lat = res.get("latency", {})
 print("   ", {k: res.get(k) for k in keys if k in res},
       {k: lat.get(k) for k in ("p50_us", "p99_us") if k in lat},
@@ -122,12 +124,22 @@ scenario() {
                 --timeout 60s > "$out/workers-$workers--roomcast.json"
             stop
         done ;;
+    churn)
+        # Whole lifecycles: connect, welcome, join_room, room_message, leave_room, close. Every
+        # peer implements that subset (peers/README.md). Source addresses spread the client
+        # ports; TIME_WAIT stays on the server's side.
+        for peer in $peers; do
+            start "$peer"
+            run "churn--$peer" --source-ips 127.0.0.1-127.0.0.4 churn \
+                --workers "${CHURN_WORKERS:-50}" --duration "${CHURN_DURATION:-20s}"
+            stop
+        done ;;
     *) echo "unknown scenario: $1" >&2; exit 2 ;;
     esac
 }
 
 if [[ $# -eq 0 ]]; then
     set -- fanout-1k fanout-5k-saturated rooms-1000x10 idle-19k latency-vs-fanout \
-        rss-vs-connections workers-1-vs-2
+        rss-vs-connections workers-1-vs-2 churn
 fi
 for s in "$@"; do scenario "$s"; done
