@@ -68,8 +68,8 @@ pub struct Config {
     pub outbound_queue: usize,
 
     /// Bytes that may wait in one connection's outbound queue before it counts as a slow
-    /// consumer, whichever of the two bounds is reached first. A single frame larger than this
-    /// still goes out when nothing else waits.
+    /// consumer, whichever of the two bounds is reached first. At least 4 x
+    /// --max-message-size.
     #[arg(
         long,
         env = "ROOMCAST_OUTBOUND_QUEUE_BYTES",
@@ -269,10 +269,6 @@ impl Config {
                 "--outbound-queue must be at least 1",
             ),
             (
-                self.outbound_queue_bytes == 0,
-                "--outbound-queue-bytes must be at least 1",
-            ),
-            (
                 self.max_message_size == 0,
                 "--max-message-size must be at least 1",
             ),
@@ -283,6 +279,11 @@ impl Config {
             (
                 self.max_message_size > MAX_SIZE_LIMIT || self.max_frame_size > MAX_SIZE_LIMIT,
                 "--max-message-size and --max-frame-size must be at most 1 GiB",
+            ),
+            (
+                self.outbound_queue_bytes / 4 < self.max_message_size,
+                "--outbound-queue-bytes must be at least 4 x --max-message-size: a client \
+                 reading at full speed can have a few of the largest messages waiting at once",
             ),
             (
                 self.drain_timeout < Duration::from_millis(100),

@@ -750,11 +750,11 @@ impl Drop for ServerProcess {
 async fn the_client_reconnects_after_the_server_process_is_killed_and_restores_its_state() {
     let addr = unused_addr();
     let mut first = ServerProcess::start(addr).await;
-    // A fixed 1.5 s between attempts, so the observer below is in the room before the client
+    // A fixed 3 s between attempts, so the observer below is in the room before the client
     // comes back and sees the queued message.
     let policy = ReconnectPolicy {
-        initial_delay: Duration::from_millis(1500),
-        max_delay: Duration::from_millis(1500),
+        initial_delay: Duration::from_millis(3000),
+        max_delay: Duration::from_millis(3000),
         jitter: Jitter::None,
         ..ReconnectPolicy::default()
     };

@@ -93,6 +93,26 @@ fn a_bad_value_is_an_error_naming_the_option() {
 }
 
 #[test]
+fn an_outbound_byte_bound_too_small_for_the_largest_messages_is_refused() {
+    // 1 MiB messages with the default 1 MiB queue: two in a row would close a fast reader.
+    let error = load(args(&["--max-message-size", "1048576"])).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("--outbound-queue-bytes must be at least 4 x --max-message-size"),
+        "{error}"
+    );
+    let config = load(args(&[
+        "--max-message-size",
+        "1048576",
+        "--outbound-queue-bytes",
+        "4194304",
+    ]))
+    .unwrap();
+    assert_eq!(config.outbound_queue_bytes, 4 * 1024 * 1024);
+}
+
+#[test]
 fn a_file_that_is_not_toml_is_an_error_naming_the_file() {
     let path = file("broken.toml", "listen = \n");
     let error = load(args(&["--config", path.to_str().unwrap()])).unwrap_err();

@@ -247,8 +247,11 @@ async fn a_slow_consumer_under_the_drop_policy_stays_connected_and_drops_are_cou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_sharing_one_router_serve_one_room_across_both() {
-    // The Router is the seam a multi-node backplane plugs into: here two listeners ("nodes")
-    // share one in-process hub, and nothing in the connection or protocol code notices.
+    // The Router is the seam a multi-node backplane plugs into: here two listeners share one
+    // in-process hub, and nothing in the connection or protocol code notices. (Sharing a
+    // LocalHub makes them one node, not two: either's shutdown would close every connection
+    // of the hub, and both count them all in /metrics. A backplane's Router keeps each
+    // node's own connections and carries only deliveries between nodes.)
     let router: std::sync::Arc<dyn roomcast::hub::Router> =
         std::sync::Arc::new(roomcast::hub::LocalHub::new());
     let node_a = start_server_routed(|_| {}, router.clone()).await;

@@ -110,7 +110,8 @@ pub async fn start_server_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
     start_server_routed(tweak, Arc::new(roomcast::hub::LocalHub::new())).await
 }
 
-/// Starts a server that delivers through `router` (which other servers may share).
+/// Starts a server that delivers through `router`. Servers sharing one `LocalHub` act as one
+/// node: a shutdown closes every connection of the hub.
 pub async fn start_server_routed(
     tweak: impl FnOnce(&mut Config),
     router: Arc<dyn roomcast::hub::Router>,
