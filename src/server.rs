@@ -442,6 +442,8 @@ where
         }
     };
     ctx.metrics.connections_accepted.increment(1);
+    // This task only waits for hyper to hand the connection over, then spawns the
+    // connection's own task (small, see ws::session::start) and ends.
     let tasks = ctx.tasks.clone();
     tasks.spawn(async move {
         let upgraded = match upgrading.await {
@@ -459,7 +461,16 @@ where
                 let prebuffered = Bytes::copy_from_slice(&parts.read_buf);
                 drop(parts.read_buf);
                 let io = parts.io.into_inner();
-                ws::session::run(io, prebuffered, ctx, peer, permit, identity, mode).await
+                let tasks = ctx.tasks.clone();
+                tasks.spawn(ws::session::start(
+                    io,
+                    prebuffered,
+                    ctx,
+                    peer,
+                    permit,
+                    identity,
+                    mode,
+                ));
             }
             Err(_) => warn!("upgraded connection is not the stream we served"),
         }
