@@ -107,6 +107,7 @@ fn snapshot() -> Snapshot {
     }
 }
 
+#[derive(Clone)]
 struct Row {
     part: &'static str,
     blocks: f64,
@@ -129,9 +130,11 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
-async fn outboxes() -> Row {
-    // The server's defaults (--outbound-queue 1024, --outbound-queue-bytes 1 MiB); the channel
-    // allocates its first block of slots at creation whatever the bound.
+/// Outboxes with the server's defaults (--outbound-queue 1024, --outbound-queue-bytes 1 MiB).
+/// `used`: one frame has gone through each, which creates its queue (the channel allocates
+/// its first block of slots then, whatever the bound, and keeps it); otherwise only the
+/// shared state exists, as for a connection that was sent nothing but its welcome.
+async fn outboxes(used: bool) -> Row {
     let limits = QueueLimits {
         frames: 1024,
         bytes: 1024 * 1024,
@@ -140,10 +143,19 @@ async fn outboxes() -> Row {
     let mut kept = Vec::with_capacity(N);
     let before = snapshot();
     for _ in 0..N {
-        kept.push(outbox(limits, SlowConsumerPolicy::Close, stats.clone()));
+        let (tx, mut rx) = outbox(limits, SlowConsumerPolicy::Close, stats.clone());
+        if used {
+            tx.push(bytes::Bytes::from_static(b"frame"));
+            rx.try_next();
+        }
+        kept.push((tx, rx));
     }
     let after = snapshot();
-    row("outbox: bounded mpsc + shared state", before, after, N)
+    if used {
+        row("outbox, after a frame went through it", before, after, N)
+    } else {
+        row("outbox, nothing sent yet (shared state)", before, after, N)
+    }
 }
 
 async fn tcp_streams() -> Row {
@@ -267,7 +279,9 @@ fn main() {
         .unwrap();
     let mut rows = runtime.block_on(async {
         let mut rows = Vec::new();
-        rows.push(outboxes().await);
+        rows.push(outboxes(false).await);
+        settle().await;
+        rows.push(outboxes(true).await);
         // Each part has dropped its instances; let the runtime finish freeing them (a socket's
         // registration is released on a later turn of the reactor) before the next one counts.
         settle().await;
@@ -281,8 +295,12 @@ fn main() {
         rows
     });
     // What the parts above do not explain: directory entry, client id, the rest of the session.
-    let parts = [&rows[0], &rows[1], &rows[3]];
-    let whole = &rows[4];
+    // The server's idle connections were sent only their welcome: the unused outbox counts.
+    let [unused_outbox, _, socket, _, task_512, whole] = &rows[..] else {
+        unreachable!("six rows above")
+    };
+    let parts = [unused_outbox, socket, task_512];
+    let whole = whole.clone();
     rows.push(Row {
         part: "rest: whole minus outbox, socket, 512-B task",
         blocks: whole.blocks - parts.iter().map(|r| r.blocks).sum::<f64>(),

@@ -5,7 +5,8 @@
 //! and a wake-up of its own. Here a connection pays two atomics in its outbox (when it was last
 //! heard from, when its token expires) and one relaxed store per socket read. Once a second
 //! the heartbeat advances a coarse clock, closes connections whose token expired (4001), and
-//! every `--ping-interval` it sends each connection a ping (one frame, encoded once and shared)
+//! every `--ping-interval` it asks each connection to send a ping (a flag and a wake-up: the
+//! connection's task writes a static frame, so pinging an idle connection allocates nothing)
 //! and closes those not heard from within `--idle-timeout` (4000).
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -56,7 +57,6 @@ pub async fn run(
     router: Arc<dyn Router>,
     shutdown: CancellationToken,
 ) {
-    let ping = std::sync::Arc::new(protocol::ping(b""));
     let ping_every = settings.ping_interval.as_secs() as u32;
     let idle_limit = settings.idle_timeout.as_secs() as u32;
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
@@ -91,7 +91,7 @@ pub async fn run(
                 return;
             }
             if ping_now {
-                outbox.push_shared(ping.clone());
+                outbox.request_ping();
                 pinged += 1;
             }
         });

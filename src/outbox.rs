@@ -5,7 +5,10 @@
 //! writes as the kernel accepts ("corking"): one syscall for many frames, never one per frame.
 //!
 //! Pushing is lock-free (a tokio bounded mpsc: atomics only, blocks of slots reused, so no
-//! allocation per frame in steady state) and never waits. The queue is bounded twice, in frames
+//! allocation per frame in steady state) and never waits. The queue is created by the first
+//! push: the welcome and heartbeat pings bypass it ([`OutboxReceiver::push_direct`],
+//! [`Outbox::request_ping`]), so a connection nobody sends anything owns none (~0.8 KiB less
+//! per idle connection). The queue is bounded twice, in frames
 //! and in bytes ([`QueueLimits`]): many small frames or a few large ones. A full queue means a
 //! slow consumer, handled by the configured [`SlowConsumerPolicy`], so one client that stops
 //! reading can neither grow the server's memory nor slow down the clients around it.
@@ -20,8 +23,8 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -119,8 +122,21 @@ const CLOSE_FLUSH: u32 = 1 << 30;
 const CLOSE_HAS_CODE: u32 = 1 << 29;
 
 struct Shared {
+    /// The queue itself, created by the first push: a connection nobody has sent anything
+    /// (its own welcome is written without it) owns no queue. Set once, never replaced, so a
+    /// push reads it with one atomic load.
+    queue: OnceLock<mpsc::Sender<SharedFrame>>,
+    /// The queue's receiving end, from its creation until the connection's task takes it.
+    /// Locked once per connection, never on the per-frame path.
+    receiver: Mutex<Option<mpsc::Receiver<SharedFrame>>>,
+    /// Frames the queue holds at most.
+    capacity: usize,
+    /// Set by the heartbeat; the task then writes a ping itself, so that pinging an idle
+    /// connection does not create its queue.
+    ping_requested: AtomicBool,
     close: AtomicU32,
-    /// Wakes the connection task when a close is requested (frames wake it through the queue).
+    /// Wakes the connection task when a close is requested, and when the first push creates
+    /// the queue (later frames wake it through the queue).
     close_waker: AtomicWaker,
     policy: SlowConsumerPolicy,
     stats: Arc<OutboxStats>,
@@ -134,17 +150,26 @@ struct Shared {
     expires_at: AtomicU64,
 }
 
+impl Shared {
+    /// Creates the queue (on the first push) and parks its receiving end for the task.
+    fn create_queue(&self) -> mpsc::Sender<SharedFrame> {
+        let (tx, rx) = mpsc::channel(self.capacity);
+        *self.receiver.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
+        tx
+    }
+}
+
 /// The sending side of a connection's outbound queue. Cheap to clone: the hub keeps one per
 /// room membership and one in the client directory.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<SharedFrame>,
     shared: Arc<Shared>,
 }
 
 /// The receiving side, owned by the connection task.
 pub struct OutboxReceiver {
-    rx: mpsc::Receiver<SharedFrame>,
+    /// The queue's receiving end, once the first push created it.
+    rx: Option<mpsc::Receiver<SharedFrame>>,
     shared: Arc<Shared>,
     /// Most frames taken out of the queue at once. Frames taken out no longer count against
     /// the queue's limits, so this is capped by the frame limit (and a batch by
@@ -175,8 +200,11 @@ pub fn outbox(
     stats: Arc<OutboxStats>,
 ) -> (Outbox, OutboxReceiver) {
     let capacity = limits.frames.max(1);
-    let (tx, rx) = mpsc::channel(capacity);
     let shared = Arc::new(Shared {
+        queue: OnceLock::new(),
+        receiver: Mutex::new(None),
+        capacity,
+        ping_requested: AtomicBool::new(false),
         close: AtomicU32::new(0),
         close_waker: AtomicWaker::new(),
         policy,
@@ -188,11 +216,10 @@ pub fn outbox(
     });
     (
         Outbox {
-            tx,
             shared: shared.clone(),
         },
         OutboxReceiver {
-            rx,
+            rx: None,
             shared,
             batch_limit: capacity.clamp(1, MAX_BATCH),
             unsent: VecDeque::new(),
@@ -231,7 +258,17 @@ impl Outbox {
             self.shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             return self.overflow();
         }
-        match self.tx.try_send(frame) {
+        let mut created = false;
+        let queue = self.shared.queue.get_or_init(|| {
+            created = true;
+            self.shared.create_queue()
+        });
+        let sent = queue.try_send(frame);
+        if created {
+            // The task has never polled this queue: tell it through the waker it does poll.
+            self.shared.close_waker.wake();
+        }
+        match sent {
             Ok(()) => Pushed::Queued,
             Err(error) => {
                 self.shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -289,12 +326,22 @@ impl Outbox {
 
     /// Frames waiting in the queue (not counting those the writer has taken out).
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.shared
+            .queue
+            .get()
+            .map_or(0, |queue| queue.max_capacity() - queue.capacity())
     }
 
     /// Bytes of the frames waiting in the queue (not counting those the writer has taken out).
     pub fn queued_bytes(&self) -> usize {
         self.shared.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Asks the connection's task to send a ping (the heartbeat's). Wakes the task through
+    /// the close waker; no frame is queued.
+    pub fn request_ping(&self) {
+        self.shared.ping_requested.store(true, Ordering::Release);
+        self.shared.close_waker.wake();
     }
 
     /// Records that the peer was heard from at `now` (the heartbeat's coarse clock).
@@ -331,21 +378,43 @@ impl Outbox {
     }
 }
 
-/// How a flush ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flushed {
-    /// Everything queued is written and the queue is empty; the task is woken on the next frame.
-    Idle,
-    /// Every [`Outbox`] is gone: nothing more will be queued.
-    Abandoned,
-}
-
 impl OutboxReceiver {
     /// Takes the next queued frame without waiting (for tests and benches).
     pub fn try_next(&mut self) -> Option<Bytes> {
-        let frame = self.rx.try_recv().ok()?;
+        self.take_queue_once_created();
+        let frame = self.rx.as_mut()?.try_recv().ok()?;
         self.taken_bytes(frame.len());
         Some(Bytes::clone(&frame))
+    }
+
+    /// Queues a frame of the connection's own task ahead of everything still in the queue,
+    /// without creating the queue: the welcome (written before anyone else can reach the
+    /// connection) and heartbeat pings (control frames may go between messages). A connection
+    /// that is sent nothing else never allocates a queue.
+    pub fn push_direct(&mut self, frame: Bytes) {
+        self.unsent.push_back(frame);
+    }
+
+    /// Whether the heartbeat asked for a ping since the last call (see
+    /// [`Outbox::request_ping`]).
+    #[inline]
+    pub fn take_ping_request(&self) -> bool {
+        self.shared.ping_requested.load(Ordering::Relaxed)
+            && self.shared.ping_requested.swap(false, Ordering::AcqRel)
+    }
+
+    /// Takes the queue's receiving end once the first push has created it. One atomic load
+    /// while there is no queue; the lock is taken once per connection.
+    #[inline]
+    fn take_queue_once_created(&mut self) {
+        if self.rx.is_none() && self.shared.queue.get().is_some() {
+            self.rx = self
+                .shared
+                .receiver
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+        }
     }
 
     /// Frames of `bytes` bytes left the queue: they no longer count against its byte bound.
@@ -373,13 +442,15 @@ impl OutboxReceiver {
     }
 
     /// Writes queued frames to `io`, many per vectored write, until the queue is empty
-    /// (`Ready(Ok(Idle))`) or the socket is full (`Pending`, woken when it drains or when a
+    /// (`Ready(Ok(()))`: idle, woken by the next frame, or by the push that creates the queue
+    /// through the close waker, which [`poll_close_request`](Self::poll_close_request) must
+    /// have registered first) or the socket is full (`Pending`, woken when it drains or when a
     /// frame arrives).
     pub fn poll_flush<W: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         io: &mut W,
-    ) -> Poll<std::io::Result<Flushed>> {
+    ) -> Poll<std::io::Result<()>> {
         // Frames the socket refused last time go first.
         while !self.unsent.is_empty() {
             match poll_write_some(cx, io, &self.unsent) {
@@ -414,9 +485,8 @@ impl OutboxReceiver {
                             Poll::Pending => return Poll::Pending,
                         }
                     }
-                    return Poll::Ready(Ok(Flushed::Idle));
+                    return Poll::Ready(Ok(()));
                 }
-                BatchOutcome::Closed => return Poll::Ready(Ok(Flushed::Abandoned)),
                 BatchOutcome::SocketFull => return Poll::Pending,
                 BatchOutcome::Failed(error) => return Poll::Ready(Err(error)),
             }
@@ -432,15 +502,20 @@ impl OutboxReceiver {
         io: &mut W,
         batch: &mut VecDeque<Bytes>,
     ) -> BatchOutcome {
+        self.take_queue_once_created();
+        let Some(rx) = self.rx.as_mut() else {
+            return BatchOutcome::Empty;
+        };
         let mut batch_bytes = 0;
         while batch.len() < self.batch_limit && batch_bytes < MAX_BATCH_BYTES {
-            match self.rx.poll_recv(cx) {
+            match rx.poll_recv(cx) {
                 Poll::Ready(Some(frame)) => {
                     batch_bytes += frame.len();
                     // A reference-count increment: the batch holds the frame itself.
                     batch.push_back(Bytes::clone(&frame));
                 }
-                Poll::Ready(None) if batch.is_empty() => return BatchOutcome::Closed,
+                // Closed: only `begin_close` closes it, and nothing flushes after that (the
+                // sending end lives as long as this receiver, in `Shared`).
                 Poll::Ready(None) | Poll::Pending => break,
             }
         }
@@ -474,14 +549,23 @@ impl OutboxReceiver {
     /// queued when `request.flush`, else only a partly written frame, so the stream stays
     /// well-formed) and appends `close_frame`. Then [`poll_finish`](Self::poll_finish).
     pub fn begin_close(&mut self, request: CloseRequest, close_frame: Bytes) {
-        // Later pushes fail fast with `Pushed::Closing` instead of filling a dead queue.
-        self.rx.close();
-        if request.flush {
-            while let Ok(frame) = self.rx.try_recv() {
-                self.taken_bytes(frame.len());
-                self.unsent.push_back(Bytes::clone(&frame));
+        // Later pushes fail fast with `Pushed::Closing` instead of filling a dead queue; a
+        // queue no push has created yet is created here, closed.
+        self.shared.queue.get_or_init(|| self.shared.create_queue());
+        self.take_queue_once_created();
+        // Always Some here: the queue exists and this is its only receiver.
+        if let Some(rx) = self.rx.as_mut() {
+            rx.close();
+            if request.flush {
+                while let Ok(frame) = rx.try_recv() {
+                    self.shared
+                        .queued_bytes
+                        .fetch_sub(frame.len(), Ordering::Relaxed);
+                    self.unsent.push_back(Bytes::clone(&frame));
+                }
             }
-        } else {
+        }
+        if !request.flush {
             self.unsent.truncate(usize::from(self.front_partial));
         }
         self.unsent.push_back(close_frame);
@@ -510,7 +594,6 @@ impl OutboxReceiver {
 enum BatchOutcome {
     Written,
     Empty,
-    Closed,
     SocketFull,
     Failed(std::io::Error),
 }
@@ -635,7 +718,7 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         assert!(matches!(
             rx.poll_flush(&mut cx, &mut io),
-            Poll::Ready(Ok(Flushed::Idle))
+            Poll::Ready(Ok(()))
         ));
         assert_eq!(io.calls, 1, "50 frames, one syscall");
         assert_eq!(io.data.len(), 500);
@@ -676,6 +759,93 @@ mod tests {
         ));
         assert_eq!(io.data, b"456789CLOSE");
         assert_eq!(tx.push(Bytes::from_static(b"late")), Pushed::Closing);
+    }
+
+    /// Counts its wake-ups.
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_queue_is_created_by_the_first_push_which_wakes_the_task() {
+        let (tx, mut rx) = outbox(
+            QueueLimits::frames(8),
+            SlowConsumerPolicy::Close,
+            Arc::default(),
+        );
+        let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut io = Recorder {
+            calls: 0,
+            data: Vec::new(),
+            limit: usize::MAX,
+        };
+        // The welcome goes out without a queue; the task idles, registered on the close waker.
+        rx.push_direct(Bytes::from_static(b"welcome"));
+        assert_eq!(rx.poll_close_request(&mut cx), None);
+        assert!(matches!(
+            rx.poll_flush(&mut cx, &mut io),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(io.data, b"welcome");
+        assert!(tx.shared.queue.get().is_none(), "no queue yet");
+        assert_eq!(rx.unsent.capacity(), 0, "nothing kept after the welcome");
+
+        assert_eq!(tx.push(Bytes::from_static(b"first")), Pushed::Queued);
+        assert!(tx.shared.queue.get().is_some());
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            1,
+            "the creating push woke the task"
+        );
+        assert_eq!(tx.push(Bytes::from_static(b"second")), Pushed::Queued);
+        assert!(matches!(
+            rx.poll_flush(&mut cx, &mut io),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(io.data, b"welcomefirstsecond");
+    }
+
+    #[test]
+    fn a_ping_request_wakes_the_task_once_and_creates_no_queue() {
+        let (tx, rx) = outbox(
+            QueueLimits::frames(8),
+            SlowConsumerPolicy::Close,
+            Arc::default(),
+        );
+        let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(rx.poll_close_request(&mut cx), None);
+        assert!(!rx.take_ping_request());
+        tx.request_ping();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(rx.take_ping_request());
+        assert!(!rx.take_ping_request(), "one request, one ping");
+        assert!(tx.shared.queue.get().is_none());
+    }
+
+    #[test]
+    fn closing_before_any_push_refuses_the_pushes_after_it() {
+        let (tx, mut rx) = outbox(
+            QueueLimits::frames(8),
+            SlowConsumerPolicy::Close,
+            Arc::default(),
+        );
+        rx.begin_close(
+            CloseRequest {
+                code: Some(1001),
+                flush: true,
+            },
+            Bytes::from_static(b"CLOSE"),
+        );
+        assert_eq!(tx.push(Bytes::from_static(b"late")), Pushed::Closing);
+        assert_eq!(tx.queued_bytes(), 0);
     }
 
     fn bytes_limited(bytes: usize, policy: SlowConsumerPolicy) -> (Outbox, OutboxReceiver) {
@@ -736,7 +906,7 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         assert!(matches!(
             rx.poll_flush(&mut cx, &mut io),
-            Poll::Ready(Ok(Flushed::Idle))
+            Poll::Ready(Ok(()))
         ));
         assert_eq!(io.calls, 3, "4 + 4 + 2 frames");
         assert_eq!(io.data.len(), 10 * frame.len());

@@ -408,7 +408,13 @@ pub fn data(binary: bool, payload: &[u8]) -> Bytes {
     f.finish(if binary { OpCode::Binary } else { OpCode::Text })
 }
 
-/// A ping from the server's heartbeat.
+/// The heartbeat's ping, without payload: a static frame, no allocation.
+pub fn empty_ping() -> Bytes {
+    const FRAME: [u8; 2] = [0x80 | OpCode::Ping as u8, 0];
+    Bytes::from_static(&FRAME)
+}
+
+/// A ping with a payload (at most 125 bytes).
 pub fn ping(payload: &[u8]) -> Bytes {
     let mut f = FrameBuilder::with_capacity(payload.len());
     f.raw(payload);
@@ -497,6 +503,12 @@ mod tests {
             assert_eq!(frame[0], 0x81);
             assert_eq!(payload(&frame)["message"], text.as_str());
         }
+    }
+
+    #[test]
+    fn the_static_empty_ping_is_the_encoded_empty_ping() {
+        assert_eq!(empty_ping(), ping(b""));
+        assert_eq!(&empty_ping()[..], &[0x89, 0x00]);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use super::commands::Session;
 use super::frame::{Event, FrameError, FrameReader, PeerClose};
 use crate::admission::{Identity, Permit};
 use crate::hub::Member;
-use crate::outbox::{self, CloseRequest, Flushed, Outbox, OutboxReceiver};
+use crate::outbox::{self, CloseRequest, Outbox, OutboxReceiver};
 use crate::protocol::{self, close_code};
 use crate::server;
 
@@ -270,7 +270,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             frames: config.outbound_queue,
             bytes: config.outbound_queue_bytes,
         };
-        let (own_outbox, outbox) =
+        let (own_outbox, mut outbox) =
             outbox::outbox(limits, config.slow_consumer, ctx.outbox_stats.clone());
         let reader = FrameReader::new(config.max_frame_size, config.max_message_size);
         if mode == Mode::Echo {
@@ -293,7 +293,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 _permit: permit,
             };
         }
-        own_outbox.push(protocol::welcome(
+        // Ahead of everything, and without creating the queue: nobody else can reach this
+        // connection yet, and one that is never sent anything more never allocates a queue.
+        outbox.push_direct(protocol::welcome(
             &client_id,
             identity.user_id.as_deref(),
             protocol::timestamp(),
@@ -342,15 +344,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         self.start_closing(request, close_code::reason(request.code));
                         continue;
                     }
+                    if self.outbox.take_ping_request() {
+                        self.outbox.push_direct(protocol::empty_ping());
+                    }
                     match self.outbox.poll_flush(cx, &mut self.io) {
                         Poll::Ready(Err(error)) => {
                             debug!(%error, "write failed");
                             self.ended_by = EndedBy::Lost;
                             return Poll::Ready(());
                         }
-                        // Impossible while the session holds its own outbox; harmless anyway.
-                        Poll::Ready(Ok(Flushed::Abandoned)) => return Poll::Ready(()),
-                        Poll::Ready(Ok(Flushed::Idle)) | Poll::Pending => {}
+                        Poll::Ready(Ok(())) | Poll::Pending => {}
                     }
                     if reads == READS_PER_POLL {
                         cx.waker().wake_by_ref();
