@@ -187,6 +187,26 @@ pub struct OutboxReceiver {
     needs_flush: bool,
 }
 
+impl Drop for OutboxReceiver {
+    /// Closes the queue, creating it if no push has: pushes that come after (from a fan-out
+    /// still holding a clone of the outbox) are refused with `Pushed::Closing` instead of
+    /// filling a queue nobody reads.
+    fn drop(&mut self) {
+        self.shared.queue.get_or_init(|| self.shared.create_queue());
+        // Dropping a receiver closes its channel; one still parked was never taken.
+        drop(
+            self.shared
+                .receiver
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+        if let Some(rx) = self.rx.as_mut() {
+            rx.close();
+        }
+    }
+}
+
 thread_local! {
     // The batch a flush gathers from a queue before one vectored write. Per thread, not per
     // connection: an idle connection owns no write buffer.
@@ -395,12 +415,17 @@ impl OutboxReceiver {
         self.unsent.push_back(frame);
     }
 
-    /// Whether the heartbeat asked for a ping since the last call (see
-    /// [`Outbox::request_ping`]).
+    /// Queues `ping` (see [`push_direct`](Self::push_direct)) if the heartbeat asked for one
+    /// since the last call ([`Outbox::request_ping`]) and the socket has taken everything
+    /// before it. A connection whose socket is backed up gets no ping: it is not idle, and
+    /// pings must not pile up outside the queue's bounds.
     #[inline]
-    pub fn take_ping_request(&self) -> bool {
-        self.shared.ping_requested.load(Ordering::Relaxed)
-            && self.shared.ping_requested.swap(false, Ordering::AcqRel)
+    pub fn queue_requested_ping(&mut self, ping: impl FnOnce() -> Bytes) {
+        let requested = self.shared.ping_requested.load(Ordering::Relaxed)
+            && self.shared.ping_requested.swap(false, Ordering::AcqRel);
+        if requested && self.unsent.is_empty() {
+            self.unsent.push_back(ping());
+        }
     }
 
     /// Takes the queue's receiving end once the first push has created it. One atomic load
@@ -813,7 +838,7 @@ mod tests {
 
     #[test]
     fn a_ping_request_wakes_the_task_once_and_creates_no_queue() {
-        let (tx, rx) = outbox(
+        let (tx, mut rx) = outbox(
             QueueLimits::frames(8),
             SlowConsumerPolicy::Close,
             Arc::default(),
@@ -822,12 +847,68 @@ mod tests {
         let waker = std::task::Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
         assert_eq!(rx.poll_close_request(&mut cx), None);
-        assert!(!rx.take_ping_request());
+        rx.queue_requested_ping(|| Bytes::from_static(b"PING"));
+        assert!(rx.unsent.is_empty(), "no request, no ping");
         tx.request_ping();
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
-        assert!(rx.take_ping_request());
-        assert!(!rx.take_ping_request(), "one request, one ping");
+        rx.queue_requested_ping(|| Bytes::from_static(b"PING"));
+        rx.queue_requested_ping(|| Bytes::from_static(b"PING"));
+        assert_eq!(rx.unsent, frames(&[b"PING"]), "one request, one ping");
         assert!(tx.shared.queue.get().is_none());
+    }
+
+    /// A writer whose socket never takes anything.
+    struct Stuck;
+
+    impl AsyncWrite for Stuck {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Pending
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn pings_do_not_pile_up_behind_a_socket_that_takes_nothing() {
+        let (tx, mut rx) = outbox(
+            QueueLimits::frames(8),
+            SlowConsumerPolicy::Drop,
+            Arc::default(),
+        );
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        rx.push_direct(Bytes::from_static(b"welcome"));
+        for _ in 0..1000 {
+            tx.request_ping();
+            rx.queue_requested_ping(|| Bytes::from_static(b"PING"));
+            assert!(rx.poll_flush(&mut cx, &mut Stuck).is_pending());
+        }
+        assert_eq!(rx.unsent.len(), 1, "only the welcome waits");
+    }
+
+    #[test]
+    fn pushes_after_the_task_is_gone_are_refused() {
+        // Whether or not a push created the queue before the task ended.
+        for pushed_before in [false, true] {
+            let (tx, rx) = outbox(
+                QueueLimits::frames(8),
+                SlowConsumerPolicy::Drop,
+                Arc::default(),
+            );
+            if pushed_before {
+                assert_eq!(tx.push(Bytes::from_static(b"early")), Pushed::Queued);
+            }
+            drop(rx);
+            assert_eq!(tx.push(Bytes::from_static(b"late")), Pushed::Closing);
+        }
     }
 
     #[test]

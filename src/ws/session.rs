@@ -344,9 +344,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         self.start_closing(request, close_code::reason(request.code));
                         continue;
                     }
-                    if self.outbox.take_ping_request() {
-                        self.outbox.push_direct(protocol::empty_ping());
-                    }
+                    self.outbox.queue_requested_ping(protocol::empty_ping);
                     match self.outbox.poll_flush(cx, &mut self.io) {
                         Poll::Ready(Err(error)) => {
                             debug!(%error, "write failed");
