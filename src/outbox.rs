@@ -685,6 +685,29 @@ mod tests {
         limit: usize,
     }
 
+    impl Recorder {
+        /// A socket that takes up to `limit` bytes per write.
+        fn taking(limit: usize) -> Self {
+            Self {
+                calls: 0,
+                data: Vec::new(),
+                limit,
+            }
+        }
+    }
+
+    /// Flushes with a no-op waker and expects the queue to end up written and idle.
+    fn flush_idle(rx: &mut OutboxReceiver, io: &mut Recorder) {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(rx.poll_flush(&mut cx, io), Poll::Ready(Ok(()))));
+    }
+
+    /// An outbox bounded in frames only.
+    fn frames_only(frames: usize, policy: SlowConsumerPolicy) -> (Outbox, OutboxReceiver) {
+        outbox(QueueLimits::frames(frames), policy, Arc::default())
+    }
+
     impl AsyncWrite for Recorder {
         fn poll_write(
             mut self: Pin<&mut Self>,
@@ -726,44 +749,23 @@ mod tests {
 
     #[test]
     fn many_queued_frames_leave_in_one_vectored_write() {
-        let (tx, mut rx) = outbox(
-            QueueLimits::frames(1024),
-            SlowConsumerPolicy::Close,
-            Arc::default(),
-        );
+        let (tx, mut rx) = frames_only(1024, SlowConsumerPolicy::Close);
         for i in 0..50u8 {
             tx.push(Bytes::from(vec![i; 10]));
         }
-        let mut io = Recorder {
-            calls: 0,
-            data: Vec::new(),
-            limit: usize::MAX,
-        };
-        let waker = futures_util::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
-        assert!(matches!(
-            rx.poll_flush(&mut cx, &mut io),
-            Poll::Ready(Ok(()))
-        ));
+        let mut io = Recorder::taking(usize::MAX);
+        flush_idle(&mut rx, &mut io);
         assert_eq!(io.calls, 1, "50 frames, one syscall");
         assert_eq!(io.data.len(), 500);
     }
 
     #[test]
     fn a_slow_consumer_close_finishes_the_partly_written_frame_first() {
-        let (tx, mut rx) = outbox(
-            QueueLimits::frames(8),
-            SlowConsumerPolicy::Close,
-            Arc::default(),
-        );
+        let (tx, mut rx) = frames_only(8, SlowConsumerPolicy::Close);
         tx.push(Bytes::from_static(b"0123456789"));
         tx.push(Bytes::from_static(b"abcdefghij"));
         // The socket takes 4 bytes, then nothing.
-        let mut io = Recorder {
-            calls: 0,
-            data: Vec::new(),
-            limit: 4,
-        };
+        let mut io = Recorder::taking(4);
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let _ = poll_write_some(&mut cx, &mut io, &frames(&[]));
@@ -797,19 +799,11 @@ mod tests {
 
     #[test]
     fn the_queue_is_created_by_the_first_push_which_wakes_the_task() {
-        let (tx, mut rx) = outbox(
-            QueueLimits::frames(8),
-            SlowConsumerPolicy::Close,
-            Arc::default(),
-        );
+        let (tx, mut rx) = frames_only(8, SlowConsumerPolicy::Close);
         let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let waker = std::task::Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
-        let mut io = Recorder {
-            calls: 0,
-            data: Vec::new(),
-            limit: usize::MAX,
-        };
+        let mut io = Recorder::taking(usize::MAX);
         // The welcome goes out without a queue; the task idles, registered on the close waker.
         rx.push_direct(Bytes::from_static(b"welcome"));
         assert_eq!(rx.poll_close_request(&mut cx), None);
@@ -838,11 +832,7 @@ mod tests {
 
     #[test]
     fn a_ping_request_wakes_the_task_once_and_creates_no_queue() {
-        let (tx, mut rx) = outbox(
-            QueueLimits::frames(8),
-            SlowConsumerPolicy::Close,
-            Arc::default(),
-        );
+        let (tx, mut rx) = frames_only(8, SlowConsumerPolicy::Close);
         let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let waker = std::task::Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
@@ -878,11 +868,7 @@ mod tests {
 
     #[test]
     fn pings_do_not_pile_up_behind_a_socket_that_takes_nothing() {
-        let (tx, mut rx) = outbox(
-            QueueLimits::frames(8),
-            SlowConsumerPolicy::Drop,
-            Arc::default(),
-        );
+        let (tx, mut rx) = frames_only(8, SlowConsumerPolicy::Drop);
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         rx.push_direct(Bytes::from_static(b"welcome"));
@@ -898,11 +884,7 @@ mod tests {
     fn pushes_after_the_task_is_gone_are_refused() {
         // Whether or not a push created the queue before the task ended.
         for pushed_before in [false, true] {
-            let (tx, rx) = outbox(
-                QueueLimits::frames(8),
-                SlowConsumerPolicy::Drop,
-                Arc::default(),
-            );
+            let (tx, rx) = frames_only(8, SlowConsumerPolicy::Drop);
             if pushed_before {
                 assert_eq!(tx.push(Bytes::from_static(b"early")), Pushed::Queued);
             }
@@ -913,11 +895,7 @@ mod tests {
 
     #[test]
     fn closing_before_any_push_refuses_the_pushes_after_it() {
-        let (tx, mut rx) = outbox(
-            QueueLimits::frames(8),
-            SlowConsumerPolicy::Close,
-            Arc::default(),
-        );
+        let (tx, mut rx) = frames_only(8, SlowConsumerPolicy::Close);
         rx.begin_close(
             CloseRequest {
                 code: Some(1001),
@@ -969,26 +947,13 @@ mod tests {
 
     #[test]
     fn a_write_batch_stops_at_its_byte_cap_and_the_rest_follows() {
-        let (tx, mut rx) = outbox(
-            QueueLimits::frames(1024),
-            SlowConsumerPolicy::Close,
-            Arc::default(),
-        );
+        let (tx, mut rx) = frames_only(1024, SlowConsumerPolicy::Close);
         let frame = Bytes::from(vec![7; MAX_BATCH_BYTES / 4]);
         for _ in 0..10 {
             tx.push(frame.clone());
         }
-        let mut io = Recorder {
-            calls: 0,
-            data: Vec::new(),
-            limit: usize::MAX,
-        };
-        let waker = futures_util::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
-        assert!(matches!(
-            rx.poll_flush(&mut cx, &mut io),
-            Poll::Ready(Ok(()))
-        ));
+        let mut io = Recorder::taking(usize::MAX);
+        flush_idle(&mut rx, &mut io);
         assert_eq!(io.calls, 3, "4 + 4 + 2 frames");
         assert_eq!(io.data.len(), 10 * frame.len());
         assert_eq!(tx.queued_bytes(), 0);

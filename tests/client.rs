@@ -103,6 +103,43 @@ async fn start_server_on(addr: SocketAddr) -> TestServer {
     panic!("{addr} did not become free");
 }
 
+/// After a server restart: the client is back by itself under a new id, with its `metadata`
+/// and its room "ops" restored, the message it queued while offline delivered to `observer`
+/// (already in the room), and it receives the room's messages again.
+async fn assert_back_with_state(
+    client: &mut Client,
+    observer: &mut RawClient,
+    first_id: &str,
+    metadata: Value,
+) {
+    let (second_id, _) = connected(client).await;
+    assert_ne!(second_id, first_id);
+    let event = expect_event(client, "metadata_updated after reconnecting", |e| {
+        matches!(e, Event::Message(ServerMessage::MetadataUpdated { .. }))
+    })
+    .await;
+    assert_eq!(
+        event,
+        Event::Message(ServerMessage::MetadataUpdated {
+            metadata: metadata.as_object().unwrap().clone()
+        })
+    );
+    assert_eq!(joined(client, "ops").await, 2);
+    let rejoined = recv_type(observer, "member_joined").await;
+    assert_eq!(rejoined["client_id"], second_id.as_str());
+    assert_eq!(rejoined["total_members"], 2);
+    let queued = recv_type(observer, "room_message").await;
+    assert_eq!(queued["from"], second_id.as_str());
+    assert_eq!(queued["message"], "sent while offline");
+    observer
+        .send(json!({"type": "room_message", "room": "ops", "message": "welcome back"}))
+        .await;
+    assert_eq!(
+        room_message(client, "ops", "welcome back").await,
+        observer.id
+    );
+}
+
 fn quick_retries() -> ReconnectPolicy {
     ReconnectPolicy {
         initial_delay: Duration::from_millis(50),
@@ -280,39 +317,15 @@ async fn the_client_reconnects_to_a_restarted_server_and_restores_its_state() {
         "the observer joined before the client came back"
     );
 
-    // The client reconnects by itself: a new client id, the room joined again, the merged
-    // metadata sent again, then the queued message.
-    let (second_id, _) = connected(&mut client).await;
-    assert_ne!(second_id, first_id);
-    let rejoined = recv_type(&mut observer, "member_joined").await;
-    assert_eq!(rejoined["client_id"], second_id.as_str());
-    assert_eq!(rejoined["total_members"], 2);
-    let queued = recv_type(&mut observer, "room_message").await;
-    assert_eq!(queued["from"], second_id.as_str());
-    assert_eq!(queued["message"], "sent while offline");
-    let event = expect_event(&mut client, "metadata_updated after reconnecting", |e| {
-        matches!(e, Event::Message(ServerMessage::MetadataUpdated { .. }))
-    })
+    // The client reconnects by itself: a new client id, the merged metadata sent again, the
+    // room joined again, then the queued message.
+    assert_back_with_state(
+        &mut client,
+        &mut observer,
+        &first_id,
+        json!({"name": "ann", "role": "oncall"}),
+    )
     .await;
-    assert_eq!(
-        event,
-        Event::Message(ServerMessage::MetadataUpdated {
-            metadata: json!({"name": "ann", "role": "oncall"})
-                .as_object()
-                .unwrap()
-                .clone()
-        })
-    );
-    assert_eq!(joined(&mut client, "ops").await, 2);
-
-    // And it is really back in the room.
-    observer
-        .send(json!({"type": "room_message", "room": "ops", "message": "welcome back"}))
-        .await;
-    assert_eq!(
-        room_message(&mut client, "ops", "welcome back").await,
-        observer.id
-    );
     client.close().await;
     observer.close().await;
     second.stop().await;
@@ -796,32 +809,13 @@ async fn the_client_reconnects_after_the_server_process_is_killed_and_restores_i
     );
 
     // Back by itself: new id, metadata and room restored, then the queued message.
-    let (second_id, _) = connected(&mut client).await;
-    assert_ne!(second_id, first_id);
-    let event = expect_event(&mut client, "metadata_updated after reconnecting", |e| {
-        matches!(e, Event::Message(ServerMessage::MetadataUpdated { .. }))
-    })
+    assert_back_with_state(
+        &mut client,
+        &mut observer,
+        &first_id,
+        json!({"name": "ann"}),
+    )
     .await;
-    assert_eq!(
-        event,
-        Event::Message(ServerMessage::MetadataUpdated {
-            metadata: json!({"name": "ann"}).as_object().unwrap().clone()
-        })
-    );
-    assert_eq!(joined(&mut client, "ops").await, 2);
-    let rejoined = recv_type(&mut observer, "member_joined").await;
-    assert_eq!(rejoined["client_id"], second_id.as_str());
-    let queued = recv_type(&mut observer, "room_message").await;
-    assert_eq!(queued["from"], second_id.as_str());
-    assert_eq!(queued["message"], "sent while offline");
-
-    observer
-        .send(json!({"type": "room_message", "room": "ops", "message": "welcome back"}))
-        .await;
-    assert_eq!(
-        room_message(&mut client, "ops", "welcome back").await,
-        observer.id
-    );
     client.close().await;
     observer.close().await;
     second.stop().await;

@@ -185,11 +185,7 @@ async fn a_slow_consumer_is_closed_when_its_queue_holds_more_bytes_than_the_byte
         config.rate_limit = 0.0;
     })
     .await;
-    let mut publisher = Client::connect(&server).await;
-    let mut sleeper = Client::connect(&server).await;
-    publisher.join("flood").await;
-    sleeper.join("flood").await;
-    publisher.recv().await;
+    let (mut publisher, mut sleeper) = common::pair_in_room(&server, "flood").await;
     flood(&mut publisher, "flood", 600).await;
 
     // Whatever the kernel buffered arrives first; then the close.
@@ -218,11 +214,7 @@ async fn a_slow_consumer_under_the_drop_policy_stays_connected_and_drops_are_cou
         config.rate_limit = 0.0;
     })
     .await;
-    let mut publisher = Client::connect(&server).await;
-    let mut sleeper = Client::connect(&server).await;
-    publisher.join("flood").await;
-    sleeper.join("flood").await;
-    publisher.recv().await;
+    let (mut publisher, mut sleeper) = common::pair_in_room(&server, "flood").await;
     flood(&mut publisher, "flood", 600).await;
     let deadline = std::time::Instant::now() + common::EXPECT;
     while server.server.outbox_stats().dropped.load(Ordering::Relaxed) == 0 {
