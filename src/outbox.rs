@@ -25,7 +25,7 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
@@ -477,13 +477,7 @@ impl OutboxReceiver {
         io: &mut W,
     ) -> Poll<std::io::Result<()>> {
         // Frames the socket refused last time go first.
-        while !self.unsent.is_empty() {
-            match poll_write_some(cx, io, &self.unsent) {
-                Poll::Ready(Ok(n)) => self.wrote(n, None),
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+        ready!(self.poll_write_unsent(cx, io))?;
         if self.unsent.capacity() > 0 {
             // The slow spell is over: give the memory back.
             self.unsent = VecDeque::new();
@@ -596,19 +590,27 @@ impl OutboxReceiver {
         self.unsent.push_back(close_frame);
     }
 
+    /// Writes `unsent` (frames the socket refused before, the welcome, pings, what a close
+    /// keeps) until it is empty or the socket is full.
+    fn poll_write_unsent<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+    ) -> Poll<std::io::Result<()>> {
+        while !self.unsent.is_empty() {
+            let n = ready!(poll_write_some(cx, io, &self.unsent))?;
+            self.wrote(n, None);
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Writes what [`begin_close`](Self::begin_close) kept, then shuts the write side down.
     pub fn poll_finish<W: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         io: &mut W,
     ) -> Poll<std::io::Result<()>> {
-        while !self.unsent.is_empty() {
-            match poll_write_some(cx, io, &self.unsent) {
-                Poll::Ready(Ok(n)) => self.wrote(n, None),
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+        ready!(self.poll_write_unsent(cx, io))?;
         match Pin::new(&mut *io).poll_flush(cx) {
             Poll::Ready(Ok(())) => Pin::new(io).poll_shutdown(cx),
             other => other,

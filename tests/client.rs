@@ -103,6 +103,30 @@ async fn start_server_on(addr: SocketAddr) -> TestServer {
     panic!("{addr} did not become free");
 }
 
+/// Waits for the client to report its connection lost, and returns the reason it gives.
+async fn disconnect_reason(client: &mut Client) -> String {
+    match expect_event(client, "Disconnected", |e| {
+        matches!(e, Event::Disconnected { .. })
+    })
+    .await
+    {
+        Event::Disconnected { reason } => reason,
+        _ => unreachable!("expect_event returns the matching event"),
+    }
+}
+
+/// A raw client in room "ops" of a restarted server, joined before the reconnecting client is
+/// back (it is alone there).
+async fn alone_in_ops(server: &TestServer) -> RawClient {
+    let mut observer = RawClient::connect(server).await;
+    assert_eq!(
+        observer.join("ops").await["members"],
+        1,
+        "the observer joined before the client came back"
+    );
+    observer
+}
+
 /// After a server restart: the client is back by itself under a new id, with its `metadata`
 /// and its room "ops" restored, the message it queued while offline delivered to `observer`
 /// (already in the room), and it receives the room's messages again.
@@ -292,14 +316,8 @@ async fn the_client_reconnects_to_a_restarted_server_and_restores_its_state() {
 
     // The server goes away (close 1001); the client notices and starts its backoff.
     first.stop().await;
-    let event = expect_event(&mut client, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await;
-    assert!(
-        matches!(&event, Event::Disconnected { reason } if reason.contains("1001")),
-        "{event:?}"
-    );
+    let reason = disconnect_reason(&mut client).await;
+    assert!(reason.contains("1001"), "{reason}");
     expect_event(&mut client, "Reconnecting", |e| {
         matches!(e, Event::Reconnecting { attempt: 1, delay } if *delay == Duration::from_millis(1500))
     })
@@ -310,12 +328,7 @@ async fn the_client_reconnects_to_a_restarted_server_and_restores_its_state() {
 
     // A new server on the same port, and an observer in the room before the client is back.
     let second = start_server_on(addr).await;
-    let mut observer = RawClient::connect(&second).await;
-    let observer_joined = observer.join("ops").await;
-    assert_eq!(
-        observer_joined["members"], 1,
-        "the observer joined before the client came back"
-    );
+    let mut observer = alone_in_ops(&second).await;
 
     // The client reconnects by itself: a new client id, the merged metadata sent again, the
     // room joined again, then the queued message.
@@ -348,14 +361,8 @@ async fn a_full_offline_queue_refuses_with_a_clear_error() {
     assert_eq!(error, ClientError::QueueFull { capacity: 3 });
     assert!(error.to_string().contains("queue is full"), "{error}");
     // The attempts fail and are retried, each one reported.
-    let event = expect_event(&mut client, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await;
-    assert!(
-        matches!(&event, Event::Disconnected { reason } if reason.contains("cannot connect")),
-        "{event:?}"
-    );
+    let reason = disconnect_reason(&mut client).await;
+    assert!(reason.contains("cannot connect"), "{reason}");
     expect_event(&mut client, "Reconnecting", |e| {
         matches!(e, Event::Reconnecting { attempt: 1, .. })
     })
@@ -786,14 +793,8 @@ async fn the_client_reconnects_after_the_server_process_is_killed_and_restores_i
 
     // The process dies without a close frame: the client notices the end of the stream.
     first.kill();
-    let event = expect_event(&mut client, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await;
-    assert!(
-        matches!(&event, Event::Disconnected { reason } if reason.starts_with("connection lost")),
-        "{event:?}"
-    );
+    let reason = disconnect_reason(&mut client).await;
+    assert!(reason.starts_with("connection lost"), "{reason}");
     expect_event(&mut client, "Reconnecting", |e| {
         matches!(e, Event::Reconnecting { attempt: 1, .. })
     })
@@ -801,12 +802,7 @@ async fn the_client_reconnects_after_the_server_process_is_killed_and_restores_i
     client.room_message("ops", "sent while offline").unwrap();
 
     let second = start_server_on(addr).await;
-    let mut observer = RawClient::connect(&second).await;
-    assert_eq!(
-        observer.join("ops").await["members"],
-        1,
-        "the observer joined before the client came back"
-    );
+    let mut observer = alone_in_ops(&second).await;
 
     // Back by itself: new id, metadata and room restored, then the queued message.
     assert_back_with_state(
@@ -841,14 +837,8 @@ async fn keepalive_notices_a_frozen_server_and_the_client_reconnects() {
     // No FIN, no RST, no pong: only the keepalive can tell the server is gone.
     first.freeze();
     let frozen_at = tokio::time::Instant::now();
-    let event = expect_event(&mut client, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await;
-    assert!(
-        matches!(&event, Event::Disconnected { reason } if reason.contains("(keepalive)")),
-        "{event:?}"
-    );
+    let reason = disconnect_reason(&mut client).await;
+    assert!(reason.contains("(keepalive)"), "{reason}");
     // Silence for two periods, checked at each tick: at most three periods, plus slack for a
     // loaded machine.
     assert!(

@@ -125,6 +125,22 @@ async fn flood(publisher: &mut Client, room: &str, count: usize) {
     }
 }
 
+/// `sleeper` gets close 1013 "slow consumer" (after whatever the kernel had buffered), and it
+/// is the only connection the server closed as one.
+async fn assert_closed_as_the_one_slow_consumer(server: &common::TestServer, sleeper: &mut Client) {
+    let frame = sleeper.recv_close(Duration::from_secs(20)).await;
+    assert_eq!(common::code(&frame), 1013);
+    assert_eq!(frame.unwrap().reason, "slow consumer");
+    assert_eq!(
+        server
+            .server
+            .outbox_stats()
+            .closed_slow
+            .load(Ordering::Relaxed),
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_closed_with_1013_and_the_others_keep_receiving() {
     let server = start_server_with(|config| {
@@ -161,17 +177,7 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_keep_receiving() {
         );
     }
 
-    let frame = sleeper.recv_close(Duration::from_secs(20)).await;
-    assert_eq!(common::code(&frame), 1013);
-    assert_eq!(frame.unwrap().reason, "slow consumer");
-    assert_eq!(
-        server
-            .server
-            .outbox_stats()
-            .closed_slow
-            .load(Ordering::Relaxed),
-        1
-    );
+    assert_closed_as_the_one_slow_consumer(&server, &mut sleeper).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,17 +195,7 @@ async fn a_slow_consumer_is_closed_when_its_queue_holds_more_bytes_than_the_byte
     flood(&mut publisher, "flood", 600).await;
 
     // Whatever the kernel buffered arrives first; then the close.
-    let frame = sleeper.recv_close(Duration::from_secs(20)).await;
-    assert_eq!(common::code(&frame), 1013);
-    assert_eq!(frame.unwrap().reason, "slow consumer");
-    assert_eq!(
-        server
-            .server
-            .outbox_stats()
-            .closed_slow
-            .load(Ordering::Relaxed),
-        1
-    );
+    assert_closed_as_the_one_slow_consumer(&server, &mut sleeper).await;
     // The publisher was never held up, and is told the sleeper left.
     let left = publisher.recv().await;
     assert_eq!(left["type"], "member_left", "{left}");
