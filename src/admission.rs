@@ -94,6 +94,8 @@ struct Claims {
 struct TokenVerifier {
     key: DecodingKey,
     validation: Validation,
+    /// Seconds of clock skew allowed around `nbf` and `exp`.
+    leeway: u64,
 }
 
 impl TokenVerifier {
@@ -106,10 +108,29 @@ impl TokenVerifier {
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => {
                     Refusal::Unauthorized("bad token signature")
                 }
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                    Refusal::Unauthorized("token not yet valid")
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                    Refusal::Unauthorized("token is for another audience")
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidIssuer => {
+                    Refusal::Unauthorized("token from another issuer")
+                }
+                jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(claim) => {
+                    match claim.as_str() {
+                        "aud" => Refusal::Unauthorized("token has no aud"),
+                        "iss" => Refusal::Unauthorized("token has no iss"),
+                        _ => Refusal::Unauthorized("invalid token"),
+                    }
+                }
                 _ => Refusal::Unauthorized("invalid token"),
             },
         )?;
         let claims = data.claims;
+        // The leeway that let an expired-by-a-little token in also applies for the rest of the
+        // connection's life, so it is not closed with 4001 the next second.
+        let expires_at = claims.exp.map(|exp| exp.saturating_add(self.leeway));
         let user_id = claims
             .sub
             .filter(|sub| !sub.is_empty())
@@ -117,7 +138,7 @@ impl TokenVerifier {
         Ok(Identity {
             user_id: Some(user_id.into()),
             rooms: claims.rooms.map(RoomPolicy::new),
-            expires_at: claims.exp,
+            expires_at,
         })
     }
 }
@@ -186,10 +207,11 @@ impl Admission {
         let verifier = if let Some(secret) = &config.jwt_secret {
             Some(TokenVerifier {
                 key: DecodingKey::from_secret(secret.as_bytes()),
-                validation: validation(&[Algorithm::HS256]),
+                validation: validation(&[Algorithm::HS256], config),
+                leeway: config.jwt_leeway.as_secs(),
             })
         } else if let Some(path) = &config.jwt_public_key {
-            Some(public_key_verifier(path)?)
+            Some(public_key_verifier(path, config)?)
         } else {
             None
         };
@@ -359,16 +381,29 @@ impl Admission {
     }
 }
 
-fn validation(algorithms: &[Algorithm]) -> Validation {
+/// What a token must satisfy besides its signature: `exp` and `nbf` when present (within
+/// `--jwt-leeway`), and `aud` / `iss` when configured (then they are required).
+fn validation(algorithms: &[Algorithm], config: &Config) -> Validation {
     let mut validation = Validation::new(algorithms[0]);
     validation.algorithms = algorithms.to_vec();
     // `exp` is checked when present; tokens without one are accepted and never expire.
     validation.required_spec_claims.clear();
-    validation.leeway = 0;
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.leeway = config.jwt_leeway.as_secs();
+    validation.validate_aud = config.jwt_audience.is_some();
+    if let Some(audience) = &config.jwt_audience {
+        validation.set_audience(&[audience]);
+        validation.required_spec_claims.insert("aud".into());
+    }
+    if let Some(issuer) = &config.jwt_issuer {
+        validation.set_issuer(&[issuer]);
+        validation.required_spec_claims.insert("iss".into());
+    }
     validation
 }
 
-fn public_key_verifier(path: &str) -> Result<TokenVerifier, AdmissionError> {
+fn public_key_verifier(path: &str, config: &Config) -> Result<TokenVerifier, AdmissionError> {
     let error = |reason: String| AdmissionError::PublicKey {
         path: path.to_owned(),
         reason,
@@ -377,13 +412,18 @@ fn public_key_verifier(path: &str) -> Result<TokenVerifier, AdmissionError> {
     if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
         return Ok(TokenVerifier {
             key,
-            validation: validation(&[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512]),
+            validation: validation(
+                &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
+                config,
+            ),
+            leeway: config.jwt_leeway.as_secs(),
         });
     }
     if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
         return Ok(TokenVerifier {
             key,
-            validation: validation(&[Algorithm::ES256, Algorithm::ES384]),
+            validation: validation(&[Algorithm::ES256, Algorithm::ES384], config),
+            leeway: config.jwt_leeway.as_secs(),
         });
     }
     Err(error("not an RSA or EC public key in PEM".into()))

@@ -36,6 +36,7 @@ pub mod defaults {
     pub const MAX_ROOMS_PER_CONNECTION: usize = 100;
     pub const MAX_ROOM_NAME_LENGTH: usize = 128;
     pub const MAX_METADATA_SIZE: usize = 4096;
+    pub const JWT_LEEWAY: &str = "5s";
 }
 
 /// Everything `roomcast serve` can be told. Each option is a flag and a `ROOMCAST_*` variable;
@@ -134,6 +135,21 @@ pub struct Config {
     /// signed with; makes a valid token required.
     #[arg(long, env = "ROOMCAST_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<String>,
+
+    /// The `aud` a token must name (a string, or one entry of a list). Default: `aud` is not
+    /// checked.
+    #[arg(long, env = "ROOMCAST_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// The `iss` a token must carry. Default: `iss` is not checked.
+    #[arg(long, env = "ROOMCAST_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock skew allowed between the application that signs tokens and this server: a token
+    /// is accepted from `nbf` minus this and until `exp` plus this.
+    #[arg(long, env = "ROOMCAST_JWT_LEEWAY", default_value = defaults::JWT_LEEWAY, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
+    pub jwt_leeway: Duration,
 
     /// Cookie that may carry the token, besides the `token` query parameter and an
     /// `Authorization: Bearer` header. Default: none.
@@ -243,6 +259,9 @@ impl Config {
             max_metadata_size: defaults::MAX_METADATA_SIZE,
             jwt_secret: None,
             jwt_public_key: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_leeway: duration(defaults::JWT_LEEWAY),
             token_cookie: None,
             allowed_origins: None,
             max_connections: 0,
@@ -300,6 +319,10 @@ impl Config {
             (
                 !self.idle_timeout.is_zero() && self.ping_interval.is_zero(),
                 "--idle-timeout needs --ping-interval: without pings, quiet clients look idle",
+            ),
+            (
+                self.jwt_leeway > Duration::from_secs(300),
+                "--jwt-leeway must be at most 5m: it lets expired tokens in for that long",
             ),
             (
                 self.rate_limit > 0.0 && self.rate_burst == 0,

@@ -73,6 +73,66 @@ async fn an_expired_token_is_refused_with_401() {
     );
 }
 
+/// The status of an upgrade with `claims` signed by the right key.
+async fn upgrade_status(server: &common::TestServer, claims: serde_json::Value) -> u16 {
+    match connect_with(server, &format!("/?token={}", token(claims)), &[]).await {
+        Ok(_) => 101,
+        Err(status) => status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_not_valid_for_another_hour_is_refused_with_401() {
+    let server = auth_server().await;
+    let status = upgrade_status(&server, json!({"sub": "u", "nbf": now() + 3600})).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_whose_nbf_is_within_the_leeway_is_accepted() {
+    let server = auth_server().await;
+    // The default --jwt-leeway is 5 s: a signer whose clock is 2 s ahead is tolerated.
+    let status = upgrade_status(&server, json!({"sub": "u", "nbf": now() + 2})).await;
+    assert_eq!(status, 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_naming_an_audience_is_accepted_when_no_audience_is_configured() {
+    let server = auth_server().await;
+    let status = upgrade_status(&server, json!({"sub": "u", "aud": "someone"})).await;
+    assert_eq!(status, 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_audience_must_be_named_by_the_token() {
+    let server = start_server_with(|config| {
+        config.jwt_secret = Some(SECRET.into());
+        config.jwt_audience = Some("roomcast".into());
+    })
+    .await;
+    assert_eq!(upgrade_status(&server, json!({"sub": "u"})).await, 401);
+    let other = json!({"sub": "u", "aud": "billing"});
+    assert_eq!(upgrade_status(&server, other).await, 401);
+    let listed = json!({"sub": "u", "aud": ["billing", "roomcast"]});
+    assert_eq!(upgrade_status(&server, listed).await, 101);
+    let single = json!({"sub": "u", "aud": "roomcast"});
+    assert_eq!(upgrade_status(&server, single).await, 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_issuer_must_match_the_token() {
+    let server = start_server_with(|config| {
+        config.jwt_secret = Some(SECRET.into());
+        config.jwt_issuer = Some("https://app.example.com".into());
+    })
+    .await;
+    assert_eq!(upgrade_status(&server, json!({"sub": "u"})).await, 401);
+    let other = json!({"sub": "u", "iss": "https://evil.example.com"});
+    assert_eq!(upgrade_status(&server, other).await, 401);
+    let right = json!({"sub": "u", "iss": "https://app.example.com"});
+    assert_eq!(upgrade_status(&server, right).await, 101);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_signed_with_another_key_is_refused_with_401() {
     let server = auth_server().await;

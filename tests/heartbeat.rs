@@ -63,7 +63,12 @@ async fn a_client_that_answers_no_ping_is_closed_with_4000() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_is_closed_with_4001_when_its_token_expires() {
     const SECRET: &str = "heartbeat-test-secret";
-    let server = start_server_with(|config| config.jwt_secret = Some(SECRET.into())).await;
+    let server = start_server_with(|config| {
+        config.jwt_secret = Some(SECRET.into());
+        // Without the default 5 s of clock-skew leeway, which extends a token's life.
+        config.jwt_leeway = Duration::ZERO;
+    })
+    .await;
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
