@@ -106,6 +106,17 @@ async fn unknown_opcode_closes_with_1002() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_bit_length_with_its_top_bit_set_closes_with_1002_not_1009() {
+    let server = start_server().await;
+    let mut raw = RawClient::connect(&server).await;
+    let mut header = vec![FIN | TEXT, 0x80 | 127];
+    header.extend_from_slice(&(1u64 << 63 | 2).to_be_bytes());
+    header.extend_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    raw.send_raw(&header).await;
+    assert_eq!(raw.read_close_code().await, 1002);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_over_the_size_limit_closes_with_1009() {
     let server = start_server_with(|config| config.max_message_size = 1024).await;
     let mut raw = RawClient::connect(&server).await;

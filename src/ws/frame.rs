@@ -62,6 +62,9 @@ pub enum FrameError {
     BadFragments,
     #[error("message larger than the limit")]
     TooBig,
+    /// RFC 6455 5.2: the most significant bit of a 64-bit payload length must be 0.
+    #[error("64-bit payload length with its top bit set")]
+    BadLength,
 }
 
 impl FrameError {
@@ -125,6 +128,9 @@ fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, FrameE
         2 => u16::from_be_bytes([buf[2], buf[3]]) as usize,
         8 => {
             let len = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
+            if len >> 63 != 0 {
+                return Err(FrameError::BadLength);
+            }
             usize::try_from(len).map_err(|_| FrameError::TooBig)?
         }
         _ => short_len,
@@ -385,12 +391,23 @@ mod tests {
     fn a_huge_declared_length_is_refused_before_any_buffering() {
         let mut reader = FrameReader::new(1 << 16, 1 << 16);
         let mut header = vec![0x82, 0x80 | 127];
-        header.extend_from_slice(&u64::MAX.to_be_bytes());
+        header.extend_from_slice(&(u64::MAX >> 1).to_be_bytes());
         header.extend_from_slice(&MASK);
         assert_eq!(
             feed_all(&mut reader, &header, usize::MAX).unwrap_err(),
             FrameError::TooBig
         );
+    }
+
+    #[test]
+    fn a_64_bit_length_with_its_top_bit_set_is_a_protocol_error() {
+        let mut reader = FrameReader::new(1 << 16, 1 << 16);
+        let mut header = vec![0x82, 0x80 | 127];
+        header.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+        header.extend_from_slice(&MASK);
+        let error = feed_all(&mut reader, &header, usize::MAX).unwrap_err();
+        assert_eq!(error, FrameError::BadLength);
+        assert_eq!(error.close_code(), 1002);
     }
 
     #[test]
