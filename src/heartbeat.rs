@@ -3,13 +3,12 @@
 //!
 //! Why one task and not a timer per connection: a timer costs every open connection memory
 //! and a wake-up of its own. Here a connection pays two atomics in its outbox (when it was last
-//! heard from, when its token expires) and one relaxed store per socket read. Once a second
-//! the heartbeat advances a coarse clock, closes connections whose token expired (4001), and
+//! heard from, when its token expires) and, per socket read, a coarse clock read and one
+//! relaxed store. Once a second the heartbeat closes connections whose token expired (4001), and
 //! every `--ping-interval` it asks each connection to send a ping (a flag and a wake-up: the
 //! connection's task writes a static frame, so pinging an idle connection allocates nothing)
 //! and closes those not heard from within `--idle-timeout` (4000).
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,22 +19,70 @@ use crate::hub::Router;
 use crate::outbox::CloseRequest;
 use crate::protocol::{self, close_code};
 
-/// Seconds since the server started, advanced by the heartbeat once a second. Cheap to read on
-/// every socket read, unlike the system clock.
-#[derive(Debug, Default)]
+/// Milliseconds since the server started, read from the kernel's coarse monotonic clock
+/// (`CLOCK_MONOTONIC_COARSE`: a vDSO read of the last timer tick, a few nanoseconds, cheap
+/// enough for every socket read), accurate to one kernel tick (1-10 ms).
+///
+/// Why not a counter the heartbeat advances: a value stored once a second is up to a second
+/// old when a connection reads it, and later still when the heartbeat runs late, so silence was
+/// over-counted and idle connections were closed up to a second early. Here the connection and
+/// the heartbeat read the same clock at the moment they act. It wraps after 49 days; only
+/// differences are taken (wrapping), and no timeout comes near that.
+#[derive(Debug)]
 pub struct CoarseClock {
-    seconds: AtomicU32,
+    origin_ms: u64,
+    /// The clock's resolution in milliseconds, rounded up: the margin that keeps comparisons
+    /// from ever deciding early.
+    resolution_ms: u32,
+}
+
+impl Default for CoarseClock {
+    fn default() -> Self {
+        Self {
+            origin_ms: coarse_monotonic_ms(),
+            resolution_ms: coarse_resolution_ms(),
+        }
+    }
 }
 
 impl CoarseClock {
     #[inline]
     pub fn now(&self) -> u32 {
-        self.seconds.load(Ordering::Relaxed)
+        coarse_monotonic_ms().wrapping_sub(self.origin_ms) as u32
     }
 
-    fn advance_to(&self, seconds: u32) {
-        self.seconds.store(seconds, Ordering::Relaxed);
+    /// Whether at least `limit` has certainly passed since `then` (a value of [`now`]):
+    /// the clock's resolution is added so that rounding can only make it late, never early.
+    ///
+    /// [`now`]: Self::now
+    pub fn has_passed(&self, then: u32, limit: Duration) -> bool {
+        let elapsed = self.now().wrapping_sub(then);
+        let limit = u32::try_from(limit.as_millis()).unwrap_or(u32::MAX);
+        elapsed >= limit.saturating_add(self.resolution_ms)
     }
+}
+
+fn coarse_monotonic_ms() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write to; CLOCK_MONOTONIC_COARSE exists on every
+    // Linux since 2.6.32, and the call cannot fail with a valid pointer and clock id.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
+}
+
+fn coarse_resolution_ms() -> u32 {
+    let mut resolution = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: as above.
+    unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut resolution) };
+    let nanos = resolution.tv_sec as u64 * 1_000_000_000 + resolution.tv_nsec as u64;
+    // At least a millisecond (the unit), rounded up.
+    nanos.div_ceil(1_000_000).clamp(1, 1000) as u32
 }
 
 /// The heartbeat's settings.
@@ -50,15 +97,15 @@ pub struct Heartbeat {
     pub check_expiry: bool,
 }
 
-/// Runs until `shutdown`. `clock` is the one connections read.
+/// Runs until `shutdown`. `clock` is the one connections touch their outbox with.
 pub async fn run(
     settings: Heartbeat,
     clock: Arc<CoarseClock>,
     router: Arc<dyn Router>,
     shutdown: CancellationToken,
 ) {
-    let ping_every = settings.ping_interval.as_secs() as u32;
-    let idle_limit = settings.idle_timeout.as_secs() as u32;
+    let ping_every = settings.ping_interval.as_secs();
+    let idle_limit = settings.idle_timeout;
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let started = tokio::time::Instant::now();
@@ -67,10 +114,11 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let now = started.elapsed().as_secs() as u32;
-        clock.advance_to(now);
-        let ping_now = ping_every > 0 && now > 0 && now % ping_every == 0;
-        let idle_check = idle_limit > 0 && ping_now;
+        let seconds = started.elapsed().as_secs();
+        let ping_now = ping_every > 0 && seconds > 0 && seconds % ping_every == 0;
+        // Checked at each ping, so a silent connection is closed between `idle_limit` and
+        // `idle_limit` plus one ping interval after its last frame, never before.
+        let idle_check = !idle_limit.is_zero() && ping_now;
         if !ping_now && !settings.check_expiry {
             continue;
         }
@@ -84,7 +132,7 @@ pub async fn run(
                 }
                 return;
             }
-            if idle_check && now.saturating_sub(outbox.last_seen()) >= idle_limit {
+            if idle_check && clock.has_passed(outbox.last_seen(), idle_limit) {
                 if outbox.request_close(close(close_code::IDLE_TIMEOUT)) {
                     idle += 1;
                 }
@@ -105,5 +153,25 @@ fn close(code: u16) -> CloseRequest {
     CloseRequest {
         code: Some(code),
         flush: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_coarse_clock_counts_milliseconds_and_never_decides_early() {
+        let clock = CoarseClock::default();
+        let then = clock.now();
+        assert!(!clock.has_passed(then, Duration::from_millis(50)));
+        std::thread::sleep(Duration::from_millis(120));
+        let elapsed = clock.now().wrapping_sub(then);
+        assert!(
+            (100..5_000).contains(&elapsed),
+            "{elapsed} ms after sleeping 120 ms"
+        );
+        assert!(clock.has_passed(then, Duration::from_millis(50)));
+        assert!(!clock.has_passed(then, Duration::from_secs(60)));
     }
 }

@@ -144,7 +144,7 @@ struct Shared {
     /// the frame out, so it never goes below zero.
     queued_bytes: AtomicUsize,
     byte_limit: usize,
-    /// When the peer was last heard from, on the heartbeat's coarse clock (seconds).
+    /// When the peer was last heard from, on the heartbeat's coarse clock (milliseconds).
     last_seen: AtomicU32,
     /// When the connection's token expires (Unix seconds); 0 for never.
     expires_at: AtomicU64,

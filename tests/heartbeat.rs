@@ -86,3 +86,46 @@ async fn a_connection_is_closed_with_4001_when_its_token_expires() {
     let frame = client.recv_close(Duration::from_secs(6)).await;
     assert_eq!(common::code(&frame), 4001);
 }
+
+/// The red team saw closes 2.0-2.96 s after the last frame with a 3 s idle timeout: the
+/// heartbeat's clock counted whole seconds. Clients here go silent at different fractions of
+/// a second, so a clock that rounds would close some of them early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed_within_one_ping_interval_after_its_idle_timeout_never_before(
+) {
+    const IDLE: Duration = Duration::from_secs(3);
+    const PING: Duration = Duration::from_secs(1);
+    let server = start_server_with(|config| {
+        config.ping_interval = PING;
+        config.idle_timeout = IDLE;
+    })
+    .await;
+    let mut silent = Vec::new();
+    for i in 0..6u64 {
+        let server_addr = &server;
+        let mut raw = RawClient::connect(server_addr).await;
+        tokio::time::sleep(Duration::from_millis(170 * i)).await;
+        // The client's last frame: a message the server reads (and answers with an error).
+        raw.send_frame(0x81, b"{}").await;
+        let last_frame = std::time::Instant::now();
+        silent.push(tokio::spawn(async move {
+            loop {
+                // Pings go unanswered: a raw client is silent.
+                let frame = raw.read_frame().await.expect("a close frame before EOF");
+                if frame.opcode == 0x8 {
+                    return (frame.close_code(), last_frame.elapsed());
+                }
+            }
+        }));
+    }
+    for client in silent {
+        let (code, after) = client.await.unwrap();
+        assert_eq!(code, 4000);
+        assert!(after >= IDLE, "closed {after:?} after the last frame");
+        // One ping interval, plus scheduling slack on a loaded CI machine.
+        assert!(
+            after <= IDLE + PING + Duration::from_millis(750),
+            "closed {after:?} after the last frame"
+        );
+    }
+}
