@@ -107,6 +107,25 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_RATE_BURST", default_value_t = defaults::RATE_BURST)]
     pub rate_burst: u32,
 
+    /// Bytes per second one connection may send, all messages together (a token bucket beside
+    /// the message rate); over it a message gets the rate-limit `error`. 0 turns it off; so
+    /// does `--rate-limit 0`. Default: a quarter of --outbound-queue-bytes (256 KiB/s).
+    #[arg(long, env = "ROOMCAST_RATE_LIMIT_BYTES")]
+    pub rate_limit_bytes: Option<usize>,
+
+    /// Bytes a connection may send at once before `--rate-limit-bytes` applies. What one
+    /// client sends lands in every recipient's queue, so this stays below
+    /// --outbound-queue-bytes: a whole burst never closes a prompt reader. At least
+    /// --max-message-size. Default: half of --outbound-queue-bytes (512 KiB).
+    #[arg(long, env = "ROOMCAST_RATE_BURST_BYTES")]
+    pub rate_burst_bytes: Option<usize>,
+
+    /// Whether clients may send `broadcast` (every connected client gets it). `false`
+    /// answers it with the `error` "Broadcast is disabled"; the application can still reach
+    /// everyone through rooms. Default: true, as in the seed.
+    #[arg(long, env = "ROOMCAST_CLIENT_BROADCAST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub client_broadcast: bool,
+
     /// Rooms one connection may be in at once; one more gets an `error` reply.
     #[arg(long, env = "ROOMCAST_MAX_ROOMS_PER_CONNECTION", default_value_t = defaults::MAX_ROOMS_PER_CONNECTION)]
     pub max_rooms_per_connection: usize,
@@ -254,6 +273,9 @@ impl Config {
             max_frame_size: defaults::MAX_FRAME_SIZE,
             rate_limit: defaults::RATE_LIMIT,
             rate_burst: defaults::RATE_BURST,
+            rate_limit_bytes: None,
+            rate_burst_bytes: None,
+            client_broadcast: true,
             max_rooms_per_connection: defaults::MAX_ROOMS_PER_CONNECTION,
             max_room_name_length: defaults::MAX_ROOM_NAME_LENGTH,
             max_metadata_size: defaults::MAX_METADATA_SIZE,
@@ -279,8 +301,23 @@ impl Config {
         }
     }
 
+    /// Inbound bytes per second per connection: `--rate-limit-bytes`, or a quarter of the
+    /// outbound queue's byte bound. 0 when off.
+    pub fn rate_limit_bytes(&self) -> usize {
+        self.rate_limit_bytes
+            .unwrap_or(self.outbound_queue_bytes / 4)
+    }
+
+    /// Inbound bytes a connection may send at once: `--rate-burst-bytes`, or half of the
+    /// outbound queue's byte bound, so one sender's burst fits in every recipient's queue.
+    pub fn rate_burst_bytes(&self) -> usize {
+        self.rate_burst_bytes
+            .unwrap_or(self.outbound_queue_bytes / 2)
+    }
+
     /// Rejects values that cannot work, with a message naming the option.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let byte_budget = self.rate_limit > 0.0 && self.rate_limit_bytes() > 0;
         let checks = [
             (self.workers == 0, "--workers must be at least 1"),
             (
@@ -319,6 +356,20 @@ impl Config {
             (
                 !self.idle_timeout.is_zero() && self.ping_interval.is_zero(),
                 "--idle-timeout needs --ping-interval: without pings, quiet clients look idle",
+            ),
+            (
+                byte_budget && self.rate_burst_bytes() < self.max_message_size,
+                "--rate-burst-bytes must be at least --max-message-size, or the largest \
+                 messages could never be sent",
+            ),
+            (
+                byte_budget && self.rate_burst_bytes() > self.outbound_queue_bytes,
+                "--rate-burst-bytes must be at most --outbound-queue-bytes: one client's burst \
+                 lands in every recipient's queue and would close prompt readers",
+            ),
+            (
+                byte_budget && self.rate_burst_bytes() > u32::MAX as usize,
+                "--rate-burst-bytes must be at most 4 GiB",
             ),
             (
                 self.jwt_leeway > Duration::from_secs(300),

@@ -150,3 +150,93 @@ async fn small_frames_may_make_a_message_up_to_the_message_limit() {
         "room_joined"
     );
 }
+
+/// What a reader saw: broadcasts received, and the close code if the server closed it.
+async fn read_broadcasts_for(mut reader: Client, window: std::time::Duration) -> (usize, u16) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let deadline = tokio::time::Instant::now() + window;
+    let mut received = 0;
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, reader.ws.next()).await {
+        match message {
+            Ok(Message::Text(text)) if text.contains(r#""type":"broadcast""#) => received += 1,
+            Ok(Message::Close(frame)) => {
+                return (received, frame.map_or(1005, |f| u16::from(f.code)));
+            }
+            Ok(_) => {}
+            Err(_) => return (received, 1006),
+        }
+    }
+    (received, 0)
+}
+
+/// The red team's finding: one client sending its whole message burst (200) at the largest
+/// message size (64 KiB) put 12.8 MiB at once into every other client's 1 MiB queue, and
+/// prompt readers were closed with 1013 while the sender went unpunished. With the default
+/// byte budget the sender is refused instead and every reader keeps up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_senders_burst_of_large_broadcasts_refuses_the_sender_not_its_prompt_readers() {
+    let server = start_server_with(|_| {}).await; // the defaults, as the red team ran them
+    let readers: Vec<_> = futures_util::future::join_all((0..10).map(|_| Client::connect(&server)))
+        .await
+        .into_iter()
+        .map(|reader| {
+            tokio::spawn(read_broadcasts_for(
+                reader,
+                std::time::Duration::from_secs(4),
+            ))
+        })
+        .collect();
+    let mut sender = Client::connect(&server).await;
+    let filler = "x".repeat(65536 - 64);
+    let message = json!({"type": "broadcast", "message": filler}).to_string();
+    assert!(message.len() <= 65536);
+    for _ in 0..200 {
+        sender.send_text(&message).await;
+    }
+    let mut refused = 0;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        futures_util::StreamExt::next(&mut sender.ws),
+    )
+    .await
+    {
+        if frame
+            .to_text()
+            .unwrap_or("")
+            .contains("Rate limit exceeded")
+        {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the sender over its byte budget is refused");
+    let delivered = 200 - refused;
+    for reader in readers {
+        let (received, closed) = reader.await.unwrap();
+        assert_eq!(
+            closed, 0,
+            "a prompt reader was closed (received {received})"
+        );
+        assert_eq!(
+            received, delivered,
+            "each reader gets every accepted broadcast"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_client_broadcast_off_a_broadcast_is_refused_and_nobody_receives_it() {
+    let server = start_server_with(|config| config.client_broadcast = false).await;
+    let mut sender = Client::connect(&server).await;
+    let mut other = Client::connect(&server).await;
+    sender
+        .send(json!({"type": "broadcast", "message": "to all"}))
+        .await;
+    assert_error(&sender.recv().await, "Broadcast is disabled");
+    other.expect_silence().await;
+    // Rooms still work for the same client.
+    let (mut a, mut b) = common::pair_in_room(&server, "still-open").await;
+    a.send(json!({"type": "room_message", "room": "still-open", "message": "hi"}))
+        .await;
+    assert_eq!(b.recv().await["message"], "hi");
+}

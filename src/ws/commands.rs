@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::admission::RoomPolicy;
 use crate::hub::{Joined, Member, Router};
-use crate::limits::{self, Rate, SessionLimits, TokenBucket};
+use crate::limits::{self, Rate, RateLimiter, SessionLimits};
 use crate::metrics::Metrics;
 use crate::outbox::CloseRequest;
 use crate::protocol::{self, close_code, Body, Command, DecodeError};
@@ -22,7 +22,7 @@ pub struct Session {
     router: Arc<dyn Router>,
     limits: Arc<SessionLimits>,
     metrics: Arc<Metrics>,
-    bucket: Option<TokenBucket>,
+    rate: Option<RateLimiter>,
     /// The rooms the token allows (auth only); `None` allows every room. Boxed: only tokens
     /// with a `rooms` claim have one, and every connection pays for the field (see the size
     /// guard in `ws::session`).
@@ -41,15 +41,13 @@ impl Session {
         metrics: Arc<Metrics>,
         allowed_rooms: Option<RoomPolicy>,
     ) -> Self {
-        let bucket = limits
-            .rate
-            .map(|(_, burst)| TokenBucket::new(burst, Instant::now()));
+        let rate = RateLimiter::new(&limits, Instant::now());
         Self {
             member,
             router,
             limits,
             metrics,
-            bucket,
+            rate,
             allowed_rooms: allowed_rooms.map(Box::new),
             rooms: HashSet::new(),
             metadata: serde_json::Map::new(),
@@ -63,7 +61,7 @@ impl Session {
 
     /// Handles one client message (the payload of a text or binary message, parsed in place).
     pub fn handle_message(&mut self, payload: &mut [u8]) {
-        if self.closing || !self.within_rate() {
+        if self.closing || !self.within_rate(payload.len()) {
             return;
         }
         match protocol::decode(payload) {
@@ -106,14 +104,14 @@ impl Session {
         }
     }
 
-    /// Takes a token for one message. Over the limit the message gets an error reply; a
-    /// client that keeps sending a whole burst's worth while limited is closed with 1008.
-    fn within_rate(&mut self) -> bool {
-        let (Some(bucket), Some((per_second, burst))) = (self.bucket.as_mut(), self.limits.rate)
-        else {
+    /// Takes one message of `len` bytes from the connection's budget. Over the limit (message
+    /// rate or bytes) the message gets an error reply; a client that keeps sending a whole
+    /// burst's worth while limited is closed with 1008.
+    fn within_rate(&mut self, len: usize) -> bool {
+        let Some(rate) = self.rate.as_mut() else {
             return true;
         };
-        match bucket.take(per_second, burst, Instant::now()) {
+        match rate.take(len, &self.limits, Instant::now()) {
             Rate::Allowed => true,
             Rate::Refused => {
                 self.reply_error(limits::errors::RATE_LIMITED);
@@ -137,8 +135,12 @@ impl Session {
             .push(protocol::error(message, protocol::timestamp()));
     }
 
-    /// Every other connected client gets it; the sender gets nothing.
+    /// Every other connected client gets it; the sender gets nothing. Refused when
+    /// `--client-broadcast false`.
     fn broadcast(&self, message: &Body<'_>) {
+        if !self.limits.client_broadcast {
+            return self.reply_error(limits::errors::BROADCAST_DISABLED);
+        }
         let started = Instant::now();
         let frame = protocol::broadcast(&self.member.client_id, message, protocol::timestamp());
         let delivered = self.router.broadcast(&self.member, frame);
