@@ -1,12 +1,20 @@
 //! Admission: everything decided before a WebSocket upgrade is accepted.
 //!
-//! In order: the client's address (behind trusted proxies), the per-IP and global connection
-//! caps (cheap, so a flood is refused before any token is verified), the Origin (against
-//! cross-site WebSocket hijacking), and the token (a JWT the main application issued). A
-//! refusal is an HTTP status with a short reason, before the upgrade, never an internal error.
+//! At accept ([`Admission::accept`]): the pending-handshake cap, the per-IP cap for the TCP
+//! peer (unless it is a trusted proxy, whose clients are counted once their address is known),
+//! and the global cap. A connection holds its place from accept, not from the upgrade, so
+//! connections that never finish their request count like any other. At the upgrade
+//! ([`Admission::admit`]): the client's address behind trusted proxies (and its per-IP place),
+//! the Origin (against cross-site WebSocket hijacking), and the token (a JWT the main
+//! application issued). A refusal is an HTTP status with a short reason, never an internal
+//! error.
 //!
-//! An admitted connection carries a [`Permit`] for its whole life: dropping it gives the
-//! connection's place back to the caps.
+//! At the global cap a few more connections are still accepted for plain HTTP only
+//! ([`HTTP_RESERVE`]): health checks, metrics and the API keep answering on a full server,
+//! and an upgrade on such a connection gets 503.
+//!
+//! A connection carries a [`Permit`] for its whole life, closing included: dropping it gives
+//! the connection's places back.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,13 +45,16 @@ pub enum Refusal {
     /// Auth is on and the token is missing, malformed, badly signed or expired: 401.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// `--max-pending-handshakes` connections are still sending their request: 503.
+    #[error("too many handshakes in progress")]
+    TooManyPending,
 }
 
 impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::TooManyFromAddress => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::ServerFull | Refusal::TooManyPending => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::OriginNotAllowed => StatusCode::FORBIDDEN,
             Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
@@ -190,6 +201,28 @@ pub enum AdmissionError {
     TrustedProxy(String),
 }
 
+/// Connections accepted past the global cap for plain HTTP only (health, metrics, API), so a
+/// full server still answers its load balancer and its operators.
+pub const HTTP_RESERVE: usize = 64;
+
+/// File descriptors kept free below the open-file limit when `--max-connections` is derived
+/// from it: the HTTP reserve, listeners, the runtime's own, files, future backplane
+/// connections.
+pub const FD_RESERVE: usize = 256;
+
+/// The global cap in force: `--max-connections`, or when 0 the open-file limit less
+/// [`FD_RESERVE`] (at least 1), so accept never fails for lack of descriptors.
+pub fn effective_max_connections(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let limit = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    limit.saturating_sub(FD_RESERVE).max(1)
+}
+
 /// The admission policy of a server, and its live connection counts.
 pub struct Admission {
     origins: Option<Vec<OriginPattern>>,
@@ -197,8 +230,16 @@ pub struct Admission {
     token_cookie: Option<String>,
     max_connections: usize,
     max_per_ip: usize,
+    max_pending: usize,
     trusted_proxies: Vec<IpNet>,
+    /// Connections holding a place under the global cap (pending ones included).
     open: AtomicUsize,
+    /// Connections past the cap, served plain HTTP only.
+    reserve: AtomicUsize,
+    /// Connections that have not finished their request head.
+    pending: AtomicUsize,
+    /// WebSocket connections (upgraded, not yet closed).
+    upgraded: AtomicUsize,
     per_ip: DashMap<IpAddr, usize>,
 }
 
@@ -235,10 +276,14 @@ impl Admission {
             origins,
             verifier,
             token_cookie: config.token_cookie.clone(),
-            max_connections: config.max_connections,
+            max_connections: effective_max_connections(config.max_connections),
             max_per_ip: config.max_connections_per_ip,
+            max_pending: config.max_pending_handshakes,
             trusted_proxies,
             open: AtomicUsize::new(0),
+            reserve: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            upgraded: AtomicUsize::new(0),
             per_ip: DashMap::new(),
         })
     }
@@ -248,20 +293,89 @@ impl Admission {
         self.verifier.is_some()
     }
 
-    /// Connections admitted and not yet closed.
+    /// WebSocket connections upgraded and not yet closed.
     pub fn open_connections(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
+        self.upgraded.load(Ordering::Relaxed)
     }
 
-    /// Decides on an upgrade request from `peer`.
+    /// TCP connections accepted and not yet closed: pending handshakes, plain HTTP and
+    /// WebSocket, those served from the HTTP reserve included.
+    pub fn accepted_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed) + self.reserve.load(Ordering::Relaxed)
+    }
+
+    /// Connections that have not finished their request head.
+    pub fn pending_handshakes(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// The global cap in force (see [`effective_max_connections`]).
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Decides on a connection just accepted from `peer`, before reading anything from it.
+    pub fn accept(self: &Arc<Self>, peer: IpAddr) -> Result<Permit, Refusal> {
+        // The permit exists from the first count, so every refusal below gives back what was
+        // taken.
+        let mut permit = Permit {
+            admission: self.clone(),
+            ip: None,
+            place: Place::None,
+            pending: true,
+            upgraded: false,
+        };
+        let pending = self.pending.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.max_pending > 0 && pending > self.max_pending {
+            return Err(Refusal::TooManyPending);
+        }
+        if !self.is_trusted(peer) {
+            self.claim_address(&mut permit, peer)?;
+        }
+        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        permit.place = Place::Counted;
+        if open > self.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            permit.place = Place::None;
+            let reserve = self.reserve.fetch_add(1, Ordering::AcqRel) + 1;
+            permit.place = Place::HttpOnly;
+            if reserve > HTTP_RESERVE {
+                return Err(Refusal::ServerFull);
+            }
+        }
+        Ok(permit)
+    }
+
+    /// Counts the connection under the per-IP cap for `ip`, once: the TCP peer's address at
+    /// accept, or behind a trusted proxy the client's (PROXY header, `X-Forwarded-For`).
+    pub fn claim_address(&self, permit: &mut Permit, ip: IpAddr) -> Result<(), Refusal> {
+        if self.max_per_ip == 0 || permit.ip.is_some() {
+            return Ok(());
+        }
+        let mut count = self.per_ip.entry(ip).or_insert(0);
+        if *count >= self.max_per_ip {
+            return Err(Refusal::TooManyFromAddress);
+        }
+        *count += 1;
+        permit.ip = Some(ip);
+        Ok(())
+    }
+
+    /// Decides on an upgrade request from `peer` on a connection holding `permit`.
     pub fn admit(
-        self: &Arc<Self>,
+        &self,
         uri: &Uri,
         headers: &HeaderMap,
         peer: SocketAddr,
-    ) -> Result<(Permit, Identity), Refusal> {
-        let ip = self.client_ip(headers, peer.ip());
-        let permit = self.reserve(ip)?;
+        permit: &mut Permit,
+    ) -> Result<Identity, Refusal> {
+        if permit.place == Place::HttpOnly {
+            return Err(Refusal::ServerFull);
+        }
+        if self.is_trusted(peer.ip()) {
+            let client = self.client_ip(headers, peer.ip());
+            self.claim_address(permit, client)?;
+        }
         self.check_origin(headers)?;
         let identity = match &self.verifier {
             None => Identity::default(),
@@ -272,7 +386,7 @@ impl Admission {
                 verifier.verify(&token)?
             }
         };
-        Ok((permit, identity))
+        Ok(identity)
     }
 
     /// The client's address: the peer's, unless the peer is a trusted proxy, in which case the
@@ -307,26 +421,6 @@ impl Admission {
     /// Whether `ip` is one of `--trusted-proxies`.
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
-    }
-
-    fn reserve(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
-        if self.max_per_ip > 0 {
-            let mut count = self.per_ip.entry(ip).or_insert(0);
-            if *count >= self.max_per_ip {
-                return Err(Refusal::TooManyFromAddress);
-            }
-            *count += 1;
-        }
-        // The permit exists from here, so a refusal below gives the per-IP place back.
-        let permit = Permit {
-            admission: self.clone(),
-            ip,
-        };
-        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
-        if self.max_connections > 0 && open > self.max_connections {
-            return Err(Refusal::ServerFull);
-        }
-        Ok(permit)
     }
 
     fn check_origin(&self, headers: &HeaderMap) -> Result<(), Refusal> {
@@ -448,18 +542,65 @@ fn parse_net(text: &str) -> Option<IpNet> {
         .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
-/// A connection's place under the caps, held for its whole life.
+/// Which count a connection's place is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    None,
+    /// Under the global cap.
+    Counted,
+    /// In the HTTP reserve past the cap: no upgrade.
+    HttpOnly,
+}
+
+/// A connection's places under the caps, held for its whole life (closing included, so a
+/// socket still draining its close counts against its address).
 pub struct Permit {
     admission: Arc<Admission>,
-    ip: IpAddr,
+    /// The address counted under the per-IP cap, once known.
+    ip: Option<IpAddr>,
+    place: Place,
+    /// Still counted as a pending handshake.
+    pending: bool,
+    /// Counted as a WebSocket connection.
+    upgraded: bool,
+}
+
+impl Permit {
+    /// The handshake is over (upgraded, or the request head read): the connection stops
+    /// counting against `--max-pending-handshakes`.
+    pub fn handshake_done(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.admission.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The connection is a WebSocket from now on.
+    pub fn upgraded(&mut self) {
+        self.handshake_done();
+        if !std::mem::replace(&mut self.upgraded, true) {
+            self.admission.upgraded.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        self.handshake_done();
         let admission = &self.admission;
-        admission.open.fetch_sub(1, Ordering::AcqRel);
-        if admission.max_per_ip > 0 {
-            admission.per_ip.remove_if_mut(&self.ip, |_, count| {
+        if self.upgraded {
+            admission.upgraded.fetch_sub(1, Ordering::AcqRel);
+        }
+        match self.place {
+            Place::None => {}
+            Place::Counted => {
+                admission.open.fetch_sub(1, Ordering::AcqRel);
+            }
+            Place::HttpOnly => {
+                admission.reserve.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        if let Some(ip) = self.ip {
+            admission.per_ip.remove_if_mut(&ip, |_, count| {
                 *count -= 1;
                 *count == 0
             });

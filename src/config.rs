@@ -37,6 +37,8 @@ pub mod defaults {
     pub const MAX_ROOM_NAME_LENGTH: usize = 128;
     pub const MAX_METADATA_SIZE: usize = 4096;
     pub const JWT_LEEWAY: &str = "5s";
+    pub const MAX_PENDING_HANDSHAKES: usize = 10_000;
+    pub const MAX_REQUEST_HEAD_SIZE: usize = 8 * 1024;
 }
 
 /// Everything `roomcast serve` can be told. Each option is a flag and a `ROOMCAST_*` variable;
@@ -182,13 +184,29 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
 
-    /// Open connections the server accepts; more get HTTP 503. 0: no limit.
+    /// Open connections the server accepts, counted from the TCP accept (handshakes in
+    /// progress included); more get HTTP 503, while 64 more may still get plain HTTP (health,
+    /// metrics, API). 0: the open-file limit less 256, so accept never runs out of
+    /// descriptors.
     #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
 
-    /// Open connections one client address may have; more get HTTP 429. 0: no limit.
+    /// Open connections one client address may have, counted from the TCP accept
+    /// (handshakes in progress and closing connections included); more get HTTP 429. 0: no
+    /// limit.
     #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: usize,
+
+    /// Connections that may be sending their HTTP request head at once (each holds what it
+    /// has sent, up to --max-request-head-size); more are answered 503 at accept. 0: no
+    /// limit beyond --max-connections.
+    #[arg(long, env = "ROOMCAST_MAX_PENDING_HANDSHAKES", default_value_t = defaults::MAX_PENDING_HANDSHAKES)]
+    pub max_pending_handshakes: usize,
+
+    /// Largest HTTP request head (request line and headers) in bytes; larger gets 431.
+    /// At least 1024.
+    #[arg(long, env = "ROOMCAST_MAX_REQUEST_HEAD_SIZE", default_value_t = defaults::MAX_REQUEST_HEAD_SIZE)]
+    pub max_request_head_size: usize,
 
     /// Addresses or CIDR ranges of proxies (load balancers) whose `X-Forwarded-For` is
     /// believed, comma-separated. Default: none, so the client address is the TCP peer's.
@@ -288,6 +306,8 @@ impl Config {
             allowed_origins: None,
             max_connections: 0,
             max_connections_per_ip: 0,
+            max_pending_handshakes: defaults::MAX_PENDING_HANDSHAKES,
+            max_request_head_size: defaults::MAX_REQUEST_HEAD_SIZE,
             trusted_proxies: Vec::new(),
             api_key: None,
             tls_cert: None,
@@ -370,6 +390,10 @@ impl Config {
             (
                 byte_budget && self.rate_burst_bytes() > u32::MAX as usize,
                 "--rate-burst-bytes must be at most 4 GiB",
+            ),
+            (
+                !(1024..=1 << 20).contains(&self.max_request_head_size),
+                "--max-request-head-size must be between 1024 and 1048576 bytes",
             ),
             (
                 self.jwt_leeway > Duration::from_secs(300),

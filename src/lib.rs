@@ -35,6 +35,7 @@ pub mod admission;
 pub mod client;
 pub mod config;
 pub mod counter;
+pub mod handshake;
 pub mod heartbeat;
 pub mod hub;
 pub mod limits;

@@ -42,12 +42,13 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     pub connections_accepted: Counter,
-    refused: [Counter; 4],
+    refused: [Counter; 5],
     pub handshake_failures: Counter,
     messages_in: [Counter; MESSAGE_TYPES.len()],
     pub fanout_deliveries: Counter,
     pub fanout_seconds: Histogram,
     connections_open: Gauge,
+    handshakes_pending: Gauge,
     rooms: Gauge,
     clients: Gauge,
     outbound_queue_frames: Gauge,
@@ -101,6 +102,7 @@ impl Metrics {
             "server_full",
             "origin",
             "unauthorized",
+            "pending_handshakes",
         ]
         .map(|reason| labelled("roomcast_connections_refused_total", "reason", reason));
         let messages_in =
@@ -122,6 +124,10 @@ impl Metrics {
                  messages, membership notices).",
             ),
             connections_open: gauge("roomcast_connections_open", "Open WebSocket connections."),
+            handshakes_pending: gauge(
+                "roomcast_handshakes_pending",
+                "Connections that have not finished their HTTP request head.",
+            ),
             rooms: gauge("roomcast_rooms", "Rooms with at least one member."),
             clients: gauge("roomcast_clients", "Clients in the directory."),
             outbound_queue_frames: gauge(
@@ -160,6 +166,7 @@ impl Metrics {
             Refusal::ServerFull => 1,
             Refusal::OriginNotAllowed => 2,
             Refusal::Unauthorized(_) => 3,
+            Refusal::TooManyPending => 4,
         };
         self.refused[index].increment(1);
     }
@@ -185,7 +192,13 @@ impl Metrics {
     }
 
     /// The exposition text, with the gauges read from the live state first.
-    pub fn render(&self, open: usize, router: &dyn Router, outbox: &OutboxStats) -> String {
+    pub fn render(
+        &self,
+        open: usize,
+        pending: usize,
+        router: &dyn Router,
+        outbox: &OutboxStats,
+    ) -> String {
         let (rooms, clients) = router.counts();
         let (mut queued, mut queued_bytes) = (0usize, 0usize);
         router.for_each_connection(&mut |member| {
@@ -193,6 +206,7 @@ impl Metrics {
             queued_bytes += member.outbox.queued_bytes();
         });
         self.connections_open.set(open as f64);
+        self.handshakes_pending.set(pending as f64);
         self.rooms.set(rooms as f64);
         self.clients.set(clients as f64);
         self.outbound_queue_frames.set(queued as f64);
@@ -222,7 +236,7 @@ mod tests {
             metrics.fanout(10, Duration::from_micros(3));
         }
         metrics.upkeep();
-        let text = metrics.render(0, &LocalHub::new(), &OutboxStats::default());
+        let text = metrics.render(0, 0, &LocalHub::new(), &OutboxStats::default());
         assert!(
             text.contains("roomcast_fanout_seconds_count 1000"),
             "{text}"

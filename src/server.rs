@@ -1,5 +1,7 @@
-//! Listening, accepting and HTTP: one SO_REUSEPORT listener per worker, hyper for HTTP/1.1,
-//! and the hand-off of upgraded connections to [`crate::ws::session`].
+//! Listening, accepting and HTTP: one SO_REUSEPORT listener per worker, admission at accept,
+//! the first request head read by [`crate::handshake`] (which answers WebSocket upgrades
+//! itself), hyper for every other HTTP/1.1 request, and the hand-off of upgraded connections
+//! to [`crate::ws::session`].
 
 use std::convert::Infallible;
 use std::io;
@@ -24,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Permit, Refusal};
 use crate::config::Config;
+use crate::handshake::{self, Prefixed};
 use crate::heartbeat::{self, CoarseClock, Heartbeat};
 use crate::hub::{LocalHub, Router};
 use crate::limits::SessionLimits;
@@ -171,6 +174,7 @@ impl Server {
             addr = %local_addr,
             tls = ctx.tls.is_some(),
             workers = listeners.len(),
+            max_connections = ctx.admission.max_connections(),
             "roomcast listening"
         );
         let heartbeat = tokio::spawn(heartbeat::run(
@@ -286,7 +290,19 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
             Ok((stream, peer)) => {
                 // Frames are batched by the outbox writer; Nagle would only add latency.
                 let _ = stream.set_nodelay(true);
-                ctx.tasks.spawn(serve_tcp(stream, peer, ctx.clone()));
+                // Counted from here: a connection that never finishes its request holds a
+                // place like any other.
+                match ctx.admission.accept(peer.ip()) {
+                    Ok(permit) => {
+                        ctx.tasks
+                            .spawn(serve_tcp(stream, peer, permit, ctx.clone()));
+                    }
+                    Err(refusal) => {
+                        ctx.metrics.refused(&refusal);
+                        debug!(%peer, %refusal, "connection refused at accept");
+                        refuse_at_accept(stream, &refusal, ctx.tls.is_some());
+                    }
+                }
             }
             Err(error) => {
                 // Out of file descriptors or similar: back off instead of spinning, and keep
@@ -298,9 +314,25 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
     }
 }
 
+/// Refuses a connection the caps have no place for, without a task: the answer is written
+/// if the socket takes it at once (it always has room for a few bytes), and the request
+/// already received is read off first, so closing sends a FIN rather than a reset that could
+/// overtake the answer. Over TLS nothing readable can be said before a TLS handshake, so the
+/// connection is just closed.
+fn refuse_at_accept(stream: TcpStream, refusal: &Refusal, tls: bool) {
+    if !tls {
+        let mut sink = [0u8; 1024];
+        while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+        let _ = stream.try_write(&handshake::refusal(refusal.status(), &refusal.to_string()));
+    }
+    if let Ok(stream) = stream.into_std() {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+}
+
 /// One accepted TCP connection: the PROXY header from a trusted load balancer if it sends one,
 /// TLS if configured, then HTTP.
-async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, mut permit: Permit, ctx: Arc<Context>) {
     let peer = if ctx.admission.is_trusted(peer.ip()) {
         let timeout = ctx.config.handshake_timeout;
         match proxy_protocol::client_address(&mut stream, peer, timeout).await {
@@ -313,17 +345,35 @@ async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     } else {
         peer
     };
+    // Behind a PROXY header the client's own address counts under the per-IP cap.
+    if !ctx.admission.is_trusted(peer.ip()) {
+        if let Err(refusal) = ctx.admission.claim_address(&mut permit, peer.ip()) {
+            ctx.metrics.refused(&refusal);
+            debug!(%peer, %refusal, "connection refused");
+            if ctx.tls.is_none() {
+                refuse(&mut stream, refusal.status(), &refusal.to_string(), &ctx).await;
+            }
+            return;
+        }
+    }
     match ctx.tls.clone() {
-        None => serve_http(stream, peer, ctx).await,
-        Some(acceptor) => serve_tls(acceptor, stream, peer, ctx).await,
+        None => serve_connection(stream, peer, permit, ctx).await,
+        // Boxed, so plain connections do not carry room for the TLS state (see above).
+        Some(acceptor) => Box::pin(serve_tls(acceptor, stream, peer, permit, ctx)).await,
     }
 }
 
 /// The TLS handshake, bounded by the handshake timeout like the HTTP request, then HTTP.
-async fn serve_tls(acceptor: TlsAcceptor, stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+async fn serve_tls(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: Permit,
+    ctx: Arc<Context>,
+) {
     let handshake = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(stream));
     match handshake.await {
-        Ok(Ok(tls_stream)) => serve_http(tls_stream, peer, ctx).await,
+        Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, permit, ctx).await,
         Ok(Err(error)) => {
             ctx.metrics.handshake_failures.increment(1);
             debug!(%peer, %error, "TLS handshake failed");
@@ -335,19 +385,130 @@ async fn serve_tls(acceptor: TlsAcceptor, stream: TcpStream, peer: SocketAddr, c
     }
 }
 
-/// Serves HTTP/1.1 on one connection (plain or TLS) until it ends or is upgraded.
-async fn serve_http<S>(stream: S, peer: SocketAddr, ctx: Arc<Context>)
+/// Reads the connection's first request head (bounded in size and time), then answers a
+/// WebSocket upgrade itself or hands anything else to hyper.
+async fn serve_connection<S>(mut io: S, peer: SocketAddr, mut permit: Permit, ctx: Arc<Context>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let max = ctx.config.max_request_head_size;
+    let head = tokio::time::timeout(
+        ctx.config.handshake_timeout,
+        handshake::read_head(&mut io, max),
+    )
+    .await;
+    let head = match head {
+        Ok(Ok(head)) => head,
+        Ok(Err(error)) => {
+            ctx.metrics.handshake_failures.increment(1);
+            debug!(%peer, %error, "request head refused");
+            if let Some(status) = error.status() {
+                refuse(&mut io, status, &error.to_string(), &ctx).await;
+            }
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.handshake_failures.increment(1);
+            return debug!(%peer, "request head timed out");
+        }
+    };
+    permit.handshake_done();
+    // Boxed: a future holds room for its largest stage, and hyper's connection state is
+    // several KiB; unboxed, every pending handshake would carry it while it waits for its
+    // head.
+    if handshake::is_upgrade(&head.headers) {
+        Box::pin(upgrade_direct(io, head, peer, permit, ctx)).await;
+    } else {
+        let io = Prefixed::new(head.into_bytes(), io);
+        Box::pin(serve_http(io, peer, permit, ctx)).await;
+    }
+}
+
+/// Answers `status` with a one-line `reason` and closes, within the drain timeout.
+async fn refuse<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    status: StatusCode,
+    reason: &str,
+    ctx: &Context,
+) {
+    let answer = handshake::refusal(status, reason);
+    let write = handshake::write_and_close(io, &answer);
+    let _ = tokio::time::timeout(ctx.config.drain_timeout, write).await;
+}
+
+/// Completes a WebSocket handshake read by [`handshake::read_head`]: RFC 6455 checks,
+/// admission, then the connection's task, which sends the 101 in its first write together
+/// with the welcome.
+async fn upgrade_direct<S>(
+    mut io: S,
+    head: handshake::Head,
+    peer: SocketAddr,
+    mut permit: Permit,
+    ctx: Arc<Context>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let key = match handshake::check_upgrade(&head.method, head.version, &head.headers) {
+        Ok(key) => key,
+        Err(error) => {
+            ctx.metrics.handshake_failures.increment(1);
+            debug!(%peer, %error, "bad upgrade request");
+            let reason = format!("bad upgrade request: {error}");
+            return refuse(&mut io, error.status(), &reason, &ctx).await;
+        }
+    };
+    let identity = match ctx
+        .admission
+        .admit(&head.uri, &head.headers, peer, &mut permit)
+    {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            ctx.metrics.refused(&refusal);
+            debug!(%peer, %refusal, "upgrade refused");
+            return refuse(&mut io, refusal.status(), &refusal.to_string(), &ctx).await;
+        }
+    };
+    let response = handshake::switching_protocols(key);
+    let echo = ctx.config.echo_path.as_deref() == Some(head.uri.path());
+    let mode = if echo { Mode::Echo } else { Mode::Rooms };
+    let prebuffered = Bytes::copy_from_slice(head.rest());
+    drop(head);
+    permit.upgraded();
+    ctx.metrics.connections_accepted.increment(1);
+    // Its own task, so that nothing of this one (the head, the timeout) stays alive beside
+    // the connection.
+    let tasks = ctx.tasks.clone();
+    tasks.spawn(ws::session::start(
+        io,
+        Some(response),
+        prebuffered,
+        ctx,
+        peer,
+        permit,
+        identity,
+        mode,
+    ));
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) with hyper until it ends, or until it is
+/// upgraded (a WebSocket asked for on a connection kept alive after another request).
+async fn serve_http<S>(stream: Prefixed<S>, peer: SocketAddr, permit: Permit, ctx: Arc<Context>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service_ctx = ctx.clone();
+    // The connection's permit, for the request that upgrades it (if any).
+    let permit = Arc::new(std::sync::Mutex::new(Some(permit)));
     let service = service_fn(move |request| {
         let ctx = service_ctx.clone();
-        async move { Ok::<_, Infallible>(route::<S>(request, peer, ctx)) }
+        let permit = permit.clone();
+        async move { Ok::<_, Infallible>(route::<S>(request, peer, permit, ctx)) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.config.handshake_timeout)
+        // hyper's own minimum is 8 KiB.
+        .max_buf_size(ctx.config.max_request_head_size.max(8192))
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(connection);
@@ -366,15 +527,20 @@ where
 fn route<S>(
     mut request: Request<Incoming>,
     peer: SocketAddr,
+    permit: Arc<std::sync::Mutex<Option<Permit>>>,
     ctx: Arc<Context>,
 ) -> Response<Full<Bytes>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if fastwebsockets::upgrade::is_upgrade_request(&request) {
+    if handshake::is_upgrade(request.headers()) {
         let echo = ctx.config.echo_path.as_deref() == Some(request.uri().path());
         let mode = if echo { Mode::Echo } else { Mode::Rooms };
-        return upgrade::<S>(&mut request, peer, ctx, mode);
+        let taken = permit.lock().ok().and_then(|mut slot| slot.take());
+        let Some(permit) = taken else {
+            return text(StatusCode::BAD_REQUEST, "connection already upgraded\n");
+        };
+        return upgrade::<S>(&mut request, peer, permit, ctx, mode);
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -382,6 +548,7 @@ where
         (&Method::GET, "/metrics") => {
             let body = ctx.metrics.render(
                 ctx.admission.open_connections(),
+                ctx.admission.pending_handshakes(),
                 &*ctx.router,
                 &ctx.outbox_stats,
             );
@@ -414,17 +581,36 @@ where
     }
 }
 
+/// An upgrade asked for on a connection hyper serves (one kept alive after a first plain
+/// request): the same checks as [`upgrade_direct`], with hyper writing the 101.
 fn upgrade<S>(
     request: &mut Request<Incoming>,
     peer: SocketAddr,
+    mut permit: Permit,
     ctx: Arc<Context>,
     mode: Mode,
 ) -> Response<Full<Bytes>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (permit, identity) = match ctx.admission.admit(request.uri(), request.headers(), peer) {
-        Ok(admitted) => admitted,
+    if let Err(error) =
+        handshake::check_upgrade(request.method(), request.version(), request.headers())
+    {
+        ctx.metrics.handshake_failures.increment(1);
+        let mut response = text(error.status(), &format!("bad upgrade request: {error}\n"));
+        if error == handshake::UpgradeError::BadVersion {
+            response.headers_mut().insert(
+                "sec-websocket-version",
+                hyper::header::HeaderValue::from_static("13"),
+            );
+        }
+        return response;
+    }
+    let identity = match ctx
+        .admission
+        .admit(request.uri(), request.headers(), peer, &mut permit)
+    {
+        Ok(identity) => identity,
         Err(refusal) => {
             ctx.metrics.refused(&refusal);
             debug!(%peer, %refusal, "upgrade refused");
@@ -442,6 +628,7 @@ where
         }
     };
     ctx.metrics.connections_accepted.increment(1);
+    permit.upgraded();
     // This task only waits for hyper to hand the connection over, then spawns the
     // connection's own task (small, see ws::session::start) and ends.
     let tasks = ctx.tasks.clone();
@@ -456,15 +643,18 @@ where
         // We served hyper a `TokioIo<S>`, so that is what comes back. Bytes read past the
         // request (rare) are copied out: `read_buf` points into hyper's whole read buffer,
         // which an idle connection should not keep alive.
-        match upgraded.downcast::<TokioIo<S>>() {
+        match upgraded.downcast::<TokioIo<Prefixed<S>>>() {
             Ok(parts) => {
-                let prebuffered = Bytes::copy_from_slice(&parts.read_buf);
+                let (unread, io) = parts.io.into_inner().into_parts();
+                let mut prebuffered = Vec::with_capacity(unread.len() + parts.read_buf.len());
+                prebuffered.extend_from_slice(&parts.read_buf);
+                prebuffered.extend_from_slice(&unread);
                 drop(parts.read_buf);
-                let io = parts.io.into_inner();
                 let tasks = ctx.tasks.clone();
                 tasks.spawn(ws::session::start(
                     io,
-                    prebuffered,
+                    None,
+                    Bytes::from(prebuffered),
                     ctx,
                     peer,
                     permit,

@@ -147,6 +147,9 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_keep_receiving() {
         config.outbound_queue = 16;
         config.slow_consumer = SlowConsumerPolicy::Close;
         config.rate_limit = 0.0;
+        // The sleeper reads its close frame only after the 600 messages; on a loaded machine
+        // that can be more than the default 10 s after the server wrote it.
+        config.drain_timeout = Duration::from_secs(60);
     })
     .await;
     let mut publisher = Client::connect(&server).await;

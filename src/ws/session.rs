@@ -114,16 +114,20 @@ impl Handler {
 }
 
 /// Sets up one upgraded connection and returns the future that serves it until it closes, to
-/// be spawned as the connection's task. `prebuffered` holds bytes the HTTP layer read past the
-/// upgrade request; they are the start of the WebSocket stream. `permit` holds the
+/// be spawned as the connection's task. `response` is the 101 when the HTTP layer left it to
+/// the connection (it then goes out in the same write as the welcome). `prebuffered` holds
+/// bytes the HTTP layer read past the upgrade request; they are the start of the WebSocket
+/// stream. `permit` holds the
 /// connection's place under the connection caps until it ends.
 ///
 /// The task is a plain struct rather than an `async` block: an idle connection's task holds
 /// exactly this ([`ConnectionTask`], guarded in the tests), where an `async fn` chain from the
 /// upgrade to here kept every argument and intermediate state alive beside the connection
 /// (1,256 bytes measured, against 512 for the connection itself).
+#[allow(clippy::too_many_arguments)]
 pub fn start<S>(
     io: S,
+    response: Option<Bytes>,
     prebuffered: Bytes,
     ctx: Arc<server::Context>,
     peer: SocketAddr,
@@ -142,7 +146,16 @@ where
     let _entered = span.enter();
     info!(client_id = %client_id, %peer, user_id = ?identity.user_id, ?mode, "connection opened");
     let opened = Instant::now();
-    let mut connection = Connection::open(io, ctx, conn, client_id.clone(), identity, permit, mode);
+    let mut connection = Connection::open(
+        io,
+        response,
+        ctx,
+        conn,
+        client_id.clone(),
+        identity,
+        permit,
+        mode,
+    );
     if !prebuffered.is_empty() {
         let mut prebuffered = prebuffered.to_vec();
         if let Some(end) = connection.on_bytes(&mut prebuffered) {
@@ -256,8 +269,10 @@ enum ReadEnd {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    #[allow(clippy::too_many_arguments)]
     fn open(
         io: S,
+        response: Option<Bytes>,
         ctx: Arc<server::Context>,
         conn: u64,
         client_id: Arc<str>,
@@ -273,6 +288,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let (own_outbox, mut outbox) =
             outbox::outbox(limits, config.slow_consumer, ctx.outbox_stats.clone());
         let reader = FrameReader::new(config.max_frame_size, config.max_message_size);
+        if let Some(response) = response {
+            outbox.push_direct(response);
+        }
         if mode == Mode::Echo {
             ctx.echo_connections.insert(conn, own_outbox.clone());
             // As below: a shutdown that began meanwhile has not seen it in the list.
