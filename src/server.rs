@@ -36,6 +36,7 @@ use crate::tls;
 use crate::web;
 use crate::ws;
 use crate::ws::session::Mode;
+use crate::ws::transport::Transport;
 
 /// Connection backlog of each listener: generous, so a reconnect storm is queued by the kernel
 /// rather than refused.
@@ -286,6 +287,11 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
             Ok((stream, peer)) => {
                 // Frames are batched by the outbox writer; Nagle would only add latency.
                 let _ = stream.set_nodelay(true);
+                // The kernel memory a client that stops reading can hold (--socket-send-buffer).
+                let bytes = ctx.config.socket_send_buffer;
+                if let Err(error) = ws::transport::bound_send_buffer(&stream, bytes) {
+                    debug!(%peer, %error, "SO_SNDBUF not set");
+                }
                 ctx.tasks.spawn(serve_tcp(stream, peer, ctx.clone()));
             }
             Err(error) => {
@@ -338,7 +344,7 @@ async fn serve_tls(acceptor: TlsAcceptor, stream: TcpStream, peer: SocketAddr, c
 /// Serves HTTP/1.1 on one connection (plain or TLS) until it ends or is upgraded.
 async fn serve_http<S>(stream: S, peer: SocketAddr, ctx: Arc<Context>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
 {
     let service_ctx = ctx.clone();
     let service = service_fn(move |request| {
@@ -369,7 +375,7 @@ fn route<S>(
     ctx: Arc<Context>,
 ) -> Response<Full<Bytes>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
 {
     if fastwebsockets::upgrade::is_upgrade_request(&request) {
         let echo = ctx.config.echo_path.as_deref() == Some(request.uri().path());
@@ -421,7 +427,7 @@ fn upgrade<S>(
     mode: Mode,
 ) -> Response<Full<Bytes>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
 {
     let (permit, identity) = match ctx.admission.admit(request.uri(), request.headers(), peer) {
         Ok(admitted) => admitted,
