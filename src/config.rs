@@ -24,6 +24,12 @@ pub mod defaults {
     pub const LISTEN: &str = "0.0.0.0:8080";
     pub const OUTBOUND_QUEUE: usize = 1024;
     pub const OUTBOUND_QUEUE_BYTES: usize = 1024 * 1024;
+    /// SO_SNDBUF of each accepted socket. Linux doubles it for bookkeeping and stops
+    /// autotuning: a client that stops reading holds at most 256 KiB of kernel memory on its
+    /// socket, against up to tcp_wmem's maximum (4 MiB by default) when autotuned. Behind the
+    /// 1 MiB outbound queue that still writes 128 KiB per round trip: 10 MB/s at 25 ms, far
+    /// above what a fan-out client of small messages reads.
+    pub const SOCKET_SEND_BUFFER: usize = 128 * 1024;
     pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
     pub const MAX_FRAME_SIZE: usize = 64 * 1024;
     pub const HANDSHAKE_TIMEOUT: &str = "10s";
@@ -79,6 +85,16 @@ pub struct Config {
         default_value_t = defaults::OUTBOUND_QUEUE_BYTES
     )]
     pub outbound_queue_bytes: usize,
+
+    /// Send buffer of each accepted socket, in bytes (SO_SNDBUF; Linux doubles it and stops
+    /// autotuning it): the kernel memory a client that stops reading can hold on its socket.
+    /// 0 leaves the kernel's autotuning (up to net.ipv4.tcp_wmem's maximum, 4 MiB by default).
+    #[arg(
+        long,
+        env = "ROOMCAST_SOCKET_SEND_BUFFER",
+        default_value_t = defaults::SOCKET_SEND_BUFFER
+    )]
+    pub socket_send_buffer: usize,
 
     /// What happens to a slow consumer whose outbound queue is full: `close` it with 1013
     /// (Try Again Later) or `drop` the frames it cannot take.
@@ -258,7 +274,8 @@ pub struct Config {
     pub shutdown_delay: Duration,
 
     /// How long closing may take: flushing queued frames and the close frame to a client, and
-    /// on shutdown, all clients together.
+    /// on shutdown, all clients together. A client whose close is not done by then (one that
+    /// does not read) is reset, which frees its socket's send buffer at once.
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
     #[serde(serialize_with = "humantime_duration")]
     pub drain_timeout: Duration,
@@ -267,6 +284,10 @@ pub struct Config {
 /// The largest size limit accepted: a message must fit in memory, and frame arithmetic stays
 /// far from overflow.
 const MAX_SIZE_LIMIT: usize = 1 << 30;
+
+/// The smallest `--socket-send-buffer` accepted (but 0): below a page, every write is a few
+/// segments and throughput collapses.
+const MIN_SOCKET_SEND_BUFFER: usize = 4096;
 
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -286,6 +307,7 @@ impl Config {
             workers: default_workers(),
             outbound_queue: defaults::OUTBOUND_QUEUE,
             outbound_queue_bytes: defaults::OUTBOUND_QUEUE_BYTES,
+            socket_send_buffer: defaults::SOCKET_SEND_BUFFER,
             slow_consumer: SlowConsumerPolicy::Close,
             max_message_size: defaults::MAX_MESSAGE_SIZE,
             max_frame_size: defaults::MAX_FRAME_SIZE,
@@ -360,6 +382,14 @@ impl Config {
                 self.outbound_queue_bytes / 4 < self.max_message_size,
                 "--outbound-queue-bytes must be at least 4 x --max-message-size: a client \
                  reading at full speed can have a few of the largest messages waiting at once",
+            ),
+            (
+                self.socket_send_buffer != 0 && self.socket_send_buffer < MIN_SOCKET_SEND_BUFFER,
+                "--socket-send-buffer must be 0 (kernel autotuning) or at least 4096 bytes",
+            ),
+            (
+                self.socket_send_buffer > MAX_SIZE_LIMIT,
+                "--socket-send-buffer must be at most 1 GiB",
             ),
             (
                 self.drain_timeout < Duration::from_millis(100),

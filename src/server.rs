@@ -39,6 +39,7 @@ use crate::tls;
 use crate::web;
 use crate::ws;
 use crate::ws::session::Mode;
+use crate::ws::transport::Transport;
 
 /// Connection backlog of each listener: generous, so a reconnect storm is queued by the kernel
 /// rather than refused.
@@ -290,6 +291,11 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
             Ok((stream, peer)) => {
                 // Frames are batched by the outbox writer; Nagle would only add latency.
                 let _ = stream.set_nodelay(true);
+                // The kernel memory a client that stops reading can hold (--socket-send-buffer).
+                let bytes = ctx.config.socket_send_buffer;
+                if let Err(error) = ws::transport::bound_send_buffer(&stream, bytes) {
+                    debug!(%peer, %error, "SO_SNDBUF not set");
+                }
                 // Counted from here: a connection that never finishes its request holds a
                 // place like any other.
                 match ctx.admission.accept(peer.ip()) {
@@ -389,7 +395,7 @@ async fn serve_tls(
 /// WebSocket upgrade itself or hands anything else to hyper.
 async fn serve_connection<S>(mut io: S, peer: SocketAddr, mut permit: Permit, ctx: Arc<Context>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + ws::transport::Transport + Unpin + Send + 'static,
 {
     let max = ctx.config.max_request_head_size;
     let head = tokio::time::timeout(
@@ -446,7 +452,7 @@ async fn upgrade_direct<S>(
     mut permit: Permit,
     ctx: Arc<Context>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + ws::transport::Transport + Unpin + Send + 'static,
 {
     let key = match handshake::check_upgrade(&head.method, head.version, &head.headers) {
         Ok(key) => key,
@@ -494,7 +500,7 @@ async fn upgrade_direct<S>(
 /// upgraded (a WebSocket asked for on a connection kept alive after another request).
 async fn serve_http<S>(stream: Prefixed<S>, peer: SocketAddr, permit: Permit, ctx: Arc<Context>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
 {
     let service_ctx = ctx.clone();
     // The connection's permit, for the request that upgrades it (if any).
@@ -531,7 +537,7 @@ fn route<S>(
     ctx: Arc<Context>,
 ) -> Response<Full<Bytes>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
 {
     if handshake::is_upgrade(request.headers()) {
         let echo = ctx.config.echo_path.as_deref() == Some(request.uri().path());
@@ -591,7 +597,7 @@ fn upgrade<S>(
     mode: Mode,
 ) -> Response<Full<Bytes>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
 {
     if let Err(error) =
         handshake::check_upgrade(request.method(), request.version(), request.headers())

@@ -183,3 +183,22 @@ fn size_limits_and_the_drain_timeout_have_sane_bounds() {
     let error = load(args(&["--drain-timeout", "0s"])).unwrap_err();
     assert!(error.to_string().contains("--drain-timeout"), "{error}");
 }
+
+#[test]
+fn the_socket_send_buffer_is_bounded_by_default_and_0_leaves_autotuning() {
+    assert_eq!(load(args(&[])).unwrap().socket_send_buffer, 128 * 1024);
+    let path = file("sndbuf.toml", "socket-send-buffer = 0\n");
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(config.socket_send_buffer, 0, "0: the kernel's autotuning");
+    let config = load(args(&["--socket-send-buffer", "65536"])).unwrap();
+    assert_eq!(config.socket_send_buffer, 65536);
+    let error = load(args(&["--socket-send-buffer", "1000"])).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("--socket-send-buffer must be 0 (kernel autotuning) or at least 4096"),
+        "{error}"
+    );
+    let error = load(args(&["--socket-send-buffer", "4294967296"])).unwrap_err();
+    assert!(error.to_string().contains("at most 1 GiB"), "{error}");
+}

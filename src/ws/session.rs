@@ -17,7 +17,11 @@
 //! Closing: the task leaves every room and the directory at once, writes what the close
 //! request keeps plus the close frame, shuts its write side, then reads until the peer answers
 //! with its close frame or closes its side (so our close frame is not lost to a TCP reset),
-//! all under `--drain-timeout`.
+//! all under `--drain-timeout`. Only such a completed close handshake ends with a graceful FIN:
+//! a connection that ends any other way (the deadline passed with our close frame or the
+//! peer's unsent, EOF or an error instead of the peer's close frame, the task dropped) is
+//! reset, so a peer that stopped reading cannot keep its socket's send buffer in the kernel
+//! (FIN-WAIT-1) after the connection is gone. See [`Transport`].
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -35,6 +39,7 @@ use tracing::{debug, debug_span, info};
 
 use super::commands::Session;
 use super::frame::{Event, FrameError, FrameReader, PeerClose};
+use super::transport::Transport;
 use crate::admission::{Identity, Permit};
 use crate::hub::Member;
 use crate::outbox::{self, CloseRequest, Outbox, OutboxReceiver};
@@ -136,7 +141,7 @@ pub fn start<S>(
     mode: Mode,
 ) -> ConnectionTask<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Transport + Unpin,
 {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let client_id = new_client_id();
@@ -173,7 +178,7 @@ where
 }
 
 /// The task of one connection: the connection itself, and what its closing log line needs.
-pub struct ConnectionTask<S> {
+pub struct ConnectionTask<S: Transport> {
     connection: Connection<S>,
     client_id: Arc<str>,
     peer: SocketAddr,
@@ -181,7 +186,7 @@ pub struct ConnectionTask<S> {
     span: tracing::Span,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Future for ConnectionTask<S> {
+impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Future for ConnectionTask<S> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -193,6 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for ConnectionTask<S> {
             peer = %this.peer,
             reason = %this.connection.ended_by,
             duration_ms = this.opened.elapsed().as_millis() as u64,
+            reset = this.connection.resets(),
             "connection closed"
         );
         Poll::Ready(())
@@ -240,14 +246,19 @@ impl std::fmt::Display for EndedBy {
 enum State {
     Open,
     /// Writing the close frame (`finished` once written and the write side shut), then waiting
-    /// for the peer to go, until `deadline`.
+    /// for the peer to go, until `deadline`. `peer_closed`: the peer's close frame came first
+    /// (we echo it), so its EOF completes the handshake.
     Closing {
         deadline: Pin<Box<Sleep>>,
         finished: bool,
+        peer_closed: bool,
     },
+    /// The close handshake completed: the socket closes gracefully. Every other state at drop
+    /// resets it.
+    Closed,
 }
 
-struct Connection<S> {
+struct Connection<S: Transport> {
     io: S,
     reader: FrameReader,
     outbox: OutboxReceiver,
@@ -255,6 +266,10 @@ struct Connection<S> {
     state: State,
     ended_by: EndedBy,
     ctx: Arc<server::Context>,
+    /// The connection's place under `--max-connections` and `--max-connections-per-ip`, held
+    /// until the task ends and the socket is closed or reset: a connection that is still
+    /// closing (up to `--drain-timeout`) keeps counting, so clients cannot open new ones while
+    /// their old sockets still hold server memory.
     _permit: Permit,
 }
 
@@ -268,7 +283,7 @@ enum ReadEnd {
     Gone,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
     #[allow(clippy::too_many_arguments)]
     fn open(
         io: S,
@@ -387,9 +402,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                     }
                 }
-                State::Closing { deadline, finished } => {
+                State::Closing {
+                    deadline,
+                    finished,
+                    peer_closed,
+                } => {
+                    // Ending in `Closing` resets the socket (see `Drop`).
                     if deadline.as_mut().poll(cx).is_ready() {
-                        debug!("close did not complete in time");
+                        debug!("close did not complete in time: resetting");
                         return Poll::Ready(());
                     }
                     if !*finished {
@@ -399,8 +419,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                             Poll::Ready(Ok(())) => *finished = true,
                         }
                     }
-                    return poll_until_peer_closes(cx, &mut self.io, &mut self.reader);
+                    let peer_closed = *peer_closed;
+                    let end = ready!(poll_until_peer_closes(cx, &mut self.io, &mut self.reader));
+                    if end == PeerEnd::CloseFrame || (end == PeerEnd::Eof && peer_closed) {
+                        self.state = State::Closed;
+                    } else {
+                        debug!(?end, "peer left without its close frame: resetting");
+                    }
+                    return Poll::Ready(());
                 }
+                State::Closed => return Poll::Ready(()),
             }
         }
     }
@@ -481,6 +509,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// Whether dropping the connection resets the socket: anything but a completed close
+    /// handshake.
+    fn resets(&self) -> bool {
+        !matches!(self.state, State::Closed)
+    }
+
     /// `reason` goes in the close frame (at most 123 bytes by RFC 6455; ours are short).
     fn start_closing(&mut self, request: CloseRequest, reason: &str) {
         // Leave rooms and the directory now: members learn at once, and nothing more is
@@ -491,15 +525,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.state = State::Closing {
             deadline: Box::pin(tokio::time::sleep(self.ctx.config.drain_timeout)),
             finished: false,
+            peer_closed: matches!(self.ended_by, EndedBy::Peer(_)),
         };
     }
 }
 
-impl<S> Drop for Connection<S> {
+impl<S: Transport> Drop for Connection<S> {
     fn drop(&mut self) {
         // Whatever ended the task (error, EOF, runtime shutdown, a panic), the connection
         // leaves its rooms and the directory. `disconnect` is idempotent.
         self.handler.disconnect(&self.ctx);
+        // Unless the close handshake completed, the peer may not be reading: reset rather
+        // than leave the kernel a FIN to deliver behind an unread send buffer. The socket
+        // itself closes when `io` drops, after this; `_permit` goes with it.
+        if !matches!(self.state, State::Closed) {
+            self.io.reset_on_drop();
+        }
     }
 }
 
@@ -511,13 +552,24 @@ pub fn going_away() -> CloseRequest {
     }
 }
 
+/// How the peer left a closing connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerEnd {
+    /// Its close frame (after ours, or a second one).
+    CloseFrame,
+    /// EOF: it closed its side.
+    Eof,
+    /// A read error or a protocol violation.
+    Broken,
+}
+
 /// Reads until the peer answers our close frame with its own, closes its side, or breaks the
 /// protocol; data frames that were already on their way are discarded.
 fn poll_until_peer_closes<S: AsyncRead + Unpin>(
     cx: &mut Context<'_>,
     io: &mut S,
     reader: &mut FrameReader,
-) -> Poll<()> {
+) -> Poll<PeerEnd> {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         for _ in 0..READS_PER_POLL {
@@ -528,10 +580,12 @@ fn poll_until_peer_closes<S: AsyncRead + Unpin>(
                     let n = buf.filled().len();
                     match reader.feed(&mut scratch[..n], &mut |_| {}) {
                         Ok(None) => continue,
-                        Ok(Some(_)) | Err(_) => return Poll::Ready(()),
+                        Ok(Some(_)) => return Poll::Ready(PeerEnd::CloseFrame),
+                        Err(_) => return Poll::Ready(PeerEnd::Broken),
                     }
                 }
-                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => return Poll::Ready(PeerEnd::Eof),
+                Poll::Ready(Err(_)) => return Poll::Ready(PeerEnd::Broken),
             }
         }
         cx.waker().wake_by_ref();
