@@ -3,17 +3,20 @@
 //! This module owns every field name and every error text of the protocol in
 //! `shared/PROTOCOL.md` (the Ratchet seed server's contract). It does no I/O.
 //!
-//! Decoding parses a client's text in place with simd-json. Encoding writes the JSON of a server
-//! message *and* the complete, unmasked WebSocket frame header into one buffer, so a message that
-//! fans out to many recipients is serialized exactly once and shared as [`Bytes`].
+//! Decoding reads the top-level object of a client's text with serde_json and keeps every
+//! field as a slice of the received payload: `message` and the values of `metadata` are relayed
+//! byte for byte, as the client wrote them, never re-encoded. Encoding writes the JSON of a
+//! server message *and* the complete, unmasked WebSocket frame header into one buffer, so a
+//! message that fans out to many recipients is serialized exactly once and shared as [`Bytes`].
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::collections::hash_map::{Entry, HashMap};
+use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use simd_json::prelude::*;
-use simd_json::BorrowedValue;
+use serde::de::{self, Deserializer as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 
 /// Error texts of the seed, verbatim. Clients match on these strings.
 pub mod errors {
@@ -31,14 +34,15 @@ pub mod errors {
     pub const ROOM_NOT_ALLOWED: &str = "Not allowed to join this room";
 }
 
-/// A message body as the client sent it.
-///
-/// The seed only ever relays strings; roomcast relays any other JSON value (number, object,
-/// array, boolean) verbatim, so structured payloads survive the round trip.
+/// A message body: what goes after `"message":` in the frames relayed to the recipients.
 #[derive(Debug)]
 pub enum Body<'a> {
+    /// A string, written escaped (how the server's own Rust callers pass text).
     Text(Cow<'a, str>),
-    Json(BorrowedValue<'a>),
+    /// JSON text written byte for byte: the client's `message` exactly as it arrived (any value:
+    /// a string with its escapes as sent, a number with all its digits, an object with its
+    /// spacing), a slice of the received payload.
+    Raw(&'a RawValue),
 }
 
 impl Body<'_> {
@@ -68,8 +72,76 @@ pub enum Command<'a> {
         message: Body<'a>,
     },
     SetMetadata {
-        metadata: serde_json::Map<String, serde_json::Value>,
+        metadata: MetadataUpdate<'a>,
     },
+}
+
+/// The `metadata` object of one `set_metadata`, borrowed from the payload: keys unescaped, each
+/// value the client's JSON text, in the order sent (a key sent twice appears twice; merging
+/// keeps the last value).
+#[derive(Debug, Default)]
+pub struct MetadataUpdate<'a> {
+    entries: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'a> MetadataUpdate<'a> {
+    /// The entries as sent.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &'a RawValue)> + '_ {
+        self.entries
+            .iter()
+            .map(|(key, value)| (key.as_ref(), *value))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// A connection's metadata: each key once, in the order first set, with the JSON text its
+/// last `set_metadata` gave it, kept verbatim (`1E5` stays `1E5`).
+#[derive(Debug, Default, Clone)]
+pub struct Metadata {
+    entries: Vec<(Box<str>, Box<RawValue>)>,
+}
+
+impl Metadata {
+    /// `self` with `update` merged over it, as PHP's `array_merge`: a key already there keeps
+    /// its place and takes the new value, a new key is appended; within `update` the last of
+    /// a repeated key wins. `self` is left as it was, so a refused merge changes nothing.
+    pub fn merged(&self, update: &MetadataUpdate<'_>) -> Metadata {
+        let mut entries = self.entries.clone();
+        let mut place: HashMap<&str, usize> = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(at, (key, _))| (key.as_ref(), at))
+            .collect();
+        for (key, value) in &update.entries {
+            match place.entry(key.as_ref()) {
+                Entry::Occupied(at) => entries[*at.get()].1 = (*value).to_owned(),
+                Entry::Vacant(slot) => {
+                    slot.insert(entries.len());
+                    entries.push((Box::from(key.as_ref()), (*value).to_owned()));
+                }
+            }
+        }
+        Metadata { entries }
+    }
+
+    /// The entries, in order, each value as JSON text.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &RawValue)> {
+        self.entries
+            .iter()
+            .map(|(key, value)| (key.as_ref(), value.as_ref()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// Why a client's text could not become a [`Command`]. Each maps to the `error` reply text the
@@ -93,88 +165,205 @@ pub enum DecodeError {
     MetadataNotObject,
 }
 
-thread_local! {
-    // simd-json's scratch buffers, reused across messages on one worker thread instead of being
-    // allocated for every parse.
-    static PARSE_BUFFERS: RefCell<simd_json::Buffers> = RefCell::new(simd_json::Buffers::default());
-}
-
-/// Decodes one client message. `text` is parsed in place (simd-json rewrites escapes), so the
-/// caller passes the frame's own payload buffer.
-pub fn decode(text: &mut [u8]) -> Result<Command<'_>, DecodeError> {
-    let value = PARSE_BUFFERS
-        .with(|buffers| simd_json::to_borrowed_value_with_buffers(text, &mut buffers.borrow_mut()))
+/// Decodes one client message. Nothing is copied or rewritten: the command's strings (when
+/// they hold no escapes), its `message` and its metadata values are slices of `payload`.
+///
+/// The whole payload must be one JSON object (valid UTF-8, nothing after it but whitespace).
+/// Of a key sent more than once the last occurrence counts, as with PHP's `json_decode`.
+pub fn decode(payload: &[u8]) -> Result<Command<'_>, DecodeError> {
+    let mut reader = serde_json::Deserializer::from_slice(payload);
+    let fields = reader
+        .deserialize_map(FieldsVisitor)
         .map_err(|_| DecodeError::InvalidFormat)?;
-    let BorrowedValue::Object(mut object) = value else {
-        return Err(DecodeError::InvalidFormat);
-    };
-    let kind = match object.remove("type") {
-        Some(BorrowedValue::String(kind)) => kind,
-        // Missing or null `type` is the seed's "Invalid message format"; a non-string `type` is
-        // refused the same way instead of PHP's loose comparison.
-        _ => return Err(DecodeError::InvalidFormat),
-    };
-    let mut field = |name: &str| match object.remove(name) {
-        None | Some(BorrowedValue::Static(simd_json::StaticNode::Null)) => None,
-        Some(value) => Some(value),
-    };
+    reader.end().map_err(|_| DecodeError::InvalidFormat)?;
+    // Missing or null `type` is the seed's "Invalid message format"; a non-string `type` is
+    // refused the same way instead of PHP's loose comparison.
+    let kind = fields
+        .kind
+        .and_then(json_string)
+        .ok_or(DecodeError::InvalidFormat)?;
     let command = match kind.as_ref() {
         "broadcast" => Command::Broadcast {
-            message: body(field("message")),
+            message: body(fields.message),
         },
         "join_room" => Command::JoinRoom {
-            room: string_field(field("room"), DecodeError::RoomNotString)?,
+            room: string_field(fields.room, DecodeError::RoomNotString)?,
         },
         "leave_room" => Command::LeaveRoom {
-            room: string_field(field("room"), DecodeError::RoomNotString)?,
+            room: string_field(fields.room, DecodeError::RoomNotString)?,
         },
         "room_message" => Command::RoomMessage {
-            room: string_field(field("room"), DecodeError::RoomNotString)?,
-            message: body(field("message")),
+            room: string_field(fields.room, DecodeError::RoomNotString)?,
+            message: body(fields.message),
         },
         "private_message" => Command::PrivateMessage {
-            to: string_field(field("to"), DecodeError::RecipientNotString)?,
-            message: body(field("message")),
+            to: string_field(fields.to, DecodeError::RecipientNotString)?,
+            message: body(fields.message),
         },
         "set_metadata" => Command::SetMetadata {
-            metadata: metadata_field(field("metadata"))?,
+            metadata: metadata_field(fields.metadata)?,
         },
         _ => return Err(DecodeError::UnknownType(kind.into_owned())),
     };
     Ok(command)
 }
 
-fn body(value: Option<BorrowedValue<'_>>) -> Body<'_> {
-    match value {
-        None => Body::empty(),
-        Some(BorrowedValue::String(text)) => Body::Text(text),
-        Some(other) => Body::Json(other),
+/// The fields of a client message the protocol reads, each the raw JSON text of its value
+/// (`null` counts as missing). Interpreted only once the whole object has been read, so the
+/// last of a repeated key wins for every field alike.
+#[derive(Default)]
+struct Fields<'a> {
+    kind: Option<&'a RawValue>,
+    room: Option<&'a RawValue>,
+    to: Option<&'a RawValue>,
+    message: Option<&'a RawValue>,
+    metadata: Option<&'a RawValue>,
+}
+
+struct FieldsVisitor;
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Fields<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+        let mut fields = Fields::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            // Every value is read as raw text, unknown keys' too: serde_json then checks that
+            // it is valid UTF-8, which it does not for a skipped value.
+            let value: &'de RawValue = map.next_value()?;
+            let value = (value.get() != "null").then_some(value);
+            match key {
+                Key::Type => fields.kind = value,
+                Key::Room => fields.room = value,
+                Key::To => fields.to = value,
+                Key::Message => fields.message = value,
+                Key::Metadata => fields.metadata = value,
+                Key::Other => {}
+            }
+        }
+        Ok(fields)
     }
 }
 
+/// A top-level key, matched after unescaping (`"typ\u0065"` is `type`).
+enum Key {
+    Type,
+    Room,
+    To,
+    Message,
+    Metadata,
+    Other,
+}
+
+impl<'de> de::Deserialize<'de> for Key {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "type" => Key::Type,
+                    "room" => Key::Room,
+                    "to" => Key::To,
+                    "message" => Key::Message,
+                    "metadata" => Key::Metadata,
+                    _ => Key::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// The text of a JSON string value, unescaped: borrowed from the payload when it holds no
+/// escape. `None` when the value is not a string.
+fn json_string(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let json = raw.get();
+    // `raw` is one whole, valid JSON value: one that starts with a quote is a string, and ends
+    // with its closing quote.
+    let inner = json.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.as_bytes().contains(&b'\\') {
+        return Some(Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(json).ok().map(Cow::Owned)
+}
+
+fn body(value: Option<&RawValue>) -> Body<'_> {
+    value.map_or_else(Body::empty, Body::Raw)
+}
+
 fn string_field(
-    value: Option<BorrowedValue<'_>>,
+    value: Option<&RawValue>,
     not_string: DecodeError,
 ) -> Result<Cow<'_, str>, DecodeError> {
     match value {
         None => Ok(Cow::Borrowed("")),
-        Some(BorrowedValue::String(text)) => Ok(text),
-        Some(_) => Err(not_string),
+        Some(value) => json_string(value).ok_or(not_string),
     }
 }
 
-fn metadata_field(
-    value: Option<BorrowedValue<'_>>,
-) -> Result<serde_json::Map<String, serde_json::Value>, DecodeError> {
-    match value {
-        None => Ok(serde_json::Map::new()),
-        // PHP clients encode an empty array as `[]`: accept it as "nothing to merge".
-        Some(BorrowedValue::Array(items)) if items.is_empty() => Ok(serde_json::Map::new()),
-        Some(object @ BorrowedValue::Object(_)) => match serde_json::to_value(&object) {
-            Ok(serde_json::Value::Object(map)) => Ok(map),
-            _ => Err(DecodeError::MetadataNotObject),
-        },
-        Some(_) => Err(DecodeError::MetadataNotObject),
+fn metadata_field(value: Option<&RawValue>) -> Result<MetadataUpdate<'_>, DecodeError> {
+    let Some(value) = value else {
+        return Ok(MetadataUpdate::default());
+    };
+    serde_json::Deserializer::from_str(value.get())
+        .deserialize_any(MetadataVisitor)
+        .map_err(|_| DecodeError::MetadataNotObject)
+}
+
+/// Reads a `metadata` value (already checked to be valid JSON) into its entries.
+struct MetadataVisitor;
+
+impl<'de> Visitor<'de> for MetadataVisitor {
+    type Value = MetadataUpdate<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some(MetadataKey(key)) = map.next_key()? {
+            entries.push((key, map.next_value::<&'de RawValue>()?));
+        }
+        Ok(MetadataUpdate { entries })
+    }
+
+    /// PHP clients encode an empty object as `[]`: accept it as "nothing to merge".
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        match seq.next_element::<IgnoredAny>()? {
+            None => Ok(MetadataUpdate::default()),
+            Some(_) => Err(de::Error::custom("a non-empty array")),
+        }
+    }
+}
+
+/// A metadata key, borrowed from the payload unless it holds escapes.
+struct MetadataKey<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for MetadataKey<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = MetadataKey<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, key: &'de str) -> Result<Self::Value, E> {
+                Ok(MetadataKey(Cow::Borrowed(key)))
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+                Ok(MetadataKey(Cow::Owned(key.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
     }
 }
 
@@ -233,10 +422,7 @@ impl FrameBuilder {
     fn body(&mut self, body: &Body<'_>) -> &mut Self {
         match body {
             Body::Text(text) => self.string(text),
-            Body::Json(value) => {
-                let _ = value.write(&mut (&mut self.buf).writer());
-                self
-            }
+            Body::Raw(json) => self.raw(json.get().as_bytes()),
         }
     }
 
@@ -268,7 +454,7 @@ impl FrameBuilder {
 fn body_len_hint(body: &Body<'_>) -> usize {
     match body {
         Body::Text(text) => text.len() + 2,
-        Body::Json(_) => 64,
+        Body::Raw(json) => json.get().len(),
     }
 }
 
@@ -381,11 +567,22 @@ pub fn private_message(from: &str, message: &Body<'_>, now: u64) -> Bytes {
 }
 
 /// `{"type":"metadata_updated","metadata":{…}}` (no timestamp, as in the seed)
-pub fn metadata_updated(metadata: &serde_json::Map<String, serde_json::Value>) -> Bytes {
-    let mut f = FrameBuilder::with_capacity(64);
-    f.raw(br#"{"type":"metadata_updated","metadata":"#);
-    let _ = serde_json::to_writer((&mut f.buf).writer(), metadata);
-    f.raw(b"}");
+///
+/// Keys are written escaped by the server, values byte for byte as the client sent them.
+pub fn metadata_updated(metadata: &Metadata) -> Bytes {
+    let size: usize = metadata
+        .entries()
+        .map(|(key, value)| key.len() + value.get().len() + 4)
+        .sum();
+    let mut f = FrameBuilder::with_capacity(48 + size);
+    f.raw(br#"{"type":"metadata_updated","metadata":{"#);
+    for (at, (key, value)) in metadata.entries().enumerate() {
+        if at > 0 {
+            f.raw(b",");
+        }
+        f.string(key).raw(b":").raw(value.get().as_bytes());
+    }
+    f.raw(b"}}");
     f.finish(OpCode::Text)
 }
 
@@ -491,8 +688,36 @@ mod tests {
     }
 
     fn decode_str(text: &str) -> Result<String, DecodeError> {
-        let mut buf = text.as_bytes().to_vec();
-        decode(&mut buf).map(|c| format!("{c:?}"))
+        decode(text.as_bytes()).map(|c| format!("{c:?}"))
+    }
+
+    /// The JSON text of a server frame with a 2-byte header.
+    fn text(frame: &Bytes) -> &str {
+        std::str::from_utf8(&frame[2..]).unwrap()
+    }
+
+    /// The `message` of a broadcast of `json`, as the server relays it.
+    fn relayed(json: &str) -> String {
+        let input = format!(r#"{{"type":"broadcast","message":{json}}}"#);
+        let Command::Broadcast { message } = decode(input.as_bytes()).unwrap() else {
+            panic!("not a broadcast")
+        };
+        let frame = broadcast("c", &message, 1);
+        let text = text(&frame);
+        let inner = text
+            .strip_prefix(r#"{"type":"broadcast","from":"c","message":"#)
+            .and_then(|rest| rest.strip_suffix(r#","timestamp":1}"#))
+            .unwrap_or_else(|| panic!("{text}"));
+        inner.to_owned()
+    }
+
+    /// The metadata a fresh connection has after one `set_metadata` of `json`.
+    fn metadata(json: &str) -> Metadata {
+        let input = format!(r#"{{"type":"set_metadata","metadata":{json}}}"#);
+        let Command::SetMetadata { metadata } = decode(input.as_bytes()).unwrap() else {
+            panic!("not set_metadata")
+        };
+        Metadata::default().merged(&metadata)
     }
 
     #[test]
@@ -534,14 +759,165 @@ mod tests {
 
     #[test]
     fn non_string_message_is_relayed_verbatim() {
-        let mut buf = br#"{"type":"broadcast","message":{"a":[1,2.5,true,null]}}"#.to_vec();
-        let Command::Broadcast { message } = decode(&mut buf).unwrap() else {
+        let buf = br#"{"type":"broadcast","message":{"a":[1,2.5,true,null]}}"#;
+        let Command::Broadcast { message } = decode(buf).unwrap() else {
             panic!("not a broadcast")
         };
         let frame = broadcast("client_x", &message, 1);
         assert_eq!(
             payload(&frame)["message"],
             serde_json::json!({"a":[1,2.5,true,null]})
+        );
+    }
+
+    #[test]
+    fn every_message_is_relayed_byte_for_byte() {
+        for json in [
+            "1E5",
+            "3.141592653589793238",
+            "123456789012345678901234567890",
+            "-0.0",
+            "1e-400",
+            r#""caf\u00e9 \n \/""#,
+            r#""café""#,
+            r#"{ "n" : [1.10, 2E+3] ,"s":"\""}"#,
+            "[ ]",
+            "true",
+        ] {
+            assert_eq!(relayed(json), json);
+        }
+        // Whitespace around the value is not part of it.
+        assert_eq!(
+            relayed(" \n 1.50 \t").as_str(),
+            "1.50",
+            "no surrounding whitespace"
+        );
+        // Missing and null are the seed's empty string.
+        assert_eq!(relayed("null"), r#""""#);
+        let Command::Broadcast { message } = decode(br#"{"type":"broadcast"}"#).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            text(&broadcast("c", &message, 1)),
+            r#"{"type":"broadcast","from":"c","message":"","timestamp":1}"#
+        );
+    }
+
+    #[test]
+    fn the_last_of_a_repeated_key_wins_for_every_field() {
+        assert_eq!(
+            decode_str(r#"{"type":"dance","type":"join_room","room":"a","room":"b"}"#),
+            decode_str(r#"{"type":"join_room","room":"b"}"#)
+        );
+        assert_eq!(
+            decode_str(r#"{"type":"join_room","type":"dance"}"#),
+            Err(DecodeError::UnknownType("dance".into()))
+        );
+        // An earlier value of the wrong kind does not count, nor does a later valid one rescue
+        // a type that ends up wrong.
+        assert!(decode_str(r#"{"type":"join_room","room":5,"room":"x"}"#).is_ok());
+        assert_eq!(
+            decode_str(r#"{"type":"join_room","room":"x","room":5}"#),
+            Err(DecodeError::RoomNotString)
+        );
+        assert_eq!(
+            decode_str(r#"{"type":"private_message","to":"a","to":"b"}"#),
+            decode_str(r#"{"type":"private_message","to":"b"}"#)
+        );
+        assert_eq!(relayed(r#""first","message":2"#), "2");
+        // null is "missing": the last occurrence, null, wins.
+        assert_eq!(relayed(r#""first","message":null"#), r#""""#);
+        assert_eq!(
+            decode_str(r#"{"type":"set_metadata","metadata":"x","metadata":{"k":1}}"#).map(|_| ()),
+            Ok(())
+        );
+        assert_eq!(
+            decode_str(r#"{"type":"set_metadata","metadata":{"k":1},"metadata":"x"}"#),
+            Err(DecodeError::MetadataNotObject)
+        );
+        // Within metadata: the key keeps its first place, the last value wins.
+        let merged = metadata(r#"{"a":1,"b":2,"a":3}"#);
+        assert_eq!(
+            text(&metadata_updated(&merged)),
+            r#"{"type":"metadata_updated","metadata":{"a":3,"b":2}}"#
+        );
+    }
+
+    #[test]
+    fn string_fields_are_unescaped_and_borrowed_when_they_can_be() {
+        let input = br#"{"type":"join_room","room":"lobby"}"#;
+        let Command::JoinRoom { room } = decode(input).unwrap() else {
+            panic!()
+        };
+        assert!(matches!(room, Cow::Borrowed("lobby")));
+        let input = br#"{"typ\u0065":"join_\u0072oom","room":"l\u00f6bby \"1\""}"#;
+        let Command::JoinRoom { room } = decode(input).unwrap() else {
+            panic!()
+        };
+        assert_eq!(room, "löbby \"1\"");
+    }
+
+    #[test]
+    fn the_whole_payload_must_be_one_valid_json_object() {
+        for bad in [
+            r#"{"type":"broadcast"} x"#,
+            r#"{"type":"broadcast"}{}"#,
+            r#"{"type":"broadcast"},"#,
+            r#"{"type":"broadcast","message":1E}"#,
+            r#"{"type":"broadcast","message":01}"#,
+            r#"{"type":"broadcast","message":"unterminated}"#,
+            r#"{"type":"broadcast","other":[1,}"#,
+            r#"{"type":"broadcast",}"#,
+        ] {
+            assert_eq!(decode_str(bad), Err(DecodeError::InvalidFormat), "{bad}");
+        }
+        assert!(decode_str(" \n{\"type\":\"broadcast\"} \r\n\t").is_ok());
+    }
+
+    #[test]
+    fn invalid_utf8_anywhere_is_invalid_format() {
+        for bad in [
+            &b"\xff"[..],
+            b"{\"type\":\"broadcast\",\"message\":\"\xff\"}",
+            b"{\"type\":\"broadcast\",\"message\":[\"\xc3\"]}",
+            b"{\"type\":\"broadcast\",\"other\":\"\xed\xa0\x80\"}",
+            b"{\"type\":\"broadcast\",\"\xff\":1}",
+            b"{\"type\":\"join_room\",\"room\":\"\xf0\x28\"}",
+            b"{\"type\":\"set_metadata\",\"metadata\":{\"k\":\"\xfe\"}}",
+        ] {
+            assert_eq!(
+                decode(bad).map(|_| ()),
+                Err(DecodeError::InvalidFormat),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn metadata_values_are_kept_verbatim_and_merged_last_wins() {
+        let first = metadata(r#"{"score":1E5,"pi":3.141592653589793238,"name":"ann"}"#);
+        let update = br#"{"type":"set_metadata","metadata":{"big":123456789012345678901234567890,"score":2.50}}"#;
+        let Command::SetMetadata { metadata: update } = decode(update).unwrap() else {
+            panic!()
+        };
+        let merged = first.merged(&update);
+        assert_eq!(
+            text(&metadata_updated(&first)),
+            r#"{"type":"metadata_updated","metadata":{"score":1E5,"pi":3.141592653589793238,"name":"ann"}}"#,
+            "merging leaves the original as it was"
+        );
+        let frame = metadata_updated(&merged);
+        let json = std::str::from_utf8(&frame[4..]).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"metadata_updated","metadata":{"score":2.50,"pi":3.141592653589793238,"name":"ann","big":123456789012345678901234567890}}"#
+        );
+        assert_eq!(merged.len(), 4);
+        // Keys are compared unescaped and written escaped.
+        let merged = metadata(r#"{"k\u00e9":1,"ké":2,"q\"":3}"#);
+        assert_eq!(
+            text(&metadata_updated(&merged)),
+            r#"{"type":"metadata_updated","metadata":{"ké":2,"q\"":3}}"#
         );
     }
 
@@ -579,8 +955,7 @@ mod tests {
 
     #[test]
     fn missing_fields_default_like_the_seed() {
-        let mut buf = br#"{"type":"room_message"}"#.to_vec();
-        match decode(&mut buf).unwrap() {
+        match decode(br#"{"type":"room_message"}"#).unwrap() {
             Command::RoomMessage {
                 room,
                 message: Body::Text(text),
@@ -590,29 +965,43 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let mut buf = br#"{"type":"set_metadata","metadata":[]}"#.to_vec();
+        for empty in ["[]", "[ ]", "{}", "null"] {
+            let input = format!(r#"{{"type":"set_metadata","metadata":{empty}}}"#);
+            assert!(matches!(
+                decode(input.as_bytes()).unwrap(),
+                Command::SetMetadata { metadata } if metadata.is_empty()
+            ));
+        }
         assert!(matches!(
-            decode(&mut buf).unwrap(),
+            decode(br#"{"type":"set_metadata"}"#).unwrap(),
             Command::SetMetadata { metadata } if metadata.is_empty()
         ));
+        for bad in ["[{}]", "1", r#""{}""#, "true"] {
+            let input = format!(r#"{{"type":"set_metadata","metadata":{bad}}}"#);
+            assert_eq!(
+                decode_str(&input),
+                Err(DecodeError::MetadataNotObject),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
     fn metadata_size_counts_only_the_object() {
-        let mut map = serde_json::Map::new();
-        assert_eq!(metadata_size(&metadata_updated(&map)), 2); // {}
-        map.insert("k".into(), serde_json::Value::String("x".repeat(300)));
-        let expected = serde_json::to_vec(&map).unwrap().len();
-        assert_eq!(metadata_size(&metadata_updated(&map)), expected);
+        assert_eq!(metadata_size(&metadata_updated(&Metadata::default())), 2); // {}
+        let object = format!(r#"{{"k":"{}","n":1.0}}"#, "x".repeat(300));
+        let frame = metadata_updated(&metadata(&object));
+        assert_eq!(metadata_size(&frame), object.len());
+        let merged = metadata(r#"{"a":1,"b":2}"#).merged(&MetadataUpdate::default());
+        assert_eq!(
+            metadata_size(&metadata_updated(&merged)),
+            r#"{"a":1,"b":2}"#.len()
+        );
     }
 
     #[test]
     fn metadata_keeps_insertion_order() {
-        let mut buf = br#"{"type":"set_metadata","metadata":{"z":1,"a":2,"m":3}}"#.to_vec();
-        let Command::SetMetadata { metadata } = decode(&mut buf).unwrap() else {
-            panic!()
-        };
-        let frame = metadata_updated(&metadata);
+        let frame = metadata_updated(&metadata(r#"{"z":1,"a":2,"m":3}"#));
         assert_eq!(
             std::str::from_utf8(&frame[2..]).unwrap(),
             r#"{"type":"metadata_updated","metadata":{"z":1,"a":2,"m":3}}"#
@@ -624,9 +1013,9 @@ mod tests {
 /// ([`ClientMessage`](typed::ClientMessage)) and everything the server sends
 /// ([`ServerMessage`](typed::ServerMessage)).
 ///
-/// The server itself does not use them (it decodes in place with [`decode`] and encodes each
-/// frame once with the builders above); the [`client`](crate::client) library and Rust programs
-/// that talk to roomcast do. The tests of this module run every server encoder through
+/// The server itself does not use them (it decodes with [`decode`], without copying, and
+/// encodes each frame once with the builders above); the [`client`](crate::client) library and
+/// Rust programs that talk to roomcast do. The tests of this module run every server encoder through
 /// `ServerMessage` and every `ClientMessage` through the server's decoder, so the two
 /// descriptions of the wire format cannot drift apart.
 ///
@@ -843,7 +1232,7 @@ pub mod typed {
                 }
             );
             assert_eq!(
-                typed(&metadata_updated(&serde_json::Map::new())),
+                typed(&metadata_updated(&Metadata::default())),
                 ServerMessage::MetadataUpdated {
                     metadata: serde_json::Map::new()
                 }
@@ -851,8 +1240,15 @@ pub mod typed {
             let mut metadata = serde_json::Map::new();
             metadata.insert("z".into(), json!(1));
             metadata.insert("a".into(), json!({"nested": [true, null]}));
+            let wire = ClientMessage::SetMetadata {
+                metadata: metadata.clone(),
+            }
+            .to_json();
+            let Command::SetMetadata { metadata: update } = decode(wire.as_bytes()).unwrap() else {
+                panic!("{wire}")
+            };
             assert_eq!(
-                typed(&metadata_updated(&metadata)),
+                typed(&metadata_updated(&Metadata::default().merged(&update))),
                 ServerMessage::MetadataUpdated { metadata }
             );
         }
@@ -860,8 +1256,8 @@ pub mod typed {
         #[test]
         fn non_string_messages_and_long_frames_decode() {
             for value in [r#"{"a":[1,2.5,true,null]}"#, "42", "[]", "false", r#""x""#] {
-                let mut buf = json_body(value);
-                let Command::Broadcast { message } = decode(&mut buf).unwrap() else {
+                let buf = json_body(value);
+                let Command::Broadcast { message } = decode(&buf).unwrap() else {
                     panic!("not a broadcast")
                 };
                 let expected: Value = serde_json::from_str(value).unwrap();
@@ -965,12 +1361,12 @@ pub mod typed {
                 },
             ];
             for message in messages {
-                let mut buf = message.to_json().into_bytes();
-                let command = decode(&mut buf).expect("the server accepts it");
+                let buf = message.to_json().into_bytes();
+                let command = decode(&buf).expect("the server accepts it");
                 // Re-encode the server's view as a message and compare.
                 let body = |body: &Body<'_>| match body {
                     Body::Text(text) => json!(text.as_ref()),
-                    Body::Json(value) => serde_json::to_value(value).unwrap(),
+                    Body::Raw(json) => serde_json::from_str(json.get()).unwrap(),
                 };
                 let seen = match &command {
                     Command::Broadcast { message } => ClientMessage::Broadcast {
@@ -991,7 +1387,12 @@ pub mod typed {
                         message: body(message),
                     },
                     Command::SetMetadata { metadata } => ClientMessage::SetMetadata {
-                        metadata: metadata.clone(),
+                        metadata: metadata
+                            .entries()
+                            .map(|(key, value)| {
+                                (key.to_owned(), serde_json::from_str(value.get()).unwrap())
+                            })
+                            .collect(),
                     },
                 };
                 assert_eq!(seen, message);

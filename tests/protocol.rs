@@ -446,3 +446,127 @@ async fn binary_frames_are_handled_like_text_frames() {
         .unwrap();
     assert_error(&a.recv().await, "Invalid message format");
 }
+
+/// The next text frame exactly as the server wrote it (not parsed), skipping pings.
+async fn recv_text(client: &mut Client) -> String {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let next = tokio::time::timeout(common::EXPECT, client.ws.next())
+            .await
+            .expect("a message within the deadline")
+            .expect("connection open")
+            .expect("valid frame");
+        match next {
+            Message::Text(text) => return text,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_message_is_relayed_byte_for_byte() {
+    let server = start_server().await;
+    let (mut a, mut b) = common::pair_in_room(&server, "r").await;
+    a.send_text(r#"{"type":"room_message","room":"r","message":1E5}"#)
+        .await;
+    let text = recv_text(&mut b).await;
+    assert!(text.contains(r#","message":1E5,"#), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_decimal_is_not_rounded() {
+    let server = start_server().await;
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    a.send_text(r#"{"type":"broadcast","message":3.141592653589793238}"#)
+        .await;
+    let text = recv_text(&mut b).await;
+    assert!(
+        text.contains(r#","message":3.141592653589793238,"#),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_integer_beyond_64_bits_is_relayed() {
+    let server = start_server().await;
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    let message = format!(
+        r#"{{"type":"private_message","to":"{}","message":-123456789012345678901234567890}}"#,
+        b.id
+    );
+    a.send_text(&message).await;
+    let text = recv_text(&mut b).await;
+    assert!(text.starts_with(r#"{"type":"private_message","#), "{text}");
+    assert!(
+        text.contains(r#","message":-123456789012345678901234567890,"#),
+        "{text}"
+    );
+    a.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_structured_message_keeps_its_spacing_and_escapes_as_sent() {
+    let server = start_server().await;
+    let (mut a, mut b) = common::pair_in_room(&server, "r").await;
+    let message = r#"{ "price" : 1.50, "tags" : ["caf\u00e9", "a\/b"] }"#;
+    a.send_text(&format!(
+        r#"{{"type":"room_message","room":"r","message": {message} }}"#
+    ))
+    .await;
+    let text = recv_text(&mut b).await;
+    assert!(
+        text.contains(&format!(r#","message":{message},"#)),
+        "{text}"
+    );
+    a.send_text(r#"{"type":"room_message","room":"r","message":"caf\u00e9 \ud83d\ude00"}"#)
+        .await;
+    let text = recv_text(&mut b).await;
+    assert!(
+        text.contains(r#","message":"caf\u00e9 \ud83d\ude00","#),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_duplicate_key_wins() {
+    let server = start_server().await;
+    let (mut a, mut b) = common::pair_in_room(&server, "r").await;
+    // type: the first says "dance", the last room_message; room: the first names a room
+    // nobody is in.
+    a.send_text(
+        r#"{"type":"dance","room":"elsewhere","type":"room_message","message":"one","room":"r","message":"two"}"#,
+    )
+    .await;
+    let got = b.recv().await;
+    assert_eq!(got["type"], "room_message", "{got}");
+    assert_eq!(got["room"], "r", "{got}");
+    assert_eq!(got["message"], "two", "{got}");
+    a.send_text(r#"{"type":"join_room","type":"dance"}"#).await;
+    assert_error(&a.recv().await, "Unknown message type: dance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_numbers_are_echoed_as_sent() {
+    let server = start_server().await;
+    let mut a = Client::connect(&server).await;
+    a.send_text(
+        r#"{"type":"set_metadata","metadata":{"score":1E5,"pi":3.141592653589793238,"id":123456789012345678901234567890}}"#,
+    )
+    .await;
+    assert_eq!(
+        recv_text(&mut a).await,
+        r#"{"type":"metadata_updated","metadata":{"score":1E5,"pi":3.141592653589793238,"id":123456789012345678901234567890}}"#
+    );
+    // A later merge keeps the untouched values as they were; within one update the last
+    // value of a repeated key wins.
+    a.send_text(r#"{"type":"set_metadata","metadata":{"score":2.50,"score":3.0E0}}"#)
+        .await;
+    assert_eq!(
+        recv_text(&mut a).await,
+        r#"{"type":"metadata_updated","metadata":{"score":3.0E0,"pi":3.141592653589793238,"id":123456789012345678901234567890}}"#
+    );
+}

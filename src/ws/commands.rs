@@ -10,7 +10,7 @@ use crate::hub::{Joined, Member, Router};
 use crate::limits::{self, Rate, RateLimiter, SessionLimits};
 use crate::metrics::Metrics;
 use crate::outbox::CloseRequest;
-use crate::protocol::{self, close_code, Body, Command, DecodeError};
+use crate::protocol::{self, close_code, Body, Command, DecodeError, Metadata, MetadataUpdate};
 
 /// `metrics::MESSAGE_TYPES` index of messages that did not decode.
 const INVALID: usize = 6;
@@ -28,7 +28,7 @@ pub struct Session {
     /// guard in `ws::session`).
     allowed_rooms: Option<Box<RoomPolicy>>,
     rooms: HashSet<Arc<str>>,
-    metadata: serde_json::Map<String, serde_json::Value>,
+    metadata: Metadata,
     /// Set once the session asked its connection to close: later messages are ignored.
     closing: bool,
 }
@@ -50,7 +50,7 @@ impl Session {
             rate,
             allowed_rooms: allowed_rooms.map(Box::new),
             rooms: HashSet::new(),
-            metadata: serde_json::Map::new(),
+            metadata: Metadata::default(),
             closing: false,
         }
     }
@@ -59,8 +59,8 @@ impl Session {
         &self.member
     }
 
-    /// Handles one client message (the payload of a text or binary message, parsed in place).
-    pub fn handle_message(&mut self, payload: &mut [u8]) {
+    /// Handles one client message (the payload of a text or binary message).
+    pub fn handle_message(&mut self, payload: &[u8]) {
         if self.closing || !self.within_rate(payload.len()) {
             return;
         }
@@ -200,13 +200,11 @@ impl Session {
         }
     }
 
-    /// Merged over the existing metadata (keys overwrite, new keys append), echoed back whole.
-    /// A merge that would exceed the size limit is refused and changes nothing.
-    fn set_metadata(&mut self, update: serde_json::Map<String, serde_json::Value>) {
-        let mut merged = self.metadata.clone();
-        for (key, value) in update {
-            merged.insert(key, value);
-        }
+    /// Merged over the existing metadata (keys overwrite, new keys append), echoed back whole,
+    /// each value as the client wrote it. A merge that would exceed the size limit is refused
+    /// and changes nothing.
+    fn set_metadata(&mut self, update: MetadataUpdate<'_>) {
+        let merged = self.metadata.merged(&update);
         let reply = protocol::metadata_updated(&merged);
         if protocol::metadata_size(&reply) > self.limits.max_metadata_size {
             return self.reply_error(limits::errors::METADATA_TOO_LARGE);
