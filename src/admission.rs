@@ -93,11 +93,14 @@ impl RoomPolicy {
     }
 }
 
-/// The claims roomcast reads; others are ignored.
+/// The claims roomcast reads; others are ignored. `exp` and `nbf` are NumericDates, which
+/// RFC 7519 allows to be fractional: read as floats and checked here, since jsonwebtoken
+/// takes only whole seconds and silently skips an `nbf` it cannot read as one.
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: Option<String>,
-    exp: Option<u64>,
+    exp: Option<f64>,
+    nbf: Option<f64>,
     rooms: Option<Vec<String>>,
 }
 
@@ -139,9 +142,21 @@ impl TokenVerifier {
             },
         )?;
         let claims = data.claims;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |elapsed| elapsed.as_secs_f64());
+        let leeway = self.leeway as f64;
+        if claims.exp.is_some_and(|exp| exp + leeway < now) {
+            return Err(Refusal::Unauthorized("token expired"));
+        }
+        if claims.nbf.is_some_and(|nbf| nbf - leeway > now) {
+            return Err(Refusal::Unauthorized("token not yet valid"));
+        }
         // The leeway that let an expired-by-a-little token in also applies for the rest of the
         // connection's life, so it is not closed with 4001 the next second.
-        let expires_at = claims.exp.map(|exp| exp.saturating_add(self.leeway));
+        let expires_at = claims
+            .exp
+            .map(|exp| (exp.ceil().max(0.0) as u64).saturating_add(self.leeway));
         let user_id = claims
             .sub
             .filter(|sub| !sub.is_empty())
@@ -213,14 +228,23 @@ pub const FD_RESERVE: usize = 256;
 /// The global cap in force: `--max-connections`, or when 0 the open-file limit less
 /// [`FD_RESERVE`] (at least 1), so accept never fails for lack of descriptors.
 pub fn effective_max_connections(configured: usize) -> usize {
-    if configured > 0 {
-        return configured;
-    }
     let limit = rlimit::getrlimit(rlimit::Resource::NOFILE)
         .map(|(soft, _)| soft)
         .unwrap_or(1024);
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    limit.saturating_sub(FD_RESERVE).max(1)
+    let derived = limit.saturating_sub(FD_RESERVE).max(1);
+    if configured > 0 {
+        if configured > derived {
+            warn!(
+                max_connections = configured,
+                open_file_limit = limit,
+                "--max-connections is above the open-file limit less {FD_RESERVE}: at the \
+                 limit accept() fails and health checks go unanswered"
+            );
+        }
+        return configured;
+    }
+    derived
 }
 
 /// The admission policy of a server, and its live connection counts.
@@ -480,10 +504,11 @@ impl Admission {
 fn validation(algorithms: &[Algorithm], config: &Config) -> Validation {
     let mut validation = Validation::new(algorithms[0]);
     validation.algorithms = algorithms.to_vec();
-    // `exp` is checked when present; tokens without one are accepted and never expire.
+    // `exp` and `nbf` are checked by `TokenVerifier::verify` (fractional NumericDates too);
+    // tokens without `exp` are accepted and never expire.
     validation.required_spec_claims.clear();
-    validation.validate_exp = true;
-    validation.validate_nbf = true;
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
     validation.leeway = config.jwt_leeway.as_secs();
     validation.validate_aud = config.jwt_audience.is_some();
     if let Some(audience) = &config.jwt_audience {

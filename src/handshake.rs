@@ -29,7 +29,7 @@ use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Headers a request head may have; more is 431, as a head over the size limit is.
-const MAX_HEADERS: usize = 64;
+pub const MAX_HEADERS: usize = 64;
 
 /// Bytes one read of a pending head may take, through a per-thread buffer.
 const SCRATCH_SIZE: usize = 16 * 1024;
@@ -77,6 +77,9 @@ pub enum HeadError {
     /// The client closed before finishing its head.
     #[error("connection closed before the request head ended")]
     Closed,
+    /// Not a whole head yet (internal to the reader).
+    #[error("request head incomplete")]
+    Incomplete,
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -87,7 +90,7 @@ impl HeadError {
         match self {
             HeadError::TooLarge => Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
             HeadError::Malformed(_) => Some(StatusCode::BAD_REQUEST),
-            HeadError::Closed | HeadError::Io(_) => None,
+            HeadError::Closed | HeadError::Incomplete | HeadError::Io(_) => None,
         }
     }
 }
@@ -130,22 +133,46 @@ fn poll_read_head<S: AsyncRead + Unpin>(
         if n == 0 {
             return Poll::Ready(Err(HeadError::Closed));
         }
-        let ended = buf[searched..].windows(4).any(|w| w == b"\r\n\r\n");
+        // A blank line ends a head; RFC 9112 allows a bare LF as the line end.
+        let tail = &buf[searched..];
+        let ended =
+            tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n");
         if ended || buf.len() > max {
-            return Poll::Ready(parse(std::mem::take(buf), max));
+            match parse(buf, max) {
+                // Only blank lines so far (RFC 9112 2.2 says to ignore them before a request):
+                // read on, still within the limit.
+                Err(HeadError::Incomplete) if buf.len() <= max => continue,
+                Err(HeadError::Incomplete) => return Poll::Ready(Err(HeadError::TooLarge)),
+                Ok(head_len) => return Poll::Ready(build(std::mem::take(buf), head_len)),
+                Err(error) => return Poll::Ready(Err(error)),
+            }
         }
     }
 }
 
-fn parse(bytes: Vec<u8>, max: usize) -> Result<Head, HeadError> {
+/// The length of the head at the start of `bytes`, if it is complete and within `max`.
+fn parse(bytes: &[u8], max: usize) -> Result<usize, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    let head_len = match request.parse(&bytes) {
-        Ok(httparse::Status::Complete(len)) if len <= max => len,
-        Ok(_) => return Err(HeadError::TooLarge),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(_) => return Err(HeadError::Malformed("not an HTTP/1.1 request")),
-    };
+    match request.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) if len <= max => Ok(len),
+        Ok(httparse::Status::Complete(_)) => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Err(HeadError::Incomplete),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(_) => Err(HeadError::Malformed("not an HTTP/1.1 request")),
+    }
+}
+
+/// The [`Head`] of `bytes`, whose first `head_len` bytes [`parse`] found to be one.
+fn build(bytes: Vec<u8>, head_len: usize) -> Result<Head, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    if !matches!(
+        request.parse(&bytes[..head_len]),
+        Ok(httparse::Status::Complete(_))
+    ) {
+        return Err(HeadError::Malformed("not an HTTP/1.1 request"));
+    }
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
         .map_err(|_| HeadError::Malformed("bad method"))?;
     let uri = request
@@ -404,6 +431,19 @@ mod tests {
         assert_eq!(head.version, Version::HTTP_11);
         assert_eq!(head.headers[HOST], "a");
         assert_eq!(head.rest(), b"\x81\x80");
+    }
+
+    #[tokio::test]
+    async fn bare_lf_line_ends_and_leading_blank_lines_are_accepted() {
+        let head = head_of(b"GET /lf HTTP/1.1\nHost: a\n\n", 8192)
+            .await
+            .unwrap();
+        assert_eq!(head.uri.path(), "/lf");
+        let head = head_of(b"\r\n\r\nGET /blank HTTP/1.1\r\nHost: a\r\n\r\n", 8192)
+            .await
+            .unwrap();
+        assert_eq!(head.uri.path(), "/blank");
+        assert_eq!(head.rest(), b"");
     }
 
     #[tokio::test]

@@ -62,6 +62,7 @@ impl CoarseClock {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn coarse_monotonic_ms() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
@@ -73,6 +74,22 @@ fn coarse_monotonic_ms() -> u64 {
     now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
 }
 
+/// Elsewhere, the standard monotonic clock (a little dearer per read).
+#[cfg(not(target_os = "linux"))]
+fn coarse_monotonic_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+#[cfg(not(target_os = "linux"))]
+fn coarse_resolution_ms() -> u32 {
+    1
+}
+
+#[cfg(target_os = "linux")]
 fn coarse_resolution_ms() -> u32 {
     let mut resolution = libc::timespec {
         tv_sec: 0,

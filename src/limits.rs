@@ -73,13 +73,14 @@ pub enum Rate {
 /// row are counted against the message burst: a client that keeps sending while over either
 /// budget is a flood.
 ///
-/// Kept to 32 bytes (one `Instant`, `f32` tokens) because every connection's session holds
-/// one; `f32` is exact to a byte up to 16 MiB of burst, and within a few bytes beyond.
+/// Kept to 32 bytes (one `Instant`, message tokens as `f32`, exact up to 16M messages of
+/// burst) because every connection's session holds one; byte tokens are `f64`, exact to a
+/// byte for any burst.
 #[derive(Debug)]
 pub struct RateLimiter {
     last: Instant,
+    bytes: f64,
     messages: f32,
-    bytes: f32,
     /// Messages refused since the last one allowed.
     refused: u32,
 }
@@ -93,7 +94,7 @@ impl RateLimiter {
             messages: burst as f32,
             bytes: limits
                 .bytes
-                .map_or(0.0, |(_, burst_bytes)| burst_bytes as f32),
+                .map_or(0.0, |(_, burst_bytes)| f64::from(burst_bytes)),
             refused: 0,
         })
     }
@@ -110,15 +111,14 @@ impl RateLimiter {
         let fits_bytes = match limits.bytes {
             None => true,
             Some((bytes_per_second, burst_bytes)) => {
-                self.bytes = (f64::from(self.bytes) + elapsed * bytes_per_second)
-                    .min(f64::from(burst_bytes)) as f32;
-                self.bytes >= len as f32
+                self.bytes = (self.bytes + elapsed * bytes_per_second).min(f64::from(burst_bytes));
+                self.bytes >= len as f64
             }
         };
         if fits_bytes && self.messages >= 1.0 {
             self.messages -= 1.0;
             if limits.bytes.is_some() {
-                self.bytes -= len as f32;
+                self.bytes -= len as f64;
             }
             self.refused = 0;
             return Rate::Allowed;

@@ -179,7 +179,8 @@ pub struct OutboxReceiver {
     /// Frames the socket has not taken yet. Empty, and without an allocation, unless the peer
     /// reads slower than we write.
     unsent: VecDeque<Bytes>,
-    /// Whether the front of `unsent` is a frame the socket has taken only part of.
+    /// Whether the front of `unsent` must be kept by a close that drops the rest: a frame the
+    /// socket has taken only part of, or the handshake's 101 response.
     front_partial: bool,
     /// Whether bytes were written since the last flush. A TLS stream takes frames into its
     /// own buffer and reports them written before they reach the socket; only `poll_flush`
@@ -413,6 +414,16 @@ impl OutboxReceiver {
     /// that is sent nothing else never allocates a queue.
     pub fn push_direct(&mut self, frame: Bytes) {
         self.unsent.push_back(frame);
+    }
+
+    /// Queues the HTTP 101 that completes the upgrade, ahead of everything, so it leaves in
+    /// the connection's first write with the welcome. It counts as begun (see
+    /// `front_partial`): a close, even one that drops what is queued (a slow consumer closed
+    /// before the first write), still sends it first, or the client would read a close frame
+    /// where it expects an HTTP response.
+    pub fn push_handshake_response(&mut self, response: Bytes) {
+        self.unsent.push_front(response);
+        self.front_partial = true;
     }
 
     /// Queues `ping` (see [`push_direct`](Self::push_direct)) if the heartbeat asked for one
@@ -930,6 +941,29 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 40);
         assert_eq!(tx.push(Bytes::from(vec![3; 60])), Pushed::Queued);
         assert_eq!(tx.queued(), 2);
+    }
+
+    #[test]
+    fn a_slow_consumer_closed_before_its_first_write_still_gets_the_101_first() {
+        let (tx, mut rx) = frames_only(8, SlowConsumerPolicy::Close);
+        rx.push_handshake_response(Bytes::from_static(b"HTTP/1.1 101\r\n\r\n"));
+        rx.push_direct(Bytes::from_static(b"WELCOME"));
+        tx.push(Bytes::from_static(b"frame"));
+        rx.begin_close(
+            CloseRequest {
+                code: Some(1013),
+                flush: false,
+            },
+            Bytes::from_static(b"CLOSE"),
+        );
+        let mut io = Recorder::taking(usize::MAX);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(
+            rx.poll_finish(&mut cx, &mut io),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(io.data, b"HTTP/1.1 101\r\n\r\nCLOSE");
     }
 
     #[test]

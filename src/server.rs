@@ -41,6 +41,13 @@ use crate::ws;
 use crate::ws::session::Mode;
 use crate::ws::transport::Transport;
 
+/// Refusals at accept that may be written at once, each by a small task for up to a second;
+/// past this many (a flood), refused connections are closed without an answer.
+const MAX_LINGERING_REFUSALS: usize = 1024;
+
+/// How long a refusal at accept waits for the client to take the answer and close.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
 /// Connection backlog of each listener: generous, so a reconnect storm is queued by the kernel
 /// rather than refused.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -68,6 +75,8 @@ pub struct Context {
     /// What `/readyz` answers: false from the moment shutdown begins.
     pub ready: AtomicBool,
     tasks: TaskTracker,
+    /// Refusals at accept still being written (see [`refuse_at_accept`]).
+    refusing: std::sync::atomic::AtomicUsize,
 }
 
 /// A view of a running server's state.
@@ -143,6 +152,7 @@ impl Server {
             shutdown,
             ready: AtomicBool::new(true),
             tasks: TaskTracker::new(),
+            refusing: Default::default(),
         });
         Ok(Self {
             listeners,
@@ -300,13 +310,15 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
                 // place like any other.
                 match ctx.admission.accept(peer.ip()) {
                     Ok(permit) => {
+                        // One budget for the PROXY header, TLS and the request head.
+                        let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout;
                         ctx.tasks
-                            .spawn(serve_tcp(stream, peer, permit, ctx.clone()));
+                            .spawn(serve_tcp(stream, peer, permit, deadline, ctx.clone()));
                     }
                     Err(refusal) => {
                         ctx.metrics.refused(&refusal);
                         debug!(%peer, %refusal, "connection refused at accept");
-                        refuse_at_accept(stream, &refusal, ctx.tls.is_some());
+                        refuse_at_accept(stream, &refusal, &ctx);
                     }
                 }
             }
@@ -320,27 +332,43 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
     }
 }
 
-/// Refuses a connection the caps have no place for, without a task: the answer is written
-/// if the socket takes it at once (it always has room for a few bytes), and the request
-/// already received is read off first, so closing sends a FIN rather than a reset that could
-/// overtake the answer. Over TLS nothing readable can be said before a TLS handshake, so the
-/// connection is just closed.
-fn refuse_at_accept(stream: TcpStream, refusal: &Refusal, tls: bool) {
-    if !tls {
-        let mut sink = [0u8; 1024];
-        while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
-        let _ = stream.try_write(&handshake::refusal(refusal.status(), &refusal.to_string()));
+/// Refuses a connection the caps have no place for. The answer is written by a small task
+/// that then reads (and discards) what the client sent until it closes, for up to a second:
+/// closing with unread bytes would send a reset that can overtake the answer. At most
+/// [`MAX_LINGERING_REFUSALS`] at once; past that, and over TLS (nothing readable can be said
+/// before a TLS handshake), the connection is just closed.
+fn refuse_at_accept(stream: TcpStream, refusal: &Refusal, ctx: &Arc<Context>) {
+    let lingering = ctx.refusing.fetch_add(1, Ordering::AcqRel);
+    if ctx.tls.is_some() || lingering >= MAX_LINGERING_REFUSALS {
+        ctx.refusing.fetch_sub(1, Ordering::AcqRel);
+        return;
     }
-    if let Ok(stream) = stream.into_std() {
-        let _ = stream.shutdown(std::net::Shutdown::Write);
-    }
+    let answer = handshake::refusal(refusal.status(), &refusal.to_string());
+    let task_ctx = ctx.clone();
+    ctx.tasks.spawn(async move {
+        let mut stream = stream;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            use tokio::io::AsyncReadExt;
+            handshake::write_and_close(&mut stream, &answer).await;
+            let mut sink = [0u8; 512];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        task_ctx.refusing.fetch_sub(1, Ordering::AcqRel);
+    });
 }
 
 /// One accepted TCP connection: the PROXY header from a trusted load balancer if it sends one,
 /// TLS if configured, then HTTP.
-async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, mut permit: Permit, ctx: Arc<Context>) {
+async fn serve_tcp(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut permit: Permit,
+    deadline: tokio::time::Instant,
+    ctx: Arc<Context>,
+) {
     let peer = if ctx.admission.is_trusted(peer.ip()) {
-        let timeout = ctx.config.handshake_timeout;
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
         match proxy_protocol::client_address(&mut stream, peer, timeout).await {
             Ok(client) => client,
             Err(error) => {
@@ -363,9 +391,9 @@ async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, mut permit: Permit, 
         }
     }
     match ctx.tls.clone() {
-        None => serve_connection(stream, peer, permit, ctx).await,
+        None => serve_connection(stream, peer, permit, deadline, ctx).await,
         // Boxed, so plain connections do not carry room for the TLS state (see above).
-        Some(acceptor) => Box::pin(serve_tls(acceptor, stream, peer, permit, ctx)).await,
+        Some(acceptor) => Box::pin(serve_tls(acceptor, stream, peer, permit, deadline, ctx)).await,
     }
 }
 
@@ -375,11 +403,12 @@ async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     permit: Permit,
+    deadline: tokio::time::Instant,
     ctx: Arc<Context>,
 ) {
-    let handshake = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(stream));
+    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
     match handshake.await {
-        Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, permit, ctx).await,
+        Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, permit, deadline, ctx).await,
         Ok(Err(error)) => {
             ctx.metrics.handshake_failures.increment(1);
             debug!(%peer, %error, "TLS handshake failed");
@@ -393,16 +422,21 @@ async fn serve_tls(
 
 /// Reads the connection's first request head (bounded in size and time), then answers a
 /// WebSocket upgrade itself or hands anything else to hyper.
-async fn serve_connection<S>(mut io: S, peer: SocketAddr, mut permit: Permit, ctx: Arc<Context>)
-where
+async fn serve_connection<S>(
+    mut io: S,
+    peer: SocketAddr,
+    mut permit: Permit,
+    deadline: tokio::time::Instant,
+    ctx: Arc<Context>,
+) where
     S: AsyncRead + AsyncWrite + ws::transport::Transport + Unpin + Send + 'static,
 {
     let max = ctx.config.max_request_head_size;
-    let head = tokio::time::timeout(
-        ctx.config.handshake_timeout,
-        handshake::read_head(&mut io, max),
-    )
-    .await;
+    let head = tokio::select! {
+        head = tokio::time::timeout_at(deadline, handshake::read_head(&mut io, max)) => head,
+        // A shutdown does not wait for clients still sending their request.
+        _ = ctx.closing.cancelled() => return,
+    };
     let head = match head {
         Ok(Ok(head)) => head,
         Ok(Err(error)) => {
@@ -513,8 +547,10 @@ where
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.config.handshake_timeout)
-        // hyper's own minimum is 8 KiB.
+        // The direct path's limits for later requests too (hyper's buffer cannot be under
+        // 8 KiB, its own minimum).
         .max_buf_size(ctx.config.max_request_head_size.max(8192))
+        .max_headers(handshake::MAX_HEADERS)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(connection);
@@ -542,11 +578,7 @@ where
     if handshake::is_upgrade(request.headers()) {
         let echo = ctx.config.echo_path.as_deref() == Some(request.uri().path());
         let mode = if echo { Mode::Echo } else { Mode::Rooms };
-        let taken = permit.lock().ok().and_then(|mut slot| slot.take());
-        let Some(permit) = taken else {
-            return text(StatusCode::BAD_REQUEST, "connection already upgraded\n");
-        };
-        return upgrade::<S>(&mut request, peer, permit, ctx, mode);
+        return upgrade::<S>(&mut request, peer, &permit, ctx, mode);
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -588,11 +620,14 @@ where
 }
 
 /// An upgrade asked for on a connection hyper serves (one kept alive after a first plain
-/// request): the same checks as [`upgrade_direct`], with hyper writing the 101.
+/// request): the same checks as [`upgrade_direct`], with hyper writing the 101. The
+/// connection's permit stays in `slot` until the upgrade is certain, and a refusal closes the
+/// connection (as on the direct path), so a refused upgrade never leaves a connection open
+/// without its place under the caps.
 fn upgrade<S>(
     request: &mut Request<Incoming>,
     peer: SocketAddr,
-    mut permit: Permit,
+    slot: &std::sync::Mutex<Option<Permit>>,
     ctx: Arc<Context>,
     mode: Mode,
 ) -> Response<Full<Bytes>>
@@ -603,7 +638,7 @@ where
         handshake::check_upgrade(request.method(), request.version(), request.headers())
     {
         ctx.metrics.handshake_failures.increment(1);
-        let mut response = text(error.status(), &format!("bad upgrade request: {error}\n"));
+        let mut response = closing(error.status(), &format!("bad upgrade request: {error}\n"));
         if error == handshake::UpgradeError::BadVersion {
             response.headers_mut().insert(
                 "sec-websocket-version",
@@ -612,27 +647,37 @@ where
         }
         return response;
     }
+    let Ok(mut slot) = slot.lock() else {
+        return closing(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
+    };
+    let Some(permit) = slot.as_mut() else {
+        return closing(StatusCode::BAD_REQUEST, "connection already upgraded\n");
+    };
     let identity = match ctx
         .admission
-        .admit(request.uri(), request.headers(), peer, &mut permit)
+        .admit(request.uri(), request.headers(), peer, permit)
     {
         Ok(identity) => identity,
         Err(refusal) => {
             ctx.metrics.refused(&refusal);
             debug!(%peer, %refusal, "upgrade refused");
-            return text(refusal.status(), &format!("{refusal}\n"));
+            return closing(refusal.status(), &format!("{refusal}\n"));
         }
     };
     let (response, upgrading) = match fastwebsockets::upgrade::upgrade(request) {
         Ok(pair) => pair,
         Err(error) => {
             ctx.metrics.handshake_failures.increment(1);
-            return text(
+            return closing(
                 StatusCode::BAD_REQUEST,
                 &format!("bad upgrade request: {error}\n"),
             );
         }
     };
+    let Some(mut permit) = slot.take() else {
+        return closing(StatusCode::BAD_REQUEST, "connection already upgraded\n");
+    };
+    drop(slot);
     ctx.metrics.connections_accepted.increment(1);
     permit.upgraded();
     // This task only waits for hyper to hand the connection over, then spawns the
@@ -714,6 +759,16 @@ fn api_stats(request: &Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>
 /// an attacker how much of a guess was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// [`text`] with `Connection: close`: hyper closes the connection after it.
+fn closing(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = text(status, body);
+    response.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

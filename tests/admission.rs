@@ -89,6 +89,17 @@ async fn a_token_not_valid_for_another_hour_is_refused_with_401() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fractional_nbf_and_exp_are_checked_like_whole_seconds() {
+    let server = auth_server().await;
+    let early = json!({"sub": "u", "nbf": now() as f64 + 3600.5});
+    assert_eq!(upgrade_status(&server, early).await, 401);
+    let expired = json!({"sub": "u", "exp": now() as f64 - 60.5});
+    assert_eq!(upgrade_status(&server, expired).await, 401);
+    let valid = json!({"sub": "u", "nbf": now() as f64 - 0.5, "exp": now() as f64 + 60.5});
+    assert_eq!(upgrade_status(&server, valid).await, 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_whose_nbf_is_within_the_leeway_is_accepted() {
     let server = auth_server().await;
     // The default --jwt-leeway is 5 s: a signer whose clock is 2 s ahead is tolerated.

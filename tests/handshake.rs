@@ -195,6 +195,29 @@ async fn a_connection_kept_alive_after_a_plain_request_can_still_upgrade() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_on_a_kept_alive_connection_closes_it() {
+    // Kept open after a refusal, such a connection would hold no place under the caps.
+    let server = start_server_with(|_| {}).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let request = upgrade("GET", "HTTP/1.1", true, KEY, "8");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(common::EXPECT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.starts_with("HTTP/1.1 426"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_never_send_a_request_count_against_the_per_ip_cap() {
     let server = start_server_with(|config| config.max_connections_per_ip = 3).await;
     let mut idle = Vec::new();

@@ -304,7 +304,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
             outbox::outbox(limits, config.slow_consumer, ctx.outbox_stats.clone());
         let reader = FrameReader::new(config.max_frame_size, config.max_message_size);
         if let Some(response) = response {
-            outbox.push_direct(response);
+            outbox.push_handshake_response(response);
         }
         if mode == Mode::Echo {
             ctx.echo_connections.insert(conn, own_outbox.clone());
