@@ -2,12 +2,15 @@
 //! protocol of the Ratchet seed server (`shared/PROTOCOL.md`) exactly.
 //!
 //! # Layout
-//! Data flows one way: socket -> [`server`] (accept, [`proxy_protocol`], [`tls`], HTTP:
-//! health, [`metrics`], the [`web`] demo page, [`admission`], upgrade) -> [`ws::session`] (one
-//! task per connection) -> [`ws::frame`] (RFC 6455 frames) -> [`protocol`] (decode) ->
-//! [`ws::commands`] (one handler per message type, under [`limits`]) -> [`hub`] (rooms,
-//! directory, behind the [`hub::Router`] trait) -> the [`outbox`] of each recipient -> the
-//! recipient's task, which sends queued frames in batched vectored writes.
+//! Data flows one way: socket -> [`server`] (accept and [`admission`], [`proxy_protocol`],
+//! [`tls`], the request head and the upgrade in [`handshake`], any other HTTP request to
+//! [`api`]: health, [`metrics`], stats, the [`web`] demo page) -> [`ws::session`] (one task per
+//! connection) -> [`ws::frame`] (RFC 6455 frames) -> [`protocol`] (decode) -> [`ws::commands`]
+//! (one handler per message type, under [`limits`]) -> [`hub`] (rooms, directory, behind the
+//! [`hub::Router`] trait) -> the [`outbox`] of each recipient -> the recipient's task, which
+//! sends queued frames in batched vectored writes. Sessions and endpoints see the running
+//! server as a [`node::Node`] (config, router, admission, limits, metrics, clock), never the
+//! server itself.
 //!
 //! Beside the flow: [`config`] (one `Config`: flags, environment, TOML file), [`telemetry`]
 //! (logging), [`heartbeat`] (pings, idle timeout, token expiry for all connections),
@@ -32,6 +35,7 @@
 //! ```
 
 pub mod admission;
+pub mod api;
 pub mod client;
 pub mod config;
 pub mod counter;
@@ -40,6 +44,7 @@ pub mod heartbeat;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+pub mod node;
 pub mod outbox;
 pub mod protocol;
 pub mod proxy_protocol;

@@ -6,17 +6,16 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -27,16 +26,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, Permit, Refusal};
+use crate::api::{self, closing};
 use crate::config::Config;
 use crate::handshake::{self, Prefixed};
-use crate::heartbeat::{self, CoarseClock, Heartbeat};
+use crate::heartbeat::{self, Heartbeat};
 use crate::hub::{LocalHub, Router};
-use crate::limits::SessionLimits;
-use crate::metrics::Metrics;
-use crate::outbox::{Outbox, OutboxStats};
+use crate::node::Node;
+use crate::outbox::OutboxStats;
 use crate::proxy_protocol;
 use crate::tls;
-use crate::web;
 use crate::ws;
 use crate::ws::session::Mode;
 use crate::ws::transport::Transport;
@@ -52,28 +50,15 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// rather than refused.
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// What every connection task shares.
+/// What the server's own tasks share: the [`Node`] that sessions and endpoints see, and what
+/// only the server needs (TLS, the stop signal, the task tracker).
 pub struct Context {
-    pub config: Config,
-    pub metrics: Arc<Metrics>,
+    pub node: Arc<Node>,
     /// Set when serving wss://.
     pub tls: Option<TlsAcceptor>,
-    /// The heartbeat's clock: when each connection was last heard from.
-    pub clock: Arc<CoarseClock>,
-    pub admission: Arc<Admission>,
-    pub session_limits: Arc<SessionLimits>,
-    pub router: Arc<dyn Router>,
-    pub outbox_stats: Arc<OutboxStats>,
-    /// Connections on `--echo-path`, by connection number: they are in no room and not in the
-    /// directory, and the shutdown must still reach them.
-    pub echo_connections: DashMap<u64, Outbox>,
     /// Cancelled by the owner to stop the server (SIGTERM). The server then turns unready and
-    /// keeps serving for `--shutdown-delay` before `closing`.
+    /// keeps serving for `--shutdown-delay` before `node.closing`.
     pub shutdown: CancellationToken,
-    /// Cancelled when the server stops accepting and starts closing connections.
-    pub closing: CancellationToken,
-    /// What `/readyz` answers: false from the moment shutdown begins.
-    pub ready: AtomicBool,
     tasks: TaskTracker,
     /// Refusals at accept still being written (see [`refuse_at_accept`]).
     refusing: std::sync::atomic::AtomicUsize,
@@ -88,12 +73,12 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// The routing state (rooms, directory).
     pub fn router(&self) -> &dyn Router {
-        &*self.ctx.router
+        &*self.ctx.node.router
     }
 
     /// Slow-consumer counters.
     pub fn outbox_stats(&self) -> &OutboxStats {
-        &self.ctx.outbox_stats
+        &self.ctx.node.outbox_stats
     }
 }
 
@@ -139,18 +124,9 @@ impl Server {
             _ => None,
         };
         let ctx = Arc::new(Context {
-            metrics: Metrics::new(),
+            node: Arc::new(Node::new(config, router, admission)),
             tls,
-            clock: Arc::default(),
-            admission: Arc::new(admission),
-            session_limits: Arc::new(SessionLimits::from_config(&config)),
-            config,
-            router,
-            outbox_stats: Arc::default(),
-            echo_connections: DashMap::new(),
-            closing: CancellationToken::new(),
             shutdown,
-            ready: AtomicBool::new(true),
             tasks: TaskTracker::new(),
             refusing: Default::default(),
         });
@@ -185,18 +161,18 @@ impl Server {
             addr = %local_addr,
             tls = ctx.tls.is_some(),
             workers = listeners.len(),
-            max_connections = ctx.admission.max_connections(),
+            max_connections = ctx.node.admission.max_connections(),
             "roomcast listening"
         );
         let heartbeat = tokio::spawn(heartbeat::run(
             Heartbeat {
-                ping_interval: ctx.config.ping_interval,
-                idle_timeout: ctx.config.idle_timeout,
-                check_expiry: ctx.admission.auth_enabled(),
+                ping_interval: ctx.node.config.ping_interval,
+                idle_timeout: ctx.node.config.idle_timeout,
+                check_expiry: ctx.node.admission.auth_enabled(),
             },
-            ctx.clock.clone(),
-            ctx.router.clone(),
-            ctx.closing.clone(),
+            ctx.node.clock.clone(),
+            ctx.node.router.clone(),
+            ctx.node.closing.clone(),
         ));
         let upkeep = tokio::spawn(metrics_upkeep(ctx.clone()));
         let accept_loops = TaskTracker::new();
@@ -206,8 +182,8 @@ impl Server {
         accept_loops.close();
 
         ctx.shutdown.cancelled().await;
-        ctx.ready.store(false, Ordering::Release);
-        let delay = ctx.config.shutdown_delay;
+        ctx.node.ready.store(false, Ordering::Release);
+        let delay = ctx.node.config.shutdown_delay;
         if !delay.is_zero() {
             info!(
                 ?delay,
@@ -215,7 +191,7 @@ impl Server {
             );
             tokio::time::sleep(delay).await;
         }
-        ctx.closing.cancel();
+        ctx.node.closing.cancel();
         accept_loops.wait().await;
         let _ = heartbeat.await;
         let _ = upkeep.await;
@@ -228,13 +204,13 @@ impl Server {
         );
         // Connections still in the HTTP phase stop through hyper's graceful shutdown; upgraded
         // ones are told here, and one upgraded after this point closes itself on start.
-        ctx.router.for_each_connection(&mut |member| {
+        ctx.node.router.for_each_connection(&mut |member| {
             member.outbox.request_close(ws::session::going_away());
         });
-        for echo in ctx.echo_connections.iter() {
+        for echo in ctx.node.echo_connections.iter() {
             echo.value().request_close(ws::session::going_away());
         }
-        if tokio::time::timeout(ctx.config.drain_timeout, ctx.tasks.wait())
+        if tokio::time::timeout(ctx.node.config.drain_timeout, ctx.tasks.wait())
             .await
             .is_err()
         {
@@ -253,8 +229,8 @@ async fn metrics_upkeep(ctx: Arc<Context>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ctx.closing.cancelled() => return,
-            _ = ticks.tick() => ctx.metrics.upkeep(),
+            _ = ctx.node.closing.cancelled() => return,
+            _ = ticks.tick() => ctx.node.metrics.upkeep(),
         }
     }
 }
@@ -294,7 +270,7 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
     loop {
         let accepted = tokio::select! {
-            _ = ctx.closing.cancelled() => return,
+            _ = ctx.node.closing.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -302,21 +278,22 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
                 // Frames are batched by the outbox writer; Nagle would only add latency.
                 let _ = stream.set_nodelay(true);
                 // The kernel memory a client that stops reading can hold (--socket-send-buffer).
-                let bytes = ctx.config.socket_send_buffer;
+                let bytes = ctx.node.config.socket_send_buffer;
                 if let Err(error) = ws::transport::bound_send_buffer(&stream, bytes) {
                     debug!(%peer, %error, "SO_SNDBUF not set");
                 }
                 // Counted from here: a connection that never finishes its request holds a
                 // place like any other.
-                match ctx.admission.accept(peer.ip()) {
+                match ctx.node.admission.accept(peer.ip()) {
                     Ok(permit) => {
                         // One budget for the PROXY header, TLS and the request head.
-                        let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout;
+                        let deadline =
+                            tokio::time::Instant::now() + ctx.node.config.handshake_timeout;
                         ctx.tasks
                             .spawn(serve_tcp(stream, peer, permit, deadline, ctx.clone()));
                     }
                     Err(refusal) => {
-                        ctx.metrics.refused(&refusal);
+                        ctx.node.metrics.refused(&refusal);
                         debug!(%peer, %refusal, "connection refused at accept");
                         refuse_at_accept(stream, &refusal, &ctx);
                     }
@@ -367,12 +344,12 @@ async fn serve_tcp(
     deadline: tokio::time::Instant,
     ctx: Arc<Context>,
 ) {
-    let peer = if ctx.admission.is_trusted(peer.ip()) {
+    let peer = if ctx.node.admission.is_trusted(peer.ip()) {
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
         match proxy_protocol::client_address(&mut stream, peer, timeout).await {
             Ok(client) => client,
             Err(error) => {
-                ctx.metrics.handshake_failures.increment(1);
+                ctx.node.metrics.handshake_failures.increment(1);
                 return debug!(%peer, %error, "PROXY header refused");
             }
         }
@@ -380,9 +357,9 @@ async fn serve_tcp(
         peer
     };
     // Behind a PROXY header the client's own address counts under the per-IP cap.
-    if !ctx.admission.is_trusted(peer.ip()) {
-        if let Err(refusal) = ctx.admission.claim_address(&mut permit, peer.ip()) {
-            ctx.metrics.refused(&refusal);
+    if !ctx.node.admission.is_trusted(peer.ip()) {
+        if let Err(refusal) = ctx.node.admission.claim_address(&mut permit, peer.ip()) {
+            ctx.node.metrics.refused(&refusal);
             debug!(%peer, %refusal, "connection refused");
             if ctx.tls.is_none() {
                 refuse(&mut stream, refusal.status(), &refusal.to_string(), &ctx).await;
@@ -410,11 +387,11 @@ async fn serve_tls(
     match handshake.await {
         Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, permit, deadline, ctx).await,
         Ok(Err(error)) => {
-            ctx.metrics.handshake_failures.increment(1);
+            ctx.node.metrics.handshake_failures.increment(1);
             debug!(%peer, %error, "TLS handshake failed");
         }
         Err(_) => {
-            ctx.metrics.handshake_failures.increment(1);
+            ctx.node.metrics.handshake_failures.increment(1);
             debug!(%peer, "TLS handshake timed out");
         }
     }
@@ -431,16 +408,16 @@ async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + ws::transport::Transport + Unpin + Send + 'static,
 {
-    let max = ctx.config.max_request_head_size;
+    let max = ctx.node.config.max_request_head_size;
     let head = tokio::select! {
         head = tokio::time::timeout_at(deadline, handshake::read_head(&mut io, max)) => head,
         // A shutdown does not wait for clients still sending their request.
-        _ = ctx.closing.cancelled() => return,
+        _ = ctx.node.closing.cancelled() => return,
     };
     let head = match head {
         Ok(Ok(head)) => head,
         Ok(Err(error)) => {
-            ctx.metrics.handshake_failures.increment(1);
+            ctx.node.metrics.handshake_failures.increment(1);
             debug!(%peer, %error, "request head refused");
             if let Some(status) = error.status() {
                 refuse(&mut io, status, &error.to_string(), &ctx).await;
@@ -448,7 +425,7 @@ async fn serve_connection<S>(
             return;
         }
         Err(_) => {
-            ctx.metrics.handshake_failures.increment(1);
+            ctx.node.metrics.handshake_failures.increment(1);
             return debug!(%peer, "request head timed out");
         }
     };
@@ -473,7 +450,7 @@ async fn refuse<S: AsyncWrite + Unpin>(
 ) {
     let answer = handshake::refusal(status, reason);
     let write = handshake::write_and_close(io, &answer);
-    let _ = tokio::time::timeout(ctx.config.drain_timeout, write).await;
+    let _ = tokio::time::timeout(ctx.node.config.drain_timeout, write).await;
 }
 
 /// Completes a WebSocket handshake read by [`handshake::read_head`]: RFC 6455 checks,
@@ -491,30 +468,31 @@ async fn upgrade_direct<S>(
     let key = match handshake::check_upgrade(&head.method, head.version, &head.headers) {
         Ok(key) => key,
         Err(error) => {
-            ctx.metrics.handshake_failures.increment(1);
+            ctx.node.metrics.handshake_failures.increment(1);
             debug!(%peer, %error, "bad upgrade request");
             let reason = format!("bad upgrade request: {error}");
             return refuse(&mut io, error.status(), &reason, &ctx).await;
         }
     };
     let identity = match ctx
+        .node
         .admission
         .admit(&head.uri, &head.headers, peer, &mut permit)
     {
         Ok(identity) => identity,
         Err(refusal) => {
-            ctx.metrics.refused(&refusal);
+            ctx.node.metrics.refused(&refusal);
             debug!(%peer, %refusal, "upgrade refused");
             return refuse(&mut io, refusal.status(), &refusal.to_string(), &ctx).await;
         }
     };
     let response = handshake::switching_protocols(key);
-    let echo = ctx.config.echo_path.as_deref() == Some(head.uri.path());
+    let echo = ctx.node.config.echo_path.as_deref() == Some(head.uri.path());
     let mode = if echo { Mode::Echo } else { Mode::Rooms };
     let prebuffered = Bytes::copy_from_slice(head.rest());
     drop(head);
     permit.upgraded();
-    ctx.metrics.connections_accepted.increment(1);
+    ctx.node.metrics.connections_accepted.increment(1);
     // Its own task, so that nothing of this one (the head, the timeout) stays alive beside
     // the connection.
     let tasks = ctx.tasks.clone();
@@ -522,7 +500,7 @@ async fn upgrade_direct<S>(
         io,
         Some(response),
         prebuffered,
-        ctx,
+        ctx.node.clone(),
         peer,
         permit,
         identity,
@@ -546,17 +524,17 @@ where
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(ctx.config.handshake_timeout)
+        .header_read_timeout(ctx.node.config.handshake_timeout)
         // The direct path's limits for later requests too (hyper's buffer cannot be under
         // 8 KiB, its own minimum).
-        .max_buf_size(ctx.config.max_request_head_size.max(8192))
+        .max_buf_size(ctx.node.config.max_request_head_size.max(8192))
         .max_headers(handshake::MAX_HEADERS)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        _ = ctx.closing.cancelled() => {
+        _ = ctx.node.closing.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -576,47 +554,11 @@ where
     S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
 {
     if handshake::is_upgrade(request.headers()) {
-        let echo = ctx.config.echo_path.as_deref() == Some(request.uri().path());
+        let echo = ctx.node.config.echo_path.as_deref() == Some(request.uri().path());
         let mode = if echo { Mode::Echo } else { Mode::Rooms };
         return upgrade::<S>(&mut request, peer, &permit, ctx, mode);
     }
-    match (request.method(), request.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/api/stats") => api_stats(&request, &ctx),
-        (&Method::GET, "/metrics") => {
-            let body = ctx.metrics.render(
-                ctx.admission.open_connections(),
-                ctx.admission.pending_handshakes(),
-                &*ctx.router,
-                &ctx.outbox_stats,
-            );
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        }
-        (&Method::GET | &Method::HEAD, "/readyz") => {
-            if ctx.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            }
-        }
-        (&Method::GET, path) => match web::asset(path) {
-            Some((content_type, body)) => {
-                let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-                response.headers_mut().insert(
-                    hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static(content_type),
-                );
-                response
-            }
-            None => text(StatusCode::NOT_FOUND, "not found\n"),
-        },
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    }
+    api::respond(&request, &ctx.node)
 }
 
 /// An upgrade asked for on a connection hyper serves (one kept alive after a first plain
@@ -637,7 +579,7 @@ where
     if let Err(error) =
         handshake::check_upgrade(request.method(), request.version(), request.headers())
     {
-        ctx.metrics.handshake_failures.increment(1);
+        ctx.node.metrics.handshake_failures.increment(1);
         let mut response = closing(error.status(), &format!("bad upgrade request: {error}\n"));
         if error == handshake::UpgradeError::BadVersion {
             response.headers_mut().insert(
@@ -654,12 +596,13 @@ where
         return closing(StatusCode::BAD_REQUEST, "connection already upgraded\n");
     };
     let identity = match ctx
+        .node
         .admission
         .admit(request.uri(), request.headers(), peer, permit)
     {
         Ok(identity) => identity,
         Err(refusal) => {
-            ctx.metrics.refused(&refusal);
+            ctx.node.metrics.refused(&refusal);
             debug!(%peer, %refusal, "upgrade refused");
             return closing(refusal.status(), &format!("{refusal}\n"));
         }
@@ -667,7 +610,7 @@ where
     let (response, upgrading) = match fastwebsockets::upgrade::upgrade(request) {
         Ok(pair) => pair,
         Err(error) => {
-            ctx.metrics.handshake_failures.increment(1);
+            ctx.node.metrics.handshake_failures.increment(1);
             return closing(
                 StatusCode::BAD_REQUEST,
                 &format!("bad upgrade request: {error}\n"),
@@ -678,7 +621,7 @@ where
         return closing(StatusCode::BAD_REQUEST, "connection already upgraded\n");
     };
     drop(slot);
-    ctx.metrics.connections_accepted.increment(1);
+    ctx.node.metrics.connections_accepted.increment(1);
     permit.upgraded();
     // This task only waits for hyper to hand the connection over, then spawns the
     // connection's own task (small, see ws::session::start) and ends.
@@ -687,7 +630,7 @@ where
         let upgraded = match upgrading.await {
             Ok(websocket) => websocket.into_inner().into_inner(),
             Err(error) => {
-                ctx.metrics.handshake_failures.increment(1);
+                ctx.node.metrics.handshake_failures.increment(1);
                 return debug!(%error, "upgrade failed");
             }
         };
@@ -706,7 +649,7 @@ where
                     io,
                     None,
                     Bytes::from(prebuffered),
-                    ctx,
+                    ctx.node.clone(),
                     peer,
                     permit,
                     identity,
@@ -717,66 +660,4 @@ where
         }
     });
     response.map(|_| Full::default())
-}
-
-/// `GET /api/stats`: open connections, clients, rooms and the ten largest rooms, as JSON, for
-/// `Authorization: Bearer` with `--api-key`; 404 when no key is configured.
-fn api_stats(request: &Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> {
-    let Some(key) = ctx.config.api_key.as_deref() else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
-    };
-    let presented = request
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(presented.as_bytes(), key.as_bytes()) {
-        return text(StatusCode::UNAUTHORIZED, "API key required\n");
-    }
-    let (rooms, clients) = ctx.router.counts();
-    let top: Vec<_> = ctx
-        .router
-        .top_rooms(10)
-        .into_iter()
-        .map(|(room, members)| serde_json::json!({"room": room, "members": members}))
-        .collect();
-    let body = serde_json::json!({
-        "connections": ctx.admission.open_connections(),
-        "clients": clients,
-        "rooms": rooms,
-        "top_rooms": top,
-    });
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// Compares secrets without stopping at the first difference, so response times do not tell
-/// an attacker how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
-}
-
-/// [`text`] with `Connection: close`: hyper closes the connection after it.
-fn closing(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = text(status, body);
-    response.headers_mut().insert(
-        hyper::header::CONNECTION,
-        hyper::header::HeaderValue::from_static("close"),
-    );
-    response
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }

@@ -42,9 +42,9 @@ use super::frame::{Event, FrameError, FrameReader, PeerClose};
 use super::transport::Transport;
 use crate::admission::{Identity, Permit};
 use crate::hub::Member;
+use crate::node::Node;
 use crate::outbox::{self, CloseRequest, Outbox, OutboxReceiver};
 use crate::protocol::{self, close_code};
-use crate::server;
 
 /// Source of process-unique connection numbers.
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -108,7 +108,7 @@ impl Handler {
     }
 
     /// Leaves rooms and the directory (or the echo list). Idempotent.
-    fn disconnect(&mut self, ctx: &server::Context) {
+    fn disconnect(&mut self, ctx: &Node) {
         match self {
             Handler::Rooms(session) => session.disconnect(),
             Handler::Echo { conn, .. } => {
@@ -134,7 +134,7 @@ pub fn start<S>(
     io: S,
     response: Option<Bytes>,
     prebuffered: Bytes,
-    ctx: Arc<server::Context>,
+    ctx: Arc<Node>,
     peer: SocketAddr,
     permit: Permit,
     identity: Identity,
@@ -265,7 +265,7 @@ struct Connection<S: Transport> {
     handler: Handler,
     state: State,
     ended_by: EndedBy,
-    ctx: Arc<server::Context>,
+    ctx: Arc<Node>,
     /// The connection's place under `--max-connections` and `--max-connections-per-ip`, held
     /// until the task ends and the socket is closed or reset: a connection that is still
     /// closing (up to `--drain-timeout`) keeps counting, so clients cannot open new ones while
@@ -288,7 +288,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
     fn open(
         io: S,
         response: Option<Bytes>,
-        ctx: Arc<server::Context>,
+        ctx: Arc<Node>,
         conn: u64,
         client_id: Arc<str>,
         identity: Identity,

@@ -1,0 +1,56 @@
+//! The node: what a connection's session, the heartbeat and the HTTP endpoints may use of the
+//! running server, and nothing of how it listens. It sits below [`crate::server`] (which owns
+//! the listeners, TLS and the task tracker) so that [`crate::ws`] and the HTTP side depend on
+//! it, not on the server, and the server on all of them: data flows one way.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Admission;
+use crate::config::Config;
+use crate::heartbeat::CoarseClock;
+use crate::hub::Router;
+use crate::limits::SessionLimits;
+use crate::metrics::Metrics;
+use crate::outbox::{Outbox, OutboxStats};
+
+/// The shared state of one running server.
+pub struct Node {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    /// The heartbeat's clock: when each connection was last heard from.
+    pub clock: Arc<CoarseClock>,
+    pub admission: Arc<Admission>,
+    pub session_limits: Arc<SessionLimits>,
+    pub router: Arc<dyn Router>,
+    pub outbox_stats: Arc<OutboxStats>,
+    /// Connections on `--echo-path`, by connection number: they are in no room and not in the
+    /// directory, and the shutdown must still reach them.
+    pub echo_connections: DashMap<u64, Outbox>,
+    /// Cancelled when the server stops accepting and starts closing connections: a connection
+    /// that finishes its upgrade after this closes itself at once.
+    pub closing: CancellationToken,
+    /// What `/readyz` answers: false from the moment shutdown begins.
+    pub ready: AtomicBool,
+}
+
+impl Node {
+    /// A node for `config` delivering through `router`, with its admission policy built.
+    pub fn new(config: Config, router: Arc<dyn Router>, admission: Admission) -> Self {
+        Self {
+            metrics: Metrics::new(),
+            clock: Arc::default(),
+            admission: Arc::new(admission),
+            session_limits: Arc::new(SessionLimits::from_config(&config)),
+            config,
+            router,
+            outbox_stats: Arc::default(),
+            echo_connections: DashMap::new(),
+            closing: CancellationToken::new(),
+            ready: AtomicBool::new(true),
+        }
+    }
+}
