@@ -36,6 +36,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod broker;
 pub mod client;
 pub mod config;
 pub mod counter;

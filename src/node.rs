@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
+use crate::broker::{Broker, MemoryBroker};
 use crate::config::Config;
 use crate::heartbeat::CoarseClock;
 use crate::hub::Router;
@@ -25,7 +26,10 @@ pub struct Node {
     pub clock: Arc<CoarseClock>,
     pub admission: Arc<Admission>,
     pub session_limits: Arc<SessionLimits>,
+    /// This node's rooms, directory and local delivery.
     pub router: Arc<dyn Router>,
+    /// Where publications go: to the local hub, or (with a backplane) to every node.
+    pub broker: Arc<dyn Broker>,
     pub outbox_stats: Arc<OutboxStats>,
     /// Connections on `--echo-path`, by connection number: they are in no room and not in the
     /// directory, and the shutdown must still reach them.
@@ -38,9 +42,11 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node for `config` delivering through `router`, with its admission policy built.
+    /// A node for `config` delivering through `router`, with its admission policy built. The
+    /// broker is the in-memory one: this node alone.
     pub fn new(config: Config, router: Arc<dyn Router>, admission: Admission) -> Self {
         Self {
+            broker: Arc::new(MemoryBroker::new(router.clone())),
             metrics: Metrics::new(),
             clock: Arc::default(),
             admission: Arc::new(admission),

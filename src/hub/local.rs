@@ -22,6 +22,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 
 use super::{ConnId, Joined, Member, RecipientNotFound, RoomMessageError, Router};
+use crate::broker::{Publication, Target};
 use crate::protocol;
 
 #[derive(Default)]
@@ -55,11 +56,11 @@ impl Members {
 
     /// Pushes `frame` to every member but `except`: the fan-out inner loop. Returns how many
     /// members it was handed to.
-    fn deliver(&self, frame: &Bytes, except: ConnId) -> usize {
+    fn deliver(&self, frame: &Bytes, except: Option<ConnId>) -> usize {
         let shared = Arc::new(frame.clone());
         let mut delivered = 0;
         for member in &self.list {
-            if member.conn != except {
+            if Some(member.conn) != except {
                 member.outbox.push_shared(shared.clone());
                 delivered += 1;
             }
@@ -152,7 +153,7 @@ impl Router for LocalHub {
             member.outbox.push(protocol::room_joined(room_name, count));
             if count > 1 {
                 let frame = protocol::member_joined(room_name, &member.client_id, count);
-                members.deliver(&frame, member.conn);
+                members.deliver(&frame, Some(member.conn));
             }
             return Joined::Added { members: count };
         }
@@ -171,46 +172,64 @@ impl Router for LocalHub {
             return Some(0);
         }
         let frame = protocol::member_left(room_name, &member.client_id, members.list.len());
-        Some(members.deliver(&frame, member.conn))
+        Some(members.deliver(&frame, Some(member.conn)))
     }
 
-    fn room_message(
-        &self,
-        room_name: &str,
-        sender: &Member,
-        frame: Bytes,
-    ) -> Result<usize, RoomMessageError> {
+    fn check_sender(&self, room_name: &str, sender: &Member) -> Result<(), RoomMessageError> {
         let room = self.room(room_name).ok_or(RoomMessageError::NoSuchRoom)?;
-        let members = room.read();
-        if !members.contains(sender.conn) {
-            return Err(RoomMessageError::NotAMember);
+        if room.read().contains(sender.conn) {
+            Ok(())
+        } else {
+            Err(RoomMessageError::NotAMember)
         }
-        Ok(members.deliver(&frame, sender.conn))
     }
 
-    fn broadcast(&self, sender: &Member, frame: Bytes) -> usize {
-        let shared = Arc::new(frame);
-        let mut delivered = 0;
-        for client in self.clients.iter() {
-            if client.conn != sender.conn {
-                client.outbox.push_shared(shared.clone());
-                delivered += 1;
+    fn deliver(&self, publication: &Publication<'_>) -> Result<usize, RecipientNotFound> {
+        let Publication {
+            target,
+            from,
+            message,
+            timestamp,
+            except,
+        } = publication;
+        match *target {
+            Target::Room(room_name) => {
+                let Some(room) = self.room(room_name) else {
+                    return Ok(0);
+                };
+                // Encoded before the lock is taken: a join waiting for it waits for the
+                // fan-out only.
+                let frame = protocol::room_message(room_name, from, message, *timestamp);
+                let delivered = room.read().deliver(&frame, *except);
+                Ok(delivered)
+            }
+            Target::Everyone => {
+                let frame = protocol::broadcast(from, message, *timestamp);
+                let shared = Arc::new(frame);
+                let mut delivered = 0;
+                for client in self.clients.iter() {
+                    if Some(client.conn) != *except {
+                        client.outbox.push_shared(shared.clone());
+                        delivered += 1;
+                    }
+                }
+                Ok(delivered)
+            }
+            Target::Recipient(to) => {
+                if let Some(recipient) = self.clients.get(to) {
+                    recipient
+                        .outbox
+                        .push(protocol::private_message(from, message, *timestamp));
+                    return Ok(1);
+                }
+                let connections = self.users.get(to).ok_or(RecipientNotFound)?;
+                let shared = Arc::new(protocol::private_message(from, message, *timestamp));
+                for connection in connections.iter() {
+                    connection.outbox.push_shared(shared.clone());
+                }
+                Ok(connections.len())
             }
         }
-        delivered
-    }
-
-    fn private_message(&self, to: &str, frame: Bytes) -> Result<usize, RecipientNotFound> {
-        if let Some(recipient) = self.clients.get(to) {
-            recipient.outbox.push(frame);
-            return Ok(1);
-        }
-        let connections = self.users.get(to).ok_or(RecipientNotFound)?;
-        let shared = Arc::new(frame);
-        for connection in connections.iter() {
-            connection.outbox.push_shared(shared.clone());
-        }
-        Ok(connections.len())
     }
 
     fn room_size(&self, room_name: &str) -> usize {
@@ -274,17 +293,26 @@ mod tests {
         for (_, rx) in &mut members {
             drain(rx);
         }
-        let body = protocol::Body::Text("hello".into());
-        let frame = protocol::room_message("lobby", "client_0", &body, 1);
-        let original = frame.as_ptr();
-        hub.room_message("lobby", &members[0].0, frame).unwrap();
+        let publication = Publication {
+            target: Target::Room("lobby"),
+            from: "client_0",
+            message: protocol::Body::Text("hello".into()),
+            timestamp: 1,
+            except: Some(members[0].0.conn),
+        };
+        assert_eq!(hub.deliver(&publication), Ok(999));
 
         assert!(drain(&mut members[0].1).is_empty(), "sender excluded");
-        for (_, rx) in &mut members[1..] {
+        let first = drain(&mut members[1].1)[0].clone();
+        assert_eq!(
+            first,
+            protocol::room_message("lobby", "client_0", &publication.message, 1)
+        );
+        for (_, rx) in &mut members[2..] {
             let got = drain(rx);
             assert_eq!(got.len(), 1);
             // Same allocation: encoded once, never copied per recipient.
-            assert_eq!(got[0].as_ptr(), original);
+            assert_eq!(got[0].as_ptr(), first.as_ptr());
         }
     }
 

@@ -1,20 +1,18 @@
-//! Routing: rooms, the client directory, and fan-out of pre-encoded frames.
+//! The hub: this node's rooms, its client directory, and delivery to local connections.
 //!
-//! [`Router`] is the one seam between connections and delivery. The connection code (the `ws`
-//! module) only ever talks to a `dyn Router`; [`LocalHub`] is the single-node implementation,
-//! and a multi-node backplane (Redis) would be a second implementation of the same trait, handed
-//! to `Server::bind_with_router` at start-up, without touching connection or protocol code.
-//! None exists yet: `roomcast serve` always uses `LocalHub`.
-//!
-//! Every frame a router delivers is encoded once by the `protocol` module into one [`Bytes`];
-//! each recipient's [`Outbox`] receives a clone of it (a reference-count increment).
+//! [`Router`] is what connections and the broker see of it; [`LocalHub`] is the in-memory
+//! implementation. Publications come in through [`Router::deliver`] (called by the
+//! [`crate::broker`], never by a session directly), and the hub encodes each one into a wire
+//! frame once, by the `protocol` module, into one [`bytes::Bytes`]; each recipient's [`Outbox`]
+//! receives a clone of it (a reference-count increment). Membership notices (`room_joined`,
+//! `member_joined`, `member_left`) are produced here too, under the room's lock, so every
+//! member sees one order of events with exact counts.
 
 mod local;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-
+use crate::broker::Publication;
 use crate::outbox::Outbox;
 pub use local::LocalHub;
 
@@ -75,20 +73,14 @@ pub trait Router: Send + Sync + 'static {
     /// not a member.
     fn leave(&self, room: &str, member: &Member) -> Option<usize>;
 
-    /// Delivers `frame` to every member of `room` except `sender`; returns how many.
-    fn room_message(
-        &self,
-        room: &str,
-        sender: &Member,
-        frame: Bytes,
-    ) -> Result<usize, RoomMessageError>;
+    /// Whether `sender` may send to `room`, checked in the seed's order: the room must exist,
+    /// then the sender must be in it.
+    fn check_sender(&self, room: &str, sender: &Member) -> Result<(), RoomMessageError>;
 
-    /// Delivers `frame` to every connected client except `sender`; returns how many.
-    fn broadcast(&self, sender: &Member, frame: Bytes) -> usize;
-
-    /// Delivers `frame` to the client whose id is `to`, or else to every connection of the
-    /// user whose id is `to`.
-    fn private_message(&self, to: &str, frame: Bytes) -> Result<usize, RecipientNotFound>;
+    /// Delivers a publication to this node's recipients, encoding its frame once; returns
+    /// how many got it. A room with no members here is not an error; a private message to
+    /// an id nobody here has is `RecipientNotFound`.
+    fn deliver(&self, publication: &Publication<'_>) -> Result<usize, RecipientNotFound>;
 
     /// Number of members of `room` (0 when it does not exist).
     fn room_size(&self, room: &str) -> usize;

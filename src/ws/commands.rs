@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::admission::RoomPolicy;
-use crate::hub::{Joined, Member, Router};
-use crate::limits::{self, Rate, RateLimiter, SessionLimits};
-use crate::metrics::Metrics;
+use crate::broker::{Publication, Target};
+use crate::hub::{Joined, Member};
+use crate::limits::{self, Rate, RateLimiter};
+use crate::node::Node;
 use crate::outbox::CloseRequest;
 use crate::protocol::{self, close_code, Body, Command, DecodeError, Metadata, MetadataUpdate};
 
@@ -19,9 +20,8 @@ const INVALID: usize = 6;
 /// rate limit. Owned by the connection's task, so none of it needs a lock.
 pub struct Session {
     member: Member,
-    router: Arc<dyn Router>,
-    limits: Arc<SessionLimits>,
-    metrics: Arc<Metrics>,
+    /// The node: its hub, broker, limits and metrics.
+    node: Arc<Node>,
     rate: Option<RateLimiter>,
     /// The rooms the token allows (auth only); `None` allows every room. Boxed: only tokens
     /// with a `rooms` claim have one, and every connection pays for the field (see the size
@@ -34,19 +34,11 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(
-        member: Member,
-        router: Arc<dyn Router>,
-        limits: Arc<SessionLimits>,
-        metrics: Arc<Metrics>,
-        allowed_rooms: Option<RoomPolicy>,
-    ) -> Self {
-        let rate = RateLimiter::new(&limits, Instant::now());
+    pub fn new(member: Member, node: Arc<Node>, allowed_rooms: Option<RoomPolicy>) -> Self {
+        let rate = RateLimiter::new(&node.session_limits, Instant::now());
         Self {
             member,
-            router,
-            limits,
-            metrics,
+            node,
             rate,
             allowed_rooms: allowed_rooms.map(Box::new),
             rooms: HashSet::new(),
@@ -67,11 +59,11 @@ impl Session {
         match protocol::decode(payload) {
             Ok(command) => self.dispatch(command),
             Err(DecodeError::UnknownType(kind)) => {
-                self.metrics.message_in(INVALID);
+                self.node.metrics.message_in(INVALID);
                 self.reply_error(&format!("{}{kind}", protocol::errors::UNKNOWN_TYPE_PREFIX));
             }
             Err(error) => {
-                self.metrics.message_in(INVALID);
+                self.node.metrics.message_in(INVALID);
                 self.reply_error(&error.to_string());
             }
         }
@@ -87,7 +79,7 @@ impl Session {
             Command::PrivateMessage { .. } => 4,
             Command::SetMetadata { .. } => 5,
         };
-        self.metrics.message_in(kind);
+        self.node.metrics.message_in(kind);
         // Disabled unless RUST_LOG asks for debug: then one check of a cached level per message.
         tracing::debug!(
             client_id = %self.member.client_id,
@@ -95,11 +87,11 @@ impl Session {
             "message"
         );
         match command {
-            Command::Broadcast { message } => self.broadcast(&message),
+            Command::Broadcast { message } => self.broadcast(message),
             Command::JoinRoom { room } => self.join_room(&room),
             Command::LeaveRoom { room } => self.leave_room(&room),
-            Command::RoomMessage { room, message } => self.room_message(&room, &message),
-            Command::PrivateMessage { to, message } => self.private_message(&to, &message),
+            Command::RoomMessage { room, message } => self.room_message(&room, message),
+            Command::PrivateMessage { to, message } => self.private_message(&to, message),
             Command::SetMetadata { metadata } => self.set_metadata(metadata),
         }
     }
@@ -111,7 +103,7 @@ impl Session {
         let Some(rate) = self.rate.as_mut() else {
             return true;
         };
-        match rate.take(len, &self.limits, Instant::now()) {
+        match rate.take(len, &self.node.session_limits, Instant::now()) {
             Rate::Allowed => true,
             Rate::Refused => {
                 self.reply_error(limits::errors::RATE_LIMITED);
@@ -137,21 +129,40 @@ impl Session {
 
     /// Every other connected client gets it; the sender gets nothing. Refused when
     /// `--client-broadcast false`.
-    fn broadcast(&self, message: &Body<'_>) {
-        if !self.limits.client_broadcast {
+    fn broadcast(&self, message: Body<'_>) {
+        if !self.node.session_limits.client_broadcast {
             return self.reply_error(limits::errors::BROADCAST_DISABLED);
         }
         let started = Instant::now();
-        let frame = protocol::broadcast(&self.member.client_id, message, protocol::timestamp());
-        let delivered = self.router.broadcast(&self.member, frame);
-        self.metrics.fanout(delivered, started.elapsed());
+        let delivered = self.publish(Target::Everyone, message).unwrap_or(0);
+        self.node.metrics.fanout(delivered, started.elapsed());
+    }
+
+    /// Hands one of this client's messages to the broker, which delivers it on every node.
+    fn publish(
+        &self,
+        target: Target<'_>,
+        message: Body<'_>,
+    ) -> Result<usize, crate::hub::RecipientNotFound> {
+        self.node.broker.publish(&Publication {
+            target,
+            from: &self.member.client_id,
+            message,
+            timestamp: protocol::timestamp(),
+            // A room message or broadcast skips its sender; a private message to yourself
+            // reaches you.
+            except: match target {
+                Target::Recipient(_) => None,
+                Target::Room(_) | Target::Everyone => Some(self.member.conn),
+            },
+        })
     }
 
     fn join_room(&mut self, room: &str) {
         if room.is_empty() {
             return self.reply_error(protocol::errors::ROOM_REQUIRED);
         }
-        if room.len() > self.limits.max_room_name_length {
+        if room.len() > self.node.session_limits.max_room_name_length {
             return self.reply_error(limits::errors::ROOM_NAME_TOO_LONG);
         }
         if self.rooms.contains(room) {
@@ -162,40 +173,49 @@ impl Session {
                 return self.reply_error(protocol::errors::ROOM_NOT_ALLOWED);
             }
         }
-        if self.rooms.len() >= self.limits.max_rooms {
+        if self.rooms.len() >= self.node.session_limits.max_rooms {
             return self.reply_error(limits::errors::TOO_MANY_ROOMS);
         }
-        if let Joined::Added { members } = self.router.join(room, &self.member) {
+        if let Joined::Added { members } = self.node.router.join(room, &self.member) {
+            if members == 1 {
+                // The room's first member on this node.
+                self.node.broker.subscribe(room);
+            }
             self.rooms.insert(Arc::from(room));
             // room_joined to the joiner, member_joined to the others.
-            self.metrics.fanout_deliveries.increment(members as u64);
+            self.node
+                .metrics
+                .fanout_deliveries
+                .increment(members as u64);
         }
     }
 
     /// Not a member, or no such room: nothing happens and nothing is sent.
     fn leave_room(&mut self, room: &str) {
-        if let Some(told) = self.router.leave(room, &self.member) {
+        if let Some(told) = self.node.router.leave(room, &self.member) {
+            self.left(room, told);
             self.rooms.remove(room);
-            self.metrics.fanout_deliveries.increment(told as u64);
+            self.node.metrics.fanout_deliveries.increment(told as u64);
         }
     }
 
-    fn room_message(&self, room: &str, message: &Body<'_>) {
+    fn room_message(&self, room: &str, message: Body<'_>) {
         let started = Instant::now();
-        let frame =
-            protocol::room_message(room, &self.member.client_id, message, protocol::timestamp());
-        match self.router.room_message(room, &self.member, frame) {
-            Ok(delivered) => self.metrics.fanout(delivered, started.elapsed()),
-            Err(refusal) => self.reply_error(&refusal.to_string()),
+        if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
+            return self.reply_error(&refusal.to_string());
         }
+        let delivered = self.publish(Target::Room(room), message).unwrap_or(0);
+        self.node.metrics.fanout(delivered, started.elapsed());
     }
 
     /// The sender gets nothing; sending to yourself delivers to yourself.
-    fn private_message(&self, to: &str, message: &Body<'_>) {
-        let frame =
-            protocol::private_message(&self.member.client_id, message, protocol::timestamp());
-        match self.router.private_message(to, frame) {
-            Ok(delivered) => self.metrics.fanout_deliveries.increment(delivered as u64),
+    fn private_message(&self, to: &str, message: Body<'_>) {
+        match self.publish(Target::Recipient(to), message) {
+            Ok(delivered) => self
+                .node
+                .metrics
+                .fanout_deliveries
+                .increment(delivered as u64),
             Err(refusal) => self.reply_error(&refusal.to_string()),
         }
     }
@@ -206,21 +226,29 @@ impl Session {
     fn set_metadata(&mut self, update: MetadataUpdate<'_>) {
         let merged = self.metadata.merged(&update);
         let reply = protocol::metadata_updated(&merged);
-        if protocol::metadata_size(&reply) > self.limits.max_metadata_size {
+        if protocol::metadata_size(&reply) > self.node.session_limits.max_metadata_size {
             return self.reply_error(limits::errors::METADATA_TOO_LARGE);
         }
         self.metadata = merged;
         self.member.outbox.push(reply);
     }
 
+    /// After leaving `room` with `told` members told: the last local member out unsubscribes.
+    fn left(&self, room: &str, told: usize) {
+        if told == 0 {
+            self.node.broker.unsubscribe(room);
+        }
+    }
+
     /// Leaves every room (members are told, as with `leave_room`) and the directory. Called
     /// once when the connection ends, for whatever reason.
     pub fn disconnect(&mut self) {
-        for room in self.rooms.drain() {
-            if let Some(told) = self.router.leave(&room, &self.member) {
-                self.metrics.fanout_deliveries.increment(told as u64);
+        for room in std::mem::take(&mut self.rooms) {
+            if let Some(told) = self.node.router.leave(&room, &self.member) {
+                self.left(&room, told);
+                self.node.metrics.fanout_deliveries.increment(told as u64);
             }
         }
-        self.router.disconnect(&self.member);
+        self.node.router.disconnect(&self.member);
     }
 }

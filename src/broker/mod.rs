@@ -1,0 +1,62 @@
+//! The broker: how a publication reaches every node that has recipients for it.
+//!
+//! A [`Publication`] is protocol-neutral: what is sent (the raw JSON of `message`), by whom, to
+//! which room, client or user, and which connection it must skip. It is encoded into a wire
+//! frame only at delivery, by the hub, once per fan-out (and once per wire protocol when there
+//! is more than one), so a publication from a client and one from the application's API take
+//! the same road.
+//!
+//! [`Broker`] is the seam for running several nodes: a publication goes to the broker, and
+//! what the broker receives (its inbound side) is delivered into the local hub. The
+//! [`MemoryBroker`] is the single-node default: its inbound side is its outbound side. A Redis
+//! broker is a second implementation of the same trait, picked in config; nothing in the
+//! sessions or the API changes with it. Membership (rooms, counts) stays in the hub.
+
+mod memory;
+
+use crate::hub::{ConnId, RecipientNotFound};
+use crate::protocol::Body;
+
+pub use memory::MemoryBroker;
+
+/// Who a publication is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// The members of a room (none, when it does not exist: not an error).
+    Room(&'a str),
+    /// Every connected client.
+    Everyone,
+    /// One client by its id, or else every connection of a user by the user id.
+    Recipient(&'a str),
+}
+
+/// One message to deliver, before any wire protocol encodes it.
+#[derive(Debug)]
+pub struct Publication<'a> {
+    pub target: Target<'a>,
+    /// The sender's client id, or the name the application publishes under.
+    pub from: &'a str,
+    /// The message as it will be relayed: the sender's raw JSON, or text.
+    pub message: Body<'a>,
+    /// Unix seconds.
+    pub timestamp: u64,
+    /// The sending connection, which a room message or broadcast skips.
+    pub except: Option<ConnId>,
+}
+
+/// Carries publications to every node with recipients for them; delivers those that arrive
+/// into the local hub.
+pub trait Broker: Send + Sync + 'static {
+    /// Publishes to every node; returns the deliveries made on this one. A private message to
+    /// an id nobody has anywhere is `RecipientNotFound`.
+    fn publish(&self, publication: &Publication<'_>) -> Result<usize, RecipientNotFound>;
+
+    /// This node has its first local member in `room`: publications to it must reach here.
+    /// Calls for one room can interleave between connections (a join creating the room again
+    /// while the last leave is unsubscribing), so an implementation that subscribes somewhere
+    /// keeps its own count.
+    fn subscribe(&self, room: &str);
+
+    /// This node's last local member left `room`.
+    fn unsubscribe(&self, room: &str);
+}
