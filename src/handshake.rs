@@ -98,17 +98,22 @@ impl HeadError {
 /// Reads one request head of at most `max` bytes.
 pub async fn read_head<S: AsyncRead + Unpin>(io: &mut S, max: usize) -> Result<Head, HeadError> {
     let mut buf = Vec::new();
-    poll_fn(|cx| poll_read_head(cx, io, &mut buf, max)).await
+    let mut blank = 0;
+    poll_fn(|cx| poll_read_head(cx, io, &mut buf, &mut blank, max)).await
 }
 
+/// One step of [`read_head`]. `blank` counts the CR and LF bytes before the request line
+/// (RFC 9112 2.2: ignored), kept across calls so that finding the head's end never depends on
+/// how the bytes were cut into reads, and never rescans them.
 fn poll_read_head<S: AsyncRead + Unpin>(
     cx: &mut Context<'_>,
     io: &mut S,
     buf: &mut Vec<u8>,
+    blank: &mut usize,
     max: usize,
 ) -> Poll<Result<Head, HeadError>> {
     loop {
-        let searched = buf.len().saturating_sub(3);
+        let before = buf.len();
         let n = SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             // Never more than one byte past the limit: that byte is what says "too large".
@@ -133,19 +138,25 @@ fn poll_read_head<S: AsyncRead + Unpin>(
         if n == 0 {
             return Poll::Ready(Err(HeadError::Closed));
         }
-        // A blank line ends a head; RFC 9112 allows a bare LF as the line end.
-        let tail = &buf[searched..];
-        let ended =
-            tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n");
+        if *blank == before {
+            *blank += buf[before..]
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+        }
+        // A blank line after the request line ends the head; RFC 9112 allows a bare LF as
+        // the line end. Only the bytes past the leading blank ones and not searched before
+        // (less three, for an end cut between reads) are looked at.
+        let from = before.saturating_sub(3).max(*blank);
+        let tail = buf.get(from..).unwrap_or_default();
+        let ended = *blank < buf.len()
+            && (tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n"));
         if ended || buf.len() > max {
-            match parse(buf, max) {
-                // Only blank lines so far (RFC 9112 2.2 says to ignore them before a request):
-                // read on, still within the limit.
-                Err(HeadError::Incomplete) if buf.len() <= max => continue,
-                Err(HeadError::Incomplete) => return Poll::Ready(Err(HeadError::TooLarge)),
-                Ok(head_len) => return Poll::Ready(build(std::mem::take(buf), head_len)),
-                Err(error) => return Poll::Ready(Err(error)),
-            }
+            return Poll::Ready(match parse(buf, max) {
+                Ok(head_len) => build(std::mem::take(buf), head_len),
+                Err(HeadError::Incomplete) => Err(HeadError::TooLarge),
+                Err(error) => Err(error),
+            });
         }
     }
 }
@@ -444,6 +455,36 @@ mod tests {
             .unwrap();
         assert_eq!(head.uri.path(), "/blank");
         assert_eq!(head.rest(), b"");
+    }
+
+    #[tokio::test]
+    async fn where_reads_are_cut_does_not_change_the_answer() {
+        // Found by the `head` fuzz target: blank lines, then a bad request line, one byte a
+        // read, ended as "closed" instead of "malformed".
+        struct OneByte<'a>(&'a [u8]);
+        impl AsyncRead for OneByte<'_> {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                if let Some((first, rest)) = self.0.split_first() {
+                    buf.put_slice(&[*first]);
+                    self.0 = rest;
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+        for input in [
+            &b"\n\n2P\n"[..],
+            b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            let whole = head_of(input, 8192).await.map(|head| head.uri.to_string());
+            let cut = read_head(&mut OneByte(input), 8192)
+                .await
+                .map(|head| head.uri.to_string());
+            assert_eq!(format!("{whole:?}"), format!("{cut:?}"), "{input:?}");
+        }
     }
 
     #[tokio::test]
