@@ -229,8 +229,9 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
 
-    /// Key that opens `GET /api/stats` (connections, rooms, the largest rooms as JSON), sent
-    /// as `Authorization: Bearer KEY`. Default: none, and the endpoint answers 404.
+    /// Key that opens the server API under `/api/` (publish, broadcast, send, rooms, stats),
+    /// sent as `Authorization: Bearer KEY` or `X-API-Key: KEY`. Default: none, and every
+    /// `/api/` path answers 404.
     #[arg(long, env = "ROOMCAST_API_KEY", hide_env_values = true)]
     #[serde(serialize_with = "redacted")]
     pub api_key: Option<String>,

@@ -520,7 +520,7 @@ where
     let service = service_fn(move |request| {
         let ctx = service_ctx.clone();
         let permit = permit.clone();
-        async move { Ok::<_, Infallible>(route::<S>(request, peer, permit, ctx)) }
+        async move { Ok::<_, Infallible>(route::<S>(request, peer, permit, ctx).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -544,7 +544,7 @@ where
     }
 }
 
-fn route<S>(
+async fn route<S>(
     mut request: Request<Incoming>,
     peer: SocketAddr,
     permit: Arc<std::sync::Mutex<Option<Permit>>>,
@@ -558,7 +558,7 @@ where
         let mode = if echo { Mode::Echo } else { Mode::Rooms };
         return upgrade::<S>(&mut request, peer, &permit, ctx, mode);
     }
-    api::respond(&request, &ctx.node)
+    api::respond(request, &ctx.node).await
 }
 
 /// An upgrade asked for on a connection hyper serves (one kept alive after a first plain

@@ -1,10 +1,11 @@
 //! The HTTP side of a node: every request that is not a WebSocket upgrade. Health
-//! ([`health`]), Prometheus metrics ([`metrics`]), the stats of `--api-key` holders
-//! ([`stats`]), and the demo page ([`crate::web`]). Each answers from the [`Node`] alone, so
-//! the server only routes here.
+//! ([`health`]), Prometheus metrics ([`metrics`]), the application's server API under `/api/`
+//! for `--api-key` holders ([`server_api`], [`stats`]), and the demo page ([`crate::web`]).
+//! Each answers from the [`Node`] alone, so the server only routes here.
 
 pub mod health;
 pub mod metrics;
+pub mod server_api;
 pub mod stats;
 
 use bytes::Bytes;
@@ -17,12 +18,14 @@ use crate::node::Node;
 use crate::web;
 
 /// Answers one plain HTTP request.
-pub fn respond(request: &Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
+pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
+    if request.uri().path().starts_with("/api/") {
+        return server_api::respond(request, node).await;
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => health::alive(),
         (&Method::GET | &Method::HEAD, "/readyz") => health::ready(node),
         (&Method::GET, "/metrics") => metrics::render(node),
-        (&Method::GET, "/api/stats") => stats::stats(request, node),
         (&Method::GET, path) => match web::asset(path) {
             Some((content_type, body)) => {
                 with_type(Bytes::from_static(body.as_bytes()), content_type)
@@ -43,6 +46,18 @@ fn with_type(body: Bytes, content_type: &'static str) -> Response<Full<Bytes>> {
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// A 200 with a JSON body.
+pub fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    with_type(Bytes::from(value.to_string()), "application/json")
+}
+
+/// An error as `{"error": text}` with `status`.
+pub fn json_error(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+    let mut response = json(&serde_json::json!({ "error": text }));
+    *response.status_mut() = status;
     response
 }
 

@@ -1,0 +1,207 @@
+//! The server API: the application's way in, on the WebSocket port, for holders of
+//! `--api-key` (`Authorization: Bearer KEY` or `X-API-Key: KEY`). JSON in, JSON out; every
+//! answer has a JSON body, errors as `{"error": "text"}`.
+//!
+//! - `POST /api/publish {"room", "message", "from"?}`: a `room_message` to every member of the
+//!   room (none is not an error), `from` defaulting to `"server"`.
+//! - `POST /api/broadcast {"message", "from"?}`: a `broadcast` to every connected client.
+//! - `POST /api/send {"to", "message", "from"?}`: a `private_message` to the client with that
+//!   id, or else to every connection of the user with that id; nobody: 404.
+//! - `GET /api/rooms?prefix=`: the rooms and their member counts, by name.
+//! - `GET /api/stats` (see [`super::stats`]).
+//!
+//! A publication from here takes the same road as one from a client: a
+//! [`Publication`] handed to the node's broker, which delivers it on every node. `message` is
+//! relayed byte for byte as the application wrote it, like a client's.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::AUTHORIZATION;
+use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{json, json_error};
+use crate::broker::{Publication, Target};
+use crate::node::Node;
+use crate::protocol::{self, Body};
+
+/// What a request body may hold beyond the message itself (field names, room, sender).
+const BODY_ENVELOPE: usize = 4096;
+
+/// The sender named in frames the application publishes without a `from`.
+const DEFAULT_FROM: &str = "server";
+
+/// Answers a request for a path under `/api/`.
+pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
+    let Some(key) = node.config.api_key.as_deref() else {
+        return json_error(StatusCode::NOT_FOUND, "not found");
+    };
+    if !authorized(&request, key) {
+        return json_error(StatusCode::UNAUTHORIZED, "API key required");
+    }
+    let (parts, body) = request.into_parts();
+    match (parts.method.as_str(), parts.uri.path()) {
+        ("GET", "/api/stats") => super::stats::stats(node),
+        ("GET", "/api/rooms") => rooms(parts.uri.query(), node),
+        ("POST", "/api/publish" | "/api/broadcast" | "/api/send") => {
+            let limit = node.config.max_message_size + BODY_ENVELOPE;
+            let bytes = match Limited::new(body, limit).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                    let text = format!("body larger than {limit} bytes");
+                    return json_error(StatusCode::PAYLOAD_TOO_LARGE, &text);
+                }
+                Err(_) => return json_error(StatusCode::BAD_REQUEST, "body not read"),
+            };
+            match parts.uri.path() {
+                "/api/publish" => publish(&bytes, node),
+                "/api/broadcast" => broadcast(&bytes, node),
+                _ => send(&bytes, node),
+            }
+        }
+        (_, "/api/stats" | "/api/rooms" | "/api/publish" | "/api/broadcast" | "/api/send") => {
+            json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => json_error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// The key from `Authorization: Bearer KEY` or `X-API-Key: KEY`, compared in constant time.
+fn authorized(request: &Request<Incoming>, key: &str) -> bool {
+    let headers = request.headers();
+    let bearer = headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let api_key = headers
+        .get("x-api-key")
+        .and_then(|value| value.to_str().ok());
+    [bearer, api_key]
+        .into_iter()
+        .flatten()
+        .any(|presented| constant_time_eq(presented.as_bytes(), key.as_bytes()))
+}
+
+/// Compares secrets without stopping at the first difference, so response times do not tell
+/// an attacker how much of a guess was right.
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest<'a> {
+    #[serde(borrow)]
+    room: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    message: &'a RawValue,
+    #[serde(borrow, default)]
+    from: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastRequest<'a> {
+    #[serde(borrow)]
+    message: &'a RawValue,
+    #[serde(borrow, default)]
+    from: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendRequest<'a> {
+    #[serde(borrow)]
+    to: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    message: &'a RawValue,
+    #[serde(borrow, default)]
+    from: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Parses a request body, or says what is wrong with it (serde's account).
+fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|error| format!("invalid body: {error}"))
+}
+
+fn publish(bytes: &[u8], node: &Node) -> Response<Full<Bytes>> {
+    let request: PublishRequest = match parse(bytes) {
+        Ok(request) => request,
+        Err(error) => return json_error(StatusCode::BAD_REQUEST, &error),
+    };
+    if request.room.is_empty() {
+        return json_error(StatusCode::BAD_REQUEST, protocol::errors::ROOM_REQUIRED);
+    }
+    let target = Target::Room(&request.room);
+    deliver(target, request.message, request.from.as_deref(), node)
+}
+
+fn broadcast(bytes: &[u8], node: &Node) -> Response<Full<Bytes>> {
+    let request: BroadcastRequest = match parse(bytes) {
+        Ok(request) => request,
+        Err(error) => return json_error(StatusCode::BAD_REQUEST, &error),
+    };
+    deliver(
+        Target::Everyone,
+        request.message,
+        request.from.as_deref(),
+        node,
+    )
+}
+
+fn send(bytes: &[u8], node: &Node) -> Response<Full<Bytes>> {
+    let request: SendRequest = match parse(bytes) {
+        Ok(request) => request,
+        Err(error) => return json_error(StatusCode::BAD_REQUEST, &error),
+    };
+    let target = Target::Recipient(&request.to);
+    deliver(target, request.message, request.from.as_deref(), node)
+}
+
+/// Publishes through the broker, as a client's message would be: `{"delivered": N}`, the
+/// deliveries made on this node.
+fn deliver(
+    target: Target<'_>,
+    message: &RawValue,
+    from: Option<&str>,
+    node: &Node,
+) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let publication = Publication {
+        target,
+        from: from.unwrap_or(DEFAULT_FROM),
+        message: Body::Raw(message),
+        timestamp: protocol::timestamp(),
+        except: None,
+    };
+    match node.broker.publish(&publication) {
+        Ok(delivered) => {
+            node.metrics.fanout(delivered, started.elapsed());
+            json(&serde_json::json!({ "delivered": delivered }))
+        }
+        Err(not_found) => json_error(StatusCode::NOT_FOUND, &not_found.to_string()),
+    }
+}
+
+/// `GET /api/rooms?prefix=P`: `{"rooms":[{"room","members"}]}`, by name.
+fn rooms(query: Option<&str>, node: &Node) -> Response<Full<Bytes>> {
+    let prefix = query
+        .and_then(|query| {
+            form_urlencoded::parse(query.as_bytes())
+                .find(|(key, _)| key == "prefix")
+                .map(|(_, value)| value.into_owned())
+        })
+        .unwrap_or_default();
+    let mut rooms = node.router.top_rooms(usize::MAX);
+    rooms.retain(|(room, _)| room.starts_with(&prefix));
+    rooms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let rooms: Vec<_> = rooms
+        .into_iter()
+        .map(|(room, members)| serde_json::json!({"room": room, "members": members}))
+        .collect();
+    json(&serde_json::json!({ "rooms": rooms }))
+}

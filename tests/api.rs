@@ -1,0 +1,254 @@
+//! The server API: the application publishes into rooms, broadcasts, sends to a client or a
+//! user, and lists rooms, over HTTP on the WebSocket port with `--api-key`.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{pair_in_room, start_server, start_server_with, Client};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KEY: &str = "app-secret";
+
+/// One HTTP request; the status and the body parsed as JSON.
+async fn call(addr: SocketAddr, method: &str, path: &str, auth: &str, body: &str) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let auth = if auth.is_empty() {
+        String::new()
+    } else {
+        format!("{auth}\r\n")
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(common::EXPECT, stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    let status = common::status(&text);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    let json = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, json)
+}
+
+async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    call(
+        addr,
+        "POST",
+        path,
+        &format!("Authorization: Bearer {KEY}"),
+        &body.to_string(),
+    )
+    .await
+}
+
+async fn api_server() -> common::TestServer {
+    start_server_with(|config| config.api_key = Some(KEY.into())).await
+}
+
+/// The raw text of the next message `client` receives.
+async fn next_text(client: &mut Client) -> String {
+    use futures_util::StreamExt;
+    loop {
+        let message = tokio::time::timeout(common::EXPECT, client.ws.next())
+            .await
+            .expect("a message")
+            .expect("open")
+            .expect("a frame");
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            return text;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_is_404_without_a_key_configured() {
+    let server = start_server().await;
+    let (status, body) = call(server.addr, "POST", "/api/publish", "", "{}").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "not found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_wrong_key_is_401_and_both_key_headers_work() {
+    let server = api_server().await;
+    let body = json!({"room": "r", "message": "m"}).to_string();
+    for auth in [
+        "",
+        "Authorization: Bearer wrong",
+        "X-API-Key: app-secre",
+        "Authorization: app-secret",
+    ] {
+        let (status, reply) = call(server.addr, "POST", "/api/publish", auth, &body).await;
+        assert_eq!(status, 401, "{auth}");
+        assert_eq!(reply["error"], "API key required");
+    }
+    for auth in ["Authorization: Bearer app-secret", "X-API-Key: app-secret"] {
+        let (status, reply) = call(server.addr, "POST", "/api/publish", auth, &body).await;
+        assert_eq!(status, 200, "{auth}: {reply}");
+        assert_eq!(reply, json!({"delivered": 0}));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_reaches_every_member_as_a_room_message_from_server_verbatim() {
+    let server = api_server().await;
+    let (mut a, mut b) = pair_in_room(&server, "orders").await;
+    let mut outsider = Client::connect(&server).await;
+    let body = r#"{"room":"orders","message":{"order":42,"total":1E3}}"#;
+    let auth = format!("Authorization: Bearer {KEY}");
+    let (status, reply) = call(server.addr, "POST", "/api/publish", &auth, body).await;
+    assert_eq!((status, reply), (200, json!({"delivered": 2})));
+    for member in [&mut a, &mut b] {
+        let text = next_text(member).await;
+        let prefix = r#"{"type":"room_message","room":"orders","from":"server","message":{"order":42,"total":1E3},"timestamp":"#;
+        assert!(text.starts_with(prefix), "{text}");
+    }
+    outsider.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_names_the_sender_given_and_an_empty_room_is_not_an_error() {
+    let server = api_server().await;
+    let (mut a, _b) = pair_in_room(&server, "news").await;
+    let (status, _) = post(
+        server.addr,
+        "/api/publish",
+        json!({"room": "news", "message": "hi", "from": "billing"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got: Value = serde_json::from_str(&next_text(&mut a).await).unwrap();
+    assert_eq!(got["from"], "billing");
+    assert_eq!(got["message"], "hi");
+    let (status, reply) = post(
+        server.addr,
+        "/api/publish",
+        json!({"room": "nobody-here", "message": 1}),
+    )
+    .await;
+    assert_eq!((status, reply), (200, json!({"delivered": 0})));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_reaches_every_connected_client() {
+    let server = api_server().await;
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    let (status, reply) = post(
+        server.addr,
+        "/api/broadcast",
+        json!({"message": "maintenance at 5"}),
+    )
+    .await;
+    assert_eq!((status, reply), (200, json!({"delivered": 2})));
+    for client in [&mut a, &mut b] {
+        let got = client.recv().await;
+        assert_eq!(common::keys(&got), ["from", "message", "timestamp", "type"]);
+        assert_eq!(got["type"], "broadcast");
+        assert_eq!(got["from"], "server");
+        assert_eq!(got["message"], "maintenance at 5");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_reaches_one_client_and_an_unknown_recipient_is_404() {
+    let server = api_server().await;
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    let (status, reply) = post(
+        server.addr,
+        "/api/send",
+        json!({"to": a.id, "message": {"n": 1}}),
+    )
+    .await;
+    assert_eq!((status, reply), (200, json!({"delivered": 1})));
+    let got = a.recv().await;
+    assert_eq!(got["type"], "private_message");
+    assert_eq!(got["from"], "server");
+    assert_eq!(got["message"], json!({"n": 1}));
+    b.expect_silence().await;
+    let (status, reply) = post(
+        server.addr,
+        "/api/send",
+        json!({"to": "client_nobody", "message": 1}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(reply["error"], "Recipient not found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_body_is_400_saying_what_is_wrong() {
+    let server = api_server().await;
+    let auth = format!("Authorization: Bearer {KEY}");
+    let (status, reply) = call(server.addr, "POST", "/api/publish", &auth, "{not json").await;
+    assert_eq!(status, 400);
+    assert!(
+        reply["error"].as_str().unwrap().starts_with("invalid body"),
+        "{reply}"
+    );
+    let (status, reply) = post(server.addr, "/api/publish", json!({"message": "no room"})).await;
+    assert_eq!(status, 400);
+    assert!(reply["error"].as_str().unwrap().contains("room"), "{reply}");
+    let (status, reply) = post(
+        server.addr,
+        "/api/publish",
+        json!({"room": "", "message": 1}),
+    )
+    .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (400, Some("Room name required"))
+    );
+    let (status, reply) = post(server.addr, "/api/send", json!({"to": 5, "message": 1})).await;
+    assert_eq!(status, 400, "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_413() {
+    let server = start_server_with(|config| {
+        config.api_key = Some(KEY.into());
+        config.max_message_size = 1024;
+        config.max_frame_size = 1024;
+        config.outbound_queue_bytes = 64 * 1024;
+    })
+    .await;
+    let big = "x".repeat(8 * 1024);
+    let (status, reply) = post(
+        server.addr,
+        "/api/publish",
+        json!({"room": "r", "message": big}),
+    )
+    .await;
+    assert_eq!(status, 413, "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_lists_rooms_with_member_counts_filtered_by_prefix() {
+    let server = api_server().await;
+    let (_a, _b) = pair_in_room(&server, "team:1").await;
+    let mut c = Client::connect(&server).await;
+    c.join("team:2").await;
+    c.join("lobby").await;
+    let auth = format!("Authorization: Bearer {KEY}");
+    let (status, reply) = call(server.addr, "GET", "/api/rooms", &auth, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        reply,
+        json!({"rooms": [
+            {"room": "lobby", "members": 1},
+            {"room": "team:1", "members": 2},
+            {"room": "team:2", "members": 1},
+        ]})
+    );
+    let (_, reply) = call(server.addr, "GET", "/api/rooms?prefix=team%3A", &auth, "").await;
+    assert_eq!(
+        reply,
+        json!({"rooms": [{"room": "team:1", "members": 2}, {"room": "team:2", "members": 1}]})
+    );
+}
