@@ -159,12 +159,7 @@ pub struct Config {
 
     /// HS256 secret that tokens are signed with. Setting it (or `--jwt-public-key`) makes a
     /// valid token required: missing, bad or expired tokens get HTTP 401 before the upgrade.
-    #[arg(
-        long,
-        env = "ROOMCAST_JWT_SECRET",
-        conflicts_with = "jwt_public_key",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "ROOMCAST_JWT_SECRET", hide_env_values = true)]
     #[serde(serialize_with = "redacted")]
     pub jwt_secret: Option<String>,
 
@@ -236,11 +231,11 @@ pub struct Config {
     pub api_key: Option<String>,
 
     /// PEM file with the certificate chain for wss:// (with `--tls-key`). Default: plain ws://.
-    #[arg(long, env = "ROOMCAST_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "ROOMCAST_TLS_CERT")]
     pub tls_cert: Option<String>,
 
     /// PEM file with the private key for `--tls-cert`.
-    #[arg(long, env = "ROOMCAST_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "ROOMCAST_TLS_KEY")]
     pub tls_key: Option<String>,
 
     /// A path that echoes every message back with the same opcode, through the same frame
@@ -432,6 +427,17 @@ impl Config {
             (
                 self.rate_limit > 0.0 && self.rate_burst == 0,
                 "--rate-burst must be at least 1 when --rate-limit is set",
+            ),
+            // Checked here, not by clap, because the two halves may come from different
+            // layers (a flag and the file, say).
+            (
+                self.jwt_secret.is_some() && self.jwt_public_key.is_some(),
+                "--jwt-secret and --jwt-public-key cannot both be set: tokens are checked \
+                 with one key",
+            ),
+            (
+                self.tls_cert.is_some() != self.tls_key.is_some(),
+                "--tls-cert and --tls-key go together: set both for wss://, or neither",
             ),
         ];
         match checks.iter().find(|(failed, _)| *failed) {
