@@ -1,20 +1,41 @@
 //! The server's configuration: one struct, every option a flag with an environment twin and a
 //! key of the `--config` TOML file.
 //!
-//! Precedence: flag > `ROOMCAST_*` environment variable > file > default. The file layer is
-//! applied by [`with_file_args`], which turns the file's keys into flags placed before the real
-//! ones (the command line lets a later flag override an earlier one), leaving out keys whose
-//! environment variable is set. So one parser checks every value, whatever its source.
+//! Precedence: flag > `ROOMCAST_*` environment variable > file > default. Clap parses the
+//! flags and the environment into `ArgMatches`, which know where each value came from
+//! ([`ArgMatches::value_source`]); [`with_file`] then gives every option that has its value
+//! from the default (or none) the file's value, if the file has one.
+//!
+//! The file is read with serde into `FileLayer`, which has one optional field per flag
+//! (`deny_unknown_fields`, so a typo is an error naming the key) and is where tables will go.
+//! A flag's key holds a `Scalar` (string, number or boolean) or, for the two list options, a
+//! `List` (an array of strings, or the flag's comma-separated string); anything else is an
+//! error naming the key. The value is then parsed by clap, as the text of that flag
+//! (`workers = 4` as `--workers=4`), by a command made of the same arguments without
+//! environment variables or defaults: so a file value follows the very rules of its flag
+//! (durations through humantime, `slow-consumer` and `log-format` as clap's value enums,
+//! booleans, the comma delimiter of lists) with the same messages, and lands in `Config` through
+//! clap's own `update_from_arg_matches`, with no second list of fields to keep in step.
+//! Deserializing typed values with serde instead would need serde impls for the value enums
+//! and durations, and would parse differently from the flags (`workers = "4"` works today).
+//! Checks across options (`Config::validate`) run on the merged result, whichever layers the
+//! values came from.
+//!
 //! Defaults live in the `defaults` module, used both by the command line and by
-//! [`Config::with_listen`], so the two can never disagree.
+//! [`Config::with_listen`], so the two can never disagree; the file layer has none.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, CommandFactory};
-use serde::{Serialize, Serializer};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use toml::Spanned;
 
 use crate::outbox::SlowConsumerPolicy;
 use crate::telemetry::LogFormat;
@@ -159,12 +180,7 @@ pub struct Config {
 
     /// HS256 secret that tokens are signed with. Setting it (or `--jwt-public-key`) makes a
     /// valid token required: missing, bad or expired tokens get HTTP 401 before the upgrade.
-    #[arg(
-        long,
-        env = "ROOMCAST_JWT_SECRET",
-        conflicts_with = "jwt_public_key",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "ROOMCAST_JWT_SECRET", hide_env_values = true)]
     #[serde(serialize_with = "redacted")]
     pub jwt_secret: Option<String>,
 
@@ -237,11 +253,11 @@ pub struct Config {
     pub api_key: Option<String>,
 
     /// PEM file with the certificate chain for wss:// (with `--tls-key`). Default: plain ws://.
-    #[arg(long, env = "ROOMCAST_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "ROOMCAST_TLS_CERT")]
     pub tls_cert: Option<String>,
 
     /// PEM file with the private key for `--tls-cert`.
-    #[arg(long, env = "ROOMCAST_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "ROOMCAST_TLS_KEY")]
     pub tls_key: Option<String>,
 
     /// A path that echoes every message back with the same opcode, through the same frame
@@ -434,6 +450,17 @@ impl Config {
                 self.rate_limit > 0.0 && self.rate_burst == 0,
                 "--rate-burst must be at least 1 when --rate-limit is set",
             ),
+            // Checked here, not by clap, because the two halves may come from different
+            // layers (a flag and the file, say).
+            (
+                self.jwt_secret.is_some() && self.jwt_public_key.is_some(),
+                "--jwt-secret and --jwt-public-key cannot both be set: tokens are checked \
+                 with one key",
+            ),
+            (
+                self.tls_cert.is_some() != self.tls_key.is_some(),
+                "--tls-cert and --tls-key go together: set both for wss://, or neither",
+            ),
         ];
         match checks.iter().find(|(failed, _)| *failed) {
             Some((_, message)) => Err(ConfigError::Invalid(message)),
@@ -451,6 +478,13 @@ pub enum ConfigError {
     File { path: String, reason: String },
     #[error("{path}: unknown key `{key}` (keys are the long flag names, e.g. `max-connections`)")]
     UnknownKey { path: String, key: String },
+    /// A key of the file whose value has the wrong type or does not parse.
+    #[error("{path}: `{key}`: {reason}")]
+    Value {
+        path: String,
+        key: String,
+        reason: String,
+    },
 }
 
 fn humantime_duration<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
@@ -473,6 +507,7 @@ impl Config {
 
 /// A parser for `Config` alone: the server's options without subcommands.
 #[derive(clap::Parser)]
+// A flag given twice: the last one wins.
 #[command(name = "roomcast", args_override_self = true)]
 struct ConfigOnly {
     #[command(flatten)]
@@ -482,9 +517,8 @@ struct ConfigOnly {
 /// Parses the server's options (`args[0]` is the program name) with the `--config` file
 /// applied under them, and validates the result.
 pub fn load(args: Vec<OsString>) -> Result<Config, LoadError> {
-    use clap::Parser;
-    let args = with_file_args(args)?;
-    let config = ConfigOnly::try_parse_from(args)?.config;
+    let matches = ConfigOnly::command().try_get_matches_from(args)?;
+    let config = with_file(Config::from_arg_matches(&matches)?, &matches)?;
     config.validate()?;
     Ok(config)
 }
@@ -494,96 +528,321 @@ pub fn load(args: Vec<OsString>) -> Result<Config, LoadError> {
 pub enum LoadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A flag, environment variable or file value the parser refused (the message names it).
+    /// A flag or environment variable the parser refused (the message names it).
     #[error("{0}")]
     Parse(#[from] clap::Error),
 }
 
-/// The command-line arguments with the `--config` file's options inserted in front of the real
-/// ones (after a leading `serve`), so that flags override the file. Keys whose `ROOMCAST_*`
-/// environment variable is set are left out, since the environment overrides the file. The
-/// file comes from `--config` or `ROOMCAST_CONFIG`; without one the arguments are returned
-/// as they are.
-pub fn with_file_args(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
-    let path =
-        config_path(&args).or_else(|| std::env::var_os("ROOMCAST_CONFIG").map(PathBuf::from));
-    let Some(path) = path else {
-        return Ok(args);
+/// `config`, parsed from flags and environment variables into `matches` (by any command that
+/// flattens [`Config`]), with the `--config` file (`ROOMCAST_CONFIG`) under them: each option
+/// that `matches` has from its default, or not at all, takes the file's value if the file has
+/// one. Not validated. Without a file, `config` as it is.
+pub fn with_file(mut config: Config, matches: &ArgMatches) -> Result<Config, ConfigError> {
+    let Some(path) = config.config.clone() else {
+        return Ok(config);
     };
-    let file_args = file_args(&path)?;
-    let at = if args.get(1).is_some_and(|a| a == "serve") {
-        2
-    } else {
-        1.min(args.len())
-    };
-    let mut merged = args[..at].to_vec();
-    merged.extend(file_args);
-    merged.extend_from_slice(&args[at..]);
-    Ok(merged)
-}
-
-fn config_path(args: &[OsString]) -> Option<PathBuf> {
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        let arg = arg.to_string_lossy();
-        if arg == "--config" {
-            return args.next().map(PathBuf::from);
-        }
-        if let Some(path) = arg.strip_prefix("--config=") {
-            return Some(PathBuf::from(path));
-        }
-    }
-    None
-}
-
-/// The file's options as `--key=value` arguments.
-fn file_args(path: &Path) -> Result<Vec<OsString>, ConfigError> {
     let shown = path.display().to_string();
-    let error = |reason: String| ConfigError::File {
-        path: shown.clone(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| error(e.to_string()))?;
-    let command = ConfigOnly::command();
-    let mut args = Vec::new();
-    for (key, value) in table {
-        let arg = command
-            .get_arguments()
-            .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
-            .ok_or_else(|| ConfigError::UnknownKey {
-                path: shown.clone(),
-                key: key.clone(),
-            })?;
-        let env_set = arg
-            .get_env()
-            .is_some_and(|name| std::env::var_os(name).is_some());
-        if env_set {
+    let file = FileLayer::read(&path, &shown)?;
+    // The options, with no environment variables and no defaults: parsing one file value
+    // yields that option alone.
+    let mut command = Config::augment_args(clap::Command::new("roomcast"))
+        .mut_args(|arg| arg.env(None).default_value(None));
+    for (id, texts) in file.flag_values() {
+        let Some(texts) = texts else { continue };
+        let above = !matches!(
+            matches.value_source(id),
+            None | Some(ValueSource::DefaultValue)
+        );
+        if above {
             continue;
         }
-        let value = match value {
-            toml::Value::String(text) => text,
-            toml::Value::Integer(n) => n.to_string(),
-            toml::Value::Float(x) => x.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            toml::Value::Array(items) => items
-                .into_iter()
-                .map(|item| match item {
-                    toml::Value::String(text) => Ok(text),
-                    other => Ok(other.to_string()),
-                })
-                .collect::<Result<Vec<_>, ConfigError>>()?
-                .join(","),
-            other => {
-                return Err(error(format!(
-                    "`{key}` must be a string, number, boolean or list, not {}",
-                    other.type_str()
-                )))
-            }
+        let long = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == id)
+            .and_then(|arg| arg.get_long())
+            .expect("each flag key of the file is a long flag")
+            .to_owned();
+        let error = |reason: String| ConfigError::Value {
+            path: shown.clone(),
+            key: long.clone(),
+            reason,
         };
-        args.push(OsString::from(format!("--{key}={value}")));
+        let argv = std::iter::once(OsString::from("roomcast"))
+            .chain(texts.iter().map(|text| format!("--{long}={text}").into()));
+        let parsed = command
+            .try_get_matches_from_mut(argv)
+            .map_err(|e| error(clap_reason(&e)))?;
+        config
+            .update_from_arg_matches(&parsed)
+            .map_err(|e| error(clap_reason(&e)))?;
     }
-    Ok(args)
+    Ok(config)
+}
+
+/// A clap error's text without its `error: ` prefix and its `--help` tip: `invalid value 'many'
+/// for '--workers <WORKERS>': invalid digit found in string` (and the possible values, if any).
+fn clap_reason(error: &clap::Error) -> String {
+    let text = error.to_string();
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    let text = text
+        .split("\n\nFor more information")
+        .next()
+        .unwrap_or(text);
+    text.trim_end().to_owned()
+}
+
+/// The `--config` file as written. Each key of a flag is optional and has no default here
+/// (defaults are clap's, from the `defaults` module); an unknown key is refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileLayer {
+    log_format: Option<Scalar>,
+    listen: Option<Scalar>,
+    workers: Option<Scalar>,
+    outbound_queue: Option<Scalar>,
+    outbound_queue_bytes: Option<Scalar>,
+    socket_send_buffer: Option<Scalar>,
+    slow_consumer: Option<Scalar>,
+    max_message_size: Option<Scalar>,
+    max_frame_size: Option<Scalar>,
+    rate_limit: Option<Scalar>,
+    rate_burst: Option<Scalar>,
+    rate_limit_bytes: Option<Scalar>,
+    rate_burst_bytes: Option<Scalar>,
+    client_broadcast: Option<Scalar>,
+    max_rooms_per_connection: Option<Scalar>,
+    max_room_name_length: Option<Scalar>,
+    max_metadata_size: Option<Scalar>,
+    jwt_secret: Option<Scalar>,
+    jwt_public_key: Option<Scalar>,
+    jwt_audience: Option<Scalar>,
+    jwt_issuer: Option<Scalar>,
+    jwt_leeway: Option<Scalar>,
+    token_cookie: Option<Scalar>,
+    allowed_origins: Option<List>,
+    max_connections: Option<Scalar>,
+    max_connections_per_ip: Option<Scalar>,
+    max_pending_handshakes: Option<Scalar>,
+    max_request_head_size: Option<Scalar>,
+    trusted_proxies: Option<List>,
+    api_key: Option<Scalar>,
+    tls_cert: Option<Scalar>,
+    tls_key: Option<Scalar>,
+    echo_path: Option<Scalar>,
+    handshake_timeout: Option<Scalar>,
+    ping_interval: Option<Scalar>,
+    idle_timeout: Option<Scalar>,
+    shutdown_delay: Option<Scalar>,
+    drain_timeout: Option<Scalar>,
+    // Tables and lists that have no flag go below, typed with serde and read by whatever
+    // they configure, not through clap: e.g. `#[serde(default)] proxy: Vec<ProxyFile>` for
+    // `[[proxy]]`, or `pusher: Option<PusherFile>` for `[pusher]` and `[pusher.apps]`.
+}
+
+impl FileLayer {
+    fn read(path: &Path, shown: &str) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: shown.to_owned(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|error| locate(error, &text, shown))
+    }
+
+    /// Each flag key's value as the texts a flag would carry, by clap id (the field's name).
+    fn flag_values(self) -> Vec<(&'static str, Option<Vec<String>>)> {
+        macro_rules! by_id {
+            ($($field:ident),* $(,)?) => {
+                vec![$((stringify!($field), self.$field.map(|value| value.texts()))),*]
+            };
+        }
+        by_id![
+            log_format,
+            listen,
+            workers,
+            outbound_queue,
+            outbound_queue_bytes,
+            socket_send_buffer,
+            slow_consumer,
+            max_message_size,
+            max_frame_size,
+            rate_limit,
+            rate_burst,
+            rate_limit_bytes,
+            rate_burst_bytes,
+            client_broadcast,
+            max_rooms_per_connection,
+            max_room_name_length,
+            max_metadata_size,
+            jwt_secret,
+            jwt_public_key,
+            jwt_audience,
+            jwt_issuer,
+            jwt_leeway,
+            token_cookie,
+            allowed_origins,
+            max_connections,
+            max_connections_per_ip,
+            max_pending_handshakes,
+            max_request_head_size,
+            trusted_proxies,
+            api_key,
+            tls_cert,
+            tls_key,
+            echo_path,
+            handshake_timeout,
+            ping_interval,
+            idle_timeout,
+            shutdown_delay,
+            drain_timeout,
+        ]
+    }
+}
+
+/// The error for a file serde refused, naming the key when there is one: serde says what is
+/// wrong and where (a byte range), and the file read again with spans says whose key or value
+/// that is.
+fn locate(error: toml::de::Error, text: &str, path: &str) -> ConfigError {
+    type Spans = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
+    let path = path.to_owned();
+    let (Some(at), Ok(spans)) = (error.span(), toml::from_str::<Spans>(text)) else {
+        return ConfigError::File {
+            path,
+            reason: error.to_string(),
+        };
+    };
+    for (key, value) in spans {
+        if key.span().contains(&at.start) {
+            return ConfigError::UnknownKey {
+                path,
+                key: key.into_inner(),
+            };
+        }
+        if value.span().contains(&at.start) {
+            return ConfigError::Value {
+                path,
+                key: key.into_inner(),
+                reason: error.message().to_owned(),
+            };
+        }
+    }
+    ConfigError::File {
+        path,
+        reason: error.to_string(),
+    }
+}
+
+/// A scalar option's value in the file: a string as written, a number or a boolean as TOML
+/// prints it, which is the text of the flag (`workers = 4` is `--workers=4`).
+#[derive(Debug)]
+struct Scalar(String);
+
+impl Scalar {
+    fn texts(self) -> Vec<String> {
+        vec![self.0]
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl Visitor<'_> for Text {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(Text)
+    }
+}
+
+/// A list option's value in the file: an array of strings, or one string as the flag takes
+/// it (`"https://a,https://b"`, split at commas).
+#[derive(Debug)]
+struct List(Vec<String>);
+
+impl List {
+    /// One flag value, the items joined by the flag's delimiter: what clap splits again, so
+    /// `[]` is `--allowed-origins=` as before, not the option left out.
+    fn texts(self) -> Vec<String> {
+        vec![self.0.join(",")]
+    }
+}
+
+impl<'de> Deserialize<'de> for List {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Texts;
+        impl<'de> Visitor<'de> for Texts {
+            type Value = List;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of strings, or one comma-separated string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<List, E> {
+                Ok(List(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<List, A::Error> {
+                let mut list = Vec::new();
+                while let Some(item) = items.next_element::<String>()? {
+                    list.push(item);
+                }
+                Ok(List(list))
+            }
+        }
+        deserializer.deserialize_any(Texts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ids of the options that the file may set: every argument but `--config` itself.
+    fn flag_ids() -> Vec<String> {
+        let mut ids: Vec<String> = ConfigOnly::command()
+            .get_arguments()
+            .map(|arg| arg.get_id().to_string())
+            .filter(|id| id != "config")
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn the_file_has_a_key_for_every_flag_and_each_key_sets_its_flag() {
+        let mut ids: Vec<String> = FileLayer::default()
+            .flag_values()
+            .into_iter()
+            .map(|(id, _)| id.to_owned())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, flag_ids());
+        let command = ConfigOnly::command();
+        for arg in command
+            .get_arguments()
+            .filter(|arg| arg.get_id() != "config")
+        {
+            let long = arg.get_long().unwrap();
+            let layer: FileLayer = toml::from_str(&format!("{long} = \"x\"")).unwrap();
+            let set: Vec<_> = layer
+                .flag_values()
+                .into_iter()
+                .filter_map(|(id, value)| value.map(|_| id))
+                .collect();
+            assert_eq!(set, [arg.get_id().as_str()], "{long}");
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use roomcast::client::cli::{run_client, run_publish, ClientArgs, PublishArgs};
 use roomcast::{Config, Server};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     version,
     about,
     args_conflicts_with_subcommands = true,
-    // The --config file's options come first as flags; a real flag given later overrides one.
+    // A flag given twice: the last one wins.
     args_override_self = true
 )]
 struct Cli {
@@ -51,9 +51,6 @@ enum Command {
     },
 }
 
-/// Subcommands that are not the server, and so take no `--config` file.
-const NOT_SERVER: [&str; 3] = ["client", "publish", "check-config"];
-
 /// The clients print messages on stdout: their logs go to stderr, warnings and up by default.
 fn init_client_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
@@ -64,25 +61,16 @@ fn init_client_logging() {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<OsString> = std::env::args_os().collect();
-    let is_server = !args
-        .get(1)
-        .is_some_and(|first| NOT_SERVER.iter().any(|name| first == *name));
-    let args = if is_server {
-        match roomcast::config::with_file_args(args) {
-            Ok(args) => args,
-            Err(error) => {
-                eprintln!("roomcast: {error}");
-                return ExitCode::from(2);
-            }
-        }
-    } else {
-        args
-    };
-    let cli = Cli::parse_from(args);
-    let config = match cli.command {
-        Some(Command::Serve(config)) => *config,
-        None => cli.serve,
+    // The matches, not only the parsed `Cli`: they tell which options the `--config` file may
+    // still set (those no flag or environment variable set).
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let (config, matches) = match cli.command {
+        Some(Command::Serve(config)) => (
+            *config,
+            matches.subcommand_matches("serve").expect("serve matched"),
+        ),
+        None => (cli.serve, &matches),
         Some(Command::Client(args)) => {
             init_client_logging();
             return run_client(args);
@@ -92,6 +80,13 @@ fn main() -> ExitCode {
             return run_publish(args);
         }
         Some(Command::CheckConfig { file }) => return check_config(file),
+    };
+    let config = match roomcast::config::with_file(config, matches) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("roomcast: {error}");
+            return ExitCode::from(2);
+        }
     };
     roomcast::telemetry::init(config.log_format);
     raise_open_file_limit();

@@ -202,3 +202,165 @@ fn the_socket_send_buffer_is_bounded_by_default_and_0_leaves_autotuning() {
     let error = load(args(&["--socket-send-buffer", "4294967296"])).unwrap_err();
     assert!(error.to_string().contains("at most 1 GiB"), "{error}");
 }
+
+#[test]
+fn a_list_in_the_file_is_read_as_a_list() {
+    let path = file(
+        "lists.toml",
+        r#"
+        allowed-origins = ["https://a.example", "https://b.example"]
+        trusted-proxies = ["10.0.0.0/8", "192.168.1.1"]
+        "#,
+    );
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(
+        config.allowed_origins.unwrap(),
+        ["https://a.example", "https://b.example"]
+    );
+    assert_eq!(config.trusted_proxies, ["10.0.0.0/8", "192.168.1.1"]);
+    // The flag's comma-separated form is a list too.
+    let path = file(
+        "comma.toml",
+        "allowed-origins = \"https://a.example,https://b.example\"\n",
+    );
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(
+        config.allowed_origins.unwrap(),
+        ["https://a.example", "https://b.example"]
+    );
+}
+
+#[test]
+fn file_values_parse_like_their_flags() {
+    let path = file(
+        "typed.toml",
+        r#"
+        client-broadcast = false
+        log-format = "json"
+        jwt-leeway = "1m"
+        rate-limit = 2.5
+        rate-burst-bytes = 65536
+        "#,
+    );
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert!(!config.client_broadcast);
+    assert_eq!(config.log_format, roomcast::telemetry::LogFormat::Json);
+    assert_eq!(config.jwt_leeway, std::time::Duration::from_secs(60));
+    assert_eq!(config.rate_limit, 2.5);
+    assert_eq!(config.rate_burst_bytes, Some(65536));
+    let path = file("int-rate.toml", "rate-limit = 50\n");
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(config.rate_limit, 50.0, "an integer for a float, as a flag");
+}
+
+#[test]
+fn a_file_value_of_the_wrong_type_is_refused_naming_the_key() {
+    for (name, text, key) in [
+        ("list-for-scalar.toml", "workers = [4]\n", "`workers`"),
+        ("table-for-scalar.toml", "[listen]\nport = 1\n", "`listen`"),
+        (
+            "number-in-list.toml",
+            "trusted-proxies = [10]\n",
+            "`trusted-proxies`",
+        ),
+        (
+            "bool-as-text.toml",
+            "client-broadcast = \"no\"\n",
+            "`client-broadcast`",
+        ),
+    ] {
+        let path = file(name, text);
+        let error = load(args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert!(matches!(error, LoadError::Config(_)), "{error}");
+        let error = error.to_string();
+        assert!(error.contains(key), "{name}: {error}");
+        assert!(error.contains(name), "{name}: {error}");
+    }
+}
+
+#[test]
+fn an_environment_variable_beats_the_file() {
+    // In a child process: the variable would be seen by every test of this one.
+    let path = file(
+        "env-over-file.toml",
+        "ping-interval = \"15s\"\nallowed-origins = [\"https://file.example\"]\nworkers = 3\n",
+    );
+    let output = check_config(
+        &path,
+        &[
+            ("ROOMCAST_PING_INTERVAL", "20s"),
+            ("ROOMCAST_ALLOWED_ORIGINS", "https://env.example"),
+        ],
+    );
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("ping-interval = \"20s\""), "{text}");
+    assert!(
+        text.contains("allowed-origins = [\"https://env.example\"]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("workers = 3"),
+        "the file sets the rest: {text}"
+    );
+}
+
+#[test]
+fn a_flag_beats_the_environment_and_the_file() {
+    // Set for this whole test process: no other test reads --max-room-name-length.
+    std::env::set_var("ROOMCAST_MAX_ROOM_NAME_LENGTH", "200");
+    let path = file("flag-over-env.toml", "max-room-name-length = 100\n");
+    let config = load(args(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--max-room-name-length",
+        "300",
+    ]))
+    .unwrap();
+    assert_eq!(config.max_room_name_length, 300, "the flag wins");
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(config.max_room_name_length, 200, "then the environment");
+}
+
+#[test]
+fn config_is_not_a_key_of_the_file() {
+    let path = file("nested.toml", "config = \"other.toml\"\n");
+    let error = load(args(&["--config", path.to_str().unwrap()])).unwrap_err();
+    assert!(
+        error.to_string().contains("unknown key `config`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn options_that_go_together_may_come_from_different_layers() {
+    let path = file("tls-key.toml", "tls-key = \"/etc/key.pem\"\n");
+    let config = load(args(&[
+        "--tls-cert",
+        "/etc/cert.pem",
+        "--config",
+        path.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(config.tls_cert.as_deref(), Some("/etc/cert.pem"));
+    assert_eq!(config.tls_key.as_deref(), Some("/etc/key.pem"));
+    let error = load(args(&["--config", path.to_str().unwrap()])).unwrap_err();
+    assert!(
+        error.to_string().contains("--tls-cert and --tls-key"),
+        "{error}"
+    );
+    let path = file("jwt-secret.toml", "jwt-secret = \"s\"\n");
+    let error = load(args(&[
+        "--jwt-public-key",
+        "/etc/jwt.pem",
+        "--config",
+        path.to_str().unwrap(),
+    ]))
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("--jwt-secret and --jwt-public-key cannot both be set"),
+        "{error}"
+    );
+}
