@@ -252,3 +252,34 @@ async fn rooms_lists_rooms_with_member_counts_filtered_by_prefix() {
         json!({"rooms": [{"room": "team:1", "members": 2}, {"room": "team:2", "members": 1}]})
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_runs_each_command_in_order_with_one_result_each() {
+    let server = api_server().await;
+    let (mut a, _b) = pair_in_room(&server, "r").await;
+    let batch = json!({"commands": [
+        {"method": "publish", "params": {"room": "r", "message": "first"}},
+        {"method": "send", "params": {"to": "client_nobody", "message": 1}},
+        {"method": "publish", "params": {"room": "r", "message": "second", "from": "app"}},
+        {"method": "explode", "params": {}},
+    ]});
+    let (status, reply) = post(server.addr, "/api/batch", batch).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        reply,
+        json!({"results": [
+            {"delivered": 2},
+            {"error": "Recipient not found", "status": 404},
+            {"delivered": 2},
+            {"error": "unknown method \"explode\"", "status": 400},
+        ]})
+    );
+    assert_eq!(a.recv().await["message"], "first");
+    let second = a.recv().await;
+    assert_eq!(
+        (second["message"].as_str(), second["from"].as_str()),
+        (Some("second"), Some("app"))
+    );
+    let (status, _) = post(server.addr, "/api/batch", json!({"commands": "nope"})).await;
+    assert_eq!(status, 400);
+}

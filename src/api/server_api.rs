@@ -7,6 +7,8 @@
 //! - `POST /api/broadcast {"message", "from"?}`: a `broadcast` to every connected client.
 //! - `POST /api/send {"to", "message", "from"?}`: a `private_message` to the client with that
 //!   id, or else to every connection of the user with that id; nobody: 404.
+//! - `POST /api/batch {"commands":[{"method":"publish","params":{..}},..]}`: each in order,
+//!   `{"results":[..]}` with one answer (or `{"error","status"}`) per command.
 //! - `GET /api/rooms?prefix=`: the rooms and their member counts, by name.
 //! - `GET /api/stats` (see [`super::stats`]).
 //!
@@ -47,7 +49,7 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
     match (parts.method.as_str(), parts.uri.path()) {
         ("GET", "/api/stats") => super::stats::stats(node),
         ("GET", "/api/rooms") => rooms(parts.uri.query(), node),
-        ("POST", "/api/publish" | "/api/broadcast" | "/api/send") => {
+        ("POST", "/api/publish" | "/api/broadcast" | "/api/send" | "/api/batch") => {
             let limit = node.config.max_message_size + BODY_ENVELOPE;
             let bytes = match Limited::new(body, limit).collect().await {
                 Ok(collected) => collected.to_bytes(),
@@ -58,14 +60,15 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
                 Err(_) => return json_error(StatusCode::BAD_REQUEST, "body not read"),
             };
             match parts.uri.path() {
-                "/api/publish" => publish(&bytes, node),
-                "/api/broadcast" => broadcast(&bytes, node),
-                _ => send(&bytes, node),
+                "/api/batch" => answer(batch(&bytes, node)),
+                path => answer(command(&path["/api/".len()..], &bytes, node)),
             }
         }
-        (_, "/api/stats" | "/api/rooms" | "/api/publish" | "/api/broadcast" | "/api/send") => {
-            json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
+        (
+            _,
+            "/api/stats" | "/api/rooms" | "/api/publish" | "/api/broadcast" | "/api/send"
+            | "/api/batch",
+        ) => json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => json_error(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -128,48 +131,88 @@ fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
     serde_json::from_slice(bytes).map_err(|error| format!("invalid body: {error}"))
 }
 
-fn publish(bytes: &[u8], node: &Node) -> Response<Full<Bytes>> {
-    let request: PublishRequest = match parse(bytes) {
-        Ok(request) => request,
-        Err(error) => return json_error(StatusCode::BAD_REQUEST, &error),
-    };
-    if request.room.is_empty() {
-        return json_error(StatusCode::BAD_REQUEST, protocol::errors::ROOM_REQUIRED);
+/// A command's answer: the JSON of a 200, or an error's status and text.
+type Outcome = Result<serde_json::Value, (StatusCode, String)>;
+
+fn bad_request(text: impl Into<String>) -> (StatusCode, String) {
+    (StatusCode::BAD_REQUEST, text.into())
+}
+
+/// One command of the server API by name (`publish`, `broadcast`, `send`), its body as JSON.
+fn command(method: &str, body: &[u8], node: &Node) -> Outcome {
+    match method {
+        "publish" => {
+            let request: PublishRequest = parse(body).map_err(bad_request)?;
+            if request.room.is_empty() {
+                return Err(bad_request(protocol::errors::ROOM_REQUIRED));
+            }
+            let target = Target::Room(&request.room);
+            deliver(target, request.message, request.from.as_deref(), node)
+        }
+        "broadcast" => {
+            let request: BroadcastRequest = parse(body).map_err(bad_request)?;
+            deliver(
+                Target::Everyone,
+                request.message,
+                request.from.as_deref(),
+                node,
+            )
+        }
+        "send" => {
+            let request: SendRequest = parse(body).map_err(bad_request)?;
+            let target = Target::Recipient(&request.to);
+            deliver(target, request.message, request.from.as_deref(), node)
+        }
+        other => Err(bad_request(format!("unknown method {other:?}"))),
     }
-    let target = Target::Room(&request.room);
-    deliver(target, request.message, request.from.as_deref(), node)
 }
 
-fn broadcast(bytes: &[u8], node: &Node) -> Response<Full<Bytes>> {
-    let request: BroadcastRequest = match parse(bytes) {
-        Ok(request) => request,
-        Err(error) => return json_error(StatusCode::BAD_REQUEST, &error),
-    };
-    deliver(
-        Target::Everyone,
-        request.message,
-        request.from.as_deref(),
-        node,
-    )
+fn answer(outcome: Outcome) -> Response<Full<Bytes>> {
+    match outcome {
+        Ok(value) => json(&value),
+        Err((status, text)) => json_error(status, &text),
+    }
 }
 
-fn send(bytes: &[u8], node: &Node) -> Response<Full<Bytes>> {
-    let request: SendRequest = match parse(bytes) {
-        Ok(request) => request,
-        Err(error) => return json_error(StatusCode::BAD_REQUEST, &error),
-    };
-    let target = Target::Recipient(&request.to);
-    deliver(target, request.message, request.from.as_deref(), node)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest<'a> {
+    #[serde(borrow)]
+    commands: Vec<BatchCommand<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchCommand<'a> {
+    #[serde(borrow)]
+    method: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    params: &'a RawValue,
+}
+
+/// `POST /api/batch {"commands":[{"method","params"},..]}`: each command in order, as if
+/// posted alone; `{"results":[..]}`, one per command: its answer, or `{"error","status"}`.
+/// A malformed batch is refused whole, before any command runs.
+fn batch(body: &[u8], node: &Node) -> Outcome {
+    let request: BatchRequest = parse(body).map_err(bad_request)?;
+    let results: Vec<_> = request
+        .commands
+        .iter()
+        .map(
+            |item| match command(&item.method, item.params.get().as_bytes(), node) {
+                Ok(value) => value,
+                Err((status, text)) => {
+                    serde_json::json!({"error": text, "status": status.as_u16()})
+                }
+            },
+        )
+        .collect();
+    Ok(serde_json::json!({ "results": results }))
 }
 
 /// Publishes through the broker, as a client's message would be: `{"delivered": N}`, the
 /// deliveries made on this node.
-fn deliver(
-    target: Target<'_>,
-    message: &RawValue,
-    from: Option<&str>,
-    node: &Node,
-) -> Response<Full<Bytes>> {
+fn deliver(target: Target<'_>, message: &RawValue, from: Option<&str>, node: &Node) -> Outcome {
     let started = Instant::now();
     let publication = Publication {
         target,
@@ -181,9 +224,9 @@ fn deliver(
     match node.broker.publish(&publication) {
         Ok(delivered) => {
             node.metrics.fanout(delivered, started.elapsed());
-            json(&serde_json::json!({ "delivered": delivered }))
+            Ok(serde_json::json!({ "delivered": delivered }))
         }
-        Err(not_found) => json_error(StatusCode::NOT_FOUND, &not_found.to_string()),
+        Err(not_found) => Err((StatusCode::NOT_FOUND, not_found.to_string())),
     }
 }
 
