@@ -283,3 +283,34 @@ async fn batch_runs_each_command_in_order_with_one_result_each() {
     let (status, _) = post(server.addr, "/api/batch", json!({"commands": "nope"})).await;
     assert_eq!(status, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rooms_presence_lists_each_member_with_its_metadata_as_sent() {
+    let server = api_server().await;
+    let mut a = Client::connect(&server).await;
+    a.send_text(r#"{"type":"set_metadata","metadata":{"name":"ann","score":1E2}}"#)
+        .await;
+    assert_eq!(a.recv().await["type"], "metadata_updated");
+    a.join("team room").await;
+    let mut b = Client::connect(&server).await;
+    b.join("team room").await;
+    let auth = format!("Authorization: Bearer {KEY}");
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /api/rooms/team%20room HTTP/1.1\r\nHost: x\r\n{auth}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap();
+    let expected = format!(
+        r#"{{"room":"team room","members":[{{"client_id":"{}","user_id":null,"metadata":{{"name":"ann","score":1E2}}}},{{"client_id":"{}","user_id":null,"metadata":{{}}}}]}}"#,
+        a.id, b.id
+    );
+    assert_eq!(body, expected);
+    let (status, reply) = call(server.addr, "GET", "/api/rooms/nowhere", &auth, "").await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (404, Some("Room does not exist"))
+    );
+}

@@ -41,7 +41,7 @@ fn not_found() -> Response<Full<Bytes>> {
 }
 
 /// A 200 with `body` of `content_type`.
-fn with_type(body: Bytes, content_type: &'static str) -> Response<Full<Bytes>> {
+pub(crate) fn with_type(body: Bytes, content_type: &'static str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     response
         .headers_mut()

@@ -10,6 +10,9 @@
 //! - `POST /api/batch {"commands":[{"method":"publish","params":{..}},..]}`: each in order,
 //!   `{"results":[..]}` with one answer (or `{"error","status"}`) per command.
 //! - `GET /api/rooms?prefix=`: the rooms and their member counts, by name.
+//! - `GET /api/rooms/{room}` (the name percent-encoded): the members, each with its client id,
+//!   user id and metadata (as the client wrote it; `{}` when it set none); 404 for a room
+//!   nobody is in.
 //! - `GET /api/stats` (see [`super::stats`]).
 //!
 //! A publication from here takes the same road as one from a client: a
@@ -49,6 +52,9 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
     match (parts.method.as_str(), parts.uri.path()) {
         ("GET", "/api/stats") => super::stats::stats(node),
         ("GET", "/api/rooms") => rooms(parts.uri.query(), node),
+        ("GET", path) if path.starts_with("/api/rooms/") => {
+            presence(&path["/api/rooms/".len()..], node)
+        }
         ("POST", "/api/publish" | "/api/broadcast" | "/api/send" | "/api/batch") => {
             let limit = node.config.max_message_size + BODY_ENVELOPE;
             let bytes = match Limited::new(body, limit).collect().await {
@@ -247,4 +253,36 @@ fn rooms(query: Option<&str>, node: &Node) -> Response<Full<Bytes>> {
         .map(|(room, members)| serde_json::json!({"room": room, "members": members}))
         .collect();
     json(&serde_json::json!({ "rooms": rooms }))
+}
+
+/// `GET /api/rooms/{room}`: `{"room":R,"members":[{"client_id","user_id","metadata"}]}`.
+fn presence(encoded: &str, node: &Node) -> Response<Full<Bytes>> {
+    let Ok(room) = percent_encoding::percent_decode_str(encoded).decode_utf8() else {
+        return json_error(StatusCode::BAD_REQUEST, "room name is not UTF-8");
+    };
+    let Some(members) = node.router.presence(&room) else {
+        return json_error(StatusCode::NOT_FOUND, "Room does not exist");
+    };
+    // Written by hand so that metadata values stay byte for byte as the clients sent them.
+    let mut body = String::with_capacity(64 + members.len() * 96);
+    body.push_str(r#"{"room":"#);
+    body.push_str(&serde_json::to_string(&*room).unwrap_or_default());
+    body.push_str(r#","members":["#);
+    for (at, member) in members.iter().enumerate() {
+        if at > 0 {
+            body.push(',');
+        }
+        body.push_str(r#"{"client_id":"#);
+        body.push_str(&serde_json::to_string(&*member.client_id).unwrap_or_default());
+        body.push_str(r#","user_id":"#);
+        body.push_str(&serde_json::to_string(&member.user_id.as_deref()).unwrap_or_default());
+        body.push_str(r#","metadata":"#);
+        match &member.metadata {
+            Some(object) => body.push_str(std::str::from_utf8(object).unwrap_or("{}")),
+            None => body.push_str("{}"),
+        }
+        body.push('}');
+    }
+    body.push_str("]}");
+    super::with_type(Bytes::from(body), "application/json")
 }

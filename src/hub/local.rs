@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use bytes::Bytes;
 use dashmap::DashMap;
 
-use super::{ConnId, Joined, Member, RecipientNotFound, RoomMessageError, Router};
+use super::{ConnId, Joined, Member, Presence, RecipientNotFound, RoomMessageError, Router};
 use crate::broker::{Publication, Target};
 use crate::protocol;
 
@@ -93,6 +93,9 @@ pub struct LocalHub {
     clients: DashMap<Arc<str>, Member>,
     /// Connections by the user id of their token (auth only).
     users: DashMap<Arc<str>, Vec<Member>>,
+    /// The metadata of connections that set some (a JSON object's text): only those pay for
+    /// an entry.
+    metadata: DashMap<ConnId, Bytes>,
 }
 
 impl LocalHub {
@@ -120,6 +123,7 @@ impl Router for LocalHub {
     fn disconnect(&self, member: &Member) {
         self.clients
             .remove_if(&*member.client_id, |_, entry| entry.conn == member.conn);
+        self.metadata.remove(&member.conn);
         if let Some(user) = &member.user_id {
             self.users.remove_if_mut(&**user, |_, connections| {
                 connections.retain(|c| c.conn != member.conn);
@@ -230,6 +234,26 @@ impl Router for LocalHub {
                 Ok(connections.len())
             }
         }
+    }
+
+    fn set_metadata(&self, member: &Member, object: Bytes) {
+        self.metadata.insert(member.conn, object);
+    }
+
+    fn presence(&self, room_name: &str) -> Option<Vec<Presence>> {
+        let room = self.room(room_name)?;
+        let members = room.read();
+        Some(
+            members
+                .list
+                .iter()
+                .map(|member| Presence {
+                    client_id: member.client_id.clone(),
+                    user_id: member.user_id.clone(),
+                    metadata: self.metadata.get(&member.conn).map(|m| m.clone()),
+                })
+                .collect(),
+        )
     }
 
     fn room_size(&self, room_name: &str) -> usize {

@@ -31,6 +31,16 @@ pub struct Member {
     pub outbox: Outbox,
 }
 
+/// One member of a room as the server API lists it.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    pub client_id: Arc<str>,
+    pub user_id: Option<Arc<str>>,
+    /// The member's metadata as a JSON object's text, values as the client wrote them; `None`
+    /// when it set none.
+    pub metadata: Option<bytes::Bytes>,
+}
+
 /// Result of [`Router::join`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Joined {
@@ -81,6 +91,12 @@ pub trait Router: Send + Sync + 'static {
     /// how many got it. A room with no members here is not an error; a private message to
     /// an id nobody here has is `RecipientNotFound`.
     fn deliver(&self, publication: &Publication<'_>) -> Result<usize, RecipientNotFound>;
+
+    /// Records `member`'s metadata (a JSON object's text) for presence listings.
+    fn set_metadata(&self, member: &Member, object: bytes::Bytes);
+
+    /// The members of `room` with their metadata, or `None` when it does not exist.
+    fn presence(&self, room: &str) -> Option<Vec<Presence>>;
 
     /// Number of members of `room` (0 when it does not exist).
     fn room_size(&self, room: &str) -> usize;

@@ -230,6 +230,9 @@ impl Session {
             return self.reply_error(limits::errors::METADATA_TOO_LARGE);
         }
         self.metadata = merged;
+        self.node
+            .router
+            .set_metadata(&self.member, protocol::metadata_object(&reply));
         self.member.outbox.push(reply);
     }
 
