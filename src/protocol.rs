@@ -598,16 +598,9 @@ pub fn metadata_object(frame: &Bytes) -> Bytes {
     frame.slice(header + PREFIX..frame.len() - 1)
 }
 
-/// Bytes of the metadata object inside a `metadata_updated` frame: the frame less its header
-/// and the fixed JSON around the object.
+/// Bytes of the metadata object inside a `metadata_updated` frame.
 pub fn metadata_size(frame: &Bytes) -> usize {
-    const ENVELOPE: usize = r#"{"type":"metadata_updated","metadata":}"#.len();
-    let header = match frame.get(1).map(|b| b & 0x7f) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
-    frame.len().saturating_sub(header + ENVELOPE)
+    metadata_object(frame).len()
 }
 
 /// A text or binary message carrying `payload` as it is (the echo endpoint).

@@ -169,9 +169,8 @@ async fn frames_sent_right_behind_the_upgrade_request_are_served() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_kept_alive_after_a_plain_request_can_still_upgrade() {
-    let server = start_server_with(|_| {}).await;
+/// A connection that has had one plain request answered (and so is served by hyper now).
+async fn kept_alive_after_a_health_check(server: &common::TestServer) -> TcpStream {
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -180,6 +179,14 @@ async fn a_connection_kept_alive_after_a_plain_request_can_still_upgrade() {
     let mut buf = vec![0; 4096];
     let n = stream.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_kept_alive_after_a_plain_request_can_still_upgrade() {
+    let server = start_server_with(|_| {}).await;
+    let mut stream = kept_alive_after_a_health_check(&server).await;
+    let mut buf = vec![0; 4096];
     let request = upgrade("GET", "HTTP/1.1", true, KEY, "13");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut got = Vec::new();
@@ -198,14 +205,7 @@ async fn a_connection_kept_alive_after_a_plain_request_can_still_upgrade() {
 async fn a_refused_upgrade_on_a_kept_alive_connection_closes_it() {
     // Kept open after a refusal, such a connection would hold no place under the caps.
     let server = start_server_with(|_| {}).await;
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0; 4096];
-    let n = stream.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut stream = kept_alive_after_a_health_check(&server).await;
     let request = upgrade("GET", "HTTP/1.1", true, KEY, "8");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut rest = Vec::new();
