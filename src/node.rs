@@ -39,6 +39,10 @@ pub struct Node {
     pub closing: CancellationToken,
     /// What `/readyz` answers: false from the moment shutdown begins.
     pub ready: AtomicBool,
+    /// Close reasons the server API gave (`POST /api/disconnect`), by connection number, until
+    /// the connection writes its close frame: only connections being disconnected that way
+    /// have an entry, so the others pay nothing for the feature.
+    pub close_reasons: DashMap<u64, Box<str>>,
 }
 
 impl Node {
@@ -57,6 +61,7 @@ impl Node {
             echo_connections: DashMap::new(),
             closing: CancellationToken::new(),
             ready: AtomicBool::new(true),
+            close_reasons: DashMap::new(),
         }
     }
 }

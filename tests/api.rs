@@ -314,3 +314,86 @@ async fn a_rooms_presence_lists_each_member_with_its_metadata_as_sent() {
         (404, Some("Room does not exist"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_closes_a_client_with_the_code_and_reason_given() {
+    let server = api_server().await;
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    let body = json!({"client_id": a.id, "code": 4321, "reason": "kicked by an admin"});
+    let (status, reply) = post(server.addr, "/api/disconnect", body).await;
+    assert_eq!((status, reply), (200, json!({"disconnected": 1})));
+    let frame = a.recv_close(common::EXPECT).await.expect("a close frame");
+    assert_eq!(u16::from(frame.code), 4321);
+    assert_eq!(frame.reason, "kicked by an admin");
+    b.expect_silence().await;
+    // The default code, and refusals.
+    let (status, _) = post(server.addr, "/api/disconnect", json!({"client_id": b.id})).await;
+    assert_eq!(status, 200);
+    assert_eq!(common::code(&b.recv_close(common::EXPECT).await), 4000);
+    let (status, reply) = post(
+        server.addr,
+        "/api/disconnect",
+        json!({"client_id": "client_x", "code": 1000}),
+    )
+    .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (400, Some("code must be between 4000 and 4999"))
+    );
+    let (status, reply) = post(
+        server.addr,
+        "/api/disconnect",
+        json!({"client_id": "client_nobody"}),
+    )
+    .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (404, Some("Recipient not found"))
+    );
+    let (status, _) = post(server.addr, "/api/disconnect", json!({})).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_by_user_id_closes_every_connection_of_that_user() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    const SECRET: &str = "api-test-secret";
+    let server = start_server_with(|config| {
+        config.api_key = Some(KEY.into());
+        config.jwt_secret = Some(SECRET.into());
+    })
+    .await;
+    let token = |sub: &str| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": sub}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let (alice, bob) = (token("alice"), token("bob"));
+    let mut phone = common::connect_with(&server, &format!("/?token={alice}"), &[])
+        .await
+        .unwrap();
+    let mut laptop = common::connect_with(&server, &format!("/?token={alice}"), &[])
+        .await
+        .unwrap();
+    let mut other = common::connect_with(&server, &format!("/?token={bob}"), &[])
+        .await
+        .unwrap();
+    let (status, reply) = post(
+        server.addr,
+        "/api/disconnect",
+        json!({"user_id": "alice", "code": 4100}),
+    )
+    .await;
+    assert_eq!((status, reply), (200, json!({"disconnected": 2})));
+    for client in [&mut phone, &mut laptop] {
+        assert_eq!(common::code(&client.recv_close(common::EXPECT).await), 4100);
+    }
+    other.expect_silence().await;
+    // A user id is not a client id.
+    let (status, _) = post(server.addr, "/api/disconnect", json!({"client_id": "bob"})).await;
+    assert_eq!(status, 404);
+}

@@ -7,6 +7,8 @@
 //! - `POST /api/broadcast {"message", "from"?}`: a `broadcast` to every connected client.
 //! - `POST /api/send {"to", "message", "from"?}`: a `private_message` to the client with that
 //!   id, or else to every connection of the user with that id; nobody: 404.
+//! - `POST /api/disconnect {"client_id" | "user_id", "code"?, "reason"?}`: closes that client,
+//!   or every connection of that user, with the code (4000-4999, default 4000) and reason.
 //! - `POST /api/batch {"commands":[{"method":"publish","params":{..}},..]}`: each in order,
 //!   `{"results":[..]}` with one answer (or `{"error","status"}`) per command.
 //! - `GET /api/rooms?prefix=`: the rooms and their member counts, by name.
@@ -55,7 +57,10 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
         ("GET", path) if path.starts_with("/api/rooms/") => {
             presence(&path["/api/rooms/".len()..], node)
         }
-        ("POST", "/api/publish" | "/api/broadcast" | "/api/send" | "/api/batch") => {
+        (
+            "POST",
+            "/api/publish" | "/api/broadcast" | "/api/send" | "/api/batch" | "/api/disconnect",
+        ) => {
             let limit = node.config.max_message_size + BODY_ENVELOPE;
             let bytes = match Limited::new(body, limit).collect().await {
                 Ok(collected) => collected.to_bytes(),
@@ -73,7 +78,7 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
         (
             _,
             "/api/stats" | "/api/rooms" | "/api/publish" | "/api/broadcast" | "/api/send"
-            | "/api/batch",
+            | "/api/batch" | "/api/disconnect",
         ) => json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => json_error(StatusCode::NOT_FOUND, "not found"),
     }
@@ -168,6 +173,10 @@ fn command(method: &str, body: &[u8], node: &Node) -> Outcome {
             let request: SendRequest = parse(body).map_err(bad_request)?;
             let target = Target::Recipient(&request.to);
             deliver(target, request.message, request.from.as_deref(), node)
+        }
+        "disconnect" => {
+            let request: DisconnectRequest = parse(body).map_err(bad_request)?;
+            disconnect(request, node)
         }
         other => Err(bad_request(format!("unknown method {other:?}"))),
     }
@@ -285,4 +294,68 @@ fn presence(encoded: &str, node: &Node) -> Response<Full<Bytes>> {
     }
     body.push_str("]}");
     super::with_type(Bytes::from(body), "application/json")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectRequest<'a> {
+    #[serde(borrow, default)]
+    client_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    code: Option<u16>,
+    #[serde(borrow, default)]
+    reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// The close code an application may choose: RFC 6455 reserves 4000-4999 for it.
+const APP_CLOSE_CODES: std::ops::RangeInclusive<u16> = 4000..=4999;
+
+/// Close-frame reasons are at most 123 bytes (RFC 6455 5.5: 125 less the code).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// `POST /api/disconnect`: `{"disconnected": N}`, after each connection was asked to close
+/// (queued frames are flushed first, as at shutdown).
+fn disconnect(request: DisconnectRequest<'_>, node: &Node) -> Outcome {
+    let id = match (&request.client_id, &request.user_id) {
+        (Some(client), None) => client,
+        (None, Some(user)) => user,
+        _ => return Err(bad_request("give exactly one of client_id and user_id")),
+    };
+    let code = request.code.unwrap_or(*APP_CLOSE_CODES.start());
+    if !APP_CLOSE_CODES.contains(&code) {
+        return Err(bad_request("code must be between 4000 and 4999"));
+    }
+    let reason = request.reason.as_deref().unwrap_or("");
+    if reason.len() > MAX_CLOSE_REASON {
+        return Err(bad_request("reason must be at most 123 bytes"));
+    }
+    let mut connections = node.router.connections_of(id);
+    // A client id names that client; a user id only the connections of that user.
+    if request.user_id.is_some() {
+        connections.retain(|member| member.user_id.as_deref() == Some(&**id));
+    } else {
+        connections.retain(|member| *member.client_id == **id);
+    }
+    if connections.is_empty() {
+        return Err((StatusCode::NOT_FOUND, "Recipient not found".into()));
+    }
+    let mut disconnected = 0;
+    for member in &connections {
+        if !reason.is_empty() {
+            node.close_reasons.insert(member.conn, reason.into());
+        }
+        let first = member.outbox.request_close(crate::outbox::CloseRequest {
+            code: Some(code),
+            flush: true,
+        });
+        if first {
+            disconnected += 1;
+        } else {
+            // Already closing for another reason, which keeps its own.
+            node.close_reasons.remove(&member.conn);
+        }
+    }
+    Ok(serde_json::json!({ "disconnected": disconnected }))
 }

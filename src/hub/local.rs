@@ -236,6 +236,16 @@ impl Router for LocalHub {
         }
     }
 
+    fn connections_of(&self, id: &str) -> Vec<Member> {
+        if let Some(client) = self.clients.get(id) {
+            return vec![client.clone()];
+        }
+        self.users
+            .get(id)
+            .map(|connections| connections.clone())
+            .unwrap_or_default()
+    }
+
     fn set_metadata(&self, member: &Member, object: Bytes) {
         self.metadata.insert(member.conn, object);
     }

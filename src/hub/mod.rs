@@ -92,6 +92,9 @@ pub trait Router: Send + Sync + 'static {
     /// an id nobody here has is `RecipientNotFound`.
     fn deliver(&self, publication: &Publication<'_>) -> Result<usize, RecipientNotFound>;
 
+    /// The connections a client id (one) or else a user id (all of the user's) names.
+    fn connections_of(&self, id: &str) -> Vec<Member>;
+
     /// Records `member`'s metadata (a JSON object's text) for presence listings.
     fn set_metadata(&self, member: &Member, object: bytes::Bytes);
 

@@ -91,6 +91,14 @@ enum Handler {
 }
 
 impl Handler {
+    /// The connection's number.
+    fn conn(&self) -> u64 {
+        match self {
+            Handler::Rooms(session) => session.member().conn,
+            Handler::Echo { conn, .. } => *conn,
+        }
+    }
+
     fn outbox(&self) -> &Outbox {
         match self {
             Handler::Rooms(session) => &session.member().outbox,
@@ -368,7 +376,13 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
                 State::Open => {
                     if let Some(request) = self.outbox.poll_close_request(cx) {
                         self.ended_by = EndedBy::Request(request.code);
-                        self.start_closing(request, close_code::reason(request.code));
+                        // A reason the server API gave, else the code's own.
+                        let given = self.ctx.close_reasons.remove(&self.handler.conn());
+                        let reason = given.as_ref().map_or_else(
+                            || close_code::reason(request.code),
+                            |(_, reason)| &**reason,
+                        );
+                        self.start_closing(request, reason);
                         continue;
                     }
                     self.outbox.queue_requested_ping(protocol::empty_ping);
@@ -529,6 +543,8 @@ impl<S: Transport> Drop for Connection<S> {
         // Whatever ended the task (error, EOF, runtime shutdown, a panic), the connection
         // leaves its rooms and the directory. `disconnect` is idempotent.
         self.handler.disconnect(&self.ctx);
+        // A reason given for a close this connection never got to write.
+        self.ctx.close_reasons.remove(&self.handler.conn());
         // Unless the close handshake completed, the peer may not be reading: reset rather
         // than leave the kernel a FIN to deliver behind an unread send buffer. The socket
         // itself closes when `io` drops, after this; `_permit` goes with it.
