@@ -322,12 +322,6 @@ impl Admission {
         self.upgraded.load(Ordering::Relaxed)
     }
 
-    /// TCP connections accepted and not yet closed: pending handshakes, plain HTTP and
-    /// WebSocket, those served from the HTTP reserve included.
-    pub fn accepted_connections(&self) -> usize {
-        self.open.load(Ordering::Relaxed) + self.reserve.load(Ordering::Relaxed)
-    }
-
     /// Connections that have not finished their request head.
     pub fn pending_handshakes(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
