@@ -3,6 +3,7 @@
 //! for `--api-key` holders ([`server_api`], [`stats`]), and the demo page ([`crate::web`]).
 //! Each answers from the [`Node`] alone, so the server only routes here.
 
+pub mod app_client;
 pub mod health;
 pub mod metrics;
 pub mod server_api;
