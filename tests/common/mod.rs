@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod app_stub;
+
 use futures_util::{SinkExt, StreamExt};
 use roomcast::Config;
 use serde_json::{json, Value};
