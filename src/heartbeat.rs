@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::hub::Router;
+use crate::hub::{Local, Router};
 use crate::outbox::CloseRequest;
 use crate::protocol::{self, close_code};
 
@@ -100,7 +100,11 @@ pub async fn run(
         }
         let unix_now = protocol::timestamp();
         let (mut pinged, mut idle, mut expired) = (0usize, 0usize, 0usize);
-        router.for_each_connection(&mut |member| {
+        router.for_each_connection(&mut |connection| {
+            // Echo connections (conformance testing) answer what they get and nothing more.
+            let Local::Client(member) = connection else {
+                return;
+            };
             let outbox = &member.outbox;
             if settings.check_expiry && outbox.expires_at().is_some_and(|at| at <= unix_now) {
                 if outbox.request_close(close(close_code::TOKEN_EXPIRED)) {

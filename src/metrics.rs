@@ -201,9 +201,9 @@ impl Metrics {
     ) -> String {
         let (rooms, clients) = router.counts();
         let (mut queued, mut queued_bytes) = (0usize, 0usize);
-        router.for_each_connection(&mut |member| {
-            queued += member.outbox.queued();
-            queued_bytes += member.outbox.queued_bytes();
+        router.for_each_connection(&mut |connection| {
+            queued += connection.outbox().queued();
+            queued_bytes += connection.outbox().queued_bytes();
         });
         self.connections_open.set(open as f64);
         self.handshakes_pending.set(pending as f64);

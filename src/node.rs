@@ -16,7 +16,7 @@ use crate::heartbeat::CoarseClock;
 use crate::hub::Router;
 use crate::limits::SessionLimits;
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, OutboxStats};
+use crate::outbox::OutboxStats;
 
 /// The shared state of one running server.
 pub struct Node {
@@ -31,9 +31,6 @@ pub struct Node {
     /// Where publications go: to the local hub, or (with a backplane) to every node.
     pub broker: Arc<dyn Broker>,
     pub outbox_stats: Arc<OutboxStats>,
-    /// Connections on `--echo-path`, by connection number: they are in no room and not in the
-    /// directory, and the shutdown must still reach them.
-    pub echo_connections: DashMap<u64, Outbox>,
     /// Cancelled when the server stops accepting and starts closing connections: a connection
     /// that finishes its upgrade after this closes itself at once.
     pub closing: CancellationToken,
@@ -58,7 +55,6 @@ impl Node {
             config,
             router,
             outbox_stats: Arc::default(),
-            echo_connections: DashMap::new(),
             closing: CancellationToken::new(),
             ready: AtomicBool::new(true),
             close_reasons: DashMap::new(),

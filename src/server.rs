@@ -204,12 +204,9 @@ impl Server {
         );
         // Connections still in the HTTP phase stop through hyper's graceful shutdown; upgraded
         // ones are told here, and one upgraded after this point closes itself on start.
-        ctx.node.router.for_each_connection(&mut |member| {
-            member.outbox.request_close(ws::session::going_away());
+        ctx.node.router.for_each_connection(&mut |connection| {
+            connection.outbox().request_close(ws::session::going_away());
         });
-        for echo in ctx.node.echo_connections.iter() {
-            echo.value().request_close(ws::session::going_away());
-        }
         if tokio::time::timeout(ctx.node.config.drain_timeout, ctx.tasks.wait())
             .await
             .is_err()

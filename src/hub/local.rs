@@ -21,8 +21,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use bytes::Bytes;
 use dashmap::DashMap;
 
-use super::{ConnId, Joined, Member, Presence, RecipientNotFound, RoomMessageError, Router};
+use super::{ConnId, Joined, Local, Member, Presence, RecipientNotFound, RoomMessageError, Router};
 use crate::broker::{Publication, Target};
+use crate::outbox::Outbox;
 use crate::protocol;
 
 #[derive(Default)]
@@ -96,6 +97,8 @@ pub struct LocalHub {
     /// The metadata of connections that set some (a JSON object's text): only those pay for
     /// an entry.
     metadata: DashMap<ConnId, Bytes>,
+    /// `--echo-path` connections, which are in neither rooms nor the directory.
+    echo: DashMap<ConnId, Outbox>,
 }
 
 impl LocalHub {
@@ -286,9 +289,20 @@ impl Router for LocalHub {
         rooms
     }
 
-    fn for_each_connection(&self, f: &mut dyn FnMut(&Member)) {
+    fn register_echo(&self, conn: ConnId, outbox: &Outbox) {
+        self.echo.insert(conn, outbox.clone());
+    }
+
+    fn unregister_echo(&self, conn: ConnId) {
+        self.echo.remove(&conn);
+    }
+
+    fn for_each_connection(&self, f: &mut dyn FnMut(Local<'_>)) {
         for client in self.clients.iter() {
-            f(client.value());
+            f(Local::Client(client.value()));
+        }
+        for echo in self.echo.iter() {
+            f(Local::Echo(echo.value()));
         }
     }
 }

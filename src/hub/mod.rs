@@ -1,4 +1,5 @@
-//! The hub: this node's rooms, its client directory, and delivery to local connections.
+//! The hub: this node's rooms, its client directory, the registry of every local connection,
+//! and delivery to local connections.
 //!
 //! [`Router`] is what connections and the broker see of it; [`LocalHub`] is the in-memory
 //! implementation. Publications come in through [`Router::deliver`] (called by the
@@ -29,6 +30,24 @@ pub struct Member {
     /// that user.
     pub user_id: Option<Arc<str>>,
     pub outbox: Outbox,
+}
+
+/// A local connection as the registry lists it.
+#[derive(Clone, Copy)]
+pub enum Local<'a> {
+    /// A seed-protocol client: in the directory, maybe in rooms.
+    Client(&'a Member),
+    /// An `--echo-path` connection: in no room and not in the directory.
+    Echo(&'a Outbox),
+}
+
+impl Local<'_> {
+    pub fn outbox(&self) -> &Outbox {
+        match self {
+            Local::Client(member) => &member.outbox,
+            Local::Echo(outbox) => outbox,
+        }
+    }
 }
 
 /// One member of a room as the server API lists it.
@@ -107,8 +126,16 @@ pub trait Router: Send + Sync + 'static {
     /// Number of rooms and connected clients.
     fn counts(&self) -> (usize, usize);
 
-    /// Calls `f` for every connection of this node (for shutdown, which closes them all).
-    fn for_each_connection(&self, f: &mut dyn FnMut(&Member));
+    /// Lists an `--echo-path` connection: reachable by no publication, but a local connection
+    /// all the same, which the shutdown and the metrics must see.
+    fn register_echo(&self, conn: ConnId, outbox: &Outbox);
+
+    /// Removes what [`Router::register_echo`] listed.
+    fn unregister_echo(&self, conn: ConnId);
+
+    /// Calls `f` for every connection of this node, clients and echo connections (for the
+    /// heartbeat, the shutdown which closes them all, and the queue gauges).
+    fn for_each_connection(&self, f: &mut dyn FnMut(Local<'_>));
 
     /// The `n` rooms with the most members, largest first (for the admin stats endpoint; it
     /// visits every room).

@@ -82,8 +82,8 @@ pub enum Mode {
 #[allow(clippy::large_enum_variant)]
 enum Handler {
     Rooms(Session),
-    /// An echo connection, listed in `Context::echo_connections` under `conn` so that a
-    /// shutdown reaches it too.
+    /// An echo connection, in the hub's registry under `conn` so that a shutdown reaches it
+    /// too.
     Echo {
         outbox: Outbox,
         conn: u64,
@@ -120,7 +120,7 @@ impl Handler {
         match self {
             Handler::Rooms(session) => session.disconnect(),
             Handler::Echo { conn, .. } => {
-                ctx.echo_connections.remove(conn);
+                ctx.router.unregister_echo(*conn);
             }
         }
     }
@@ -315,7 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
             outbox.push_handshake_response(response);
         }
         if mode == Mode::Echo {
-            ctx.echo_connections.insert(conn, own_outbox.clone());
+            ctx.router.register_echo(conn, &own_outbox);
             // As below: a shutdown that began meanwhile has not seen it in the list.
             if ctx.closing.is_cancelled() {
                 own_outbox.request_close(going_away());
