@@ -28,7 +28,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tracing::warn;
 
+use crate::api::proxy::Forwarded;
 use crate::config::Config;
+use crate::protocol::Metadata;
 
 /// Why a connection was refused before the upgrade.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,15 +63,23 @@ impl Refusal {
     }
 }
 
-/// Who an admitted connection is, from its token (all empty when auth is off).
+/// Who an admitted connection is, from its token and the connect proxy's answer (all empty
+/// when neither is configured).
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
-    /// The token's `sub`: shown in `welcome` and usable as a `private_message` target.
+    /// The token's `sub`, or the connect proxy's `user_id`: shown in `welcome` and usable as a
+    /// `private_message` target.
     pub user_id: Option<Arc<str>>,
-    /// The token's `rooms` claim: the rooms this client may join.
+    /// The token's `rooms` claim, or the connect proxy's `rooms`: the rooms this client may
+    /// join.
     pub rooms: Option<RoomPolicy>,
     /// The token's `exp` (Unix seconds): the connection is closed with 4001 then.
     pub expires_at: Option<u64>,
+    /// Where the connection's metadata starts: the connect proxy's `metadata`.
+    pub metadata: Option<Metadata>,
+    /// The upgrade request's headers that the join and publish proxies forward (only when one
+    /// of them is on).
+    pub forwarded: Option<Arc<Forwarded>>,
 }
 
 /// Rooms a token allows: exact names, or prefixes written with a trailing `*`.
@@ -165,6 +175,7 @@ impl TokenVerifier {
             user_id: Some(user_id.into()),
             rooms: claims.rooms.map(RoomPolicy::new),
             expires_at,
+            ..Identity::default()
         })
     }
 }
@@ -409,7 +420,7 @@ impl Admission {
 
     /// The client's address: the peer's, unless the peer is a trusted proxy, in which case the
     /// nearest untrusted address in `X-Forwarded-For`.
-    fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+    pub fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
         if !self.is_trusted(peer) {
             return peer;
         }
@@ -463,7 +474,7 @@ impl Admission {
 
     /// The token from the `token` query parameter, an `Authorization: Bearer` header, or the
     /// configured cookie, in that order.
-    fn find_token(&self, uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    pub fn find_token(&self, uri: &Uri, headers: &HeaderMap) -> Option<String> {
         let from_query = uri.query().and_then(|query| {
             form_urlencoded::parse(query.as_bytes())
                 .find(|(key, _)| key == "token")

@@ -66,6 +66,7 @@ pub mod defaults {
     pub const JWT_LEEWAY: &str = "5s";
     pub const MAX_PENDING_HANDSHAKES: usize = 10_000;
     pub const MAX_REQUEST_HEAD_SIZE: usize = 8 * 1024;
+    pub const PROXY_TIMEOUT: &str = "2s";
 }
 
 /// Everything `roomcast serve` can be told. Each option is a flag and a `ROOMCAST_*` variable;
@@ -252,6 +253,34 @@ pub struct Config {
     #[serde(serialize_with = "redacted")]
     pub api_key: Option<String>,
 
+    /// The application's URL that authorizes each upgrade: roomcast POSTs the client's address,
+    /// its cookie, authorization, origin and user-agent headers and its query, and a 200
+    /// answer's `user_id`, `metadata` and `rooms` become the connection's; 401 or 403 refuse the
+    /// upgrade with the app's status and body; no answer in time is 503. Default: none. Cost: one
+    /// call to the app per connection, before its 101.
+    #[arg(long, env = "ROOMCAST_CONNECT_PROXY")]
+    pub connect_proxy: Option<String>,
+
+    /// The application's URL that decides each `join_room`: 200 allows, 4xx refuses with the
+    /// app's `error`. Default: none. Cost: one call per join; the connection's later messages
+    /// wait behind it, other connections do not.
+    #[arg(long, env = "ROOMCAST_JOIN_PROXY")]
+    pub join_proxy: Option<String>,
+
+    /// The application's URL that sees each client `room_message` and `broadcast` before it is
+    /// relayed: 200 `{}` relays it, 200 `{"message": NEW}` relays NEW, 4xx refuses with the
+    /// app's `error`. Default: none. Cost: one call per message and the app's latency on it;
+    /// without the flag the hot path does no extra work.
+    #[arg(long, env = "ROOMCAST_PUBLISH_PROXY")]
+    pub publish_proxy: Option<String>,
+
+    /// How long the application has to answer a proxy call, from connect to the last byte; a
+    /// call without an answer in time fails closed (503 for a connect, an `error` for a join
+    /// or a message).
+    #[arg(long, env = "ROOMCAST_PROXY_TIMEOUT", default_value = defaults::PROXY_TIMEOUT, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
+    pub proxy_timeout: Duration,
+
     /// PEM file with the certificate chain for wss:// (with `--tls-key`). Default: plain ws://.
     #[arg(long, env = "ROOMCAST_TLS_CERT")]
     pub tls_cert: Option<String>,
@@ -349,6 +378,10 @@ impl Config {
             max_request_head_size: defaults::MAX_REQUEST_HEAD_SIZE,
             trusted_proxies: Vec::new(),
             api_key: None,
+            connect_proxy: None,
+            join_proxy: None,
+            publish_proxy: None,
+            proxy_timeout: duration(defaults::PROXY_TIMEOUT),
             tls_cert: None,
             tls_key: None,
             echo_path: None,
@@ -462,10 +495,24 @@ impl Config {
                 "--tls-cert and --tls-key go together: set both for wss://, or neither",
             ),
         ];
-        match checks.iter().find(|(failed, _)| *failed) {
-            Some((_, message)) => Err(ConfigError::Invalid(message)),
-            None => Ok(()),
+        if let Some((_, message)) = checks.iter().find(|(failed, _)| *failed) {
+            return Err(ConfigError::Invalid(message));
         }
+        if self.proxy_timeout.is_zero() {
+            return Err(ConfigError::Invalid("--proxy-timeout must be more than 0s"));
+        }
+        let urls = [
+            ("--connect-proxy", &self.connect_proxy),
+            ("--join-proxy", &self.join_proxy),
+            ("--publish-proxy", &self.publish_proxy),
+        ];
+        for (flag, url) in urls {
+            if let Some(url) = url {
+                crate::api::app_client::AppClient::parse_url(url)
+                    .map_err(|error| ConfigError::Url { flag, error })?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -476,6 +523,12 @@ pub enum ConfigError {
     Invalid(&'static str),
     #[error("{path}: {reason}")]
     File { path: String, reason: String },
+    /// A URL of the application that cannot be called.
+    #[error("invalid configuration: {flag} {error}")]
+    Url {
+        flag: &'static str,
+        error: crate::api::app_client::BadUrl,
+    },
     #[error("{path}: unknown key `{key}` (keys are the long flag names, e.g. `max-connections`)")]
     UnknownKey { path: String, key: String },
     /// A key of the file whose value has the wrong type or does not parse.
@@ -626,6 +679,10 @@ struct FileLayer {
     max_request_head_size: Option<Scalar>,
     trusted_proxies: Option<List>,
     api_key: Option<Scalar>,
+    connect_proxy: Option<Scalar>,
+    join_proxy: Option<Scalar>,
+    publish_proxy: Option<Scalar>,
+    proxy_timeout: Option<Scalar>,
     tls_cert: Option<Scalar>,
     tls_key: Option<Scalar>,
     echo_path: Option<Scalar>,
@@ -686,6 +743,10 @@ impl FileLayer {
             max_request_head_size,
             trusted_proxies,
             api_key,
+            connect_proxy,
+            join_proxy,
+            publish_proxy,
+            proxy_timeout,
             tls_cert,
             tls_key,
             echo_path,

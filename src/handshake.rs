@@ -308,18 +308,30 @@ pub fn switching_protocols(key: &[u8]) -> Bytes {
 /// A complete refusal: `status`, a one-line text body, and `Connection: close`. A 426 names
 /// the version this server speaks.
 pub fn refusal(status: StatusCode, body: &str) -> Bytes {
+    let mut text = String::with_capacity(body.len() + 1);
+    text.push_str(body);
+    text.push('\n');
+    refusal_with(status, "text/plain; charset=utf-8", text.as_bytes())
+}
+
+/// A refusal with `body` of `content_type` as given (the application's own answer to the
+/// connect proxy).
+pub fn refusal_with(status: StatusCode, content_type: &str, body: &[u8]) -> Bytes {
     let reason = status.canonical_reason().unwrap_or("");
     let extra = if status == StatusCode::UPGRADE_REQUIRED {
         "Sec-WebSocket-Version: 13\r\n"
     } else {
         ""
     };
-    Bytes::from(format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n\
-         content-length: {}\r\nconnection: close\r\n{extra}\r\n{body}\n",
+    let mut answer = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: {content_type}\r\n\
+         content-length: {}\r\nconnection: close\r\n{extra}\r\n",
         status.as_u16(),
-        body.len() + 1,
-    ))
+        body.len(),
+    )
+    .into_bytes();
+    answer.extend_from_slice(body);
+    Bytes::from(answer)
 }
 
 /// Writes `response` and shuts the write side, ignoring errors: the client may be gone.

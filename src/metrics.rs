@@ -37,6 +37,14 @@ pub const MESSAGE_TYPES: [&str; 7] = [
     "invalid",
 ];
 
+/// The proxies to the application, as `roomcast_proxy_calls_total{proxy}` names them.
+pub const PROXIES: [&str; 3] = ["connect", "join", "publish"];
+
+/// What a proxy call came to, as `roomcast_proxy_calls_total{outcome}` names it: the app
+/// allowed, allowed with a new message (publish only), refused, or gave no usable answer in
+/// time (the call failed closed).
+pub const PROXY_OUTCOMES: [&str; 4] = ["allowed", "rewritten", "refused", "unavailable"];
+
 /// Every metric of a server.
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -56,6 +64,7 @@ pub struct Metrics {
     frames_out: Counter,
     slow_consumers_closed: Counter,
     frames_dropped: Counter,
+    proxy_calls: [[Counter; PROXY_OUTCOMES.len()]; PROXIES.len()],
 }
 
 impl Metrics {
@@ -107,6 +116,23 @@ impl Metrics {
         .map(|reason| labelled("roomcast_connections_refused_total", "reason", reason));
         let messages_in =
             MESSAGE_TYPES.map(|kind| labelled("roomcast_messages_in_total", "type", kind));
+        recorder.describe_counter(
+            "roomcast_proxy_calls_total".into(),
+            None,
+            "Calls to the application's proxies, by proxy and outcome.".into(),
+        );
+        let proxy_calls = PROXIES.map(|proxy| {
+            PROXY_OUTCOMES.map(|outcome| {
+                let key = Key::from_parts(
+                    "roomcast_proxy_calls_total",
+                    vec![
+                        Label::from_static_parts("proxy", proxy),
+                        Label::from_static_parts("outcome", outcome),
+                    ],
+                );
+                recorder.register_counter(&key, &METADATA)
+            })
+        });
         let fanout_seconds = recorder
             .register_histogram(&Key::from_static_name("roomcast_fanout_seconds"), &METADATA);
         Arc::new(Self {
@@ -152,6 +178,7 @@ impl Metrics {
                 "Frames dropped for full outbound queues (--slow-consumer drop).",
             ),
             refused,
+            proxy_calls,
             messages_in,
             fanout_seconds,
             handle,
@@ -169,6 +196,12 @@ impl Metrics {
             Refusal::TooManyPending => 4,
         };
         self.refused[index].increment(1);
+    }
+
+    /// Counts one call to the `proxy` (an index of [`PROXIES`]) that came to `outcome` (an
+    /// index of [`PROXY_OUTCOMES`]).
+    pub fn proxy_call(&self, proxy: usize, outcome: usize) {
+        self.proxy_calls[proxy][outcome].increment(1);
     }
 
     /// Counts a client message of `kind` (one of [`MESSAGE_TYPES`]).

@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
+use crate::api::proxy::Proxies;
 use crate::broker::{Broker, MemoryBroker};
 use crate::config::Config;
 use crate::heartbeat::CoarseClock;
@@ -40,15 +41,20 @@ pub struct Node {
     /// the connection writes its close frame: only connections being disconnected that way
     /// have an entry, so the others pay nothing for the feature.
     pub close_reasons: DashMap<u64, Box<str>>,
+    /// The application's proxies (`--connect-proxy`, `--join-proxy`, `--publish-proxy`), when
+    /// any is configured.
+    pub proxies: Option<Arc<Proxies>>,
 }
 
 impl Node {
     /// A node for `config` delivering through `router`, with its admission policy built. The
     /// broker is the in-memory one: this node alone.
     pub fn new(config: Config, router: Arc<dyn Router>, admission: Admission) -> Self {
+        let metrics = Metrics::new();
         Self {
             broker: Arc::new(MemoryBroker::new(router.clone())),
-            metrics: Metrics::new(),
+            proxies: Proxies::from_config(&config, metrics.clone()).map(Arc::new),
+            metrics,
             clock: Arc::default(),
             admission: Arc::new(admission),
             session_limits: Arc::new(SessionLimits::from_config(&config)),

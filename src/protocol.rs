@@ -318,6 +318,12 @@ fn metadata_field(value: Option<&RawValue>) -> Result<MetadataUpdate<'_>, Decode
         .map_err(|_| DecodeError::MetadataNotObject)
 }
 
+/// Reads a metadata object that did not come from a client (the connect proxy's answer) into
+/// entries to merge, values kept as written.
+pub fn metadata_entries(value: &RawValue) -> Result<MetadataUpdate<'_>, DecodeError> {
+    metadata_field(Some(value))
+}
+
 /// Reads a `metadata` value (already checked to be valid JSON) into its entries.
 struct MetadataVisitor;
 

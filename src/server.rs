@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, Permit, Refusal};
-use crate::api::{self, closing};
+use crate::api::{self, closing, proxy};
 use crate::config::Config;
 use crate::handshake::{self, Prefixed};
 use crate::heartbeat::{self, Heartbeat};
@@ -471,7 +471,7 @@ async fn upgrade_direct<S>(
             return refuse(&mut io, error.status(), &reason, &ctx).await;
         }
     };
-    let identity = match ctx
+    let mut identity = match ctx
         .node
         .admission
         .admit(&head.uri, &head.headers, peer, &mut permit)
@@ -483,9 +483,24 @@ async fn upgrade_direct<S>(
             return refuse(&mut io, refusal.status(), &refusal.to_string(), &ctx).await;
         }
     };
-    let response = handshake::switching_protocols(key);
     let echo = ctx.node.config.echo_path.as_deref() == Some(head.uri.path());
     let mode = if echo { Mode::Echo } else { Mode::Rooms };
+    if mode == Mode::Rooms {
+        let asked = proxy::on_upgrade(&ctx.node, &head.uri, &head.headers, peer, &mut identity);
+        let verdict = tokio::select! {
+            verdict = asked => verdict,
+            _ = ctx.node.closing.cancelled() => return,
+        };
+        if let Err(refusal) = verdict {
+            debug!(%peer, status = %refusal.status, "upgrade refused by the application");
+            let answer =
+                handshake::refusal_with(refusal.status, refusal.content_type, &refusal.body);
+            let write = handshake::write_and_close(&mut io, &answer);
+            let _ = tokio::time::timeout(ctx.node.config.drain_timeout, write).await;
+            return;
+        }
+    }
+    let response = handshake::switching_protocols(key);
     let prebuffered = Bytes::copy_from_slice(head.rest());
     drop(head);
     permit.upgraded();
@@ -553,7 +568,7 @@ where
     if handshake::is_upgrade(request.headers()) {
         let echo = ctx.node.config.echo_path.as_deref() == Some(request.uri().path());
         let mode = if echo { Mode::Echo } else { Mode::Rooms };
-        return upgrade::<S>(&mut request, peer, &permit, ctx, mode);
+        return upgrade::<S>(&mut request, peer, &permit, ctx, mode).await;
     }
     api::respond(request, &ctx.node).await
 }
@@ -563,7 +578,7 @@ where
 /// connection's permit stays in `slot` until the upgrade is certain, and a refusal closes the
 /// connection (as on the direct path), so a refused upgrade never leaves a connection open
 /// without its place under the caps.
-fn upgrade<S>(
+async fn upgrade<S>(
     request: &mut Request<Incoming>,
     peer: SocketAddr,
     slot: &std::sync::Mutex<Option<Permit>>,
@@ -586,24 +601,50 @@ where
         }
         return response;
     }
-    let Ok(mut slot) = slot.lock() else {
-        return closing(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
+    let admitted = match slot.lock() {
+        Err(_) => Err(closing(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error\n",
+        )),
+        Ok(mut slot) => match slot.as_mut() {
+            None => Err(closing(
+                StatusCode::BAD_REQUEST,
+                "connection already upgraded\n",
+            )),
+            Some(permit) => ctx
+                .node
+                .admission
+                .admit(request.uri(), request.headers(), peer, permit)
+                .map_err(|refusal| {
+                    ctx.node.metrics.refused(&refusal);
+                    debug!(%peer, %refusal, "upgrade refused");
+                    closing(refusal.status(), &format!("{refusal}\n"))
+                }),
+        },
     };
-    let Some(permit) = slot.as_mut() else {
-        return closing(StatusCode::BAD_REQUEST, "connection already upgraded\n");
-    };
-    let identity = match ctx
-        .node
-        .admission
-        .admit(request.uri(), request.headers(), peer, permit)
-    {
+    let mut identity = match admitted {
         Ok(identity) => identity,
-        Err(refusal) => {
-            ctx.node.metrics.refused(&refusal);
-            debug!(%peer, %refusal, "upgrade refused");
-            return closing(refusal.status(), &format!("{refusal}\n"));
-        }
+        Err(response) => return response,
     };
+    if mode == Mode::Rooms {
+        let asked = proxy::on_upgrade(
+            &ctx.node,
+            request.uri(),
+            request.headers(),
+            peer,
+            &mut identity,
+        );
+        if let Err(refusal) = asked.await {
+            debug!(%peer, status = %refusal.status, "upgrade refused by the application");
+            let mut response = api::with_type(refusal.body, refusal.content_type);
+            *response.status_mut() = refusal.status;
+            response.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            return response;
+        }
+    }
     let (response, upgrading) = match fastwebsockets::upgrade::upgrade(request) {
         Ok(pair) => pair,
         Err(error) => {
@@ -614,10 +655,9 @@ where
             );
         }
     };
-    let Some(mut permit) = slot.take() else {
+    let Some(mut permit) = slot.lock().ok().and_then(|mut slot| slot.take()) else {
         return closing(StatusCode::BAD_REQUEST, "connection already upgraded\n");
     };
-    drop(slot);
     ctx.node.metrics.connections_accepted.increment(1);
     permit.upgraded();
     // This task only waits for hyper to hand the connection over, then spawns the

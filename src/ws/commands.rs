@@ -1,11 +1,28 @@
 //! One handler per client message type, found by its name. Each turns a decoded
 //! [`Command`] into calls on the [`Router`] and replies to the sender, exactly as the seed does.
+//!
+//! With `--join-proxy` or `--publish-proxy`, a join or a client's room message or broadcast
+//! first asks the application ([`crate::api::proxy`]). The call runs in a task of its own; the
+//! connection's task polls its verdict ([`Session::poll_app`]) and acts on it then. Until then
+//! every later message of this connection waits in a backlog, in arrival order, so one
+//! sender's messages keep their order whatever the app takes; other connections are not
+//! involved. A full backlog stops the connection's reads (TCP pushes back on the client)
+//! rather than refusing messages.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
 use crate::admission::RoomPolicy;
+use crate::api::proxy::{self, Forwarded, Proxies, Proxy, Verdict};
 use crate::broker::{Publication, Target};
 use crate::hub::{Joined, Member};
 use crate::limits::{self, Rate, RateLimiter};
@@ -15,6 +32,54 @@ use crate::protocol::{self, close_code, Body, Command, DecodeError, Metadata, Me
 
 /// `metrics::MESSAGE_TYPES` index of messages that did not decode.
 const INVALID: usize = 6;
+
+/// A connection waiting on the app stops reading once this many messages, or bytes, wait
+/// behind the call: enough to absorb a burst, bounded per connection.
+const BACKLOG_MESSAGES: usize = 256;
+const BACKLOG_BYTES: usize = 256 * 1024;
+
+/// A connection's link to the join and publish proxies.
+struct AppLink {
+    proxies: Arc<Proxies>,
+    /// The upgrade request's `Cookie` and `Authorization`, sent with every call.
+    forwarded: Arc<Forwarded>,
+    /// The call being waited for, and what its verdict decides.
+    waiting: Option<(oneshot::Receiver<Verdict>, Deferred)>,
+    /// Messages that arrived while waiting, in arrival order.
+    backlog: VecDeque<Box<[u8]>>,
+    backlog_bytes: usize,
+}
+
+/// What a proxy call is deciding.
+enum Deferred {
+    Join(Box<str>),
+    RoomMessage {
+        room: Box<str>,
+        message: Box<RawValue>,
+    },
+    Broadcast(Box<RawValue>),
+}
+
+/// The join proxy's request body.
+#[derive(Serialize)]
+struct JoinCall<'a> {
+    client_id: &'a str,
+    user_id: Option<&'a str>,
+    room: &'a str,
+    metadata: &'a RawValue,
+}
+
+/// The publish proxy's request body.
+#[derive(Serialize)]
+struct PublishCall<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    client_id: &'a str,
+    user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
+    message: &'a RawValue,
+}
 
 /// The protocol state of one connection: who it is, which rooms it is in, its metadata, its
 /// rate limit. Owned by the connection's task, so none of it needs a lock.
@@ -31,20 +96,51 @@ pub struct Session {
     metadata: Metadata,
     /// Set once the session asked its connection to close: later messages are ignored.
     closing: bool,
+    /// Only with `--join-proxy` or `--publish-proxy`. Boxed like `allowed_rooms`.
+    app: Option<Box<AppLink>>,
 }
 
 impl Session {
-    pub fn new(member: Member, node: Arc<Node>, allowed_rooms: Option<RoomPolicy>) -> Self {
+    /// A session for `member`. `metadata` is where its metadata starts (the connect proxy's
+    /// grant); `forwarded` the headers the join and publish proxies send, when on.
+    pub fn new(
+        member: Member,
+        node: Arc<Node>,
+        allowed_rooms: Option<RoomPolicy>,
+        metadata: Option<Metadata>,
+        forwarded: Option<Arc<Forwarded>>,
+    ) -> Self {
         let rate = RateLimiter::new(&node.session_limits, Instant::now());
-        Self {
+        let app = match (&node.proxies, forwarded) {
+            (Some(proxies), Some(forwarded)) if proxies.forwards_headers() => {
+                Some(Box::new(AppLink {
+                    proxies: proxies.clone(),
+                    forwarded,
+                    waiting: None,
+                    backlog: VecDeque::new(),
+                    backlog_bytes: 0,
+                }))
+            }
+            _ => None,
+        };
+        let session = Self {
             member,
             node,
             rate,
             allowed_rooms: allowed_rooms.map(Box::new),
             rooms: HashSet::new(),
-            metadata: Metadata::default(),
+            metadata: metadata.unwrap_or_default(),
             closing: false,
+            app,
+        };
+        if !session.metadata.is_empty() {
+            let reply = protocol::metadata_updated(&session.metadata);
+            session
+                .node
+                .router
+                .set_metadata(&session.member, protocol::metadata_object(&reply));
         }
+        session
     }
 
     pub fn member(&self) -> &Member {
@@ -56,6 +152,105 @@ impl Session {
         if self.closing || !self.within_rate(payload.len()) {
             return;
         }
+        if let Some(app) = self.app.as_mut() {
+            if app.waiting.is_some() {
+                app.backlog_bytes += payload.len();
+                app.backlog.push_back(payload.into());
+                return;
+            }
+        }
+        self.process(payload);
+    }
+
+    /// Acts on a proxy's verdict once it came, then on the messages that waited behind it, until
+    /// one waits on the app again. Returns whether the connection may read more messages (its
+    /// backlog has room); when it may not, the verdict's arrival wakes the task.
+    pub fn poll_app(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            let Some(app) = self.app.as_mut() else {
+                return true;
+            };
+            let Some((verdict, _)) = app.waiting.as_mut() else {
+                return true;
+            };
+            let verdict = match Pin::new(verdict).poll(cx) {
+                Poll::Pending => {
+                    return app.backlog.len() < BACKLOG_MESSAGES
+                        && app.backlog_bytes < BACKLOG_BYTES;
+                }
+                Poll::Ready(verdict) => {
+                    // The call's task ended without a verdict (the runtime is stopping).
+                    verdict.unwrap_or_else(|_| Verdict::Deny(proxy::errors::APP_UNAVAILABLE.into()))
+                }
+            };
+            let Some((_, deferred)) = app.waiting.take() else {
+                return true;
+            };
+            // Progress on the connection's behalf: not idle, though its reads were paused.
+            self.member.outbox.touch(self.node.clock.now());
+            self.conclude(deferred, verdict);
+            while !self.closing {
+                let Some(app) = self.app.as_mut() else { break };
+                if app.waiting.is_some() {
+                    break;
+                }
+                let Some(next) = app.backlog.pop_front() else {
+                    break;
+                };
+                app.backlog_bytes -= next.len();
+                self.process(&next);
+            }
+        }
+    }
+
+    /// Does what the app's verdict says with what it decided.
+    fn conclude(&mut self, deferred: Deferred, verdict: Verdict) {
+        if let Verdict::Deny(text) = &verdict {
+            return self.reply_error(text);
+        }
+        match deferred {
+            Deferred::Join(room) => self.complete_join(&room),
+            Deferred::RoomMessage { room, message } => {
+                let message = match &verdict {
+                    Verdict::Replace(new) => new,
+                    _ => &message,
+                };
+                self.relay_room_message(&room, Body::Raw(message));
+            }
+            Deferred::Broadcast(message) => {
+                let message = match &verdict {
+                    Verdict::Replace(new) => new,
+                    _ => &message,
+                };
+                self.relay_broadcast(Body::Raw(message));
+            }
+        }
+    }
+
+    /// Starts a call to `proxy` about `deferred` with `body`; the verdict is polled by
+    /// [`Session::poll_app`].
+    fn ask_app(&mut self, proxy: Proxy, body: String, deferred: Deferred) {
+        let Some(app) = self.app.as_mut() else {
+            return;
+        };
+        let verdict = proxy::spawn_call(
+            app.proxies.clone(),
+            proxy,
+            Bytes::from(body),
+            app.forwarded.clone(),
+        );
+        app.waiting = Some((verdict, deferred));
+    }
+
+    /// Whether `proxy` decides this connection's messages of its kind.
+    fn asks(&self, proxy: Proxy) -> bool {
+        self.app
+            .as_ref()
+            .is_some_and(|app| app.proxies.enabled(proxy))
+    }
+
+    /// Decodes one message and handles it.
+    fn process(&mut self, payload: &[u8]) {
         match protocol::decode(payload) {
             Ok(command) => self.dispatch(command),
             Err(DecodeError::UnknownType(kind)) => {
@@ -129,10 +324,19 @@ impl Session {
 
     /// Every other connected client gets it; the sender gets nothing. Refused when
     /// `--client-broadcast false`.
-    fn broadcast(&self, message: Body<'_>) {
+    fn broadcast(&mut self, message: Body<'_>) {
         if !self.node.session_limits.client_broadcast {
             return self.reply_error(limits::errors::BROADCAST_DISABLED);
         }
+        if self.asks(Proxy::Publish) {
+            let message = owned(&message);
+            let body = self.publish_call("broadcast", None, &message);
+            return self.ask_app(Proxy::Publish, body, Deferred::Broadcast(message));
+        }
+        self.relay_broadcast(message);
+    }
+
+    fn relay_broadcast(&self, message: Body<'_>) {
         let started = Instant::now();
         let delivered = self.publish(Target::Everyone, message).unwrap_or(0);
         self.node.metrics.fanout(delivered, started.elapsed());
@@ -176,6 +380,23 @@ impl Session {
         if self.rooms.len() >= self.node.session_limits.max_rooms {
             return self.reply_error(limits::errors::TOO_MANY_ROOMS);
         }
+        if self.asks(Proxy::Join) {
+            let metadata = protocol::metadata_object(&protocol::metadata_updated(&self.metadata));
+            let metadata = raw_json(&metadata);
+            let body = serde_json::to_string(&JoinCall {
+                client_id: &self.member.client_id,
+                user_id: self.member.user_id.as_deref(),
+                room,
+                metadata: &metadata,
+            })
+            .expect("a join call serializes");
+            return self.ask_app(Proxy::Join, body, Deferred::Join(room.into()));
+        }
+        self.complete_join(room);
+    }
+
+    /// The join, once every check (and the app, when asked) allowed it.
+    fn complete_join(&mut self, room: &str) {
         if let Joined::Added { members } = self.node.router.join(room, &self.member) {
             if members == 1 {
                 // The room's first member on this node.
@@ -199,13 +420,42 @@ impl Session {
         }
     }
 
-    fn room_message(&self, room: &str, message: Body<'_>) {
+    fn room_message(&mut self, room: &str, message: Body<'_>) {
+        if self.asks(Proxy::Publish) {
+            // Refusals the seed gives (no such room, not a member) come before the app's say.
+            if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
+                return self.reply_error(&refusal.to_string());
+            }
+            let message = owned(&message);
+            let body = self.publish_call("room_message", Some(room), &message);
+            let deferred = Deferred::RoomMessage {
+                room: room.into(),
+                message,
+            };
+            return self.ask_app(Proxy::Publish, body, deferred);
+        }
+        self.relay_room_message(room, message);
+    }
+
+    fn relay_room_message(&self, room: &str, message: Body<'_>) {
         let started = Instant::now();
         if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
             return self.reply_error(&refusal.to_string());
         }
         let delivered = self.publish(Target::Room(room), message).unwrap_or(0);
         self.node.metrics.fanout(delivered, started.elapsed());
+    }
+
+    /// The publish proxy's request body for one of this client's messages.
+    fn publish_call(&self, kind: &'static str, room: Option<&str>, message: &RawValue) -> String {
+        serde_json::to_string(&PublishCall {
+            kind,
+            client_id: &self.member.client_id,
+            user_id: self.member.user_id.as_deref(),
+            room,
+            message,
+        })
+        .expect("a publish call serializes")
     }
 
     /// The sender gets nothing; sending to yourself delivers to yourself.
@@ -246,6 +496,9 @@ impl Session {
     /// Leaves every room (members are told, as with `leave_room`) and the directory. Called
     /// once when the connection ends, for whatever reason.
     pub fn disconnect(&mut self) {
+        // A call still out is abandoned (its task sees the verdict's receiver go), and what
+        // waited behind it is dropped with the connection.
+        self.app = None;
         for room in std::mem::take(&mut self.rooms) {
             if let Some(told) = self.node.router.leave(&room, &self.member) {
                 self.left(&room, told);
@@ -254,4 +507,20 @@ impl Session {
         }
         self.node.router.disconnect(&self.member);
     }
+}
+
+/// A message as JSON text of its own, to keep while the app decides.
+fn owned(message: &Body<'_>) -> Box<RawValue> {
+    match message {
+        Body::Raw(raw) => (*raw).to_owned(),
+        Body::Text(text) => serde_json::value::to_raw_value(text).expect("a string serializes"),
+    }
+}
+
+/// JSON text the server wrote itself (a metadata object) as a raw value.
+fn raw_json(text: &Bytes) -> Box<RawValue> {
+    let text = String::from_utf8_lossy(text).into_owned();
+    RawValue::from_string(text).unwrap_or_else(|_| {
+        serde_json::value::to_raw_value(&serde_json::Map::new()).expect("{} serializes")
+    })
 }

@@ -115,6 +115,15 @@ impl Handler {
         }
     }
 
+    /// Acts on the application's verdicts that arrived (join and publish proxies); false while
+    /// the connection should not read, its backlog being full.
+    fn poll_app(&mut self, cx: &mut Context<'_>) -> bool {
+        match self {
+            Handler::Rooms(session) => session.poll_app(cx),
+            Handler::Echo { .. } => true,
+        }
+    }
+
     /// Leaves rooms and the directory (or the echo list). Idempotent.
     fn disconnect(&mut self, ctx: &Node) {
         match self {
@@ -361,7 +370,13 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
             io,
             reader,
             outbox,
-            handler: Handler::Rooms(Session::new(member, ctx.clone(), identity.rooms)),
+            handler: Handler::Rooms(Session::new(
+                member,
+                ctx.clone(),
+                identity.rooms,
+                identity.metadata,
+                identity.forwarded,
+            )),
             state: State::Open,
             ended_by: EndedBy::Open,
             ctx,
@@ -386,6 +401,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
                         continue;
                     }
                     self.outbox.queue_requested_ping(protocol::empty_ping);
+                    let may_read = self.handler.poll_app(cx);
                     match self.outbox.poll_flush(cx, &mut self.io) {
                         Poll::Ready(Err(error)) => {
                             debug!(%error, "write failed");
@@ -393,6 +409,11 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
                             return Poll::Ready(());
                         }
                         Poll::Ready(Ok(())) | Poll::Pending => {}
+                    }
+                    if !may_read {
+                        // Waiting on the application with a full backlog: its verdict wakes
+                        // the task (the outbox's close request and flush are registered too).
+                        return Poll::Pending;
                     }
                     if reads == READS_PER_POLL {
                         cx.waker().wake_by_ref();

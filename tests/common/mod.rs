@@ -73,6 +73,8 @@ pub struct TestServer {
     pub shutdown: CancellationToken,
     pub server: roomcast::server::ServerHandle,
     task: JoinHandle<()>,
+    /// The allow-all application of `ROOMCAST_TEST_CONNECT_PROXY` runs.
+    _app: Option<app_stub::AppStub>,
 }
 
 impl TestServer {
@@ -121,6 +123,17 @@ pub async fn start_server_routed(
     raise_open_file_limit();
     let mut config = Config::with_listen("127.0.0.1:0".parse().unwrap());
     config.workers = 2;
+    // ROOMCAST_TEST_CONNECT_PROXY=1: every upgrade of the test first asks an application that
+    // allows everyone (and grants nothing), so a suite shows that the connect proxy changes no
+    // behaviour of the protocol. CI runs the seed protocol tests once more this way.
+    let app = match std::env::var_os("ROOMCAST_TEST_CONNECT_PROXY") {
+        Some(_) => {
+            let app = app_stub::AppStub::start(|_| app_stub::Answer::ok(json!({}))).await;
+            config.connect_proxy = Some(app.url("/connect"));
+            Some(app)
+        }
+        None => None,
+    };
     tweak(&mut config);
     let shutdown = CancellationToken::new();
     let server =
@@ -133,6 +146,7 @@ pub async fn start_server_routed(
         shutdown,
         server: handle,
         task,
+        _app: app,
     }
 }
 
