@@ -8,12 +8,14 @@
 // docs/demo.png (ROOMCAST_SCREENSHOT=path to put it elsewhere, ROOMCAST_SCREENSHOT= to skip).
 // A second test runs a server with --jwt-secret: the page passes ?token= on to the WebSocket
 // URL and shows the user id; without a token it keeps retrying; the offline queue is bounded.
+// A third runs a server with --api-key: examples/php/publish.php (php-cli with ext-curl, which
+// .ci/run installs) publishes into a room and the page shows the message.
 //
 //   node --test demo.test.mjs        (or: bash run.sh, which installs and builds first)
 
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import { dirname, resolve } from "node:path";
@@ -93,12 +95,14 @@ async function stopServer(server, signal = "SIGKILL") {
 let browser;
 let server;
 let authServer;
+let apiServer;
 const pageErrors = [];
 
 after(async () => {
   await browser?.close().catch(() => {});
   await stopServer(server);
   await stopServer(authServer);
+  await stopServer(apiServer);
 });
 
 async function openPage(port, name, path = "/") {
@@ -264,5 +268,27 @@ test("demo page: ?token= reaches the server, user_id is shown; the offline queue
     return dropped;
   });
   assert.deepEqual(dropped, ["one"]);
+  assert.deepEqual(pageErrors, [], "uncaught errors in the pages");
+});
+
+test("demo page: a PHP script with curl publishes into a room and the page receives it", { timeout: 60000 }, async () => {
+  const key = "browser-test-api-key";
+  apiServer = await startServer("127.0.0.1:0", ["--api-key", key]);
+  const port = apiServer.port;
+  browser ??= await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+  const page = await openPage(port, "orders page");
+  await connected(page);
+  await joinRoom(page, "orders");
+  await roomCount(page, "orders", "1");
+
+  const script = resolve(here, "../../examples/php/publish.php");
+  const message = JSON.stringify({ order: 42, status: "shipped" });
+  const stdout = await new Promise((done, fail) =>
+    execFile("php", [script, `http://127.0.0.1:${port}`, key, "orders", message], (error, out, err) =>
+      error ? fail(new Error(`php failed: ${error.message} ${err}`)) : done(out),
+    ),
+  );
+  assert.equal(stdout.trim(), '{"delivered":1}');
+  await logEntry(page, "room_message", '"status":"shipped"');
   assert.deepEqual(pageErrors, [], "uncaught errors in the pages");
 });
