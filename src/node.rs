@@ -10,10 +10,11 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
+use crate::api::webhooks::{EventKind, Webhooks};
 use crate::broker::{Broker, MemoryBroker};
 use crate::config::Config;
 use crate::heartbeat::CoarseClock;
-use crate::hub::Router;
+use crate::hub::{Member, Router};
 use crate::limits::SessionLimits;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxStats};
@@ -43,6 +44,9 @@ pub struct Node {
     /// the connection writes its close frame: only connections being disconnected that way
     /// have an entry, so the others pay nothing for the feature.
     pub close_reasons: DashMap<u64, Box<str>>,
+    /// The webhooks' queue (`--webhook-url`), set by the server with the task that empties
+    /// it; `None` without webhooks. Emit through [`Node::webhook`].
+    pub webhooks: Option<Webhooks>,
 }
 
 impl Node {
@@ -62,6 +66,16 @@ impl Node {
             closing: CancellationToken::new(),
             ready: AtomicBool::new(true),
             close_reasons: DashMap::new(),
+            webhooks: None,
+        }
+    }
+
+    /// Tells the app (through the webhooks, if there are any) that `kind` happened to
+    /// `member`, in `room` for room events. Never waits; without webhooks, one branch.
+    #[inline]
+    pub fn webhook(&self, kind: EventKind, member: &Member, room: Option<&str>) {
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.emit(kind, member, room);
         }
     }
 }

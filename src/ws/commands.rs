@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::admission::RoomPolicy;
+use crate::api::webhooks::EventKind;
 use crate::broker::{Publication, Target};
 use crate::hub::{Joined, Member};
 use crate::limits::{self, Rate, RateLimiter};
@@ -31,6 +32,8 @@ pub struct Session {
     metadata: Metadata,
     /// Set once the session asked its connection to close: later messages are ignored.
     closing: bool,
+    /// Set by the first `disconnect`, which alone tells the webhooks.
+    disconnected: bool,
 }
 
 impl Session {
@@ -44,6 +47,7 @@ impl Session {
             rooms: HashSet::new(),
             metadata: Metadata::default(),
             closing: false,
+            disconnected: false,
         }
     }
 
@@ -180,7 +184,9 @@ impl Session {
             if members == 1 {
                 // The room's first member on this node.
                 self.node.broker.subscribe(room);
+                self.webhook(EventKind::RoomOccupied, Some(room));
             }
+            self.webhook(EventKind::MemberJoined, Some(room));
             self.rooms.insert(Arc::from(room));
             // room_joined to the joiner, member_joined to the others.
             self.node
@@ -238,9 +244,16 @@ impl Session {
 
     /// After leaving `room` with `told` members told: the last local member out unsubscribes.
     fn left(&self, room: &str, told: usize) {
+        self.webhook(EventKind::MemberLeft, Some(room));
         if told == 0 {
             self.node.broker.unsubscribe(room);
+            self.webhook(EventKind::RoomVacated, Some(room));
         }
+    }
+
+    /// Tells the app, if webhooks are on, that `kind` happened to this connection.
+    fn webhook(&self, kind: EventKind, room: Option<&str>) {
+        self.node.webhook(kind, &self.member, room);
     }
 
     /// Leaves every room (members are told, as with `leave_room`) and the directory. Called
@@ -253,5 +266,8 @@ impl Session {
             }
         }
         self.node.router.disconnect(&self.member);
+        if !std::mem::replace(&mut self.disconnected, true) {
+            self.webhook(EventKind::ClientDisconnected, None);
+        }
     }
 }
