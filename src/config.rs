@@ -357,6 +357,10 @@ const MAX_SIZE_LIMIT: usize = 1 << 30;
 /// segments and throughput collapses.
 const MIN_SOCKET_SEND_BUFFER: usize = 4096;
 
+/// The largest `--webhook-queue` accepted: ten million waiting events are about a gigabyte, and
+/// far past it the queue's own bound (a fraction of `usize::MAX`) would panic at start-up.
+const MAX_WEBHOOK_QUEUE: usize = 10_000_000;
+
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -533,8 +537,8 @@ impl Config {
                 "--webhook-secret must not be empty",
             ),
             (
-                self.webhook_queue == 0,
-                "--webhook-queue must be at least 1",
+                !(1..=MAX_WEBHOOK_QUEUE).contains(&self.webhook_queue),
+                "--webhook-queue must be between 1 and 10000000 events",
             ),
             (
                 !(1..=10_000).contains(&self.webhook_batch),

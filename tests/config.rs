@@ -391,6 +391,18 @@ fn a_webhook_url_without_a_secret_is_refused() {
         config.webhook_retry_backoff,
         std::time::Duration::from_millis(500)
     );
+    for bad in [
+        ["--webhook-queue", "0"],
+        ["--webhook-queue", "18446744073709551615"],
+        ["--webhook-batch", "0"],
+        ["--webhook-retry-backoff", "0s"],
+    ] {
+        let mut all = bad.to_vec();
+        all.extend(["--webhook-url", "https://app.example/hooks"]);
+        all.extend(["--webhook-secret", "s"]);
+        let error = load(args(&all)).unwrap_err();
+        assert!(error.to_string().contains(bad[0]), "{bad:?}: {error}");
+    }
     assert!(
         !config.to_toml().contains("= \"s\""),
         "the secret is redacted: {}",
