@@ -67,6 +67,13 @@ pub mod defaults {
     pub const MAX_PENDING_HANDSHAKES: usize = 10_000;
     pub const MAX_REQUEST_HEAD_SIZE: usize = 8 * 1024;
     pub const PROXY_TIMEOUT: &str = "2s";
+    pub const WEBHOOK_QUEUE: usize = 10_000;
+    pub const WEBHOOK_BATCH: usize = 100;
+    pub const WEBHOOK_TIMEOUT: &str = "5s";
+    /// Retries after the first attempt: 8 attempts in all, over about a minute with the
+    /// default backoff (0.5 + 1 + 2 + 4 + 8 + 16 + 30 s).
+    pub const WEBHOOK_RETRIES: u32 = 7;
+    pub const WEBHOOK_RETRY_BACKOFF: &str = "500ms";
 }
 
 /// Everything `roomcast serve` can be told. Each option is a flag and a `ROOMCAST_*` variable;
@@ -325,6 +332,50 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = defaults::DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
     #[serde(serialize_with = "humantime_duration")]
     pub drain_timeout: Duration,
+
+    /// Where to POST webhooks: batches of `{"events":[...]}` about connections and rooms on
+    /// this node (see the README's "Webhooks"), signed with `--webhook-secret`. Default: none,
+    /// and nothing is sent, queued or spawned; a session then pays one `Option` check per
+    /// connect, join and leave. With it, each such event costs a clock read, an allocation for
+    /// a room name and a non-blocking queue push.
+    #[arg(long, env = "ROOMCAST_WEBHOOK_URL", hide_env_values = true)]
+    pub webhook_url: Option<String>,
+
+    /// Key of the HMAC-SHA256 in each webhook's `X-Roomcast-Signature` header (lowercase hex,
+    /// over the exact body). Required with `--webhook-url`. Default: none.
+    #[arg(long, env = "ROOMCAST_WEBHOOK_SECRET", hide_env_values = true)]
+    #[serde(serialize_with = "redacted")]
+    pub webhook_secret: Option<String>,
+
+    /// Webhook events that may wait for delivery; when full (the app is slow or down), new
+    /// events are dropped and counted, so clients are never slowed. Each waiting event holds
+    /// about 100 bytes.
+    #[arg(long, env = "ROOMCAST_WEBHOOK_QUEUE", default_value_t = defaults::WEBHOOK_QUEUE)]
+    pub webhook_queue: usize,
+
+    /// Most events in one webhook POST. Batches are sent as soon as the previous one is done,
+    /// with whatever is queued (after a 10 ms linger), so this caps a batch rather than waits
+    /// for one: larger means fewer requests to a slow app, and larger bodies.
+    #[arg(long, env = "ROOMCAST_WEBHOOK_BATCH", default_value_t = defaults::WEBHOOK_BATCH)]
+    pub webhook_batch: usize,
+
+    /// How long one webhook POST may take, connect to the end of the answer; longer counts as
+    /// a failed attempt and is retried. While a batch waits, the next ones queue behind it.
+    #[arg(long, env = "ROOMCAST_WEBHOOK_TIMEOUT", default_value = defaults::WEBHOOK_TIMEOUT, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
+    pub webhook_timeout: Duration,
+
+    /// Times a webhook batch is sent again after a failed attempt (non-2xx, timeout,
+    /// connection error) before it is dropped and counted; 0 never retries. Default: 7, so 8
+    /// attempts over about a minute.
+    #[arg(long, env = "ROOMCAST_WEBHOOK_RETRIES", default_value_t = defaults::WEBHOOK_RETRIES)]
+    pub webhook_retries: u32,
+
+    /// Wait before the first retry of a webhook batch; it doubles for each retry after, up to
+    /// 30s. At most 30s.
+    #[arg(long, env = "ROOMCAST_WEBHOOK_RETRY_BACKOFF", default_value = defaults::WEBHOOK_RETRY_BACKOFF, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
+    pub webhook_retry_backoff: Duration,
 }
 
 /// The largest size limit accepted: a message must fit in memory, and frame arithmetic stays
@@ -334,6 +385,10 @@ const MAX_SIZE_LIMIT: usize = 1 << 30;
 /// The smallest `--socket-send-buffer` accepted (but 0): below a page, every write is a few
 /// segments and throughput collapses.
 const MIN_SOCKET_SEND_BUFFER: usize = 4096;
+
+/// The largest `--webhook-queue` accepted: ten million waiting events are about a gigabyte, and
+/// far past it the queue's own bound (a fraction of `usize::MAX`) would panic at start-up.
+const MAX_WEBHOOK_QUEUE: usize = 10_000_000;
 
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -390,6 +445,13 @@ impl Config {
             ping_interval: duration(defaults::PING_INTERVAL),
             shutdown_delay: duration(defaults::SHUTDOWN_DELAY),
             idle_timeout: duration(defaults::IDLE_TIMEOUT),
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_queue: defaults::WEBHOOK_QUEUE,
+            webhook_batch: defaults::WEBHOOK_BATCH,
+            webhook_timeout: duration(defaults::WEBHOOK_TIMEOUT),
+            webhook_retries: defaults::WEBHOOK_RETRIES,
+            webhook_retry_backoff: duration(defaults::WEBHOOK_RETRY_BACKOFF),
         }
     }
 
@@ -493,6 +555,36 @@ impl Config {
             (
                 self.tls_cert.is_some() != self.tls_key.is_some(),
                 "--tls-cert and --tls-key go together: set both for wss://, or neither",
+            ),
+            (
+                self.webhook_url.is_some() && self.webhook_secret.is_none(),
+                "--webhook-url needs --webhook-secret: the app must be able to tell our calls \
+                 from anyone's",
+            ),
+            (
+                self.webhook_url.is_none() && self.webhook_secret.is_some(),
+                "--webhook-secret is set without --webhook-url: no webhooks would be sent",
+            ),
+            (
+                self.webhook_secret.as_deref() == Some(""),
+                "--webhook-secret must not be empty",
+            ),
+            (
+                !(1..=MAX_WEBHOOK_QUEUE).contains(&self.webhook_queue),
+                "--webhook-queue must be between 1 and 10000000 events",
+            ),
+            (
+                !(1..=10_000).contains(&self.webhook_batch),
+                "--webhook-batch must be between 1 and 10000 events",
+            ),
+            (
+                self.webhook_timeout < Duration::from_millis(10),
+                "--webhook-timeout must be at least 10ms",
+            ),
+            (
+                self.webhook_retry_backoff.is_zero()
+                    || self.webhook_retry_backoff > Duration::from_secs(30),
+                "--webhook-retry-backoff must be more than 0s and at most 30s",
             ),
         ];
         if let Some((_, message)) = checks.iter().find(|(failed, _)| *failed) {
@@ -691,6 +783,13 @@ struct FileLayer {
     idle_timeout: Option<Scalar>,
     shutdown_delay: Option<Scalar>,
     drain_timeout: Option<Scalar>,
+    webhook_url: Option<Scalar>,
+    webhook_secret: Option<Scalar>,
+    webhook_queue: Option<Scalar>,
+    webhook_batch: Option<Scalar>,
+    webhook_timeout: Option<Scalar>,
+    webhook_retries: Option<Scalar>,
+    webhook_retry_backoff: Option<Scalar>,
     // Tables and lists that have no flag go below, typed with serde and read by whatever
     // they configure, not through clap: e.g. `#[serde(default)] proxy: Vec<ProxyFile>` for
     // `[[proxy]]`, or `pusher: Option<PusherFile>` for `[pusher]` and `[pusher.apps]`.
@@ -755,6 +854,13 @@ impl FileLayer {
             idle_timeout,
             shutdown_delay,
             drain_timeout,
+            webhook_url,
+            webhook_secret,
+            webhook_queue,
+            webhook_batch,
+            webhook_timeout,
+            webhook_retries,
+            webhook_retry_backoff,
         ]
     }
 }

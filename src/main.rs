@@ -121,7 +121,8 @@ fn main() -> ExitCode {
 }
 
 /// `roomcast check-config FILE`: everything the server would check at start-up (values,
-/// combinations, the JWT key and TLS files), then the effective configuration as TOML.
+/// combinations, the JWT key and TLS files, the webhook URL), then the effective configuration
+/// as TOML.
 fn check_config(file: PathBuf) -> ExitCode {
     let args = vec![
         OsString::from("roomcast"),
@@ -138,6 +139,12 @@ fn check_config(file: PathBuf) -> ExitCode {
     if let Err(error) = roomcast::admission::Admission::from_config(&config) {
         eprintln!("roomcast: {error}");
         return ExitCode::from(2);
+    }
+    if let Some(url) = &config.webhook_url {
+        if let Err(error) = roomcast::api::app_client::AppClient::parse_url(url) {
+            eprintln!("roomcast: --webhook-url {error}");
+            return ExitCode::from(2);
+        }
     }
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         if let Err(error) = roomcast::tls::acceptor(cert, key) {

@@ -65,6 +65,14 @@ pub struct Metrics {
     slow_consumers_closed: Counter,
     frames_dropped: Counter,
     proxy_calls: [[Counter; PROXY_OUTCOMES.len()]; PROXIES.len()],
+    /// `roomcast_webhook_events_total{outcome}`: queued (accepted by the queue), delivered (in a
+    /// batch answered 2xx), dropped (the queue was full, or its batch ran out of retries).
+    pub webhook_events_queued: Counter,
+    pub webhook_events_delivered: Counter,
+    pub webhook_events_dropped: Counter,
+    /// `roomcast_webhook_requests_total{outcome}`: POSTs answered 2xx, and attempts that failed.
+    pub webhook_requests_ok: Counter,
+    pub webhook_requests_failed: Counter,
 }
 
 impl Metrics {
@@ -106,6 +114,24 @@ impl Metrics {
             None,
             "Time to hand one broadcast or room message to every recipient's queue.".into(),
         );
+        recorder.describe_counter(
+            "roomcast_webhook_events_total".into(),
+            None,
+            "Webhook events by outcome: queued, delivered (a 2xx answer), dropped (queue full \
+             or retries exhausted)."
+                .into(),
+        );
+        recorder.describe_counter(
+            "roomcast_webhook_requests_total".into(),
+            None,
+            "Webhook POSTs by outcome: ok (2xx) or failed (another status, timeout, connection \
+             error; each retry counts)."
+                .into(),
+        );
+        let webhook_events =
+            |outcome| labelled("roomcast_webhook_events_total", "outcome", outcome);
+        let webhook_requests =
+            |outcome| labelled("roomcast_webhook_requests_total", "outcome", outcome);
         let refused = [
             "too_many_from_address",
             "server_full",
@@ -177,6 +203,11 @@ impl Metrics {
                 "roomcast_frames_dropped_total",
                 "Frames dropped for full outbound queues (--slow-consumer drop).",
             ),
+            webhook_events_queued: webhook_events("queued"),
+            webhook_events_delivered: webhook_events("delivered"),
+            webhook_events_dropped: webhook_events("dropped"),
+            webhook_requests_ok: webhook_requests("ok"),
+            webhook_requests_failed: webhook_requests("failed"),
             refused,
             proxy_calls,
             messages_in,

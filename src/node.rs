@@ -11,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::api::proxy::Proxies;
+use crate::api::webhooks::{EventKind, Webhooks};
 use crate::broker::{Broker, MemoryBroker};
 use crate::config::Config;
 use crate::heartbeat::CoarseClock;
-use crate::hub::Router;
+use crate::hub::{Member, Router};
 use crate::limits::SessionLimits;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxStats;
@@ -44,6 +45,9 @@ pub struct Node {
     /// The application's proxies (`--connect-proxy`, `--join-proxy`, `--publish-proxy`), when
     /// any is configured.
     pub proxies: Option<Arc<Proxies>>,
+    /// The webhooks' queue (`--webhook-url`), set by the server with the task that empties
+    /// it; `None` without webhooks. Emit through [`Node::webhook`].
+    pub webhooks: Option<Webhooks>,
 }
 
 impl Node {
@@ -64,6 +68,16 @@ impl Node {
             closing: CancellationToken::new(),
             ready: AtomicBool::new(true),
             close_reasons: DashMap::new(),
+            webhooks: None,
+        }
+    }
+
+    /// Tells the app (through the webhooks, if there are any) that `kind` happened to
+    /// `member`, in `room` for room events. Never waits; without webhooks, one branch.
+    #[inline]
+    pub fn webhook(&self, kind: EventKind, member: &Member, room: Option<&str>) {
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.emit(kind, member, room);
         }
     }
 }

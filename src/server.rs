@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, Permit, Refusal};
+use crate::api::webhooks::{WebhookSender, Webhooks};
 use crate::api::{self, closing, proxy};
 use crate::config::Config;
 use crate::handshake::{self, Prefixed};
@@ -87,6 +88,8 @@ pub struct Server {
     listeners: Vec<TcpListener>,
     local_addr: SocketAddr,
     ctx: Arc<Context>,
+    /// The task that delivers webhooks, started by `run`; `None` without `--webhook-url`.
+    webhook_sender: Option<WebhookSender>,
 }
 
 impl Server {
@@ -123,8 +126,18 @@ impl Server {
             ),
             _ => None,
         };
+        let mut node = Node::new(config, router, admission);
+        let webhook_sender = match Webhooks::from_config(&node.config, node.metrics.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
+        {
+            Some((webhooks, sender)) => {
+                node.webhooks = Some(webhooks);
+                Some(sender)
+            }
+            None => None,
+        };
         let ctx = Arc::new(Context {
-            node: Arc::new(Node::new(config, router, admission)),
+            node: Arc::new(node),
             tls,
             shutdown,
             tasks: TaskTracker::new(),
@@ -134,6 +147,7 @@ impl Server {
             listeners,
             local_addr,
             ctx,
+            webhook_sender,
         })
     }
 
@@ -150,12 +164,15 @@ impl Server {
     }
 
     /// Accepts and serves until the shutdown token is cancelled, then closes every client with
-    /// 1001 (Going Away), waits up to the drain timeout for them, and returns.
+    /// 1001 (Going Away), waits up to the drain timeout for them and, within the same deadline,
+    /// for the webhooks to deliver what they queued (the drained connections' last events
+    /// included), and returns.
     pub async fn run(self) {
         let Server {
             listeners,
             ctx,
             local_addr,
+            webhook_sender,
         } = self;
         info!(
             addr = %local_addr,
@@ -175,6 +192,13 @@ impl Server {
             ctx.node.closing.clone(),
         ));
         let upkeep = tokio::spawn(metrics_upkeep(ctx.clone()));
+        // Not stopped by `closing` like the tasks above: it delivers through the drain, and is
+        // told when no more events can come (`webhooks_done`).
+        let webhooks_done = CancellationToken::new();
+        let webhooks = webhook_sender.map(|sender| {
+            info!(host = sender.host(), "webhooks on");
+            tokio::spawn(sender.run(webhooks_done.clone()))
+        });
         let accept_loops = TaskTracker::new();
         for listener in listeners {
             accept_loops.spawn(accept_loop(listener, ctx.clone()));
@@ -207,7 +231,8 @@ impl Server {
         ctx.node.router.for_each_connection(&mut |connection| {
             connection.outbox().request_close(ws::session::going_away());
         });
-        if tokio::time::timeout(ctx.node.config.drain_timeout, ctx.tasks.wait())
+        let deadline = tokio::time::Instant::now() + ctx.node.config.drain_timeout;
+        if tokio::time::timeout_at(deadline, ctx.tasks.wait())
             .await
             .is_err()
         {
@@ -215,6 +240,22 @@ impl Server {
                 left = ctx.tasks.len(),
                 "drain timeout reached with connections still open"
             );
+        }
+        if let Some(mut webhooks) = webhooks {
+            // The drained connections have queued their member_left and client_disconnected:
+            // the sender delivers what is queued, within what is left of the drain's deadline.
+            webhooks_done.cancel();
+            if tokio::time::timeout_at(deadline, &mut webhooks)
+                .await
+                .is_err()
+            {
+                webhooks.abort();
+                let undelivered = ctx.node.webhooks.as_ref().map_or(0, Webhooks::undelivered);
+                warn!(
+                    undelivered,
+                    "drain timeout reached with webhook events undelivered"
+                );
+            }
         }
     }
 }

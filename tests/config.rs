@@ -364,3 +364,61 @@ fn options_that_go_together_may_come_from_different_layers() {
         "{error}"
     );
 }
+
+#[test]
+fn a_webhook_url_without_a_secret_is_refused() {
+    let error = load(args(&["--webhook-url", "https://app.example/hooks"])).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("--webhook-url needs --webhook-secret"),
+        "{error}"
+    );
+    let path = file("webhook-secret.toml", "webhook-secret = \"s\"\n");
+    let config = load(args(&[
+        "--webhook-url",
+        "https://app.example/hooks",
+        "--config",
+        path.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(config.webhook_secret.as_deref(), Some("s"));
+    assert_eq!(config.webhook_queue, 10_000);
+    assert_eq!(config.webhook_batch, 100);
+    assert_eq!(config.webhook_retries, 7);
+    assert_eq!(config.webhook_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(
+        config.webhook_retry_backoff,
+        std::time::Duration::from_millis(500)
+    );
+    for bad in [
+        ["--webhook-queue", "0"],
+        ["--webhook-queue", "18446744073709551615"],
+        ["--webhook-batch", "0"],
+        ["--webhook-retry-backoff", "0s"],
+    ] {
+        let mut all = bad.to_vec();
+        all.extend(["--webhook-url", "https://app.example/hooks"]);
+        all.extend(["--webhook-secret", "s"]);
+        let error = load(args(&all)).unwrap_err();
+        assert!(error.to_string().contains(bad[0]), "{bad:?}: {error}");
+    }
+    assert!(
+        !config.to_toml().contains("= \"s\""),
+        "the secret is redacted: {}",
+        config.to_toml()
+    );
+}
+
+#[test]
+fn check_config_refuses_a_webhook_url_that_is_not_http() {
+    let path = file(
+        "check-webhook.toml",
+        "webhook-url = \"ftp://app.example/hooks\"\nwebhook-secret = \"s\"\n",
+    );
+    let output = check_config(&path, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let error = String::from_utf8(output.stderr).unwrap();
+    assert!(error.contains("--webhook-url"), "{error}");
+    assert!(error.contains("http or https"), "{error}");
+}

@@ -36,6 +36,8 @@ async fn metrics_are_present_and_move_with_traffic() {
         "roomcast_slow_consumers_closed_total",
         "roomcast_frames_dropped_total",
         "roomcast_handshake_failures_total",
+        "roomcast_webhook_events_total",
+        "roomcast_webhook_requests_total",
     ] {
         assert!(
             before.contains(&format!("# TYPE {name} ")),

@@ -1,7 +1,8 @@
 //! The HTTP side of a node: every request that is not a WebSocket upgrade. Health
 //! ([`health`]), Prometheus metrics ([`metrics`]), the application's server API under `/api/`
 //! for `--api-key` holders ([`server_api`], [`stats`]), and the demo page ([`crate::web`]).
-//! Each answers from the [`Node`] alone, so the server only routes here.
+//! Each answers from the [`Node`] alone, so the server only routes here. The calls the other
+//! way, from the server to the app, are in [`app_client`] and [`webhooks`].
 
 pub mod app_client;
 pub mod health;
@@ -9,6 +10,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server_api;
 pub mod stats;
+pub mod webhooks;
 
 use bytes::Bytes;
 use http_body_util::Full;

@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 
 use crate::admission::RoomPolicy;
 use crate::api::proxy::{self, Forwarded, Proxies, Proxy, Verdict};
+use crate::api::webhooks::EventKind;
 use crate::broker::{Publication, Target};
 use crate::hub::{Joined, Member};
 use crate::limits::{self, Rate, RateLimiter};
@@ -98,6 +99,8 @@ pub struct Session {
     closing: bool,
     /// Only with `--join-proxy` or `--publish-proxy`. Boxed like `allowed_rooms`.
     app: Option<Box<AppLink>>,
+    /// Set by the first `disconnect`, which alone tells the webhooks.
+    disconnected: bool,
 }
 
 impl Session {
@@ -132,6 +135,7 @@ impl Session {
             metadata: metadata.unwrap_or_default(),
             closing: false,
             app,
+            disconnected: false,
         };
         if !session.metadata.is_empty() {
             let reply = protocol::metadata_updated(&session.metadata);
@@ -401,7 +405,9 @@ impl Session {
             if members == 1 {
                 // The room's first member on this node.
                 self.node.broker.subscribe(room);
+                self.webhook(EventKind::RoomOccupied, Some(room));
             }
+            self.webhook(EventKind::MemberJoined, Some(room));
             self.rooms.insert(Arc::from(room));
             // room_joined to the joiner, member_joined to the others.
             self.node
@@ -488,9 +494,16 @@ impl Session {
 
     /// After leaving `room` with `told` members told: the last local member out unsubscribes.
     fn left(&self, room: &str, told: usize) {
+        self.webhook(EventKind::MemberLeft, Some(room));
         if told == 0 {
             self.node.broker.unsubscribe(room);
+            self.webhook(EventKind::RoomVacated, Some(room));
         }
+    }
+
+    /// Tells the app, if webhooks are on, that `kind` happened to this connection.
+    fn webhook(&self, kind: EventKind, room: Option<&str>) {
+        self.node.webhook(kind, &self.member, room);
     }
 
     /// Leaves every room (members are told, as with `leave_room`) and the directory. Called
@@ -506,6 +519,9 @@ impl Session {
             }
         }
         self.node.router.disconnect(&self.member);
+        if !std::mem::replace(&mut self.disconnected, true) {
+            self.webhook(EventKind::ClientDisconnected, None);
+        }
     }
 }
 

@@ -41,6 +41,7 @@ use super::commands::Session;
 use super::frame::{Event, FrameError, FrameReader, PeerClose};
 use super::transport::Transport;
 use crate::admission::{Identity, Permit};
+use crate::api::webhooks::EventKind;
 use crate::hub::Member;
 use crate::node::Node;
 use crate::outbox::{self, CloseRequest, Outbox, OutboxReceiver};
@@ -361,6 +362,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
             outbox: own_outbox,
         };
         ctx.router.connect(&member);
+        ctx.webhook(EventKind::ClientConnected, &member, None);
         // A shutdown that began while this client was upgrading has not seen it in the
         // directory: close it here.
         if ctx.closing.is_cancelled() {
