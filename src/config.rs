@@ -37,6 +37,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
+use crate::broker::BrokerKind;
 use crate::outbox::SlowConsumerPolicy;
 use crate::telemetry::LogFormat;
 
@@ -124,6 +125,11 @@ pub struct Config {
         default_value_t = defaults::SOCKET_SEND_BUFFER
     )]
     pub socket_send_buffer: usize,
+
+    /// How publications reach the other nodes: `memory` (this node alone, nothing in between).
+    /// The seam for a backplane: a new broker is a new value here and a file in `src/broker/`.
+    #[arg(long, env = "ROOMCAST_BROKER", value_enum, default_value = "memory")]
+    pub broker: BrokerKind,
 
     /// What happens to a slow consumer whose outbound queue is full: `close` it with 1013
     /// (Try Again Later) or `drop` the frames it cannot take.
@@ -409,6 +415,7 @@ impl Config {
             outbound_queue: defaults::OUTBOUND_QUEUE,
             outbound_queue_bytes: defaults::OUTBOUND_QUEUE_BYTES,
             socket_send_buffer: defaults::SOCKET_SEND_BUFFER,
+            broker: BrokerKind::Memory,
             slow_consumer: SlowConsumerPolicy::Close,
             max_message_size: defaults::MAX_MESSAGE_SIZE,
             max_frame_size: defaults::MAX_FRAME_SIZE,
@@ -747,6 +754,7 @@ struct FileLayer {
     outbound_queue: Option<Scalar>,
     outbound_queue_bytes: Option<Scalar>,
     socket_send_buffer: Option<Scalar>,
+    broker: Option<Scalar>,
     slow_consumer: Option<Scalar>,
     max_message_size: Option<Scalar>,
     max_frame_size: Option<Scalar>,
@@ -818,6 +826,7 @@ impl FileLayer {
             outbound_queue,
             outbound_queue_bytes,
             socket_send_buffer,
+            broker,
             slow_consumer,
             max_message_size,
             max_frame_size,

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::Admission;
 use crate::api::proxy::Proxies;
 use crate::api::webhooks::{EventKind, Webhooks};
-use crate::broker::{Broker, MemoryBroker};
+use crate::broker::{self, Broker};
 use crate::config::Config;
 use crate::heartbeat::CoarseClock;
 use crate::hub::{Member, Router};
@@ -51,12 +51,12 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node for `config` delivering through `router`, with its admission policy built. The
-    /// broker is the in-memory one: this node alone.
+    /// A node for `config` delivering through `router`, with its admission policy built and
+    /// the broker `--broker` names.
     pub fn new(config: Config, router: Arc<dyn Router>, admission: Admission) -> Self {
         let metrics = Metrics::new();
         Self {
-            broker: Arc::new(MemoryBroker::new(router.clone())),
+            broker: broker::from_config(&config, router.clone()),
             proxies: Proxies::from_config(&config, metrics.clone()).map(Arc::new),
             metrics,
             clock: Arc::default(),

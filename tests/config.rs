@@ -422,3 +422,53 @@ fn check_config_refuses_a_webhook_url_that_is_not_http() {
     assert!(error.contains("--webhook-url"), "{error}");
     assert!(error.contains("http or https"), "{error}");
 }
+
+#[test]
+fn the_broker_is_chosen_by_one_switch_with_memory_the_default() {
+    let config = load(args(&[])).unwrap();
+    assert_eq!(config.broker, roomcast::broker::BrokerKind::Memory);
+    let path = file("broker.toml", "broker = \"memory\"\n");
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(config.broker, roomcast::broker::BrokerKind::Memory);
+    // A broker this build does not have is refused, naming the choices.
+    let path = file("no-such-broker.toml", "broker = \"carrier-pigeon\"\n");
+    let error = load(args(&["--config", path.to_str().unwrap()]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("broker") && error.contains("memory"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_proxies_are_read_from_the_file_with_their_timeout() {
+    let path = file(
+        "proxies.toml",
+        r#"
+        connect-proxy = "http://127.0.0.1:8000/roomcast/connect"
+        join-proxy = "https://app.example/roomcast/join"
+        publish-proxy = "http://app:8000/roomcast/publish"
+        proxy-timeout = "750ms"
+        "#,
+    );
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(
+        config.connect_proxy.as_deref(),
+        Some("http://127.0.0.1:8000/roomcast/connect")
+    );
+    assert_eq!(
+        config.join_proxy.as_deref(),
+        Some("https://app.example/roomcast/join")
+    );
+    assert_eq!(
+        config.publish_proxy.as_deref(),
+        Some("http://app:8000/roomcast/publish")
+    );
+    assert_eq!(config.proxy_timeout, std::time::Duration::from_millis(750));
+    let path = file("bad-proxy.toml", "publish-proxy = \"app:8000/publish\"\n");
+    let error = load(args(&["--config", path.to_str().unwrap()]))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("--publish-proxy"), "{error}");
+}

@@ -14,10 +14,30 @@
 
 mod memory;
 
-use crate::hub::{ConnId, RecipientNotFound};
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::hub::{ConnId, RecipientNotFound, Router};
 use crate::protocol::Body;
 
 pub use memory::MemoryBroker;
+
+/// Which broker a node runs (`--broker`): the one config switch a new broker adds a value to.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerKind {
+    /// This node alone: publications are delivered straight into its hub.
+    Memory,
+}
+
+/// The broker `config` asks for, delivering what it receives into `hub`.
+pub fn from_config(config: &Config, hub: Arc<dyn Router>) -> Arc<dyn Broker> {
+    match config.broker {
+        BrokerKind::Memory => Arc::new(MemoryBroker::new(hub)),
+    }
+}
 
 /// Who a publication is for.
 #[derive(Debug, Clone, Copy)]
