@@ -12,31 +12,8 @@ use tokio::net::TcpStream;
 
 const KEY: &str = "app-secret";
 
-/// One HTTP request; the status and the body parsed as JSON.
-async fn call(addr: SocketAddr, method: &str, path: &str, auth: &str, body: &str) -> (u16, Value) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let auth = if auth.is_empty() {
-        String::new()
-    } else {
-        format!("{auth}\r\n")
-    };
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(request.as_bytes()).await;
-    let mut response = Vec::new();
-    let _ = tokio::time::timeout(common::EXPECT, stream.read_to_end(&mut response)).await;
-    let text = String::from_utf8_lossy(&response);
-    let status = common::status(&text);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    let json = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {text}"));
-    (status, json)
-}
-
 async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
-    call(
+    common::http_json(
         addr,
         "POST",
         path,
@@ -68,7 +45,7 @@ async fn next_text(client: &mut Client) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_is_404_without_a_key_configured() {
     let server = start_server().await;
-    let (status, body) = call(server.addr, "POST", "/api/publish", "", "{}").await;
+    let (status, body) = common::http_json(server.addr, "POST", "/api/publish", "", "{}").await;
     assert_eq!(status, 404);
     assert_eq!(body["error"], "not found");
 }
@@ -83,12 +60,14 @@ async fn a_missing_or_wrong_key_is_401_and_both_key_headers_work() {
         "X-API-Key: app-secre",
         "Authorization: app-secret",
     ] {
-        let (status, reply) = call(server.addr, "POST", "/api/publish", auth, &body).await;
+        let (status, reply) =
+            common::http_json(server.addr, "POST", "/api/publish", auth, &body).await;
         assert_eq!(status, 401, "{auth}");
         assert_eq!(reply["error"], "API key required");
     }
     for auth in ["Authorization: Bearer app-secret", "X-API-Key: app-secret"] {
-        let (status, reply) = call(server.addr, "POST", "/api/publish", auth, &body).await;
+        let (status, reply) =
+            common::http_json(server.addr, "POST", "/api/publish", auth, &body).await;
         assert_eq!(status, 200, "{auth}: {reply}");
         assert_eq!(reply, json!({"delivered": 0}));
     }
@@ -101,7 +80,7 @@ async fn publish_reaches_every_member_as_a_room_message_from_server_verbatim() {
     let mut outsider = Client::connect(&server).await;
     let body = r#"{"room":"orders","message":{"order":42,"total":1E3}}"#;
     let auth = format!("Authorization: Bearer {KEY}");
-    let (status, reply) = call(server.addr, "POST", "/api/publish", &auth, body).await;
+    let (status, reply) = common::http_json(server.addr, "POST", "/api/publish", &auth, body).await;
     assert_eq!((status, reply), (200, json!({"delivered": 2})));
     for member in [&mut a, &mut b] {
         let text = next_text(member).await;
@@ -186,7 +165,8 @@ async fn send_reaches_one_client_and_an_unknown_recipient_is_404() {
 async fn a_malformed_body_is_400_saying_what_is_wrong() {
     let server = api_server().await;
     let auth = format!("Authorization: Bearer {KEY}");
-    let (status, reply) = call(server.addr, "POST", "/api/publish", &auth, "{not json").await;
+    let (status, reply) =
+        common::http_json(server.addr, "POST", "/api/publish", &auth, "{not json").await;
     assert_eq!(status, 400);
     assert!(
         reply["error"].as_str().unwrap().starts_with("invalid body"),
@@ -236,7 +216,7 @@ async fn rooms_lists_rooms_with_member_counts_filtered_by_prefix() {
     c.join("team:2").await;
     c.join("lobby").await;
     let auth = format!("Authorization: Bearer {KEY}");
-    let (status, reply) = call(server.addr, "GET", "/api/rooms", &auth, "").await;
+    let (status, reply) = common::http_json(server.addr, "GET", "/api/rooms", &auth, "").await;
     assert_eq!(status, 200);
     assert_eq!(
         reply,
@@ -246,7 +226,8 @@ async fn rooms_lists_rooms_with_member_counts_filtered_by_prefix() {
             {"room": "team:2", "members": 1},
         ]})
     );
-    let (_, reply) = call(server.addr, "GET", "/api/rooms?prefix=team%3A", &auth, "").await;
+    let (_, reply) =
+        common::http_json(server.addr, "GET", "/api/rooms?prefix=team%3A", &auth, "").await;
     assert_eq!(
         reply,
         json!({"rooms": [{"room": "team:1", "members": 2}, {"room": "team:2", "members": 1}]})
@@ -308,7 +289,8 @@ async fn a_rooms_presence_lists_each_member_with_its_metadata_as_sent() {
         a.id, b.id
     );
     assert_eq!(body, expected);
-    let (status, reply) = call(server.addr, "GET", "/api/rooms/nowhere", &auth, "").await;
+    let (status, reply) =
+        common::http_json(server.addr, "GET", "/api/rooms/nowhere", &auth, "").await;
     assert_eq!(
         (status, reply["error"].as_str()),
         (404, Some("Room does not exist"))

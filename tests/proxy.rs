@@ -128,15 +128,10 @@ async fn connect_proxy_gives_the_apps_user_id_metadata_and_rooms_to_a_client_wit
 }
 
 async fn api_get(server: &common::TestServer, path: &str) -> Value {
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    let body = answer.split_once("\r\n\r\n").unwrap().1;
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
+    let auth = format!("Authorization: Bearer {KEY}");
+    let (status, body) = common::http_json(server.addr, "GET", path, &auth, "").await;
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 #[tokio::test]

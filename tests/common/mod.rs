@@ -62,6 +62,35 @@ pub fn status(response: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP response: {response}"))
 }
 
+/// One HTTP request; the status and the body parsed as JSON.
+pub async fn http_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: &str,
+    body: &str,
+) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let auth = if auth.is_empty() {
+        String::new()
+    } else {
+        format!("{auth}\r\n")
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(EXPECT, stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    let status = status(&text);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    let json = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, json)
+}
+
 /// How long a test waits for a message it expects.
 pub const EXPECT: Duration = Duration::from_secs(5);
 /// How long a test watches for a message that must NOT arrive (the seed's silences).
