@@ -126,11 +126,6 @@ pub struct Config {
     )]
     pub socket_send_buffer: usize,
 
-    /// How publications reach the other nodes: `memory` (this node alone, nothing in between).
-    /// The seam for a backplane: a new broker is a new value here and a file in `src/broker/`.
-    #[arg(long, env = "ROOMCAST_BROKER", value_enum, default_value = "memory")]
-    pub broker: BrokerKind,
-
     /// What happens to a slow consumer whose outbound queue is full: `close` it with 1013
     /// (Try Again Later) or `drop` the frames it cannot take.
     #[arg(
@@ -405,6 +400,12 @@ fn duration(text: &str) -> Duration {
 }
 
 impl Config {
+    /// Which broker the node runs. Today only the memory broker exists; a backplane's option
+    /// (its URL) will select its broker here, the one place that decides.
+    pub fn broker(&self) -> BrokerKind {
+        BrokerKind::Memory
+    }
+
     /// The defaults, listening on `listen`: what tests and embedders start from.
     pub fn with_listen(listen: SocketAddr) -> Self {
         Self {
@@ -415,7 +416,6 @@ impl Config {
             outbound_queue: defaults::OUTBOUND_QUEUE,
             outbound_queue_bytes: defaults::OUTBOUND_QUEUE_BYTES,
             socket_send_buffer: defaults::SOCKET_SEND_BUFFER,
-            broker: BrokerKind::Memory,
             slow_consumer: SlowConsumerPolicy::Close,
             max_message_size: defaults::MAX_MESSAGE_SIZE,
             max_frame_size: defaults::MAX_FRAME_SIZE,
@@ -754,7 +754,6 @@ struct FileLayer {
     outbound_queue: Option<Scalar>,
     outbound_queue_bytes: Option<Scalar>,
     socket_send_buffer: Option<Scalar>,
-    broker: Option<Scalar>,
     slow_consumer: Option<Scalar>,
     max_message_size: Option<Scalar>,
     max_frame_size: Option<Scalar>,
@@ -826,7 +825,6 @@ impl FileLayer {
             outbound_queue,
             outbound_queue_bytes,
             socket_send_buffer,
-            broker,
             slow_consumer,
             max_message_size,
             max_frame_size,

@@ -179,7 +179,7 @@ impl Server {
             tls = ctx.tls.is_some(),
             workers = listeners.len(),
             max_connections = ctx.node.admission.max_connections(),
-            broker = ?ctx.node.config.broker,
+            broker = ?ctx.node.config.broker(),
             "roomcast listening"
         );
         let heartbeat = tokio::spawn(heartbeat::run(

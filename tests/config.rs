@@ -424,24 +424,6 @@ fn check_config_refuses_a_webhook_url_that_is_not_http() {
 }
 
 #[test]
-fn the_broker_is_chosen_by_one_switch_with_memory_the_default() {
-    let config = load(args(&[])).unwrap();
-    assert_eq!(config.broker, roomcast::broker::BrokerKind::Memory);
-    let path = file("broker.toml", "broker = \"memory\"\n");
-    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
-    assert_eq!(config.broker, roomcast::broker::BrokerKind::Memory);
-    // A broker this build does not have is refused, naming the choices.
-    let path = file("no-such-broker.toml", "broker = \"carrier-pigeon\"\n");
-    let error = load(args(&["--config", path.to_str().unwrap()]))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains("broker") && error.contains("memory"),
-        "{error}"
-    );
-}
-
-#[test]
 fn the_proxies_are_read_from_the_file_with_their_timeout() {
     let path = file(
         "proxies.toml",

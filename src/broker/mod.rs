@@ -22,11 +22,9 @@ use crate::protocol::Body;
 
 pub use memory::MemoryBroker;
 
-/// Which broker a node runs (`--broker`): the one config switch a new broker adds a value to.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
-)]
-#[serde(rename_all = "kebab-case")]
+/// Which broker a node runs, as [`Config::broker`] decides from the configuration: a new
+/// broker is a variant here, a file beside `memory.rs`, and the option that selects it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BrokerKind {
     /// This node alone: publications are delivered straight into its hub.
     Memory,
@@ -34,7 +32,7 @@ pub enum BrokerKind {
 
 /// The broker `config` asks for, delivering what it receives into `hub`.
 pub fn from_config(config: &Config, hub: Arc<dyn Router>) -> Arc<dyn Broker> {
-    match config.broker {
+    match config.broker() {
         BrokerKind::Memory => Arc::new(MemoryBroker::new(hub)),
     }
 }
