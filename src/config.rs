@@ -68,6 +68,7 @@ pub mod defaults {
     pub const MAX_PENDING_HANDSHAKES: usize = 10_000;
     pub const MAX_REQUEST_HEAD_SIZE: usize = 8 * 1024;
     pub const PROXY_TIMEOUT: &str = "2s";
+    pub const REDIS_PREFIX: &str = "roomcast";
     pub const WEBHOOK_QUEUE: usize = 10_000;
     pub const WEBHOOK_BATCH: usize = 100;
     pub const WEBHOOK_TIMEOUT: &str = "5s";
@@ -261,6 +262,18 @@ pub struct Config {
     #[serde(serialize_with = "redacted")]
     pub api_key: Option<String>,
 
+    /// Redis that nodes share rooms and broadcasts through (`redis://[:password@]host:port/db`):
+    /// set it on every node behind the load balancer. Default: none, this node alone. Cost: one
+    /// envelope published per room message or broadcast, one subscription per room with local
+    /// members.
+    #[arg(long, env = "ROOMCAST_REDIS", hide_env_values = true)]
+    #[serde(serialize_with = "redacted")]
+    pub redis: Option<String>,
+
+    /// Prefix of every Redis channel and key, so several deployments can share one Redis.
+    #[arg(long, env = "ROOMCAST_REDIS_PREFIX", default_value = defaults::REDIS_PREFIX)]
+    pub redis_prefix: String,
+
     /// The application's URL that authorizes each upgrade: roomcast POSTs the client's address,
     /// its cookie, authorization, origin and user-agent headers and its query, and a 200
     /// answer's `user_id`, `metadata` and `rooms` become the connection's; 401 or 403 refuse the
@@ -400,10 +413,13 @@ fn duration(text: &str) -> Duration {
 }
 
 impl Config {
-    /// Which broker the node runs. Today only the memory broker exists; a backplane's option
-    /// (its URL) will select its broker here, the one place that decides.
+    /// Which broker the node runs: Redis with `--redis`, else the memory broker. A backplane's
+    /// option (its URL) selects its broker here, the one place that decides.
     pub fn broker(&self) -> BrokerKind {
-        BrokerKind::Memory
+        match self.redis {
+            Some(_) => BrokerKind::Redis,
+            None => BrokerKind::Memory,
+        }
     }
 
     /// The defaults, listening on `listen`: what tests and embedders start from.
@@ -440,6 +456,8 @@ impl Config {
             max_request_head_size: defaults::MAX_REQUEST_HEAD_SIZE,
             trusted_proxies: Vec::new(),
             api_key: None,
+            redis: None,
+            redis_prefix: defaults::REDIS_PREFIX.to_owned(),
             connect_proxy: None,
             join_proxy: None,
             publish_proxy: None,
@@ -597,6 +615,12 @@ impl Config {
         if let Some((_, message)) = checks.iter().find(|(failed, _)| *failed) {
             return Err(ConfigError::Invalid(message));
         }
+        if let Some(url) = &self.redis {
+            crate::broker::check_redis_url(url).map_err(ConfigError::Redis)?;
+        }
+        if self.redis_prefix.is_empty() {
+            return Err(ConfigError::Invalid("--redis-prefix must not be empty"));
+        }
         if self.proxy_timeout.is_zero() {
             return Err(ConfigError::Invalid("--proxy-timeout must be more than 0s"));
         }
@@ -622,6 +646,9 @@ pub enum ConfigError {
     Invalid(&'static str),
     #[error("{path}: {reason}")]
     File { path: String, reason: String },
+    /// A `--redis` URL that cannot be opened.
+    #[error("invalid configuration: --redis {0}")]
+    Redis(crate::broker::BadRedisUrl),
     /// A URL of the application that cannot be called.
     #[error("invalid configuration: {flag} {error}")]
     Url {
@@ -778,6 +805,8 @@ struct FileLayer {
     max_request_head_size: Option<Scalar>,
     trusted_proxies: Option<List>,
     api_key: Option<Scalar>,
+    redis: Option<Scalar>,
+    redis_prefix: Option<Scalar>,
     connect_proxy: Option<Scalar>,
     join_proxy: Option<Scalar>,
     publish_proxy: Option<Scalar>,
@@ -849,6 +878,8 @@ impl FileLayer {
             max_request_head_size,
             trusted_proxies,
             api_key,
+            redis,
+            redis_prefix,
             connect_proxy,
             join_proxy,
             publish_proxy,

@@ -65,6 +65,10 @@ pub struct Metrics {
     slow_consumers_closed: Counter,
     frames_dropped: Counter,
     proxy_calls: [[Counter; PROXY_OUTCOMES.len()]; PROXIES.len()],
+    /// 1 while the Redis broker's subscription connection is up (0 without Redis).
+    pub redis_connected: Gauge,
+    /// Publications for the other nodes that could not be handed to Redis.
+    pub redis_publish_dropped: Counter,
     /// `roomcast_webhook_events_total{outcome}`: queued (accepted by the queue), delivered (in a
     /// batch answered 2xx), dropped (the queue was full, or its batch ran out of retries).
     pub webhook_events_queued: Counter,
@@ -208,6 +212,14 @@ impl Metrics {
             webhook_events_dropped: webhook_events("dropped"),
             webhook_requests_ok: webhook_requests("ok"),
             webhook_requests_failed: webhook_requests("failed"),
+            redis_connected: gauge(
+                "roomcast_redis_connected",
+                "1 while the Redis broker is subscribed (0 when down or without --redis).",
+            ),
+            redis_publish_dropped: counter(
+                "roomcast_redis_publish_dropped_total",
+                "Publications for other nodes dropped: Redis unreachable or too slow.",
+            ),
             refused,
             proxy_calls,
             messages_in,

@@ -56,7 +56,7 @@ impl Node {
     pub fn new(config: Config, router: Arc<dyn Router>, admission: Admission) -> Self {
         let metrics = Metrics::new();
         Self {
-            broker: broker::from_config(&config, router.clone()),
+            broker: broker::from_config(&config, router.clone(), metrics.clone()),
             proxies: Proxies::from_config(&config, metrics.clone()).map(Arc::new),
             metrics,
             clock: Arc::default(),

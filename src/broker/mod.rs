@@ -13,14 +13,17 @@
 //! sessions or the API changes with it. Membership (rooms, counts) stays in the hub.
 
 mod memory;
+mod redis;
 
 use std::sync::Arc;
 
 use crate::config::Config;
 use crate::hub::{ConnId, RecipientNotFound, Router};
+use crate::metrics::Metrics;
 use crate::protocol::Body;
 
 pub use memory::MemoryBroker;
+pub use redis::{check_url as check_redis_url, BadRedisUrl, RedisBroker};
 
 /// Which broker a node runs, as [`Config::broker`] decides from the configuration: a new
 /// broker is a variant here, a file beside `memory.rs`, and the option that selects it.
@@ -28,12 +31,22 @@ pub use memory::MemoryBroker;
 pub enum BrokerKind {
     /// This node alone: publications are delivered straight into its hub.
     Memory,
+    /// Nodes sharing rooms through Redis pub/sub (`--redis`).
+    Redis,
 }
 
-/// The broker `config` asks for, delivering what it receives into `hub`.
-pub fn from_config(config: &Config, hub: Arc<dyn Router>) -> Arc<dyn Broker> {
-    match config.broker() {
-        BrokerKind::Memory => Arc::new(MemoryBroker::new(hub)),
+/// The broker `config` asks for, delivering what it receives into `hub`. Within the runtime:
+/// a backplane's broker starts its tasks here.
+pub fn from_config(
+    config: &Config,
+    hub: Arc<dyn Router>,
+    metrics: Arc<Metrics>,
+) -> Arc<dyn Broker> {
+    match (config.broker(), &config.redis) {
+        (BrokerKind::Redis, Some(url)) => {
+            Arc::new(RedisBroker::start(url, &config.redis_prefix, hub, metrics))
+        }
+        _ => Arc::new(MemoryBroker::new(hub)),
     }
 }
 

@@ -1,0 +1,488 @@
+//! The Redis broker (`--redis URL`): nodes behind a load balancer share rooms and broadcasts
+//! through Redis pub/sub.
+//!
+//! How a publication travels, and why this way:
+//! - **Local members first, synchronously.** The sending node delivers to its own recipients
+//!   straight into its hub, exactly as the memory broker does, then hands one encoded envelope
+//!   to Redis for the other nodes. Local members keep the single-node semantics to the letter
+//!   (who receives what, in which order relative to joins and leaves) and pay no round trip to
+//!   Redis; a node whose Redis is down still serves its own clients.
+//! - **Once across Redis, once encoded per receiving node.** The envelope (origin node, target,
+//!   sender, timestamp, the message's raw JSON) is serialized once per publication; each node
+//!   that receives it decodes it once and its hub encodes the wire frame once for all its
+//!   recipients. A node skips envelopes it sent itself (pub/sub hands them back once).
+//! - **Subscribed only where needed.** A node subscribes to a room's channel while it has local
+//!   members (the hub tells it of the first join and the last leave; calls are counted, as they
+//!   can interleave) and to the broadcast channel always.
+//! - **Order.** One sender's publications go out on one connection in order, and Redis keeps a
+//!   channel's order, so every node sees one sender's messages in the order sent. A room has no
+//!   single total order across nodes: two senders on two nodes may be seen in different orders
+//!   on their own nodes (one total order would cost every local delivery a Redis round trip).
+//! - **Faults.** Publishing goes through a bounded queue to one task that pipelines `PUBLISH`es
+//!   on a reconnecting connection; when Redis is unreachable or the queue is full, publications
+//!   for the other nodes are dropped and counted (local delivery is unaffected). The subscriber
+//!   task reconnects with backoff and subscribes again to every room it has members in. Each
+//!   change of state is logged and shown in `roomcast_redis_connected`.
+//!
+//! Not yet across nodes (the next steps of the cluster issue): private messages and
+//! `/api/send` reach clients on this node only; member counts, presence and webhooks' room
+//! events are per node.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{Broker, Publication, Target};
+use crate::hub::{RecipientNotFound, Router};
+use crate::metrics::Metrics;
+use crate::protocol::Body;
+
+/// Publications waiting for the publisher task; beyond this (Redis slow or down) they are
+/// dropped for the other nodes.
+const PUBLISH_QUEUE: usize = 65_536;
+
+/// `PUBLISH`es sent in one pipeline, one round trip.
+const PIPELINE: usize = 256;
+
+/// Reconnection backoff: from the first, doubling up to the last.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// How long connecting to Redis, and one round trip, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A URL `--redis` cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadRedisUrl(String);
+
+/// Checks `url` the way the broker will open it.
+pub fn check_url(url: &str) -> Result<(), BadRedisUrl> {
+    redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| BadRedisUrl(e.to_string()))
+}
+
+/// What the subscriber task is asked to change.
+enum Control {
+    Subscribe(Arc<str>),
+    Unsubscribe(Arc<str>),
+}
+
+/// One publication on its way between nodes.
+#[derive(Serialize, Deserialize)]
+struct Envelope<'a> {
+    /// The node that published it.
+    #[serde(rename = "n")]
+    node: u64,
+    /// `r` a room, `b` everyone.
+    #[serde(rename = "k")]
+    kind: char,
+    /// The room.
+    #[serde(rename = "t", borrow, default)]
+    target: Cow<'a, str>,
+    #[serde(rename = "f", borrow)]
+    from: Cow<'a, str>,
+    #[serde(rename = "ts")]
+    timestamp: u64,
+    #[serde(rename = "m", borrow)]
+    message: Message<'a>,
+}
+
+/// A message body inside an envelope: raw JSON, as it will be relayed (a server's text,
+/// written as a JSON string).
+enum Message<'a> {
+    Raw(&'a RawValue),
+    Owned(Box<RawValue>),
+}
+
+impl Message<'_> {
+    fn raw(&self) -> &RawValue {
+        match self {
+            Message::Raw(raw) => raw,
+            Message::Owned(owned) => owned,
+        }
+    }
+}
+
+impl Serialize for Message<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.raw().serialize(serializer)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(deserializer).map(Message::Raw)
+    }
+}
+
+/// Channel names under `--redis-prefix`.
+struct Channels {
+    prefix: String,
+}
+
+impl Channels {
+    fn room(&self, room: &str) -> String {
+        format!("{}:room:{room}", self.prefix)
+    }
+
+    fn broadcast(&self) -> String {
+        format!("{}:broadcast", self.prefix)
+    }
+
+    /// The room of a room channel's name, if it is one.
+    fn room_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":room:")
+    }
+}
+
+/// The broker: local delivery, plus Redis for the other nodes.
+pub struct RedisBroker {
+    hub: Arc<dyn Router>,
+    /// This node's id in envelopes, random per process.
+    node: u64,
+    channels: Arc<Channels>,
+    publish: mpsc::Sender<(String, Bytes)>,
+    control: mpsc::UnboundedSender<Control>,
+    /// Rooms with local members, counted by subscribe and unsubscribe calls: the subscriber
+    /// task resubscribes to these after a reconnection.
+    rooms: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisBroker {
+    /// Connects lazily: the tasks start now and reach Redis when it answers; meanwhile local
+    /// delivery works. Must be called within the tokio runtime.
+    pub fn start(url: &str, prefix: &str, hub: Arc<dyn Router>, metrics: Arc<Metrics>) -> Self {
+        let client = redis::Client::open(url).expect("checked by Config::validate");
+        let node = rand::random::<u64>();
+        let channels = Arc::new(Channels {
+            prefix: prefix.to_owned(),
+        });
+        let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
+        let (control, commands) = mpsc::unbounded_channel();
+        let rooms = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(publisher(client.clone(), queue, metrics.clone()));
+        tokio::spawn(subscriber(Subscriber {
+            client,
+            node,
+            channels: channels.clone(),
+            commands,
+            rooms: rooms.clone(),
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+        }));
+        info!(
+            node = format_args!("{node:016x}"),
+            prefix, "redis broker started"
+        );
+        Self {
+            hub,
+            node,
+            channels,
+            publish,
+            control,
+            rooms,
+            metrics,
+        }
+    }
+
+    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, usize>> {
+        // The map is a few counters changed in single steps: a panic elsewhere leaves it
+        // consistent.
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands the envelope of `publication` to the publisher task.
+    fn send_to_other_nodes(&self, publication: &Publication<'_>) {
+        let (kind, target, channel) = match publication.target {
+            Target::Room(room) => ('r', room, self.channels.room(room)),
+            Target::Everyone => ('b', "", self.channels.broadcast()),
+            // Not across nodes yet: see the module documentation.
+            Target::Recipient(_) => return,
+        };
+        let message = match &publication.message {
+            Body::Raw(raw) => Message::Raw(raw),
+            Body::Text(text) => {
+                Message::Owned(serde_json::value::to_raw_value(text).expect("a string serializes"))
+            }
+        };
+        let envelope = Envelope {
+            node: self.node,
+            kind,
+            target: Cow::Borrowed(target),
+            from: Cow::Borrowed(publication.from),
+            timestamp: publication.timestamp,
+            message,
+        };
+        let payload = serde_json::to_vec(&envelope).expect("an envelope serializes");
+        if self
+            .publish
+            .try_send((channel, Bytes::from(payload)))
+            .is_err()
+        {
+            self.metrics.redis_publish_dropped.increment(1);
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, publication: &Publication<'_>) -> Result<usize, RecipientNotFound> {
+        let local = self.hub.deliver(publication);
+        self.send_to_other_nodes(publication);
+        local
+    }
+
+    fn subscribe(&self, room: &str) {
+        let mut rooms = self.rooms();
+        let count = rooms.entry(Arc::from(room)).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            let _ = self.control.send(Control::Subscribe(Arc::from(room)));
+        }
+    }
+
+    fn unsubscribe(&self, room: &str) {
+        let mut rooms = self.rooms();
+        let Some(count) = rooms.get_mut(room) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            rooms.remove(room);
+            let _ = self.control.send(Control::Unsubscribe(Arc::from(room)));
+        }
+    }
+}
+
+fn next_backoff(backoff: Duration) -> Duration {
+    (backoff * 2).min(BACKOFF_MAX)
+}
+
+/// Sends queued envelopes, many `PUBLISH`es per round trip, until the broker is dropped.
+async fn publisher(
+    client: redis::Client,
+    mut queue: mpsc::Receiver<(String, Bytes)>,
+    metrics: Arc<Metrics>,
+) {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_response_timeout(RESPONSE_TIMEOUT);
+    let mut connection: Option<ConnectionManager> = None;
+    let mut backoff = BACKOFF_FIRST;
+    let mut batch = Vec::with_capacity(PIPELINE);
+    loop {
+        if connection.is_none() {
+            match client
+                .get_connection_manager_with_config(config.clone())
+                .await
+            {
+                Ok(manager) => {
+                    backoff = BACKOFF_FIRST;
+                    connection = Some(manager);
+                }
+                Err(error) => {
+                    debug!(%error, "redis publisher cannot connect yet");
+                    // What waited meanwhile cannot be sent: drop it, counted, and try again.
+                    let mut dropped = 0;
+                    while queue.try_recv().is_ok() {
+                        dropped += 1;
+                    }
+                    metrics.redis_publish_dropped.increment(dropped);
+                    if queue.is_closed() && queue.is_empty() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = next_backoff(backoff);
+                    continue;
+                }
+            }
+        }
+        if queue.recv_many(&mut batch, PIPELINE).await == 0 {
+            return; // the broker is gone
+        }
+        let mut pipe = redis::pipe();
+        for (channel, payload) in &batch {
+            pipe.cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload.as_ref())
+                .ignore();
+        }
+        let manager = connection.as_mut().expect("connected above");
+        if let Err(error) = pipe.query_async::<()>(manager).await {
+            // The manager reconnects by itself on the next command.
+            debug!(%error, publications = batch.len(), "redis publish failed");
+            metrics.redis_publish_dropped.increment(batch.len() as u64);
+        }
+        batch.clear();
+    }
+}
+
+/// The subscriber task's state.
+struct Subscriber {
+    client: redis::Client,
+    node: u64,
+    channels: Arc<Channels>,
+    commands: mpsc::UnboundedReceiver<Control>,
+    rooms: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    hub: Arc<dyn Router>,
+    metrics: Arc<Metrics>,
+}
+
+/// Why a subscription connection ended.
+enum Ended {
+    /// The broker was dropped: stop.
+    BrokerGone,
+    /// The connection failed: connect again.
+    Lost,
+}
+
+/// Keeps one pub/sub connection subscribed to the broadcast channel and every room with local
+/// members, delivering what arrives into the hub; reconnects with backoff.
+async fn subscriber(mut state: Subscriber) {
+    let mut backoff = BACKOFF_FIRST;
+    let mut warned = false;
+    loop {
+        let connected =
+            tokio::time::timeout(CONNECT_TIMEOUT, state.client.get_async_pubsub()).await;
+        let pubsub = match connected {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(error)) => {
+                if !warned {
+                    warn!(%error, "redis unreachable: serving local clients only, retrying");
+                    warned = true;
+                }
+                if !wait_or_stop(&mut state, backoff).await {
+                    return;
+                }
+                backoff = next_backoff(backoff);
+                continue;
+            }
+            Err(_) => {
+                if !warned {
+                    warn!("redis connection timed out: serving local clients only, retrying");
+                    warned = true;
+                }
+                if !wait_or_stop(&mut state, backoff).await {
+                    return;
+                }
+                backoff = next_backoff(backoff);
+                continue;
+            }
+        };
+        match serve(&mut state, pubsub).await {
+            Ended::BrokerGone => return,
+            Ended::Lost => {
+                state.metrics.redis_connected.set(0.0);
+                warn!("redis connection lost: serving local clients only, reconnecting");
+                warned = true;
+                backoff = BACKOFF_FIRST;
+            }
+        }
+    }
+}
+
+/// Sleeps `backoff` while dropping subscription changes (the room map is the truth, read again
+/// on connecting); false when the broker is gone.
+async fn wait_or_stop(state: &mut Subscriber, backoff: Duration) -> bool {
+    let sleep = tokio::time::sleep(backoff);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return true,
+            command = state.commands.recv() => if command.is_none() { return false },
+        }
+    }
+}
+
+/// Subscribes, then delivers and follows subscription changes until the connection ends.
+async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
+    let (mut sink, mut stream) = pubsub.split();
+    // Changes queued before this point are in the map already.
+    while state.commands.try_recv().is_ok() {}
+    let rooms: Vec<String> = {
+        let map = state.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().map(|room| state.channels.room(room)).collect()
+    };
+    if sink.subscribe(state.channels.broadcast()).await.is_err() {
+        return Ended::Lost;
+    }
+    for chunk in rooms.chunks(512) {
+        if sink.subscribe(chunk).await.is_err() {
+            return Ended::Lost;
+        }
+    }
+    state.metrics.redis_connected.set(1.0);
+    info!(rooms = rooms.len(), "redis connected: subscribed");
+    loop {
+        tokio::select! {
+            command = state.commands.recv() => {
+                let Some(command) = command else { return Ended::BrokerGone };
+                // Acted on as the map says now: a subscribe overtaken by the room's last leave
+                // (or the reverse) settles on the map's state.
+                let (room, wanted) = match command {
+                    Control::Subscribe(room) | Control::Unsubscribe(room) => {
+                        let map = state.rooms.lock().unwrap_or_else(|e| e.into_inner());
+                        let wanted = map.contains_key(&room);
+                        (room, wanted)
+                    }
+                };
+                let channel = state.channels.room(&room);
+                let done = if wanted {
+                    sink.subscribe(channel).await
+                } else {
+                    sink.unsubscribe(channel).await
+                };
+                if done.is_err() {
+                    return Ended::Lost;
+                }
+            }
+            message = stream.next() => {
+                let Some(message) = message else { return Ended::Lost };
+                deliver(state, message.get_channel_name(), message.get_payload_bytes());
+            }
+        }
+    }
+}
+
+/// Delivers one envelope from another node into the local hub.
+fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
+    let envelope: Envelope<'_> = match serde_json::from_slice(payload) {
+        Ok(envelope) => envelope,
+        Err(error) => {
+            debug!(channel, %error, "not a roomcast envelope: ignored");
+            return;
+        }
+    };
+    if envelope.node == state.node {
+        return; // our own, delivered locally when published
+    }
+    let target = match envelope.kind {
+        'r' => match state.channels.room_of(channel) {
+            Some(room) if room == envelope.target => Target::Room(room),
+            _ => return,
+        },
+        'b' => Target::Everyone,
+        _ => return,
+    };
+    let _ = state.hub.deliver(&Publication {
+        target,
+        from: &envelope.from,
+        message: Body::Raw(envelope.message.raw()),
+        timestamp: envelope.timestamp,
+        except: None,
+    });
+}

@@ -1,0 +1,214 @@
+//! Several nodes on one Redis (`--redis`): room messages and broadcasts reach members on every
+//! node, exactly once, without the sender; the server API publishes from any node; a node
+//! subscribes to a room only while it has members; Redis going away and coming back empty.
+//! Each test starts its own redis-server on a free port and three roomcast nodes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::RedisServer;
+use common::{http_json, start_server_with, Client, TestServer, EXPECT};
+use serde_json::json;
+
+const KEY: &str = "cluster-key";
+
+async fn nodes(redis: &RedisServer, count: usize) -> Vec<TestServer> {
+    let mut nodes = Vec::new();
+    for _ in 0..count {
+        let url = redis.url();
+        nodes.push(
+            start_server_with(|config| {
+                config.redis = Some(url);
+                config.api_key = Some(KEY.into());
+            })
+            .await,
+        );
+    }
+    // Every node subscribes to the broadcast channel once connected.
+    redis
+        .wait_for_subscribers("roomcast:broadcast", count)
+        .await;
+    nodes
+}
+
+/// Joins `room` and reads what the join sends back (room_joined) to this client.
+async fn join(client: &mut Client, room: &str) {
+    assert_eq!(client.join(room).await["type"], "room_joined");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_message_reaches_its_members_on_every_node_once_and_not_the_sender() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut sender = Client::connect(&nodes[0]).await;
+    let mut same_node = Client::connect(&nodes[0]).await;
+    let mut on_b = Client::connect(&nodes[1]).await;
+    let mut on_c = Client::connect(&nodes[2]).await;
+    let mut outsider = Client::connect(&nodes[1]).await;
+    join(&mut sender, "chat").await;
+    join(&mut same_node, "chat").await;
+    sender.recv().await; // member_joined of same_node
+    join(&mut on_b, "chat").await;
+    join(&mut on_c, "chat").await;
+    redis.wait_for_subscribers("roomcast:room:chat", 3).await;
+
+    sender
+        .send(json!({"type": "room_message", "room": "chat", "message": {"n": 1}}))
+        .await;
+    for member in [&mut same_node, &mut on_b, &mut on_c] {
+        let got = member.recv().await;
+        assert_eq!(got["type"], "room_message");
+        assert_eq!(got["room"], "chat");
+        assert_eq!(got["from"], sender.id);
+        assert_eq!(got["message"], json!({"n": 1}));
+        member.expect_silence().await; // exactly once
+    }
+    sender.expect_silence().await;
+    outsider.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_reaches_every_client_on_every_node_but_the_sender() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut sender = Client::connect(&nodes[1]).await;
+    let mut others = Vec::new();
+    for node in &nodes {
+        others.push(Client::connect(node).await);
+    }
+    sender
+        .send(json!({"type": "broadcast", "message": "to all"}))
+        .await;
+    for other in &mut others {
+        let got = other.recv().await;
+        assert_eq!(got["type"], "broadcast");
+        assert_eq!(got["from"], sender.id);
+        assert_eq!(got["message"], "to all");
+        other.expect_silence().await;
+    }
+    sender.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_publishes_from_any_node_to_members_on_all_of_them() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut on_a = Client::connect(&nodes[0]).await;
+    let mut on_c = Client::connect(&nodes[2]).await;
+    join(&mut on_a, "orders").await;
+    join(&mut on_c, "orders").await;
+    redis.wait_for_subscribers("roomcast:room:orders", 2).await;
+    // Node B has no member: the app's publish still reaches A's and C's.
+    let auth = format!("Authorization: Bearer {KEY}");
+    let body = json!({"room": "orders", "message": {"order": 42}}).to_string();
+    let (status, _) = http_json(nodes[1].addr, "POST", "/api/publish", &auth, &body).await;
+    assert_eq!(status, 200);
+    for member in [&mut on_a, &mut on_c] {
+        let got = member.recv().await;
+        assert_eq!(got["type"], "room_message");
+        assert_eq!(got["from"], "server");
+        assert_eq!(got["message"], json!({"order": 42}));
+    }
+    let body = json!({"message": "maintenance at noon", "from": "ops"}).to_string();
+    let (status, _) = http_json(nodes[1].addr, "POST", "/api/broadcast", &auth, &body).await;
+    assert_eq!(status, 200);
+    for member in [&mut on_a, &mut on_c] {
+        let got = member.recv().await;
+        assert_eq!(got["type"], "broadcast");
+        assert_eq!(got["from"], "ops");
+        assert_eq!(got["message"], "maintenance at noon");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_subscribes_to_a_room_only_while_it_has_members_there() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let channel = "roomcast:room:lobby";
+    assert_eq!(redis.subscribers(channel).await, 0);
+    let mut first = Client::connect(&nodes[0]).await;
+    let mut second = Client::connect(&nodes[0]).await;
+    join(&mut first, "lobby").await;
+    join(&mut second, "lobby").await;
+    redis.wait_for_subscribers(channel, 1).await;
+    let mut elsewhere = Client::connect(&nodes[1]).await;
+    join(&mut elsewhere, "lobby").await;
+    redis.wait_for_subscribers(channel, 2).await;
+    // The first node keeps its subscription until its last member leaves.
+    first
+        .send(json!({"type": "leave_room", "room": "lobby"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(redis.subscribers(channel).await, 2);
+    second.close().await;
+    redis.wait_for_subscribers(channel, 1).await;
+    elsewhere
+        .send(json!({"type": "leave_room", "room": "lobby"}))
+        .await;
+    redis.wait_for_subscribers(channel, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_senders_messages_arrive_in_order_on_other_nodes() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut sender = Client::connect(&nodes[0]).await;
+    let mut reader = Client::connect(&nodes[1]).await;
+    join(&mut sender, "seq").await;
+    join(&mut reader, "seq").await;
+    redis.wait_for_subscribers("roomcast:room:seq", 2).await;
+    for n in 0..150 {
+        sender
+            .send(json!({"type": "room_message", "room": "seq", "message": n}))
+            .await;
+    }
+    for n in 0..150 {
+        assert_eq!(reader.recv().await["message"], n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_node_serves_its_own_members_and_after_redis_returns_empty_all_again() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let port = redis.addr.port();
+    let nodes = nodes(&redis, 2).await;
+    let (mut sender, mut local) = common::pair_in_room(&nodes[0], "ops").await;
+    let mut remote = Client::connect(&nodes[1]).await;
+    join(&mut remote, "ops").await;
+    redis.wait_for_subscribers("roomcast:room:ops", 2).await;
+
+    redis.kill();
+    sender
+        .send(json!({"type": "room_message", "room": "ops", "message": "during the outage"}))
+        .await;
+    assert_eq!(local.recv().await["message"], "during the outage");
+
+    // Redis comes back with nothing: the nodes reconnect and subscribe again by themselves.
+    let redis = RedisServer::start_on(port).await;
+    redis.wait_for_subscribers("roomcast:room:ops", 2).await;
+    sender
+        .send(json!({"type": "room_message", "room": "ops", "message": "after"}))
+        .await;
+    assert_eq!(local.recv().await["message"], "after");
+    // The outage's message may or may not have made it; "after" must.
+    tokio::time::timeout(EXPECT, async {
+        while remote.recv().await["message"] != "after" {}
+    })
+    .await
+    .expect("the remote member gets the message sent after Redis came back");
+    let metrics = common::http_get(nodes[0].addr, "/metrics").await;
+    assert!(metrics.contains("roomcast_redis_connected 1"), "{metrics}");
+}

@@ -1,0 +1,136 @@
+//! A real `redis-server` for the cluster tests, on a free loopback port, with no persistence,
+//! killed when dropped. `.ci/run` installs Debian's redis-server; elsewhere a test without it
+//! says it was skipped, unless CI is set, where a missing Redis fails it.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct RedisServer {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl RedisServer {
+    /// Starts redis-server, or `None` (the test should return) when it is not installed and
+    /// this is not CI.
+    pub async fn start() -> Option<RedisServer> {
+        let installed = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !installed {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is required in CI (.ci/run installs it)"
+            );
+            eprintln!("skipped: no redis-server on this machine");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Some(Self::start_on(port).await)
+    }
+
+    /// Starts redis-server on `port` (again, after a [`RedisServer::kill`]: empty).
+    pub async fn start_on(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let server = RedisServer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        let started = Instant::now();
+        while server.command(&["PING"]).await.as_deref() != Some("+PONG") {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server answers within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    /// Kills the server (SIGKILL): everything it held is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends one command and returns the first line of the answer (RESP, e.g. `:2` or `+PONG`),
+    /// or `None` when the server does not answer.
+    pub async fn command(&self, args: &[&str]) -> Option<String> {
+        let mut stream = TcpStream::connect(self.addr).await.ok()?;
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut answer))
+            .await
+            .ok()?
+            .ok()?;
+        let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+        Some(
+            text.split("\r\n")
+                .collect::<Vec<_>>()
+                .join("\n")
+                .trim()
+                .to_owned(),
+        )
+    }
+
+    /// How many connections subscribe to `channel` (`PUBSUB NUMSUB`).
+    pub async fn subscribers(&self, channel: &str) -> usize {
+        let answer = self
+            .command(&["PUBSUB", "NUMSUB", channel])
+            .await
+            .unwrap_or_default();
+        // *2 / $len / channel / :N
+        answer
+            .lines()
+            .last()
+            .and_then(|line| line.strip_prefix(':'))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until `channel` has `count` subscribers (the nodes subscribe asynchronously).
+    pub async fn wait_for_subscribers(&self, channel: &str, count: usize) {
+        let started = Instant::now();
+        loop {
+            let now = self.subscribers(channel).await;
+            if now == count {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{channel} has {now} subscribers, not {count}, after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
