@@ -1,6 +1,8 @@
 //! Several nodes on one Redis (`--redis`): room messages and broadcasts reach members on every
-//! node, exactly once, without the sender; the server API publishes from any node; a node
-//! subscribes to a room only while it has members; Redis going away and coming back empty.
+//! node, exactly once, without the sender; private messages find a client or a user's
+//! connections on any node, and "not found" means nobody anywhere; the server API publishes from
+//! any node; a node subscribes to a room only while it has members; Redis going away and coming
+//! back empty.
 //! Each test starts its own redis-server on a free port and three roomcast nodes.
 
 mod common;
@@ -12,8 +14,17 @@ use common::{http_json, start_server_with, Client, TestServer, EXPECT};
 use serde_json::json;
 
 const KEY: &str = "cluster-key";
+const SECRET: &str = "cluster-secret-that-is-long-enough";
 
 async fn nodes(redis: &RedisServer, count: usize) -> Vec<TestServer> {
+    nodes_with(redis, count, |_| {}).await
+}
+
+async fn nodes_with(
+    redis: &RedisServer,
+    count: usize,
+    tweak: impl Fn(&mut roomcast::Config),
+) -> Vec<TestServer> {
     let mut nodes = Vec::new();
     for _ in 0..count {
         let url = redis.url();
@@ -21,6 +32,7 @@ async fn nodes(redis: &RedisServer, count: usize) -> Vec<TestServer> {
             start_server_with(|config| {
                 config.redis = Some(url);
                 config.api_key = Some(KEY.into());
+                tweak(config);
             })
             .await,
         );
@@ -211,4 +223,133 @@ async fn without_redis_a_node_serves_its_own_members_and_after_redis_returns_emp
     .expect("the remote member gets the message sent after Redis came back");
     let metrics = common::http_get(nodes[0].addr, "/metrics").await;
     assert!(metrics.contains("roomcast_redis_connected 1"), "{metrics}");
+}
+
+/// Waits until a node has subscribed to the channel of `client`, which makes it reachable.
+async fn reachable(redis: &RedisServer, client: &Client) {
+    let channel = format!("roomcast:client:{}", client.id);
+    redis.wait_for_subscribers(&channel, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_message_finds_a_client_on_another_node() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut sender = Client::connect(&nodes[0]).await;
+    let mut recipient = Client::connect(&nodes[2]).await;
+    reachable(&redis, &recipient).await;
+    sender
+        .send(json!({"type": "private_message", "to": recipient.id, "message": {"hi": 1}}))
+        .await;
+    let got = recipient.recv().await;
+    assert_eq!(got["type"], "private_message");
+    assert_eq!(got["from"], sender.id);
+    assert_eq!(got["message"], json!({"hi": 1}));
+    recipient.expect_silence().await;
+    sender.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_nobody_has_on_any_node_is_recipient_not_found_and_later_replies_keep_their_order() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut sender = Client::connect(&nodes[0]).await;
+    sender
+        .send(json!({"type": "private_message", "to": "client_nobody", "message": "x"}))
+        .await;
+    // Sent right behind it, answered only after it: the seed's order of replies.
+    sender.send(json!({"type": "join_room", "room": "after"})).await;
+    common::assert_error(&sender.recv().await, "Recipient not found");
+    assert_eq!(sender.recv().await["type"], "room_joined");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_message_to_a_user_reaches_their_connections_on_every_node() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes_with(&redis, 3, |config| config.jwt_secret = Some(SECRET.into())).await;
+    let token = |sub: &str| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"sub": sub, "exp": 4_000_000_000u64}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let alice = token("alice");
+    let path = format!("/?token={alice}");
+    let mut alice_on_a = common::connect_with(&nodes[0], &path, &[]).await.unwrap();
+    let mut alice_on_b = common::connect_with(&nodes[1], &path, &[]).await.unwrap();
+    redis.wait_for_subscribers("roomcast:user:alice", 2).await;
+    let bob = token("bob");
+    let mut bob_on_c = common::connect_with(&nodes[2], &format!("/?token={bob}"), &[])
+        .await
+        .unwrap();
+    bob_on_c
+        .send(json!({"type": "private_message", "to": "alice", "message": "hello alice"}))
+        .await;
+    for alice in [&mut alice_on_a, &mut alice_on_b] {
+        let got = alice.recv().await;
+        assert_eq!(got["type"], "private_message");
+        assert_eq!(got["from"], bob_on_c.id);
+        assert_eq!(got["message"], "hello alice");
+        alice.expect_silence().await;
+    }
+    // From a node that has one of alice's connections: that one at once, the other through
+    // Redis, each once.
+    alice_on_a
+        .send(json!({"type": "private_message", "to": "alice", "message": "note to self"}))
+        .await;
+    for alice in [&mut alice_on_a, &mut alice_on_b] {
+        assert_eq!(alice.recv().await["message"], "note to self");
+        alice.expect_silence().await;
+    }
+    bob_on_c.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_sends_to_a_client_on_another_node_and_404s_an_unknown_one() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut recipient = Client::connect(&nodes[1]).await;
+    reachable(&redis, &recipient).await;
+    let auth = format!("Authorization: Bearer {KEY}");
+    let body = json!({"to": recipient.id, "message": "from the app"}).to_string();
+    let (status, answer) = http_json(nodes[0].addr, "POST", "/api/send", &auth, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"delivered": 1}));
+    let got = recipient.recv().await;
+    assert_eq!(got["type"], "private_message");
+    assert_eq!(got["message"], "from the app");
+    let body = json!({"to": "client_nobody", "message": "x"}).to_string();
+    let (status, answer) = http_json(nodes[0].addr, "POST", "/api/send", &auth, &body).await;
+    assert_eq!(status, 404);
+    assert_eq!(answer, json!({"error": "Recipient not found"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_client_stops_being_reachable_from_other_nodes() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut sender = Client::connect(&nodes[0]).await;
+    let gone = Client::connect(&nodes[1]).await;
+    reachable(&redis, &gone).await;
+    let id = gone.id.clone();
+    gone.close().await;
+    redis
+        .wait_for_subscribers(&format!("roomcast:client:{id}"), 0)
+        .await;
+    sender
+        .send(json!({"type": "private_message", "to": id, "message": "x"}))
+        .await;
+    common::assert_error(&sender.recv().await, "Recipient not found");
 }

@@ -32,7 +32,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{json, json_error};
-use crate::broker::{Publication, Target};
+use crate::broker::{Delivery, Publication, Target};
 use crate::node::Node;
 use crate::protocol::{self, Body};
 
@@ -71,8 +71,8 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
                 Err(_) => return json_error(StatusCode::BAD_REQUEST, "body not read"),
             };
             match parts.uri.path() {
-                "/api/batch" => answer(batch(&bytes, node)),
-                path => answer(command(&path["/api/".len()..], &bytes, node)),
+                "/api/batch" => answer(batch(&bytes, node).await),
+                path => answer(command(&path["/api/".len()..], &bytes, node).await),
             }
         }
         (
@@ -150,7 +150,7 @@ fn bad_request(text: impl Into<String>) -> (StatusCode, String) {
 }
 
 /// One command of the server API by name (`publish`, `broadcast`, `send`), its body as JSON.
-fn command(method: &str, body: &[u8], node: &Node) -> Outcome {
+async fn command(method: &str, body: &[u8], node: &Node) -> Outcome {
     match method {
         "publish" => {
             let request: PublishRequest = parse(body).map_err(bad_request)?;
@@ -158,7 +158,7 @@ fn command(method: &str, body: &[u8], node: &Node) -> Outcome {
                 return Err(bad_request(protocol::errors::ROOM_REQUIRED));
             }
             let target = Target::Room(&request.room);
-            deliver(target, request.message, request.from.as_deref(), node)
+            deliver(target, request.message, request.from.as_deref(), node).await
         }
         "broadcast" => {
             let request: BroadcastRequest = parse(body).map_err(bad_request)?;
@@ -168,11 +168,12 @@ fn command(method: &str, body: &[u8], node: &Node) -> Outcome {
                 request.from.as_deref(),
                 node,
             )
+            .await
         }
         "send" => {
             let request: SendRequest = parse(body).map_err(bad_request)?;
             let target = Target::Recipient(&request.to);
-            deliver(target, request.message, request.from.as_deref(), node)
+            deliver(target, request.message, request.from.as_deref(), node).await
         }
         "disconnect" => {
             let request: DisconnectRequest = parse(body).map_err(bad_request)?;
@@ -208,26 +209,30 @@ struct BatchCommand<'a> {
 /// `POST /api/batch {"commands":[{"method","params"},..]}`: each command in order, as if
 /// posted alone; `{"results":[..]}`, one per command: its answer, or `{"error","status"}`.
 /// A malformed batch is refused whole, before any command runs.
-fn batch(body: &[u8], node: &Node) -> Outcome {
+async fn batch(body: &[u8], node: &Node) -> Outcome {
     let request: BatchRequest = parse(body).map_err(bad_request)?;
-    let results: Vec<_> = request
-        .commands
-        .iter()
-        .map(
-            |item| match command(&item.method, item.params.get().as_bytes(), node) {
+    let mut results = Vec::with_capacity(request.commands.len());
+    for item in &request.commands {
+        results.push(
+            match Box::pin(command(&item.method, item.params.get().as_bytes(), node)).await {
                 Ok(value) => value,
                 Err((status, text)) => {
                     serde_json::json!({"error": text, "status": status.as_u16()})
                 }
             },
-        )
-        .collect();
+        );
+    }
     Ok(serde_json::json!({ "results": results }))
 }
 
 /// Publishes through the broker, as a client's message would be: `{"delivered": N}`, the
-/// deliveries made on this node.
-fn deliver(target: Target<'_>, message: &RawValue, from: Option<&str>, node: &Node) -> Outcome {
+/// deliveries made on this node (a private message to another node's client: 1 when found).
+async fn deliver(
+    target: Target<'_>,
+    message: &RawValue,
+    from: Option<&str>,
+    node: &Node,
+) -> Outcome {
     let started = Instant::now();
     let publication = Publication {
         target,
@@ -236,7 +241,11 @@ fn deliver(target: Target<'_>, message: &RawValue, from: Option<&str>, node: &No
         timestamp: protocol::timestamp(),
         except: None,
     };
-    match node.broker.publish(&publication) {
+    let delivered = match node.broker.publish(&publication) {
+        Delivery::Done(delivered) => delivered,
+        Delivery::Later(delivery) => delivery.await.unwrap_or(Ok(0)),
+    };
+    match delivered {
         Ok(delivered) => {
             node.metrics.fanout(delivered, started.elapsed());
             Ok(serde_json::json!({ "delivered": delivered }))

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use super::{Broker, Publication};
-use crate::hub::{RecipientNotFound, Router};
+use super::{Broker, Delivery, Publication};
+use crate::hub::Router;
 
 /// Delivers every publication to the local hub; subscriptions need no bookkeeping.
 pub struct MemoryBroker {
@@ -18,8 +18,8 @@ impl MemoryBroker {
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, publication: &Publication<'_>) -> Result<usize, RecipientNotFound> {
-        self.hub.deliver(publication)
+    fn publish(&self, publication: &Publication<'_>) -> Delivery {
+        Delivery::Done(self.hub.deliver(publication))
     }
 
     fn subscribe(&self, _room: &str) {}

@@ -18,7 +18,9 @@ mod redis;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::hub::{ConnId, RecipientNotFound, Router};
+use tokio::sync::oneshot;
+
+use crate::hub::{ConnId, Member, RecipientNotFound, Router};
 use crate::metrics::Metrics;
 use crate::protocol::Body;
 
@@ -75,12 +77,38 @@ pub struct Publication<'a> {
     pub except: Option<ConnId>,
 }
 
+/// What a publish came to.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Known at once: the deliveries made on this node, or nobody has the private message's id.
+    Done(Result<usize, RecipientNotFound>),
+    /// Known later: whether a private message found its recipient on another node (`Ok(1)`
+    /// when found).
+    Later(oneshot::Receiver<Result<usize, RecipientNotFound>>),
+}
+
+impl Delivery {
+    /// The deliveries known at once (a room message or broadcast is always `Done`).
+    pub fn local(&self) -> usize {
+        match self {
+            Delivery::Done(Ok(delivered)) => *delivered,
+            _ => 0,
+        }
+    }
+}
+
 /// Carries publications to every node with recipients for them; delivers those that arrive
 /// into the local hub.
 pub trait Broker: Send + Sync + 'static {
-    /// Publishes to every node; returns the deliveries made on this one. A private message to
-    /// an id nobody has anywhere is `RecipientNotFound`.
-    fn publish(&self, publication: &Publication<'_>) -> Result<usize, RecipientNotFound>;
+    /// Publishes to every node. A private message to an id nobody has anywhere is
+    /// `RecipientNotFound`, possibly known only later.
+    fn publish(&self, publication: &Publication<'_>) -> Delivery;
+
+    /// A connection of this node is in the directory (it can receive private messages).
+    fn connected(&self, _member: &Member) {}
+
+    /// It left the directory.
+    fn disconnected(&self, _member: &Member) {}
 
     /// This node has its first local member in `room`: publications to it must reach here.
     /// Calls for one room can interleave between connections (a join creating the room again

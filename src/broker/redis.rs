@@ -13,7 +13,14 @@
 //!   recipients. A node skips envelopes it sent itself (pub/sub hands them back once).
 //! - **Subscribed only where needed.** A node subscribes to a room's channel while it has local
 //!   members (the hub tells it of the first join and the last leave; calls are counted, as they
-//!   can interleave) and to the broadcast channel always.
+//!   can interleave), to the broadcast channel always, and to one channel per local client and
+//!   per user with local connections, which is how a private message finds its recipient.
+//! - **Private messages.** To a client or user of this node: delivered here at once (a user's
+//!   other nodes get the envelope on the user's channel). Otherwise the id is published on the
+//!   client channel, then the user channel; Redis answers how many nodes received it, so "not
+//!   found" is exact and needs no directory that a crashed node could leave stale (its
+//!   subscriptions end with its connection). The sender's session waits for that answer, its
+//!   later messages queued behind, so its replies keep their order.
 //! - **Order.** One sender's publications go out on one connection in order, and Redis keeps a
 //!   channel's order, so every node sees one sender's messages in the order sent. A room has no
 //!   single total order across nodes: two senders on two nodes may be seen in different orders
@@ -24,9 +31,8 @@
 //!   task reconnects with backoff and subscribes again to every room it has members in. Each
 //!   change of state is logged and shown in `roomcast_redis_connected`.
 //!
-//! Not yet across nodes (the next steps of the cluster issue): private messages and
-//! `/api/send` reach clients on this node only; member counts, presence and webhooks' room
-//! events are per node.
+//! Not yet across nodes (the next steps of the cluster issue): member counts, presence and the
+//! webhooks' room events are per node.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -38,11 +44,11 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{Broker, Publication, Target};
-use crate::hub::{RecipientNotFound, Router};
+use super::{Broker, Delivery, Publication, Target};
+use crate::hub::{Member, RecipientNotFound, Router};
 use crate::metrics::Metrics;
 use crate::protocol::Body;
 
@@ -73,10 +79,15 @@ pub fn check_url(url: &str) -> Result<(), BadRedisUrl> {
         .map_err(|e| BadRedisUrl(e.to_string()))
 }
 
-/// What the subscriber task is asked to change.
-enum Control {
-    Subscribe(Arc<str>),
-    Unsubscribe(Arc<str>),
+/// A channel whose subscription may have to change: the subscriber task settles it on what the
+/// count map says when it gets to it.
+struct Control(Arc<str>);
+
+/// One `PUBLISH` for the publisher task; `reply` wants the number of nodes that received it.
+struct Outgoing {
+    channel: String,
+    payload: Bytes,
+    reply: Option<oneshot::Sender<i64>>,
 }
 
 /// One publication on its way between nodes.
@@ -85,10 +96,10 @@ struct Envelope<'a> {
     /// The node that published it.
     #[serde(rename = "n")]
     node: u64,
-    /// `r` a room, `b` everyone.
+    /// `r` a room, `b` everyone, `p` a client or user (private message).
     #[serde(rename = "k")]
     kind: char,
-    /// The room.
+    /// The room, or the client or user id.
     #[serde(rename = "t", borrow, default)]
     target: Cow<'a, str>,
     #[serde(rename = "f", borrow)]
@@ -141,11 +152,12 @@ impl Channels {
         format!("{}:broadcast", self.prefix)
     }
 
-    /// The room of a room channel's name, if it is one.
-    fn room_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
-        channel
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix(":room:")
+    fn client(&self, id: &str) -> String {
+        format!("{}:client:{id}", self.prefix)
+    }
+
+    fn user(&self, id: &str) -> String {
+        format!("{}:user:{id}", self.prefix)
     }
 }
 
@@ -155,11 +167,12 @@ pub struct RedisBroker {
     /// This node's id in envelopes, random per process.
     node: u64,
     channels: Arc<Channels>,
-    publish: mpsc::Sender<(String, Bytes)>,
+    publish: mpsc::Sender<Outgoing>,
     control: mpsc::UnboundedSender<Control>,
-    /// Rooms with local members, counted by subscribe and unsubscribe calls: the subscriber
-    /// task resubscribes to these after a reconnection.
-    rooms: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    /// The channels this node needs (rooms with local members, local clients and users), with
+    /// how many reasons it has for each: the subscriber task resubscribes to these after a
+    /// reconnection.
+    wanted: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -174,14 +187,14 @@ impl RedisBroker {
         });
         let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
         let (control, commands) = mpsc::unbounded_channel();
-        let rooms = Arc::new(Mutex::new(HashMap::new()));
+        let wanted = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(publisher(client.clone(), queue, metrics.clone()));
         tokio::spawn(subscriber(Subscriber {
             client,
             node,
             channels: channels.clone(),
             commands,
-            rooms: rooms.clone(),
+            wanted: wanted.clone(),
             hub: hub.clone(),
             metrics: metrics.clone(),
         }));
@@ -195,24 +208,42 @@ impl RedisBroker {
             channels,
             publish,
             control,
-            rooms,
+            wanted,
             metrics,
         }
     }
 
-    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, usize>> {
-        // The map is a few counters changed in single steps: a panic elsewhere leaves it
-        // consistent.
-        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    /// One more reason to be subscribed to `channel`.
+    fn want(&self, channel: String) {
+        let mut wanted = lock(&self.wanted);
+        let channel: Arc<str> = Arc::from(channel);
+        let count = wanted.entry(channel.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            let _ = self.control.send(Control(channel));
+        }
     }
 
-    /// Hands the envelope of `publication` to the publisher task.
-    fn send_to_other_nodes(&self, publication: &Publication<'_>) {
-        let (kind, target, channel) = match publication.target {
-            Target::Room(room) => ('r', room, self.channels.room(room)),
-            Target::Everyone => ('b', "", self.channels.broadcast()),
-            // Not across nodes yet: see the module documentation.
-            Target::Recipient(_) => return,
+    /// One reason fewer; the last one unsubscribes.
+    fn unwant(&self, channel: &str) {
+        let mut wanted = lock(&self.wanted);
+        let Some((key, count)) = wanted.get_key_value(channel).map(|(k, c)| (k.clone(), *c)) else {
+            return;
+        };
+        if count <= 1 {
+            wanted.remove(channel);
+            let _ = self.control.send(Control(key));
+        } else if let Some(count) = wanted.get_mut(channel) {
+            *count -= 1;
+        }
+    }
+
+    /// The envelope of `publication`, serialized once.
+    fn envelope(&self, publication: &Publication<'_>) -> Bytes {
+        let (kind, target) = match publication.target {
+            Target::Room(room) => ('r', room),
+            Target::Everyone => ('b', ""),
+            Target::Recipient(id) => ('p', id),
         };
         let message = match &publication.message {
             Body::Raw(raw) => Message::Raw(raw),
@@ -228,42 +259,120 @@ impl RedisBroker {
             timestamp: publication.timestamp,
             message,
         };
-        let payload = serde_json::to_vec(&envelope).expect("an envelope serializes");
-        if self
-            .publish
-            .try_send((channel, Bytes::from(payload)))
-            .is_err()
-        {
+        Bytes::from(serde_json::to_vec(&envelope).expect("an envelope serializes"))
+    }
+
+    /// Queues one `PUBLISH` without waiting; a full queue drops it, counted.
+    fn send(&self, channel: String, payload: Bytes) {
+        let outgoing = Outgoing {
+            channel,
+            payload,
+            reply: None,
+        };
+        if self.publish.try_send(outgoing).is_err() {
             self.metrics.redis_publish_dropped.increment(1);
         }
     }
+
+    /// A private message: here at once when the id is a local client, or a user with local
+    /// connections (whose other nodes get it on the user's channel); otherwise Redis says
+    /// whether any node has the client, then the user.
+    fn publish_private(&self, id: &str, publication: &Publication<'_>) -> Delivery {
+        let local = self.hub.deliver(publication);
+        let is_local_client = local.is_ok()
+            && self
+                .hub
+                .connections_of(id)
+                .iter()
+                .any(|member| &*member.client_id == id);
+        if is_local_client {
+            return Delivery::Done(local);
+        }
+        let payload = self.envelope(publication);
+        if let Ok(delivered) = local {
+            self.send(self.channels.user(id), payload);
+            return Delivery::Done(Ok(delivered));
+        }
+        let (answer, delivery) = oneshot::channel();
+        let queue = self.publish.clone();
+        let (client, user) = (self.channels.client(id), self.channels.user(id));
+        tokio::spawn(async move {
+            // No count back: Redis did not take it (down), and the sender is not told "not
+            // found" of a recipient that may well exist.
+            let Some(received) = publish_counted(&queue, client, payload.clone()).await else {
+                return;
+            };
+            if received > 0 {
+                let _ = answer.send(Ok(1));
+                return;
+            }
+            let Some(received) = publish_counted(&queue, user, payload).await else {
+                return;
+            };
+            let _ = answer.send(if received > 0 {
+                Ok(received as usize)
+            } else {
+                Err(RecipientNotFound)
+            });
+        });
+        Delivery::Later(delivery)
+    }
+}
+
+/// Publishes through the publisher task (in order with everything queued before) and returns
+/// how many nodes received it, or `None` when Redis did not take it.
+async fn publish_counted(
+    queue: &mpsc::Sender<Outgoing>,
+    channel: String,
+    payload: Bytes,
+) -> Option<i64> {
+    let (reply, received) = oneshot::channel();
+    let outgoing = Outgoing {
+        channel,
+        payload,
+        reply: Some(reply),
+    };
+    queue.send(outgoing).await.ok()?;
+    received.await.ok()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The map is a few counters changed in single steps: a panic elsewhere leaves it
+    // consistent.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Broker for RedisBroker {
-    fn publish(&self, publication: &Publication<'_>) -> Result<usize, RecipientNotFound> {
+    fn publish(&self, publication: &Publication<'_>) -> Delivery {
+        let channel = match publication.target {
+            Target::Room(room) => self.channels.room(room),
+            Target::Everyone => self.channels.broadcast(),
+            Target::Recipient(id) => return self.publish_private(id, publication),
+        };
         let local = self.hub.deliver(publication);
-        self.send_to_other_nodes(publication);
-        local
+        self.send(channel, self.envelope(publication));
+        Delivery::Done(local)
     }
 
     fn subscribe(&self, room: &str) {
-        let mut rooms = self.rooms();
-        let count = rooms.entry(Arc::from(room)).or_insert(0);
-        *count += 1;
-        if *count == 1 {
-            let _ = self.control.send(Control::Subscribe(Arc::from(room)));
-        }
+        self.want(self.channels.room(room));
     }
 
     fn unsubscribe(&self, room: &str) {
-        let mut rooms = self.rooms();
-        let Some(count) = rooms.get_mut(room) else {
-            return;
-        };
-        *count -= 1;
-        if *count == 0 {
-            rooms.remove(room);
-            let _ = self.control.send(Control::Unsubscribe(Arc::from(room)));
+        self.unwant(&self.channels.room(room));
+    }
+
+    fn connected(&self, member: &Member) {
+        self.want(self.channels.client(&member.client_id));
+        if let Some(user) = &member.user_id {
+            self.want(self.channels.user(user));
+        }
+    }
+
+    fn disconnected(&self, member: &Member) {
+        self.unwant(&self.channels.client(&member.client_id));
+        if let Some(user) = &member.user_id {
+            self.unwant(&self.channels.user(user));
         }
     }
 }
@@ -275,7 +384,7 @@ fn next_backoff(backoff: Duration) -> Duration {
 /// Sends queued envelopes, many `PUBLISH`es per round trip, until the broker is dropped.
 async fn publisher(
     client: redis::Client,
-    mut queue: mpsc::Receiver<(String, Bytes)>,
+    mut queue: mpsc::Receiver<Outgoing>,
     metrics: Arc<Metrics>,
 ) {
     let config = ConnectionManagerConfig::new()
@@ -283,7 +392,7 @@ async fn publisher(
         .set_response_timeout(RESPONSE_TIMEOUT);
     let mut connection: Option<ConnectionManager> = None;
     let mut backoff = BACKOFF_FIRST;
-    let mut batch = Vec::with_capacity(PIPELINE);
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(PIPELINE);
     loop {
         if connection.is_none() {
             match client
@@ -296,7 +405,8 @@ async fn publisher(
                 }
                 Err(error) => {
                     debug!(%error, "redis publisher cannot connect yet");
-                    // What waited meanwhile cannot be sent: drop it, counted, and try again.
+                    // What waited meanwhile cannot be sent: drop it, counted (a waiting
+                    // private message learns from its dropped reply), and try again.
                     let mut dropped = 0;
                     while queue.try_recv().is_ok() {
                         dropped += 1;
@@ -315,17 +425,25 @@ async fn publisher(
             return; // the broker is gone
         }
         let mut pipe = redis::pipe();
-        for (channel, payload) in &batch {
+        for outgoing in &batch {
             pipe.cmd("PUBLISH")
-                .arg(channel)
-                .arg(payload.as_ref())
-                .ignore();
+                .arg(&outgoing.channel)
+                .arg(outgoing.payload.as_ref());
         }
         let manager = connection.as_mut().expect("connected above");
-        if let Err(error) = pipe.query_async::<()>(manager).await {
-            // The manager reconnects by itself on the next command.
-            debug!(%error, publications = batch.len(), "redis publish failed");
-            metrics.redis_publish_dropped.increment(batch.len() as u64);
+        match pipe.query_async::<Vec<i64>>(manager).await {
+            Ok(received) => {
+                for (outgoing, received) in batch.drain(..).zip(received) {
+                    if let Some(reply) = outgoing.reply {
+                        let _ = reply.send(received);
+                    }
+                }
+            }
+            Err(error) => {
+                // The manager reconnects by itself on the next command.
+                debug!(%error, publications = batch.len(), "redis publish failed");
+                metrics.redis_publish_dropped.increment(batch.len() as u64);
+            }
         }
         batch.clear();
     }
@@ -337,7 +455,7 @@ struct Subscriber {
     node: u64,
     channels: Arc<Channels>,
     commands: mpsc::UnboundedReceiver<Control>,
-    rooms: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    wanted: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     hub: Arc<dyn Router>,
     metrics: Arc<Metrics>,
 }
@@ -413,38 +531,29 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
     let (mut sink, mut stream) = pubsub.split();
     // Changes queued before this point are in the map already.
     while state.commands.try_recv().is_ok() {}
-    let rooms: Vec<String> = {
-        let map = state.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        map.keys().map(|room| state.channels.room(room)).collect()
-    };
+    let channels: Vec<Arc<str>> = lock(&state.wanted).keys().cloned().collect();
     if sink.subscribe(state.channels.broadcast()).await.is_err() {
         return Ended::Lost;
     }
-    for chunk in rooms.chunks(512) {
+    for chunk in channels.chunks(512) {
+        let chunk: Vec<&str> = chunk.iter().map(|channel| &**channel).collect();
         if sink.subscribe(chunk).await.is_err() {
             return Ended::Lost;
         }
     }
     state.metrics.redis_connected.set(1.0);
-    info!(rooms = rooms.len(), "redis connected: subscribed");
+    info!(channels = channels.len() + 1, "redis connected: subscribed");
     loop {
         tokio::select! {
             command = state.commands.recv() => {
-                let Some(command) = command else { return Ended::BrokerGone };
-                // Acted on as the map says now: a subscribe overtaken by the room's last leave
-                // (or the reverse) settles on the map's state.
-                let (room, wanted) = match command {
-                    Control::Subscribe(room) | Control::Unsubscribe(room) => {
-                        let map = state.rooms.lock().unwrap_or_else(|e| e.into_inner());
-                        let wanted = map.contains_key(&room);
-                        (room, wanted)
-                    }
-                };
-                let channel = state.channels.room(&room);
+                let Some(Control(channel)) = command else { return Ended::BrokerGone };
+                // Acted on as the map says now: a subscribe overtaken by the channel's last
+                // unwant (or the reverse) settles on the map's state.
+                let wanted = lock(&state.wanted).contains_key(&channel);
                 let done = if wanted {
-                    sink.subscribe(channel).await
+                    sink.subscribe(&*channel).await
                 } else {
-                    sink.unsubscribe(channel).await
+                    sink.unsubscribe(&*channel).await
                 };
                 if done.is_err() {
                     return Ended::Lost;
@@ -471,11 +580,9 @@ fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
         return; // our own, delivered locally when published
     }
     let target = match envelope.kind {
-        'r' => match state.channels.room_of(channel) {
-            Some(room) if room == envelope.target => Target::Room(room),
-            _ => return,
-        },
+        'r' => Target::Room(&envelope.target),
         'b' => Target::Everyone,
+        'p' => Target::Recipient(&envelope.target),
         _ => return,
     };
     let _ = state.hub.deliver(&Publication {

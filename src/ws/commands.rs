@@ -3,15 +3,13 @@
 //!
 //! With `--join-proxy` or `--publish-proxy`, a join or a client's room message or broadcast
 //! first asks the application ([`crate::api::proxy`]). The call runs in a task of its own; the
-//! connection's task polls its verdict ([`Session::poll_app`]) and acts on it then. Until then
-//! every later message of this connection waits in a backlog, in arrival order, so one
-//! sender's messages keep their order whatever the app takes; other connections are not
-//! involved. A full backlog stops the connection's reads (TCP pushes back on the client)
-//! rather than refusing messages.
+//! connection's task polls its verdict ([`Session::poll_waiting`]) and acts on it then. Until
+//! then every later message of this connection waits in a backlog (`super::waiting`), in
+//! arrival order, so one sender's messages keep their order whatever the app takes; other
+//! connections are not involved. A full backlog stops the connection's reads (TCP pushes back
+//! on the client) rather than refusing messages.
 
-use std::collections::{HashSet, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -19,13 +17,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::sync::oneshot;
 
+use super::waiting::{Arrived, Awaited, Deferred, Waiting};
 use crate::admission::RoomPolicy;
 use crate::api::proxy::{self, Forwarded, Proxies, Proxy, Verdict};
 use crate::api::webhooks::EventKind;
-use crate::broker::{Publication, Target};
-use crate::hub::{Joined, Member};
+use crate::broker::{Delivery, Publication, Target};
+use crate::hub::{Joined, Member, RecipientNotFound};
 use crate::limits::{self, Rate, RateLimiter};
 use crate::node::Node;
 use crate::outbox::CloseRequest;
@@ -34,31 +32,11 @@ use crate::protocol::{self, close_code, Body, Command, DecodeError, Metadata, Me
 /// `metrics::MESSAGE_TYPES` index of messages that did not decode.
 const INVALID: usize = 6;
 
-/// A connection waiting on the app stops reading once this many messages, or bytes, wait
-/// behind the call: enough to absorb a burst, bounded per connection.
-const BACKLOG_MESSAGES: usize = 256;
-const BACKLOG_BYTES: usize = 256 * 1024;
-
 /// A connection's link to the join and publish proxies.
 struct AppLink {
     proxies: Arc<Proxies>,
     /// The upgrade request's `Cookie` and `Authorization`, sent with every call.
     forwarded: Arc<Forwarded>,
-    /// The call being waited for, and what its verdict decides.
-    waiting: Option<(oneshot::Receiver<Verdict>, Deferred)>,
-    /// Messages that arrived while waiting, in arrival order.
-    backlog: VecDeque<Box<[u8]>>,
-    backlog_bytes: usize,
-}
-
-/// What a proxy call is deciding.
-enum Deferred {
-    Join(Box<str>),
-    RoomMessage {
-        room: Box<str>,
-        message: Box<RawValue>,
-    },
-    Broadcast(Box<RawValue>),
 }
 
 /// The join proxy's request body.
@@ -99,6 +77,8 @@ pub struct Session {
     closing: bool,
     /// Only with `--join-proxy` or `--publish-proxy`. Boxed like `allowed_rooms`.
     app: Option<Box<AppLink>>,
+    /// What this session waits for, and the messages behind it; only while it waits.
+    waiting: Option<Box<Waiting>>,
     /// Set by the first `disconnect`, which alone tells the webhooks.
     disconnected: bool,
 }
@@ -119,9 +99,6 @@ impl Session {
                 Some(Box::new(AppLink {
                     proxies: proxies.clone(),
                     forwarded,
-                    waiting: None,
-                    backlog: VecDeque::new(),
-                    backlog_bytes: 0,
                 }))
             }
             _ => None,
@@ -135,6 +112,7 @@ impl Session {
             metadata: metadata.unwrap_or_default(),
             closing: false,
             app,
+            waiting: None,
             disconnected: false,
         };
         if !session.metadata.is_empty() {
@@ -156,53 +134,41 @@ impl Session {
         if self.closing || !self.within_rate(payload.len()) {
             return;
         }
-        if let Some(app) = self.app.as_mut() {
-            if app.waiting.is_some() {
-                app.backlog_bytes += payload.len();
-                app.backlog.push_back(payload.into());
-                return;
-            }
+        if let Some(waiting) = self.waiting.as_mut() {
+            return waiting.queue(payload);
         }
         self.process(payload);
     }
 
-    /// Acts on a proxy's verdict once it came, then on the messages that waited behind it, until
-    /// one waits on the app again. Returns whether the connection may read more messages (its
-    /// backlog has room); when it may not, the verdict's arrival wakes the task.
-    pub fn poll_app(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Acts on what the session waited for once it arrived, then on the messages that waited
+    /// behind it, until one waits again. Returns whether the connection may read more messages
+    /// (its backlog has room); when it may not, the arrival wakes the task.
+    pub fn poll_waiting(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
-            let Some(app) = self.app.as_mut() else {
+            let Some(waiting) = self.waiting.as_mut() else {
                 return true;
             };
-            let Some((verdict, _)) = app.waiting.as_mut() else {
-                return true;
+            let (arrived, mut backlog) = match waiting.poll(cx) {
+                Poll::Pending => return waiting.has_room(),
+                Poll::Ready(ready) => ready,
             };
-            let verdict = match Pin::new(verdict).poll(cx) {
-                Poll::Pending => {
-                    return app.backlog.len() < BACKLOG_MESSAGES
-                        && app.backlog_bytes < BACKLOG_BYTES;
-                }
-                Poll::Ready(verdict) => {
-                    // The call's task ended without a verdict (the runtime is stopping).
-                    verdict.unwrap_or_else(|_| Verdict::Deny(proxy::errors::APP_UNAVAILABLE.into()))
-                }
-            };
-            let Some((_, deferred)) = app.waiting.take() else {
-                return true;
-            };
+            self.waiting = None;
             // Progress on the connection's behalf: not idle, though its reads were paused.
             self.member.outbox.touch(self.node.clock.now());
-            self.conclude(deferred, verdict);
-            while !self.closing {
-                let Some(app) = self.app.as_mut() else { break };
-                if app.waiting.is_some() {
+            match arrived {
+                Arrived::App(verdict, deferred) => self.conclude(deferred, verdict),
+                Arrived::Delivery(delivered) => self.delivered(delivered),
+            }
+            while let Some(next) = backlog.pop_front() {
+                if self.closing {
                     break;
                 }
-                let Some(next) = app.backlog.pop_front() else {
-                    break;
-                };
-                app.backlog_bytes -= next.len();
                 self.process(&next);
+                if let Some(waiting) = self.waiting.take() {
+                    // A message waits again: the rest of the backlog queues behind it.
+                    self.waiting = Some(waiting.requeue(backlog));
+                    break;
+                }
             }
         }
     }
@@ -232,9 +198,9 @@ impl Session {
     }
 
     /// Starts a call to `proxy` about `deferred` with `body`; the verdict is polled by
-    /// [`Session::poll_app`].
+    /// [`Session::poll_waiting`].
     fn ask_app(&mut self, proxy: Proxy, body: String, deferred: Deferred) {
-        let Some(app) = self.app.as_mut() else {
+        let Some(app) = self.app.as_ref() else {
             return;
         };
         let verdict = proxy::spawn_call(
@@ -243,7 +209,7 @@ impl Session {
             Bytes::from(body),
             app.forwarded.clone(),
         );
-        app.waiting = Some((verdict, deferred));
+        self.waiting = Some(Waiting::new(Awaited::App(verdict, deferred)));
     }
 
     /// Whether `proxy` decides this connection's messages of its kind.
@@ -342,16 +308,12 @@ impl Session {
 
     fn relay_broadcast(&self, message: Body<'_>) {
         let started = Instant::now();
-        let delivered = self.publish(Target::Everyone, message).unwrap_or(0);
+        let delivered = self.publish(Target::Everyone, message).local();
         self.node.metrics.fanout(delivered, started.elapsed());
     }
 
     /// Hands one of this client's messages to the broker, which delivers it on every node.
-    fn publish(
-        &self,
-        target: Target<'_>,
-        message: Body<'_>,
-    ) -> Result<usize, crate::hub::RecipientNotFound> {
+    fn publish(&self, target: Target<'_>, message: Body<'_>) -> Delivery {
         self.node.broker.publish(&Publication {
             target,
             from: &self.member.client_id,
@@ -448,7 +410,7 @@ impl Session {
         if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
             return self.reply_error(&refusal.to_string());
         }
-        let delivered = self.publish(Target::Room(room), message).unwrap_or(0);
+        let delivered = self.publish(Target::Room(room), message).local();
         self.node.metrics.fanout(delivered, started.elapsed());
     }
 
@@ -465,8 +427,19 @@ impl Session {
     }
 
     /// The sender gets nothing; sending to yourself delivers to yourself.
-    fn private_message(&self, to: &str, message: Body<'_>) {
+    fn private_message(&mut self, to: &str, message: Body<'_>) {
         match self.publish(Target::Recipient(to), message) {
+            Delivery::Done(delivered) => self.delivered(delivered),
+            // Only a broker for several nodes knows later (the recipient may be elsewhere).
+            Delivery::Later(delivery) => {
+                self.waiting = Some(Waiting::new(Awaited::Delivery(delivery)));
+            }
+        }
+    }
+
+    /// A private message's outcome: counted, or the sender told nobody has that id.
+    fn delivered(&self, delivered: Result<usize, RecipientNotFound>) {
+        match delivered {
             Ok(delivered) => self
                 .node
                 .metrics
@@ -511,7 +484,7 @@ impl Session {
     pub fn disconnect(&mut self) {
         // A call still out is abandoned (its task sees the verdict's receiver go), and what
         // waited behind it is dropped with the connection.
-        self.app = None;
+        self.waiting = None;
         for room in std::mem::take(&mut self.rooms) {
             if let Some(told) = self.node.router.leave(&room, &self.member) {
                 self.left(&room, told);
@@ -519,7 +492,9 @@ impl Session {
             }
         }
         self.node.router.disconnect(&self.member);
+        // Once: the broker counts what it subscribes for this connection.
         if !std::mem::replace(&mut self.disconnected, true) {
+            self.node.broker.disconnected(&self.member);
             self.webhook(EventKind::ClientDisconnected, None);
         }
     }

@@ -7,3 +7,4 @@ pub mod fragment;
 pub mod frame;
 pub mod session;
 pub mod transport;
+mod waiting;

@@ -116,11 +116,11 @@ impl Handler {
         }
     }
 
-    /// Acts on the application's verdicts that arrived (join and publish proxies); false while
-    /// the connection should not read, its backlog being full.
-    fn poll_app(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Acts on what the session waited for (a proxy's verdict, a private message's delivery)
+    /// once it arrived; false while the connection should not read, its backlog being full.
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> bool {
         match self {
-            Handler::Rooms(session) => session.poll_app(cx),
+            Handler::Rooms(session) => session.poll_waiting(cx),
             Handler::Echo { .. } => true,
         }
     }
@@ -362,6 +362,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
             outbox: own_outbox,
         };
         ctx.router.connect(&member);
+        ctx.broker.connected(&member);
         ctx.webhook(EventKind::ClientConnected, &member, None);
         // A shutdown that began while this client was upgrading has not seen it in the
         // directory: close it here.
@@ -403,7 +404,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
                         continue;
                     }
                     self.outbox.queue_requested_ping(protocol::empty_ping);
-                    let may_read = self.handler.poll_app(cx);
+                    let may_read = self.handler.poll_waiting(cx);
                     match self.outbox.poll_flush(cx, &mut self.io) {
                         Poll::Ready(Err(error)) => {
                             debug!(%error, "write failed");
