@@ -262,7 +262,9 @@ async fn an_id_nobody_has_on_any_node_is_recipient_not_found_and_later_replies_k
         .send(json!({"type": "private_message", "to": "client_nobody", "message": "x"}))
         .await;
     // Sent right behind it, answered only after it: the seed's order of replies.
-    sender.send(json!({"type": "join_room", "room": "after"})).await;
+    sender
+        .send(json!({"type": "join_room", "room": "after"}))
+        .await;
     common::assert_error(&sender.recv().await, "Recipient not found");
     assert_eq!(sender.recv().await["type"], "room_joined");
 }

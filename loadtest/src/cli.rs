@@ -60,9 +60,10 @@ pub struct CommonArgs {
     pub threads: Option<usize>,
 
     /// PID of the server (same machine): samples its CPU time and RSS around the measured
-    /// phase and reports CPU per delivery / RSS per connection. [default: none]
+    /// phase and reports CPU per delivery / RSS per connection. Repeat for a cluster on this
+    /// machine: CPU and RSS are summed over the processes. [default: none]
     #[arg(long, global = true)]
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
 
     /// Limit for TCP connect + TLS + upgrade + welcome of one connection.
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]

@@ -173,7 +173,7 @@ fn run(cli: Cli) -> Result<ExitCode, SetupError> {
         env.progress.finish();
         warnings.extend(outcome.warnings);
         let (generator, server) =
-            usage_reports(&outcome.usage, threads, common.server_pid, &mut warnings);
+            usage_reports(&outcome.usage, threads, &common.server_pid, &mut warnings);
         let established = match &outcome.results {
             Results::Fanout(r) => r.connect.established,
             Results::Connections(r) => r.connect.established,

@@ -57,7 +57,9 @@ pub struct GeneratorReport {
 /// The server's CPU and memory during the measured phase (`--server-pid`).
 #[derive(Debug, Serialize)]
 pub struct ServerReport {
+    /// The first server process; `pids` has them all (a cluster's nodes, summed).
     pub pid: u32,
+    pub pids: Vec<u32>,
     pub cpu_seconds: Option<f64>,
     pub cpu_cores_used: Option<f64>,
     pub rss_before_kib: Option<u64>,
@@ -170,7 +172,7 @@ pub struct ChurnResults {
 pub fn usage_reports(
     usage: &Usage,
     threads: usize,
-    server_pid: Option<u32>,
+    server_pids: &[u32],
     warnings: &mut Vec<String>,
 ) -> (GeneratorReport, Option<ServerReport>) {
     let wall = usage.wall.as_secs_f64().max(1e-9);
@@ -201,13 +203,14 @@ pub fn usage_reports(
             .ok()
             .map(|s| s.rss_kib),
     };
-    let server = server_pid.map(|pid| {
+    let server = server_pids.first().map(|&pid| {
         let cpu = usage.server_cpu();
         if let Some(error) = &usage.server_error {
             warnings.push(format!("server pid {pid}: {error}"));
         }
         ServerReport {
             pid,
+            pids: server_pids.to_vec(),
             cpu_seconds: cpu.map(secs),
             cpu_cores_used: cpu.map(|c| round2(c.as_secs_f64() / wall)),
             rss_before_kib: usage.server_before.map(|s| s.rss_kib),
@@ -517,13 +520,13 @@ mod tests {
             server_error: None,
         };
         let mut warnings = Vec::new();
-        let (g, s) = usage_reports(&usage, 1, None, &mut warnings);
+        let (g, s) = usage_reports(&usage, 1, &[], &mut warnings);
         assert!(g.saturated);
         assert!(s.is_none());
         assert_eq!(warnings, [SATURATED_WARNING]);
 
         let mut warnings = Vec::new();
-        let (g, _) = usage_reports(&usage, 64, None, &mut warnings);
+        let (g, _) = usage_reports(&usage, 64, &[], &mut warnings);
         assert!(!g.saturated || sysinfo::cores() == 1);
     }
 }

@@ -62,6 +62,22 @@ pub fn parse_limits_nofile(limits: &str) -> Option<u64> {
         .ok()
 }
 
+/// [`sample_process`] of each of `pids`, summed (CPU, RSS and threads of a cluster's nodes).
+pub fn sample_processes(pids: &[u32]) -> io::Result<ProcSample> {
+    let mut sum = ProcSample {
+        cpu: Duration::ZERO,
+        rss_kib: 0,
+        threads: 0,
+    };
+    for &pid in pids {
+        let sample = sample_process(pid)?;
+        sum.cpu += sample.cpu;
+        sum.rss_kib += sample.rss_kib;
+        sum.threads += sample.threads;
+    }
+    Ok(sum)
+}
+
 /// Reads `/proc/PID/stat` and `/proc/PID/status`.
 pub fn sample_process(pid: u32) -> io::Result<ProcSample> {
     let bad = |what| io::Error::new(io::ErrorKind::InvalidData, what);
@@ -173,7 +189,7 @@ pub struct Meter {
     started: Instant,
     self_cpu: Duration,
     machine: Option<(u64, u64)>,
-    server_pid: Option<u32>,
+    server_pids: Vec<u32>,
     server: Option<ProcSample>,
 }
 
@@ -201,13 +217,15 @@ impl Usage {
 }
 
 impl Meter {
-    pub fn start(server_pid: Option<u32>) -> Self {
+    pub fn start(server_pids: &[u32]) -> Self {
         Self {
             started: Instant::now(),
             self_cpu: self_cpu(),
             machine: machine_jiffies(),
-            server_pid,
-            server: server_pid.and_then(|pid| sample_process(pid).ok()),
+            server_pids: server_pids.to_vec(),
+            server: (!server_pids.is_empty())
+                .then(|| sample_processes(server_pids).ok())
+                .flatten(),
         }
     }
 
@@ -220,15 +238,18 @@ impl Meter {
             }
             _ => None,
         };
-        let (server_after, server_error) = match self.server_pid {
-            None => (None, None),
-            Some(pid) => match sample_process(pid) {
+        let (server_after, server_error) = match self.server_pids.as_slice() {
+            [] => (None, None),
+            pids => match sample_processes(pids) {
                 Ok(sample) => (Some(sample), None),
-                Err(error) => (None, Some(format!("cannot read /proc/{pid}: {error}"))),
+                Err(error) => (
+                    None,
+                    Some(format!("cannot read /proc of {pids:?}: {error}")),
+                ),
             },
         };
         let server_error = server_error.or_else(|| {
-            (self.server_pid.is_some() && self.server.is_none())
+            (!self.server_pids.is_empty() && self.server.is_none())
                 .then(|| "the server process could not be read at the start".to_owned())
         });
         Usage {

@@ -48,7 +48,7 @@ pub async fn run(env: &mut Env, args: ChurnArgs) -> Outcome {
     let handshake_times = Arc::new(Latencies::default());
     let cycle_times = Arc::new(Latencies::default());
     let tracker = TaskTracker::new();
-    let meter = Meter::start(env.common.server_pid);
+    let meter = Meter::start(&env.common.server_pid);
     let started = Instant::now();
     let deadline = started + args.duration;
     {

@@ -30,6 +30,8 @@ pub async fn run(env: &mut Env, args: ConnectionsArgs) -> Outcome {
     let server_nofile_limit = env
         .common
         .server_pid
+        .first()
+        .copied()
         .and_then(sysinfo::process_nofile_limit);
     if let Some(limit) = server_nofile_limit {
         if args.connections as u64 > limit {
@@ -45,7 +47,7 @@ pub async fn run(env: &mut Env, args: ConnectionsArgs) -> Outcome {
     let tracker = TaskTracker::new();
 
     // The ramp: measured on its own for CPU per connection and RSS growth.
-    let ramp_meter = Meter::start(env.common.server_pid);
+    let ramp_meter = Meter::start(&env.common.server_pid);
     let handler = {
         let (held, stop, errors) = (held.clone(), stop.clone(), env.errors.clone());
         move |_index, conn| hold(conn, held.clone(), stop.clone(), errors.clone())
@@ -63,7 +65,7 @@ pub async fn run(env: &mut Env, args: ConnectionsArgs) -> Outcome {
     let ramp_usage = ramp_meter.stop();
 
     // The hold: idle connections.
-    let hold_meter = Meter::start(env.common.server_pid);
+    let hold_meter = Meter::start(&env.common.server_pid);
     let hold_started = Instant::now();
     {
         let held = held.clone();

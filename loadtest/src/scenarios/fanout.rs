@@ -226,7 +226,7 @@ pub async fn run(env: &mut Env, args: FanoutArgs) -> Result<Outcome, FanoutError
 
     // Publish: the measured phase starts here.
     let publishers_ready = shared.publishers_ready.load(Ordering::Relaxed);
-    let meter = Meter::start(env.common.server_pid);
+    let meter = Meter::start(&env.common.server_pid);
     let publish_started = Instant::now();
     shared.go.cancel();
     {
