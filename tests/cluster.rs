@@ -355,3 +355,53 @@ async fn a_closed_client_stops_being_reachable_from_other_nodes() {
         .await;
     common::assert_error(&sender.recv().await, "Recipient not found");
 }
+
+/// Waits until `/metrics` of `node` shows `line`.
+async fn metric_shows(node: &TestServer, line: &str, within: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        if common::http_get(node.addr, "/metrics").await.contains(line) {
+            return;
+        }
+        assert!(started.elapsed() < within, "no `{line}` within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_is_noticed_and_used_again_once_it_answers() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut sender = Client::connect(&nodes[0]).await;
+    let mut remote = Client::connect(&nodes[1]).await;
+    join(&mut sender, "probe").await;
+    join(&mut remote, "probe").await;
+    redis.wait_for_subscribers("roomcast:room:probe", 2).await;
+    metric_shows(&nodes[1], "roomcast_redis_connected 1", EXPECT).await;
+    // Paused, its sockets stay open: only the probe (every 5 s, 2 s to answer) can tell.
+    redis.pause();
+    metric_shows(
+        &nodes[1],
+        "roomcast_redis_connected 0",
+        Duration::from_secs(15),
+    )
+    .await;
+    redis.resume();
+    metric_shows(
+        &nodes[1],
+        "roomcast_redis_connected 1",
+        Duration::from_secs(15),
+    )
+    .await;
+    redis.wait_for_subscribers("roomcast:room:probe", 2).await;
+    sender
+        .send(json!({"type": "room_message", "room": "probe", "message": "again"}))
+        .await;
+    tokio::time::timeout(EXPECT, async {
+        while remote.recv().await["message"] != "again" {}
+    })
+    .await
+    .expect("messages cross nodes again");
+}

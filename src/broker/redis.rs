@@ -67,6 +67,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often an idle subscription connection proves it is alive (a `SUBSCRIBE` of the broadcast
+/// channel again, which Redis answers and otherwise ignores): a connection that died without a
+/// FIN (a partition, a paused VM) is noticed within this plus [`RESPONSE_TIMEOUT`].
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+
 /// A URL `--redis` cannot use.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -532,30 +537,39 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
     // Changes queued before this point are in the map already.
     while state.commands.try_recv().is_ok() {}
     let channels: Vec<Arc<str>> = lock(&state.wanted).keys().cloned().collect();
-    if sink.subscribe(state.channels.broadcast()).await.is_err() {
+    let broadcast = state.channels.broadcast();
+    if !answered(sink.subscribe(&broadcast)).await {
         return Ended::Lost;
     }
     for chunk in channels.chunks(512) {
         let chunk: Vec<&str> = chunk.iter().map(|channel| &**channel).collect();
-        if sink.subscribe(chunk).await.is_err() {
+        if !answered(sink.subscribe(chunk)).await {
             return Ended::Lost;
         }
     }
     state.metrics.redis_connected.set(1.0);
     info!(channels = channels.len() + 1, "redis connected: subscribed");
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    probe.tick().await; // the first tick is at once
     loop {
         tokio::select! {
+            _ = probe.tick() => {
+                if !answered(sink.subscribe(&broadcast)).await {
+                    return Ended::Lost;
+                }
+            }
             command = state.commands.recv() => {
                 let Some(Control(channel)) = command else { return Ended::BrokerGone };
                 // Acted on as the map says now: a subscribe overtaken by the channel's last
                 // unwant (or the reverse) settles on the map's state.
                 let wanted = lock(&state.wanted).contains_key(&channel);
                 let done = if wanted {
-                    sink.subscribe(&*channel).await
+                    answered(sink.subscribe(&*channel)).await
                 } else {
-                    sink.unsubscribe(&*channel).await
+                    answered(sink.unsubscribe(&*channel)).await
                 };
-                if done.is_err() {
+                if !done {
                     return Ended::Lost;
                 }
             }
@@ -565,6 +579,14 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
             }
         }
     }
+}
+
+/// Whether a subscription change was answered within [`RESPONSE_TIMEOUT`].
+async fn answered(request: impl std::future::Future<Output = redis::RedisResult<()>>) -> bool {
+    matches!(
+        tokio::time::timeout(RESPONSE_TIMEOUT, request).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Delivers one envelope from another node into the local hub.
