@@ -114,20 +114,31 @@ else
     skip "supervisor/roomcast.conf (python3 module supervisor not installed)"
 fi
 
-# --- haproxy.cfg: haproxy -c ------------------------------------------------------------------
+# --- haproxy.cfg, haproxy-cluster.cfg: haproxy -c ----------------------------------------------
 if have haproxy; then
     # The compose service names do not resolve outside compose; when possible, give them
     # loopback addresses in a private mount namespace so the check runs without that warning.
-    printf '127.0.0.1 localhost\n127.0.0.2 roomcast1\n127.0.0.3 roomcast2\n' >"$TMP/hosts"
-    if [ "$(id -u)" = 0 ] && have unshare && unshare -m true 2>/dev/null; then
-        run "haproxy -c -f haproxy.cfg (compose names mapped to loopback)" \
-            unshare -m sh -c "mount --bind '$TMP/hosts' /etc/hosts && haproxy -c -f '$DEPLOY/haproxy.cfg'"
-        if grep -qi warning "$TMP/out"; then bad "haproxy -c printed warnings" "$TMP/out"; fi
-    else
-        run "haproxy -c -f haproxy.cfg (roomcast1/roomcast2 unresolvable here: warnings expected)" haproxy -c -f haproxy.cfg
-    fi
+    printf '127.0.0.1 localhost\n127.0.0.2 roomcast1\n127.0.0.3 roomcast2\n127.0.0.4 roomcast3\n' >"$TMP/hosts"
+    for cfg in haproxy.cfg haproxy-cluster.cfg; do
+        if [ "$(id -u)" = 0 ] && have unshare && unshare -m true 2>/dev/null; then
+            run "haproxy -c -f $cfg (compose names mapped to loopback)" \
+                unshare -m sh -c "mount --bind '$TMP/hosts' /etc/hosts && haproxy -c -f '$DEPLOY/$cfg'"
+            if grep -qi warning "$TMP/out"; then bad "haproxy -c -f $cfg printed warnings" "$TMP/out"; fi
+        else
+            run "haproxy -c -f $cfg (compose names unresolvable here: warnings expected)" haproxy -c -f "$cfg"
+        fi
+    done
 else
-    skip "haproxy.cfg (no haproxy)"
+    skip "haproxy.cfg, haproxy-cluster.cfg (no haproxy)"
+fi
+# The cluster file is haproxy.cfg's settings with a third server: keep the two in step.
+directives() { sed -E 's/[[:space:]]*#.*$//' "$1" | grep -v '^[[:space:]]*$'; }
+directives haproxy.cfg >"$TMP/ha2"
+directives haproxy-cluster.cfg | grep -vx '    server node3 roomcast3:8080' >"$TMP/ha3"
+if diff "$TMP/ha2" "$TMP/ha3" >"$TMP/diff"; then
+    ok "haproxy-cluster.cfg has haproxy.cfg's directives, plus server node3"
+else
+    bad "haproxy-cluster.cfg differs from haproxy.cfg beyond server node3 (< haproxy.cfg)" "$TMP/diff"
 fi
 
 # --- nginx.conf: nginx -t ---------------------------------------------------------------------
@@ -146,28 +157,69 @@ fi
 
 # --- YAML: syntax, compose schema, Kubernetes schemas ------------------------------------------
 if python3 -c 'import yaml' 2>/dev/null; then
-    run "YAML syntax (docker-compose.yml, kubernetes/*.yaml)" python3 -c '
+    run "YAML syntax (docker-compose*.yml, kubernetes/*.yaml)" python3 -c '
 import sys, yaml
 for path in sys.argv[1:]:
     docs = [d for d in yaml.safe_load_all(open(path)) if d is not None]
     assert docs, path + " is empty"
-' docker-compose.yml kubernetes/*.yaml
+' docker-compose.yml docker-compose.cluster.yml kubernetes/*.yaml
 else
     skip "YAML syntax (no python3-yaml)"
 fi
 if have yamllint; then
     run "yamllint (lines up to 100 columns)" yamllint -s \
         -d '{extends: default, rules: {line-length: {max: 100}, document-start: disable}}' \
-        docker-compose.yml kubernetes/
+        docker-compose.yml docker-compose.cluster.yml kubernetes/
 else
     skip "yamllint (not installed)"
 fi
-if have docker-compose; then
-    run "docker-compose config -q (compose file schema)" docker-compose -f docker-compose.yml config -q
-elif have docker && docker compose version >/dev/null 2>&1; then
-    run "docker compose config -q (compose file schema)" docker compose -f docker-compose.yml config -q
+for file in docker-compose.yml docker-compose.cluster.yml; do
+    if have docker-compose; then
+        run "docker-compose -f $file config -q (compose file schema)" docker-compose -f "$file" config -q
+    elif have docker && docker compose version >/dev/null 2>&1; then
+        run "docker compose -f $file config -q (compose file schema)" docker compose -f "$file" config -q
+    else
+        skip "$file schema (no docker-compose)"
+    fi
+done
+# The cluster's wiring, which no schema sees: in docker-compose.cluster.yml three nodes with
+# ROOMCAST_REDIS at the redis service (no persistence, redis-cli ping healthcheck), each a
+# server of haproxy-cluster.cfg; in kubernetes/, the ConfigMap's redis URL names redis.yaml's
+# Service, 3 roomcast replicas of which the PodDisruptionBudget keeps two up, one Redis pod
+# replaced by Recreate (never two behind the Service).
+if python3 -c 'import tomllib, yaml' 2>/dev/null; then
+    run "cluster wiring (compose: Redis URL, healthcheck, HAProxy servers; Kubernetes: Redis URL, replicas, PDB)" python3 - <<'EOF'
+import re, tomllib, yaml
+compose = yaml.safe_load(open("docker-compose.cluster.yml"))
+services = compose["services"]
+nodes = sorted(name for name in services if name.startswith("roomcast"))
+assert len(nodes) == 3, nodes
+redis = services["redis"]
+assert redis["image"].startswith("redis:"), redis["image"]
+assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"], redis["healthcheck"]
+assert redis["command"][:5] == ["redis-server", "--save", "", "--appendonly", "no"], redis["command"]
+servers = re.findall(r"^\s*server node\d (\S+):8080", open("haproxy-cluster.cfg").read(), re.M)
+assert servers == nodes, (servers, nodes)
+for name in nodes:
+    env = services[name]["environment"]
+    assert env["ROOMCAST_REDIS"] == "redis://redis:6379/", (name, env)
+    assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+docs = {}
+for path in ("configmap.yaml", "deployment.yaml", "poddisruptionbudget.yaml", "redis.yaml"):
+    for doc in yaml.safe_load_all(open("kubernetes/" + path)):
+        docs[(doc["kind"], doc["metadata"]["name"])] = doc
+toml = tomllib.loads(docs[("ConfigMap", "roomcast-config")]["data"]["roomcast.toml"])
+service = docs[("Service", "roomcast-redis")]
+url = f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/"
+assert toml.get("redis") == url, ("configmap redis", toml.get("redis"), url)
+replicas = docs[("Deployment", "roomcast")]["spec"]["replicas"]
+assert replicas == 3, replicas
+assert replicas - docs[("PodDisruptionBudget", "roomcast")]["spec"]["maxUnavailable"] >= 2
+redis_spec = docs[("Deployment", "roomcast-redis")]["spec"]
+assert redis_spec["replicas"] == 1 and redis_spec["strategy"]["type"] == "Recreate", redis_spec
+EOF
 else
-    skip "docker-compose.yml schema (no docker-compose)"
+    skip "cluster wiring (needs python3 3.11+ with yaml)"
 fi
 if have kubernetes-validate; then
     # 1.30: the first release with the preStop sleep action on by default (beta).
