@@ -4,6 +4,9 @@
 #   redis1 one node with --redis (every publication also goes to Redis; nobody else receives it);
 #   redis3 three nodes on one Redis, the subscribers spread round-robin over them (so two thirds
 #          of the deliveries cross Redis).
+# Then the cost of a connection's life with Redis: compare.sh's churn (connect, join, message,
+# leave, close; 50 workers, 10 s) on one node without and with --redis (a subscription per
+# client and per room on top of the local work), reports <setup>-churn-rN.json.
 # Alternating, ROUNDS rounds (default 3). The nodes and Redis run on CPU 0, the generator on
 # CPU 1; server CPU is summed over the nodes (`--server-pid` repeated), and Redis's own CPU is
 # sampled beside it from /proc. Reports: loadtest/results/cluster/<setup>-rN.json, plus
@@ -73,6 +76,20 @@ for round in $(seq "$rounds"); do
         run_setup "$setup" "$round"
     done
 done
+wrapper=$(mktemp)
+printf '#!/bin/sh\nexec %s "$@" --redis redis://127.0.0.1:%s/\n' "$bin" "$redis_port" > "$wrapper"
+chmod +x "$wrapper"
+for round in $(seq "$rounds"); do
+    for setup in one redis1; do
+        node_bin=$bin
+        [[ $setup == redis1 ]] && node_bin=$wrapper
+        ROOMCAST_BIN=$node_bin PEERS=roomcast LOADTEST_BIN=$loadtest CHURN_DURATION=10s \
+            PORT=$base RESULTS_DIR=$out/churn-$setup-r$round bash "$here/compare.sh" churn
+        mv "$out/churn-$setup-r$round/churn--roomcast.json" "$out/$setup-churn-r$round.json"
+        rmdir "$out/churn-$setup-r$round"
+    done
+done
+rm -f "$wrapper"
 python3 - "$out" "$rounds" <<'PY'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
@@ -88,4 +105,13 @@ for setup in ("one", "redis1", "redis3"):
     print(f"{setup:7} nodes CPU/delivery {statistics.median(cpu):.2f} us {cpu}, "
           f"redis CPU/delivery {statistics.median(redis):.2f} us, "
           f"p99 {statistics.median(p99):.1f} ms {p99}, lost {lost}")
+for setup in ("one", "redis1"):
+    cycle, rate, failed = [], [], []
+    for r in range(1, rounds + 1):
+        res = json.load(open(f"{out}/{setup}-churn-r{r}.json"))["results"]
+        cycle.append(res["server_cpu_us_per_cycle"])
+        rate.append(res["cycles_per_second"])
+        failed.append(res["cycles_failed"])
+    print(f"{setup:7} churn: server CPU per cycle {statistics.median(cycle):.1f} us {cycle}, "
+          f"cycles/s {statistics.median(rate):.0f}, failed {failed}")
 PY
