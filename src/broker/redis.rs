@@ -36,6 +36,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -193,9 +194,16 @@ impl RedisBroker {
         let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
         let (control, commands) = mpsc::unbounded_channel();
         let wanted = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(publisher(client.clone(), queue, metrics.clone()));
+        let sessions = Arc::new(AtomicU64::new(0));
+        tokio::spawn(publisher(
+            client.clone(),
+            queue,
+            sessions.clone(),
+            metrics.clone(),
+        ));
         tokio::spawn(subscriber(Subscriber {
             client,
+            sessions,
             node,
             channels: channels.clone(),
             commands,
@@ -390,16 +398,29 @@ fn next_backoff(backoff: Duration) -> Duration {
 async fn publisher(
     client: redis::Client,
     mut queue: mpsc::Receiver<Outgoing>,
+    sessions: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 ) {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(CONNECT_TIMEOUT)
         .set_response_timeout(RESPONSE_TIMEOUT);
     let mut connection: Option<ConnectionManager> = None;
+    // The subscriber's session the connection was made in: a newer one means Redis went away
+    // meanwhile, and this connection (whose next command would fail to find that out) is
+    // replaced before it is used, so the first publications after a Redis restart go through.
+    let mut made_in = u64::MAX;
     let mut backoff = BACKOFF_FIRST;
     let mut batch: Vec<Outgoing> = Vec::with_capacity(PIPELINE);
     loop {
+        if queue.recv_many(&mut batch, PIPELINE).await == 0 {
+            return; // the broker is gone
+        }
+        let session = sessions.load(Ordering::Acquire);
+        if session != made_in {
+            connection = None;
+        }
         if connection.is_none() {
+            made_in = session;
             match client
                 .get_connection_manager_with_config(config.clone())
                 .await
@@ -409,25 +430,21 @@ async fn publisher(
                     connection = Some(manager);
                 }
                 Err(error) => {
-                    debug!(%error, "redis publisher cannot connect yet");
-                    // What waited meanwhile cannot be sent: drop it, counted (a waiting
-                    // private message learns from its dropped reply), and try again.
-                    let mut dropped = 0;
+                    debug!(%error, "redis publisher cannot connect");
+                    // This batch and what waited meanwhile cannot be sent: dropped, counted
+                    // (a private message waiting on a count learns it from its reply's end);
+                    // then a pause before the next attempt.
+                    let mut dropped = batch.len() as u64;
+                    batch.clear();
                     while queue.try_recv().is_ok() {
                         dropped += 1;
                     }
                     metrics.redis_publish_dropped.increment(dropped);
-                    if queue.is_closed() && queue.is_empty() {
-                        return;
-                    }
                     tokio::time::sleep(backoff).await;
                     backoff = next_backoff(backoff);
                     continue;
                 }
             }
-        }
-        if queue.recv_many(&mut batch, PIPELINE).await == 0 {
-            return; // the broker is gone
         }
         let mut pipe = redis::pipe();
         for outgoing in &batch {
@@ -445,7 +462,8 @@ async fn publisher(
                 }
             }
             Err(error) => {
-                // The manager reconnects by itself on the next command.
+                // The manager reconnects by itself on the next command; the replies dropped
+                // with the batch tell whoever waits that Redis did not take it.
                 debug!(%error, publications = batch.len(), "redis publish failed");
                 metrics.redis_publish_dropped.increment(batch.len() as u64);
             }
@@ -457,6 +475,9 @@ async fn publisher(
 /// The subscriber task's state.
 struct Subscriber {
     client: redis::Client,
+    /// Counts the subscription sessions (one per connection made): the publisher makes a new
+    /// connection when it changes.
+    sessions: Arc<AtomicU64>,
     node: u64,
     channels: Arc<Channels>,
     commands: mpsc::UnboundedReceiver<Control>,
@@ -547,6 +568,7 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
             return Ended::Lost;
         }
     }
+    state.sessions.fetch_add(1, Ordering::Release);
     state.metrics.redis_connected.set(1.0);
     info!(channels = channels.len() + 1, "redis connected: subscribed");
     let mut probe = tokio::time::interval(PROBE_EVERY);
