@@ -10,13 +10,5 @@
 #       --manifest-path /tmp/old/Cargo.toml -p roomcast
 # Reports: loadtest/results/issue10-ab/{old,new}-rN/*.json (the same loadtest binary for both).
 set -euo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-: "${OLD:?the old roomcast binary}" "${NEW:=$here/../target/release/roomcast}"
-for round in 1 2 3; do
-    for side in old new; do
-        bin=$OLD; [[ $side == new ]] && bin=$NEW
-        ROOMCAST_BIN=$bin PEERS=roomcast CHURN_DURATION=10s \
-            RESULTS_DIR=$here/results/issue10-ab/$side-r$round \
-            bash "$here/compare.sh" fanout-1k fanout-5k-saturated churn idle-19k
-    done
-done
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+exec bash "$here/alternate.sh" issue10-ab fanout-1k fanout-5k-saturated churn idle-19k
