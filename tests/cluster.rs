@@ -44,9 +44,22 @@ async fn nodes_with(
     nodes
 }
 
-/// Joins `room` and reads what the join sends back (room_joined) to this client.
-async fn join(client: &mut Client, room: &str) {
-    assert_eq!(client.join(room).await["type"], "room_joined");
+/// Joins `room` and reads what the join sends back (room_joined) to this client; returns the
+/// room's member count it reported.
+async fn join(client: &mut Client, room: &str) -> u64 {
+    let joined = client.join(room).await;
+    assert_eq!(joined["type"], "room_joined", "{joined}");
+    joined["members"].as_u64().unwrap()
+}
+
+/// Reads the `member_joined` notices of `joiners`, in order, with the counts they report.
+async fn heard_join_of(client: &mut Client, joiners: &[(&str, u64)]) {
+    for (joiner, total) in joiners {
+        let notice = client.recv().await;
+        assert_eq!(notice["type"], "member_joined", "{notice}");
+        assert_eq!(notice["client_id"], *joiner);
+        assert_eq!(notice["total_members"], *total, "{notice}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,10 +75,13 @@ async fn a_room_message_reaches_its_members_on_every_node_once_and_not_the_sende
     let mut outsider = Client::connect(&nodes[1]).await;
     join(&mut sender, "chat").await;
     join(&mut same_node, "chat").await;
-    sender.recv().await; // member_joined of same_node
     join(&mut on_b, "chat").await;
     join(&mut on_c, "chat").await;
     redis.wait_for_subscribers("roomcast:room:chat", 3).await;
+    let (s, b, c) = (same_node.id.clone(), on_b.id.clone(), on_c.id.clone());
+    heard_join_of(&mut sender, &[(&s, 2), (&b, 3), (&c, 4)]).await;
+    heard_join_of(&mut same_node, &[(&b, 3), (&c, 4)]).await;
+    heard_join_of(&mut on_b, &[(&c, 4)]).await;
 
     sender
         .send(json!({"type": "room_message", "room": "chat", "message": {"n": 1}}))
@@ -117,6 +133,8 @@ async fn the_server_api_publishes_from_any_node_to_members_on_all_of_them() {
     join(&mut on_a, "orders").await;
     join(&mut on_c, "orders").await;
     redis.wait_for_subscribers("roomcast:room:orders", 2).await;
+    let c = on_c.id.clone();
+    heard_join_of(&mut on_a, &[(&c, 2)]).await;
     // Node B has no member: the app's publish still reaches A's and C's.
     let auth = format!("Authorization: Bearer {KEY}");
     let body = json!({"room": "orders", "message": {"order": 42}}).to_string();
@@ -199,8 +217,11 @@ async fn without_redis_a_node_serves_its_own_members_and_after_redis_returns_emp
     let nodes = nodes(&redis, 2).await;
     let (mut sender, mut local) = common::pair_in_room(&nodes[0], "ops").await;
     let mut remote = Client::connect(&nodes[1]).await;
-    join(&mut remote, "ops").await;
+    assert_eq!(join(&mut remote, "ops").await, 3);
     redis.wait_for_subscribers("roomcast:room:ops", 2).await;
+    let r = remote.id.clone();
+    heard_join_of(&mut sender, &[(&r, 3)]).await;
+    heard_join_of(&mut local, &[(&r, 3)]).await;
 
     redis.kill();
     sender
@@ -404,4 +425,115 @@ async fn a_redis_that_stops_answering_is_noticed_and_used_again_once_it_answers(
     })
     .await
     .expect("messages cross nodes again");
+}
+
+/// Reads one `member_left` notice about `leaver` with `total` members left.
+async fn heard_leave_of(client: &mut Client, leaver: &str, total: u64) {
+    let notice = client.recv().await;
+    assert_eq!(notice["type"], "member_left", "{notice}");
+    assert_eq!(notice["client_id"], leaver);
+    assert_eq!(notice["total_members"], total, "{notice}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_counts_and_notices_are_cluster_wide_as_on_one_node() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut a = Client::connect(&nodes[0]).await;
+    let mut b = Client::connect(&nodes[1]).await;
+    let mut c = Client::connect(&nodes[2]).await;
+    let mut a2 = Client::connect(&nodes[0]).await;
+    assert_eq!(join(&mut a, "team").await, 1);
+    assert_eq!(join(&mut b, "team").await, 2);
+    heard_join_of(&mut a, &[(&b.id.clone(), 2)]).await;
+    assert_eq!(join(&mut c, "team").await, 3);
+    assert_eq!(join(&mut a2, "team").await, 4);
+    let (cid, a2id) = (c.id.clone(), a2.id.clone());
+    heard_join_of(&mut a, &[(&cid, 3), (&a2id, 4)]).await;
+    heard_join_of(&mut b, &[(&cid, 3), (&a2id, 4)]).await;
+    heard_join_of(&mut c, &[(&a2id, 4)]).await;
+    // Joining twice does nothing and sends nothing, as on one node.
+    b.send(json!({"type": "join_room", "room": "team"})).await;
+    b.expect_silence().await;
+
+    // A leave: the others on every node hear it with the new count; the leaver hears nothing.
+    let bid = b.id.clone();
+    b.send(json!({"type": "leave_room", "room": "team"})).await;
+    for member in [&mut a, &mut c, &mut a2] {
+        heard_leave_of(member, &bid, 3).await;
+    }
+    b.expect_silence().await;
+    // Leaving a room it is not in: nothing, as on one node.
+    b.send(json!({"type": "leave_room", "room": "team"})).await;
+    b.expect_silence().await;
+    a.expect_silence().await;
+
+    // A closed connection leaves its rooms the same way.
+    c.close().await;
+    for member in [&mut a, &mut a2] {
+        heard_leave_of(member, &cid, 2).await;
+    }
+    // And the count goes on from there.
+    assert_eq!(join(&mut b, "team").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_empty_the_nodes_register_their_members_again() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let port = redis.addr.port();
+    let nodes = nodes(&redis, 2).await;
+    let mut a = Client::connect(&nodes[0]).await;
+    let mut b = Client::connect(&nodes[1]).await;
+    join(&mut a, "kept").await;
+    join(&mut b, "kept").await;
+    redis.kill();
+    let redis = RedisServer::start_on(port).await;
+    redis.wait_for_subscribers("roomcast:room:kept", 2).await;
+    // The set is rebuilt from the nodes, without any event.
+    let started = std::time::Instant::now();
+    while redis
+        .command(&["SCARD", "roomcast:members:kept"])
+        .await
+        .as_deref()
+        != Some(":2")
+    {
+        assert!(
+            started.elapsed() < EXPECT,
+            "the members are registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut late = Client::connect(&nodes[1]).await;
+    assert_eq!(join(&mut late, "kept").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_closes_while_its_join_goes_round_leaves_no_member_behind() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    for _ in 0..5 {
+        let mut quick = Client::connect(&nodes[0]).await;
+        quick
+            .send(json!({"type": "join_room", "room": "brief"}))
+            .await;
+        quick.close().await;
+    }
+    let started = std::time::Instant::now();
+    while redis
+        .command(&["SCARD", "roomcast:members:brief"])
+        .await
+        .as_deref()
+        != Some(":0")
+    {
+        assert!(started.elapsed() < EXPECT, "no member left behind in Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut later = Client::connect(&nodes[1]).await;
+    assert_eq!(join(&mut later, "brief").await, 1);
 }

@@ -1,10 +1,11 @@
 //! The single-node broker: a publication is delivered straight into the local hub, with
-//! nothing in between (the hot path of a one-node deployment costs one virtual call more).
+//! nothing in between (the hot path of a one-node deployment costs one virtual call more), and
+//! a join or leave is the hub's, which tells the room's members at once.
 
 use std::sync::Arc;
 
-use super::{Broker, Delivery, Publication};
-use crate::hub::Router;
+use super::{Broker, Delivery, Joining, Publication};
+use crate::hub::{Member, Router};
 
 /// Delivers every publication to the local hub; subscriptions need no bookkeeping.
 pub struct MemoryBroker {
@@ -22,7 +23,11 @@ impl Broker for MemoryBroker {
         Delivery::Done(self.hub.deliver(publication))
     }
 
-    fn subscribe(&self, _room: &str) {}
+    fn join(&self, room: &str, member: &Member) -> Joining {
+        Joining::Done(self.hub.join(room, member))
+    }
 
-    fn unsubscribe(&self, _room: &str) {}
+    fn leave(&self, room: &str, member: &Member) -> Option<usize> {
+        self.hub.leave(room, member)
+    }
 }

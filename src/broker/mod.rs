@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use tokio::sync::oneshot;
 
-use crate::hub::{ConnId, Member, RecipientNotFound, Router};
+use crate::hub::{ConnId, Joined, Member, RecipientNotFound, Router};
 use crate::metrics::Metrics;
 use crate::protocol::Body;
 
@@ -97,6 +97,19 @@ impl Delivery {
     }
 }
 
+/// What a join came to.
+#[derive(Debug)]
+pub enum Joining {
+    /// Done, the joiner sent its `room_joined` and the members their `member_joined`.
+    Done(Joined),
+    /// Added here as pending (`local_members` with it); it gets `room_joined` with the room's
+    /// cluster-wide count when the join has gone round, and `joined` is told then.
+    Later {
+        local_members: usize,
+        joined: oneshot::Receiver<()>,
+    },
+}
+
 /// Carries publications to every node with recipients for them; delivers those that arrive
 /// into the local hub.
 pub trait Broker: Send + Sync + 'static {
@@ -110,12 +123,12 @@ pub trait Broker: Send + Sync + 'static {
     /// It left the directory.
     fn disconnected(&self, _member: &Member) {}
 
-    /// This node has its first local member in `room`: publications to it must reach here.
-    /// Calls for one room can interleave between connections (a join creating the room again
-    /// while the last leave is unsubscribing), so an implementation that subscribes somewhere
-    /// keeps its own count.
-    fn subscribe(&self, room: &str);
+    /// `member` joins `room` (the session made every other check). One node: the hub adds it
+    /// and tells the members at once. Several: the broker also counts it cluster-wide, tells
+    /// every node's members, and answers the joiner's count later.
+    fn join(&self, room: &str, member: &Member) -> Joining;
 
-    /// This node's last local member left `room`.
-    fn unsubscribe(&self, room: &str);
+    /// `member` leaves `room`: `Some` of how many local members remain, `None` (nothing done)
+    /// when it was not a member. Its room-mates on every node are told.
+    fn leave(&self, room: &str, member: &Member) -> Option<usize>;
 }

@@ -31,11 +31,22 @@
 //!   task reconnects with backoff and subscribes again to every room it has members in. Each
 //!   change of state is logged and shown in `roomcast_redis_connected`.
 //!
-//! Not yet across nodes (the next steps of the cluster issue): member counts, presence and the
-//! webhooks' room events are per node.
+//! - **Membership.** A room's members are a set in Redis (`PREFIX:members:ROOM`, entries
+//!   `NODE:CLIENT_ID`); a join or leave is one Lua script that changes the set, counts it and
+//!   publishes the `member_joined` / `member_left` envelope with that count, so every node's
+//!   members hear of every change once, in the room channel's order, with exact cluster-wide
+//!   counts. The joiner waits in the hub as pending (receiving nothing) until its own join
+//!   comes back on the channel; that is where it gets `room_joined` with the count, so it sees
+//!   exactly what the room sends after its join, as on one node. When Redis does not count a
+//!   change (down), the node's own members are told with the node's own count. After Redis
+//!   comes back empty, each node puts its members back into the sets.
+//!
+//! Not yet across nodes (the next steps of the cluster issue): presence listings
+//! (`GET /api/rooms`) and the webhooks' room events are per node, and a crashed node's members
+//! stay in the sets (no leases or reaping yet).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,8 +59,8 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{Broker, Delivery, Publication, Target};
-use crate::hub::{Member, RecipientNotFound, Router};
+use super::{Broker, Delivery, Joining, Publication, Target};
+use crate::hub::{ConnId, Joined, Member, MemberChange, RecipientNotFound, Router};
 use crate::metrics::Metrics;
 use crate::protocol::Body;
 
@@ -86,14 +97,53 @@ pub fn check_url(url: &str) -> Result<(), BadRedisUrl> {
 }
 
 /// A channel whose subscription may have to change: the subscriber task settles it on what the
-/// count map says when it gets to it.
-struct Control(Arc<str>);
+/// count map says when it gets to it, and then answers on the sender, if any.
+struct Control(Arc<str>, Option<oneshot::Sender<()>>);
 
-/// One `PUBLISH` for the publisher task; `reply` wants the number of nodes that received it.
+/// One command for the publisher task (a `PUBLISH`, a membership script); `reply` wants its
+/// integer answer (the receiving nodes, the room's member count).
 struct Outgoing {
-    channel: String,
-    payload: Bytes,
+    command: redis::Cmd,
     reply: Option<oneshot::Sender<i64>>,
+}
+
+/// A join, in one step on Redis: the member into the room's set, the set's size, and the
+/// `member_joined` envelope (head .. size .. tail) on the room's channel for every node. The
+/// answer is the room's cluster-wide size.
+const JOIN_SCRIPT: &str = r#"
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+local total = redis.call('SCARD', KEYS[1])
+if added == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3] .. total .. ARGV[4]) end
+return total
+"#;
+
+/// A leave, the same way: out of the set, its size, `member_left` to every node.
+const LEAVE_SCRIPT: &str = r#"
+local removed = redis.call('SREM', KEYS[1], ARGV[1])
+local total = redis.call('SCARD', KEYS[1])
+if removed == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3] .. total .. ARGV[4]) end
+return total
+"#;
+
+/// How long a joiner waits for its own join to come back on the room's channel (which makes it
+/// a member in the room's order) once Redis counted it; then it is made one anyway.
+const ACTIVATION_GRACE: Duration = Duration::from_secs(1);
+
+/// The fields of an envelope before its message, for a membership envelope whose message (the
+/// count) the script writes.
+#[derive(Serialize)]
+struct EnvelopeHead<'a> {
+    n: u64,
+    k: char,
+    t: &'a str,
+    f: &'a str,
+    ts: u64,
+}
+
+fn publish_command(channel: &str, payload: &[u8]) -> redis::Cmd {
+    let mut command = redis::cmd("PUBLISH");
+    command.arg(channel).arg(payload);
+    command
 }
 
 /// One publication on its way between nodes.
@@ -102,7 +152,8 @@ struct Envelope<'a> {
     /// The node that published it.
     #[serde(rename = "n")]
     node: u64,
-    /// `r` a room, `b` everyone, `p` a client or user (private message).
+    /// `r` a room, `b` everyone, `p` a client or user (private message); `j` and `l` a member
+    /// (`f`) joined or left the room, `m` being its cluster-wide count.
     #[serde(rename = "k")]
     kind: char,
     /// The room, or the client or user id.
@@ -165,7 +216,15 @@ impl Channels {
     fn user(&self, id: &str) -> String {
         format!("{}:user:{id}", self.prefix)
     }
+
+    /// The key of a room's member set (entries `NODE:CLIENT_ID`).
+    fn members(&self, room: &str) -> String {
+        format!("{}:members:{room}", self.prefix)
+    }
 }
+
+/// A join on its way: the connection and the room.
+type JoinKey = (ConnId, Arc<str>);
 
 /// The broker: local delivery, plus Redis for the other nodes.
 pub struct RedisBroker {
@@ -179,6 +238,9 @@ pub struct RedisBroker {
     /// how many reasons it has for each: the subscriber task resubscribes to these after a
     /// reconnection.
     wanted: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    /// Joins whose script is on its way (connection, room): a leave meanwhile hands its own
+    /// script to the join's task, so that Redis sees the join before the leave.
+    joining: Arc<Mutex<HashSet<JoinKey>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -222,19 +284,24 @@ impl RedisBroker {
             publish,
             control,
             wanted,
+            joining: Arc::default(),
             metrics,
         }
     }
 
-    /// One more reason to be subscribed to `channel`.
-    fn want(&self, channel: String) {
+    /// One more reason to be subscribed to `channel`; when it is the first, what answers once
+    /// the subscription is in.
+    fn want(&self, channel: String) -> Option<oneshot::Receiver<()>> {
         let mut wanted = lock(&self.wanted);
         let channel: Arc<str> = Arc::from(channel);
         let count = wanted.entry(channel.clone()).or_insert(0);
         *count += 1;
-        if *count == 1 {
-            let _ = self.control.send(Control(channel));
+        if *count > 1 {
+            return None;
         }
+        let (done, subscribed) = oneshot::channel();
+        let _ = self.control.send(Control(channel, Some(done)));
+        Some(subscribed)
     }
 
     /// One reason fewer; the last one unsubscribes.
@@ -245,7 +312,7 @@ impl RedisBroker {
         };
         if count <= 1 {
             wanted.remove(channel);
-            let _ = self.control.send(Control(key));
+            let _ = self.control.send(Control(key, None));
         } else if let Some(count) = wanted.get_mut(channel) {
             *count -= 1;
         }
@@ -277,14 +344,42 @@ impl RedisBroker {
 
     /// Queues one `PUBLISH` without waiting; a full queue drops it, counted.
     fn send(&self, channel: String, payload: Bytes) {
+        self.send_command(publish_command(&channel, &payload));
+    }
+
+    /// Queues `command` without waiting for it or its answer.
+    fn send_command(&self, command: redis::Cmd) {
         let outgoing = Outgoing {
-            channel,
-            payload,
+            command,
             reply: None,
         };
         if self.publish.try_send(outgoing).is_err() {
             self.metrics.redis_publish_dropped.increment(1);
         }
+    }
+
+    /// The join or leave script for `member` in `room`.
+    fn membership(&self, script: &str, kind: char, room: &str, member: &Member) -> redis::Cmd {
+        let mut head = serde_json::to_string(&EnvelopeHead {
+            n: self.node,
+            k: kind,
+            t: room,
+            f: &member.client_id,
+            ts: 0,
+        })
+        .expect("an envelope head serializes");
+        head.pop(); // its closing brace: the count and the tail follow
+        head.push_str(r#","m":"#);
+        let mut command = redis::cmd("EVAL");
+        command
+            .arg(script)
+            .arg(1)
+            .arg(self.channels.members(room))
+            .arg(format!("{:016x}:{}", self.node, member.client_id))
+            .arg(self.channels.room(room))
+            .arg(head)
+            .arg("}");
+        command
     }
 
     /// A private message: here at once when the id is a local client, or a user with local
@@ -339,14 +434,22 @@ async fn publish_counted(
     channel: String,
     payload: Bytes,
 ) -> Option<i64> {
-    let (reply, received) = oneshot::channel();
+    answer_of(queue, publish_command(&channel, &payload)).await
+}
+
+/// Sends `command` through the publisher task (in order with everything queued before) and
+/// returns its integer answer, or `None` when Redis did not answer it in time.
+async fn answer_of(queue: &mpsc::Sender<Outgoing>, command: redis::Cmd) -> Option<i64> {
+    let (reply, answer) = oneshot::channel();
     let outgoing = Outgoing {
-        channel,
-        payload,
+        command,
         reply: Some(reply),
     };
     queue.send(outgoing).await.ok()?;
-    received.await.ok()
+    tokio::time::timeout(RESPONSE_TIMEOUT * 2, answer)
+        .await
+        .ok()?
+        .ok()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -367,18 +470,93 @@ impl Broker for RedisBroker {
         Delivery::Done(local)
     }
 
-    fn subscribe(&self, room: &str) {
-        self.want(self.channels.room(room));
+    fn join(&self, room: &str, member: &Member) -> Joining {
+        let (activated, joined) = oneshot::channel();
+        let local_members = match self.hub.join_pending(room, member, activated) {
+            Joined::AlreadyMember => return Joining::Done(Joined::AlreadyMember),
+            Joined::Added { members } => members,
+        };
+        let subscribed = (local_members == 1)
+            .then(|| self.want(self.channels.room(room)))
+            .flatten();
+        let script = self.membership(JOIN_SCRIPT, 'j', room, member);
+        let leave = self.membership(LEAVE_SCRIPT, 'l', room, member);
+        let room: Arc<str> = Arc::from(room);
+        lock(&self.joining).insert((member.conn, room.clone()));
+        let (queue, hub, joining) = (self.publish.clone(), self.hub.clone(), self.joining.clone());
+        let member = member.clone();
+        tokio::spawn(async move {
+            // Subscribed first: the join's own event must come back here, where it makes the
+            // joiner a member in the room's order (see `deliver`).
+            if let Some(subscribed) = subscribed {
+                let _ = tokio::time::timeout(RESPONSE_TIMEOUT, subscribed).await;
+            }
+            let counted = answer_of(&queue, script).await;
+            if !lock(&joining).remove(&(member.conn, room.clone())) {
+                // It left while its join was on the way, and left this task its leave.
+                let _ = answer_of(&queue, leave).await;
+                return;
+            }
+            match counted {
+                Some(total) if total > 0 => {
+                    tokio::time::sleep(ACTIVATION_GRACE).await;
+                    // Its own event did not come back in time (a subscription not yet in):
+                    // a member now, with Redis's count.
+                    hub.activate(&room, &member, total as usize);
+                }
+                _ => {
+                    // Redis did not count it: this node's members are told with this node's
+                    // count, and it joins with that.
+                    let change = MemberChange::Joined {
+                        client_id: &member.client_id,
+                        total: local_members,
+                    };
+                    hub.announce(&room, change);
+                }
+            }
+        });
+        Joining::Later {
+            local_members,
+            joined,
+        }
     }
 
-    fn unsubscribe(&self, room: &str) {
-        self.unwant(&self.channels.room(room));
+    fn leave(&self, room: &str, member: &Member) -> Option<usize> {
+        let remaining = self.hub.leave_quietly(room, member)?;
+        let still_joining = lock(&self.joining).remove(&(member.conn, Arc::from(room)));
+        if remaining == 0 {
+            self.unwant(&self.channels.room(room));
+        }
+        if still_joining {
+            // Its join's task sends the leave after the join, so Redis sees them in order.
+            return Some(remaining);
+        }
+        let leave = self.membership(LEAVE_SCRIPT, 'l', room, member);
+        if remaining == 0 {
+            self.send_command(leave);
+            return Some(remaining);
+        }
+        let (queue, hub) = (self.publish.clone(), self.hub.clone());
+        let room: Arc<str> = Arc::from(room);
+        let client_id = member.client_id.clone();
+        tokio::spawn(async move {
+            if answer_of(&queue, leave).await.is_none() {
+                // Redis did not count it: this node's members are told with this node's count.
+                let change = MemberChange::Left {
+                    client_id: &client_id,
+                    total: remaining,
+                };
+                hub.announce(&room, change);
+            }
+        });
+        Some(remaining)
     }
 
     fn connected(&self, member: &Member) {
-        self.want(self.channels.client(&member.client_id));
+        // Not waited for: a client is reachable from other nodes a moment after its welcome.
+        let _ = self.want(self.channels.client(&member.client_id));
         if let Some(user) = &member.user_id {
-            self.want(self.channels.user(user));
+            let _ = self.want(self.channels.user(user));
         }
     }
 
@@ -447,28 +625,29 @@ async fn publisher(
             }
         }
         let mut pipe = redis::pipe();
-        for outgoing in &batch {
-            pipe.cmd("PUBLISH")
-                .arg(&outgoing.channel)
-                .arg(outgoing.payload.as_ref());
+        let mut replies = Vec::with_capacity(batch.len());
+        for outgoing in batch.drain(..) {
+            pipe.add_command(outgoing.command);
+            replies.push(outgoing.reply);
         }
         let manager = connection.as_mut().expect("connected above");
         match pipe.query_async::<Vec<i64>>(manager).await {
-            Ok(received) => {
-                for (outgoing, received) in batch.drain(..).zip(received) {
-                    if let Some(reply) = outgoing.reply {
-                        let _ = reply.send(received);
+            Ok(answers) => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(answer);
                     }
                 }
             }
             Err(error) => {
                 // The manager reconnects by itself on the next command; the replies dropped
-                // with the batch tell whoever waits that Redis did not take it.
-                debug!(%error, publications = batch.len(), "redis publish failed");
-                metrics.redis_publish_dropped.increment(batch.len() as u64);
+                // here tell whoever waits that Redis did not take it.
+                debug!(%error, commands = replies.len(), "redis pipeline failed");
+                metrics
+                    .redis_publish_dropped
+                    .increment(replies.len() as u64);
             }
         }
-        batch.clear();
     }
 }
 
@@ -568,9 +747,16 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
             return Ended::Lost;
         }
     }
+    let Some(registered) = register_members(state).await else {
+        return Ended::Lost;
+    };
     state.sessions.fetch_add(1, Ordering::Release);
     state.metrics.redis_connected.set(1.0);
-    info!(channels = channels.len() + 1, "redis connected: subscribed");
+    info!(
+        channels = channels.len() + 1,
+        members = registered,
+        "redis connected: subscribed, members registered"
+    );
     let mut probe = tokio::time::interval(PROBE_EVERY);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     probe.tick().await; // the first tick is at once
@@ -582,7 +768,7 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
                 }
             }
             command = state.commands.recv() => {
-                let Some(Control(channel)) = command else { return Ended::BrokerGone };
+                let Some(Control(channel, done_reply)) = command else { return Ended::BrokerGone };
                 // Acted on as the map says now: a subscribe overtaken by the channel's last
                 // unwant (or the reverse) settles on the map's state.
                 let wanted = lock(&state.wanted).contains_key(&channel);
@@ -594,12 +780,47 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
                 if !done {
                     return Ended::Lost;
                 }
+                if let Some(reply) = done_reply {
+                    let _ = reply.send(());
+                }
             }
             message = stream.next() => {
                 let Some(message) = message else { return Ended::Lost };
                 deliver(state, message.get_channel_name(), message.get_payload_bytes());
             }
         }
+    }
+}
+
+/// Puts every local member of every local room into its room's member set again (a no-op
+/// where they are; after Redis restarted empty, the cluster's counts come back without any
+/// event: the nodes are the truth for their own connections), on a connection of its own, just
+/// made (the publisher's may still be finding out that the old one died). Returns how many
+/// were registered, `None` when Redis did not take them.
+async fn register_members(state: &Subscriber) -> Option<usize> {
+    let mut pipe = redis::pipe();
+    let mut registered = 0;
+    for (room, _) in state.hub.top_rooms(usize::MAX) {
+        let Some(members) = state.hub.presence(&room) else {
+            continue;
+        };
+        let command = pipe.cmd("SADD").arg(state.channels.members(&room));
+        for member in &members {
+            command.arg(format!("{:016x}:{}", state.node, member.client_id));
+        }
+        command.ignore();
+        registered += members.len();
+    }
+    if registered == 0 {
+        return Some(0);
+    }
+    let register = async {
+        let mut connection = state.client.get_multiplexed_async_connection().await?;
+        pipe.query_async::<()>(&mut connection).await
+    };
+    match tokio::time::timeout(RESPONSE_TIMEOUT, register).await {
+        Ok(Ok(())) => Some(registered),
+        _ => None,
     }
 }
 
@@ -620,6 +841,26 @@ fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
             return;
         }
     };
+    if let 'j' | 'l' = envelope.kind {
+        // Every node's members hear of a join or leave from Redis, this node's too: one order
+        // of membership events, with the count the script gave; a join of this node's pending
+        // member makes it a member at that point of the order.
+        let Ok(total) = envelope.message.raw().get().parse::<usize>() else {
+            return;
+        };
+        let change = match envelope.kind {
+            'j' => MemberChange::Joined {
+                client_id: &envelope.from,
+                total,
+            },
+            _ => MemberChange::Left {
+                client_id: &envelope.from,
+                total,
+            },
+        };
+        state.hub.announce(&envelope.target, change);
+        return;
+    }
     if envelope.node == state.node {
         return; // our own, delivered locally when published
     }

@@ -21,7 +21,12 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use bytes::Bytes;
 use dashmap::DashMap;
 
-use super::{ConnId, Joined, Local, Member, Presence, RecipientNotFound, RoomMessageError, Router};
+use super::{
+    ConnId, Joined, Local, Member, MemberChange, Presence, RecipientNotFound, RoomMessageError,
+    Router,
+};
+use tokio::sync::oneshot;
+
 use crate::broker::{Publication, Target};
 use crate::outbox::Outbox;
 use crate::protocol;
@@ -30,6 +35,10 @@ use crate::protocol;
 struct Members {
     list: Vec<Member>,
     index: HashMap<ConnId, usize>,
+    /// Members whose join a cluster broker is still making (see [`Router::join_pending`]): not
+    /// in the fan-out list yet, so the hot loop never looks at them; each with what its
+    /// activation tells.
+    pending: Vec<(Member, oneshot::Sender<()>)>,
     /// Set when the room was removed from the map; joiners holding a stale `Arc` retry.
     closed: bool,
 }
@@ -37,6 +46,32 @@ struct Members {
 impl Members {
     fn contains(&self, conn: ConnId) -> bool {
         self.index.contains_key(&conn)
+    }
+
+    fn is_pending(&self, conn: ConnId) -> bool {
+        self.pending.iter().any(|(member, _)| member.conn == conn)
+    }
+
+    /// Local members, pending ones included.
+    fn len(&self) -> usize {
+        self.list.len() + self.pending.len()
+    }
+
+    /// Makes the pending member `conn` a member: it gets `room_joined` with `total`, ahead of
+    /// anything the room sends it after. False when it was not pending.
+    fn activate(&mut self, room_name: &str, conn: ConnId, total: usize) -> bool {
+        let Some(at) = self
+            .pending
+            .iter()
+            .position(|(member, _)| member.conn == conn)
+        else {
+            return false;
+        };
+        let (member, activated) = self.pending.swap_remove(at);
+        member.outbox.push(protocol::room_joined(room_name, total));
+        self.insert(member);
+        let _ = activated.send(());
+        true
     }
 
     fn insert(&mut self, member: Member) {
@@ -109,6 +144,76 @@ impl LocalHub {
     fn room(&self, name: &str) -> Option<Arc<Room>> {
         self.rooms.get(name).map(|room| room.clone())
     }
+
+    /// Adds `member` to `room`: at once, telling the members (see [`Router::join`]), or, with
+    /// `pending`, as a pending member (see [`Router::join_pending`]).
+    fn add(
+        &self,
+        room_name: &str,
+        member: &Member,
+        pending: Option<oneshot::Sender<()>>,
+    ) -> Joined {
+        loop {
+            // Usually the room exists: a shared lookup, with no key to allocate and no shard
+            // write lock; only a new room takes the entry path.
+            let room = match self.room(room_name) {
+                Some(room) => room,
+                None => self
+                    .rooms
+                    .entry(Arc::from(room_name))
+                    .or_default()
+                    .value()
+                    .clone(),
+            };
+            let mut members = room.write();
+            if members.closed {
+                continue; // emptied and removed between our lookup and our lock
+            }
+            if members.contains(member.conn) || members.is_pending(member.conn) {
+                return Joined::AlreadyMember;
+            }
+            if let Some(activated) = pending {
+                members.pending.push((member.clone(), activated));
+                return Joined::Added {
+                    members: members.len(),
+                };
+            }
+            members.insert(member.clone());
+            let count = members.list.len();
+            member.outbox.push(protocol::room_joined(room_name, count));
+            if count > 1 {
+                let frame = protocol::member_joined(room_name, &member.client_id, count);
+                members.deliver(&frame, Some(member.conn));
+            }
+            return Joined::Added { members: count };
+        }
+    }
+
+    /// Removes `member` from `room`, telling the rest when `notify` (see [`Router::leave`]);
+    /// `Some` of how many remain (were told), or `None` when it was not a member.
+    fn remove(&self, room_name: &str, member: &Member, notify: bool) -> Option<usize> {
+        let room = self.room(room_name)?;
+        let mut members = room.write();
+        let was_pending = members.is_pending(member.conn);
+        if was_pending {
+            members
+                .pending
+                .retain(|(pending, _)| pending.conn != member.conn);
+        } else if !members.remove(member.conn) {
+            return None;
+        }
+        if members.len() == 0 {
+            members.closed = true;
+            self.rooms
+                .remove_if(room_name, |_, current| Arc::ptr_eq(current, &room));
+            return Some(0);
+        }
+        if !notify || was_pending {
+            return Some(members.len());
+        }
+        let frame = protocol::member_left(room_name, &member.client_id, members.list.len());
+        Some(members.deliver(&frame, Some(member.conn)))
+    }
 }
 
 impl Router for LocalHub {
@@ -136,50 +241,67 @@ impl Router for LocalHub {
     }
 
     fn join(&self, room_name: &str, member: &Member) -> Joined {
-        loop {
-            // Usually the room exists: a shared lookup, with no key to allocate and no shard
-            // write lock; only a new room takes the entry path.
-            let room = match self.room(room_name) {
-                Some(room) => room,
-                None => self
-                    .rooms
-                    .entry(Arc::from(room_name))
-                    .or_default()
-                    .value()
-                    .clone(),
-            };
-            let mut members = room.write();
-            if members.closed {
-                continue; // emptied and removed between our lookup and our lock
-            }
-            if members.contains(member.conn) {
-                return Joined::AlreadyMember;
-            }
-            members.insert(member.clone());
-            let count = members.list.len();
-            member.outbox.push(protocol::room_joined(room_name, count));
-            if count > 1 {
-                let frame = protocol::member_joined(room_name, &member.client_id, count);
-                members.deliver(&frame, Some(member.conn));
-            }
-            return Joined::Added { members: count };
+        self.add(room_name, member, None)
+    }
+
+    fn join_pending(
+        &self,
+        room_name: &str,
+        member: &Member,
+        activated: oneshot::Sender<()>,
+    ) -> Joined {
+        self.add(room_name, member, Some(activated))
+    }
+
+    fn activate(&self, room_name: &str, member: &Member, total: usize) -> bool {
+        match self.room(room_name) {
+            Some(room) => room.write().activate(room_name, member.conn, total),
+            None => false,
         }
     }
 
     fn leave(&self, room_name: &str, member: &Member) -> Option<usize> {
-        let room = self.room(room_name)?;
+        self.remove(room_name, member, true)
+    }
+
+    fn leave_quietly(&self, room_name: &str, member: &Member) -> Option<usize> {
+        self.remove(room_name, member, false)
+    }
+
+    fn announce(&self, room_name: &str, change: MemberChange<'_>) -> usize {
+        let Some(room) = self.room(room_name) else {
+            return 0;
+        };
         let mut members = room.write();
-        if !members.remove(member.conn) {
-            return None;
-        }
-        if members.list.is_empty() {
-            members.closed = true;
-            self.rooms
-                .remove_if(room_name, |_, current| Arc::ptr_eq(current, &room));
-            return Some(0);
-        }
-        let frame = protocol::member_left(room_name, &member.client_id, members.list.len());
-        Some(members.deliver(&frame, Some(member.conn)))
+        let (frame, client_id) = match change {
+            MemberChange::Joined { client_id, total } => {
+                // This node's pending joiner: its own join, in the room's order, makes it a
+                // member, with room_joined instead of the notice.
+                let joiner = members
+                    .pending
+                    .iter()
+                    .find(|(member, _)| &*member.client_id == client_id)
+                    .map(|(member, _)| member.conn);
+                if let Some(conn) = joiner {
+                    members.activate(room_name, conn, total);
+                }
+                (
+                    protocol::member_joined(room_name, client_id, total),
+                    client_id,
+                )
+            }
+            MemberChange::Left { client_id, total } => (
+                protocol::member_left(room_name, client_id, total),
+                client_id,
+            ),
+        };
+        // The member it is about (on this node) is skipped.
+        let except = members
+            .list
+            .iter()
+            .find(|member| &*member.client_id == client_id)
+            .map(|member| member.conn);
+        members.deliver(&frame, except)
     }
 
     fn check_sender(&self, room_name: &str, sender: &Member) -> Result<(), RoomMessageError> {

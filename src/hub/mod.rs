@@ -69,6 +69,14 @@ pub enum Joined {
     AlreadyMember,
 }
 
+/// A join or leave somewhere in the cluster, with the room's cluster-wide member count, for
+/// [`Router::announce`].
+#[derive(Debug, Clone, Copy)]
+pub enum MemberChange<'a> {
+    Joined { client_id: &'a str, total: usize },
+    Left { client_id: &'a str, total: usize },
+}
+
 /// Why a room message was refused, in the seed's order of checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RoomMessageError {
@@ -101,6 +109,31 @@ pub trait Router: Send + Sync + 'static {
     /// room is deleted. Returns how many were told, or `None` (having done nothing) if it was
     /// not a member.
     fn leave(&self, room: &str, member: &Member) -> Option<usize>;
+
+    /// Adds `member` to `room` as pending, for a broker that spans nodes: it is counted in
+    /// `Joined::Added` (local members, pending ones included) but receives nothing, and nobody
+    /// is told, until its own join comes back in the room's order ([`Router::announce`]) or the
+    /// broker gives up waiting for that ([`Router::activate`]); then it gets `room_joined` with
+    /// the cluster-wide count, and `activated` is told.
+    fn join_pending(
+        &self,
+        room: &str,
+        member: &Member,
+        activated: tokio::sync::oneshot::Sender<()>,
+    ) -> Joined;
+
+    /// Makes the pending `member` of `room` a member with `total` in its `room_joined`; false
+    /// when it was not pending (already activated, or gone).
+    fn activate(&self, room: &str, member: &Member, total: usize) -> bool;
+
+    /// [`Router::leave`] without telling anyone (a pending member too); `Some` of how many local
+    /// members remain.
+    fn leave_quietly(&self, room: &str, member: &Member) -> Option<usize>;
+
+    /// Tells `room`'s local members (but the one it is about) of a join or leave, with the
+    /// cluster-wide count; a join of this node's pending member activates it. Returns how many
+    /// were told.
+    fn announce(&self, room: &str, change: MemberChange<'_>) -> usize;
 
     /// Whether `sender` may send to `room`, checked in the seed's order: the room must exist,
     /// then the sender must be in it.

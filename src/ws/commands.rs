@@ -22,7 +22,7 @@ use super::waiting::{Arrived, Awaited, Deferred, Waiting};
 use crate::admission::RoomPolicy;
 use crate::api::proxy::{self, Forwarded, Proxies, Proxy, Verdict};
 use crate::api::webhooks::EventKind;
-use crate::broker::{Delivery, Publication, Target};
+use crate::broker::{Delivery, Joining, Publication, Target};
 use crate::hub::{Joined, Member, RecipientNotFound};
 use crate::limits::{self, Rate, RateLimiter};
 use crate::node::Node;
@@ -158,6 +158,8 @@ impl Session {
             match arrived {
                 Arrived::App(verdict, deferred) => self.conclude(deferred, verdict),
                 Arrived::Delivery(delivered) => self.delivered(delivered),
+                // The hub sent its room_joined.
+                Arrived::Joined => {}
             }
             while let Some(next) = backlog.pop_front() {
                 if self.closing {
@@ -363,25 +365,40 @@ impl Session {
 
     /// The join, once every check (and the app, when asked) allowed it.
     fn complete_join(&mut self, room: &str) {
-        if let Joined::Added { members } = self.node.router.join(room, &self.member) {
-            if members == 1 {
-                // The room's first member on this node.
-                self.node.broker.subscribe(room);
-                self.webhook(EventKind::RoomOccupied, Some(room));
+        match self.node.broker.join(room, &self.member) {
+            Joining::Done(Joined::AlreadyMember) => {}
+            Joining::Done(Joined::Added { members }) => {
+                self.joined(room, members);
+                // room_joined to the joiner, member_joined to the others.
+                self.node
+                    .metrics
+                    .fanout_deliveries
+                    .increment(members as u64);
             }
-            self.webhook(EventKind::MemberJoined, Some(room));
-            self.rooms.insert(Arc::from(room));
-            // room_joined to the joiner, member_joined to the others.
-            self.node
-                .metrics
-                .fanout_deliveries
-                .increment(members as u64);
+            Joining::Later {
+                local_members,
+                joined,
+            } => {
+                self.joined(room, local_members);
+                // What the client sends meanwhile waits until its room_joined is out.
+                self.waiting = Some(Waiting::new(Awaited::Join(joined)));
+            }
         }
+    }
+
+    /// After `room` counted this connection in, with `local_members` on this node.
+    fn joined(&mut self, room: &str, local_members: usize) {
+        if local_members == 1 {
+            // The room's first member on this node.
+            self.webhook(EventKind::RoomOccupied, Some(room));
+        }
+        self.webhook(EventKind::MemberJoined, Some(room));
+        self.rooms.insert(Arc::from(room));
     }
 
     /// Not a member, or no such room: nothing happens and nothing is sent.
     fn leave_room(&mut self, room: &str) {
-        if let Some(told) = self.node.router.leave(room, &self.member) {
+        if let Some(told) = self.node.broker.leave(room, &self.member) {
             self.left(room, told);
             self.rooms.remove(room);
             self.node.metrics.fanout_deliveries.increment(told as u64);
@@ -466,10 +483,9 @@ impl Session {
     }
 
     /// After leaving `room` with `told` members told: the last local member out unsubscribes.
-    fn left(&self, room: &str, told: usize) {
+    fn left(&self, room: &str, remaining: usize) {
         self.webhook(EventKind::MemberLeft, Some(room));
-        if told == 0 {
-            self.node.broker.unsubscribe(room);
+        if remaining == 0 {
             self.webhook(EventKind::RoomVacated, Some(room));
         }
     }
@@ -486,7 +502,7 @@ impl Session {
         // waited behind it is dropped with the connection.
         self.waiting = None;
         for room in std::mem::take(&mut self.rooms) {
-            if let Some(told) = self.node.router.leave(&room, &self.member) {
+            if let Some(told) = self.node.broker.leave(&room, &self.member) {
                 self.left(&room, told);
                 self.node.metrics.fanout_deliveries.increment(told as u64);
             }

@@ -1,7 +1,7 @@
 //! What a session waits for before it can finish a message, and the messages that queue behind
-//! it: the application's verdict on a join or a message (the join and publish proxies), or a
+//! it: the application's verdict on a join or a message (the join and publish proxies), a
 //! delivery that the broker can only confirm later (a private message to a client on another
-//! node). One thing is awaited at a time; everything the client sends meanwhile waits, in
+//! node), or a join going round the cluster. One thing is awaited at a time; everything the client sends meanwhile waits, in
 //! arrival order, so one sender's messages keep their order and their replies come in the order
 //! of their requests, as on the seed. Only a connection that is waiting has any of this (one
 //! allocation, freed when the backlog is done).
@@ -38,12 +38,15 @@ pub enum Awaited {
     App(oneshot::Receiver<Verdict>, Deferred),
     /// Whether a private message found its recipient.
     Delivery(oneshot::Receiver<Result<usize, RecipientNotFound>>),
+    /// A join going round the cluster (the hub sends `room_joined` when it is done).
+    Join(oneshot::Receiver<()>),
 }
 
 /// What arrived.
 pub enum Arrived {
     App(Verdict, Deferred),
     Delivery(Result<usize, RecipientNotFound>),
+    Joined,
 }
 
 /// The awaited thing and the backlog behind it.
@@ -96,6 +99,14 @@ impl Waiting {
                 }
                 // The broker's task ended without saying: nothing to tell the sender.
                 Poll::Ready(delivered) => Arrived::Delivery(delivered.unwrap_or(Ok(0))),
+            },
+            Some(Awaited::Join(mut joined)) => match Pin::new(&mut joined).poll(cx) {
+                Poll::Pending => {
+                    self.awaited = Some(Awaited::Join(joined));
+                    return Poll::Pending;
+                }
+                // Done, or given up (the member left meanwhile): either way, go on.
+                Poll::Ready(_) => Arrived::Joined,
             },
         };
         self.backlog_bytes = 0;
