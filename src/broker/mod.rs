@@ -117,6 +117,12 @@ pub trait Broker: Send + Sync + 'static {
     /// `RecipientNotFound`, possibly known only later.
     fn publish(&self, publication: &Publication<'_>) -> Delivery;
 
+    /// Whether `room`, which has no member on this node, has some on another: `None` when only
+    /// this node counts (the answer is no), else the answer to come.
+    fn room_exists(&self, _room: &str) -> Option<oneshot::Receiver<bool>> {
+        None
+    }
+
     /// A connection of this node is in the directory (it can receive private messages).
     fn connected(&self, _member: &Member) {}
 

@@ -552,6 +552,19 @@ impl Broker for RedisBroker {
         Some(remaining)
     }
 
+    fn room_exists(&self, room: &str) -> Option<oneshot::Receiver<bool>> {
+        let (answer, exists) = oneshot::channel();
+        let queue = self.publish.clone();
+        let mut command = redis::cmd("EXISTS");
+        command.arg(self.channels.members(room));
+        tokio::spawn(async move {
+            if let Some(found) = answer_of(&queue, command).await {
+                let _ = answer.send(found > 0);
+            }
+        });
+        Some(exists)
+    }
+
     fn connected(&self, member: &Member) {
         // Not waited for: a client is reachable from other nodes a moment after its welcome.
         let _ = self.want(self.channels.client(&member.client_id));

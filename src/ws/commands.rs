@@ -23,7 +23,7 @@ use crate::admission::RoomPolicy;
 use crate::api::proxy::{self, Forwarded, Proxies, Proxy, Verdict};
 use crate::api::webhooks::EventKind;
 use crate::broker::{Delivery, Joining, Publication, Target};
-use crate::hub::{Joined, Member, RecipientNotFound};
+use crate::hub::{Joined, Member, RecipientNotFound, RoomMessageError};
 use crate::limits::{self, Rate, RateLimiter};
 use crate::node::Node;
 use crate::outbox::CloseRequest;
@@ -160,6 +160,14 @@ impl Session {
                 Arrived::Delivery(delivered) => self.delivered(delivered),
                 // The hub sent its room_joined.
                 Arrived::Joined => {}
+                Arrived::RoomExists(exists) => {
+                    let refusal = if exists {
+                        RoomMessageError::NotAMember
+                    } else {
+                        RoomMessageError::NoSuchRoom
+                    };
+                    self.reply_error(&refusal.to_string());
+                }
             }
             while let Some(next) = backlog.pop_front() {
                 if self.closing {
@@ -409,7 +417,7 @@ impl Session {
         if self.asks(Proxy::Publish) {
             // Refusals the seed gives (no such room, not a member) come before the app's say.
             if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
-                return self.reply_error(&refusal.to_string());
+                return self.refuse_room_message(room, refusal);
             }
             let message = owned(&message);
             let body = self.publish_call("room_message", Some(room), &message);
@@ -422,13 +430,26 @@ impl Session {
         self.relay_room_message(room, message);
     }
 
-    fn relay_room_message(&self, room: &str, message: Body<'_>) {
+    fn relay_room_message(&mut self, room: &str, message: Body<'_>) {
         let started = Instant::now();
         if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
-            return self.reply_error(&refusal.to_string());
+            return self.refuse_room_message(room, refusal);
         }
         let delivered = self.publish(Target::Room(room), message).local();
         self.node.metrics.fanout(delivered, started.elapsed());
+    }
+
+    /// Answers a room message the local hub refused. A room with no member here may have some
+    /// on other nodes: the broker says, later, whether it exists at all, which decides between
+    /// the seed's two texts (the sender is not in it either way).
+    fn refuse_room_message(&mut self, room: &str, refusal: RoomMessageError) {
+        if refusal == RoomMessageError::NoSuchRoom {
+            if let Some(exists) = self.node.broker.room_exists(room) {
+                self.waiting = Some(Waiting::new(Awaited::RoomExists(exists)));
+                return;
+            }
+        }
+        self.reply_error(&refusal.to_string());
     }
 
     /// The publish proxy's request body for one of this client's messages.

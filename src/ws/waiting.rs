@@ -40,6 +40,9 @@ pub enum Awaited {
     Delivery(oneshot::Receiver<Result<usize, RecipientNotFound>>),
     /// A join going round the cluster (the hub sends `room_joined` when it is done).
     Join(oneshot::Receiver<()>),
+    /// Whether a room with no member on this node has some elsewhere (for a non-member's
+    /// room message: which error it gets).
+    RoomExists(oneshot::Receiver<bool>),
 }
 
 /// What arrived.
@@ -47,6 +50,7 @@ pub enum Arrived {
     App(Verdict, Deferred),
     Delivery(Result<usize, RecipientNotFound>),
     Joined,
+    RoomExists(bool),
 }
 
 /// The awaited thing and the backlog behind it.
@@ -107,6 +111,14 @@ impl Waiting {
                 }
                 // Done, or given up (the member left meanwhile): either way, go on.
                 Poll::Ready(_) => Arrived::Joined,
+            },
+            Some(Awaited::RoomExists(mut exists)) => match Pin::new(&mut exists).poll(cx) {
+                Poll::Pending => {
+                    self.awaited = Some(Awaited::RoomExists(exists));
+                    return Poll::Pending;
+                }
+                // No answer (Redis away): as this node sees it.
+                Poll::Ready(exists) => Arrived::RoomExists(exists.unwrap_or(false)),
             },
         };
         self.backlog_bytes = 0;

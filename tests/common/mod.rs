@@ -105,11 +105,25 @@ pub struct TestServer {
     task: JoinHandle<()>,
     /// The allow-all application of `ROOMCAST_TEST_CONNECT_PROXY` runs.
     _app: Option<app_stub::AppStub>,
+    /// `ROOMCAST_TEST_CLUSTER`: every node's address (`addr` is the first), handed out
+    /// round-robin by [`TestServer::url`], the other nodes, and their Redis.
+    cluster: Vec<SocketAddr>,
+    next_node: std::sync::atomic::AtomicUsize,
+    _others: Vec<TestServer>,
+    _redis: Option<redis::RedisServer>,
 }
 
 impl TestServer {
+    /// The WebSocket URL; in a cluster, of the next node in turn, so that a test's clients are
+    /// spread over the nodes.
     pub fn url(&self) -> String {
-        format!("ws://{}/", self.addr)
+        if self.cluster.is_empty() {
+            return format!("ws://{}/", self.addr);
+        }
+        let next = self
+            .next_node
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("ws://{}/", self.cluster[next % self.cluster.len()])
     }
 
     /// Cancels the server and waits for it to finish its drain.
@@ -140,8 +154,67 @@ pub fn raise_open_file_limit() {
 }
 
 /// Starts a server after `tweak` adjusted the defaults.
+///
+/// `ROOMCAST_TEST_CLUSTER=1`: three nodes on one Redis (a redis-server of the test's own)
+/// instead, the test's clients spread over them round-robin; CI runs the seed protocol suite
+/// once more this way, to show that the cluster keeps its behaviour.
 pub async fn start_server_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    if std::env::var_os("ROOMCAST_TEST_CLUSTER").is_some() {
+        return start_cluster(tweak).await;
+    }
     start_server_routed(tweak, Arc::new(roomcast::hub::LocalHub::new())).await
+}
+
+async fn start_cluster(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    const NODES: usize = 3;
+    let redis = redis::RedisServer::start()
+        .await
+        .expect("ROOMCAST_TEST_CLUSTER needs redis-server");
+    let url = redis.url();
+    let mut template = None;
+    let mut tweak = Some(tweak);
+    let mut nodes = Vec::new();
+    for _ in 0..NODES {
+        let url = url.clone();
+        let node = match &template {
+            None => {
+                let tweak = tweak.take().expect("first node");
+                start_server_routed(
+                    |config| {
+                        tweak(config);
+                        config.redis = Some(url);
+                        template = Some(config.clone());
+                    },
+                    Arc::new(roomcast::hub::LocalHub::new()),
+                )
+                .await
+            }
+            Some(first) => {
+                let first: Config = first.clone();
+                start_server_routed(
+                    |config| {
+                        *config = first;
+                        config.listen = "127.0.0.1:0".parse().unwrap();
+                    },
+                    Arc::new(roomcast::hub::LocalHub::new()),
+                )
+                .await
+            }
+        };
+        nodes.push(node);
+    }
+    redis
+        .wait_for_subscribers("roomcast:broadcast", NODES)
+        .await;
+    let mut nodes = nodes.into_iter();
+    let mut first = nodes.next().expect("a node");
+    first.cluster.push(first.addr);
+    for node in nodes {
+        first.cluster.push(node.addr);
+        first._others.push(node);
+    }
+    first._redis = Some(redis);
+    first
 }
 
 /// Starts a server that delivers through `router`. Servers sharing one `LocalHub` act as one
@@ -177,6 +250,10 @@ pub async fn start_server_routed(
         server: handle,
         task,
         _app: app,
+        cluster: Vec::new(),
+        next_node: std::sync::atomic::AtomicUsize::new(0),
+        _others: Vec::new(),
+        _redis: None,
     }
 }
 
