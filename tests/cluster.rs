@@ -537,3 +537,23 @@ async fn a_client_that_closes_while_its_join_goes_round_leaves_no_member_behind(
     let mut later = Client::connect(&nodes[1]).await;
     assert_eq!(join(&mut later, "brief").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_member_is_told_a_room_exists_when_its_members_are_on_other_nodes() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut member = Client::connect(&nodes[0]).await;
+    join(&mut member, "elsewhere").await;
+    let mut outsider = Client::connect(&nodes[1]).await;
+    outsider
+        .send(json!({"type": "room_message", "room": "elsewhere", "message": "x"}))
+        .await;
+    common::assert_error(&outsider.recv().await, "You are not in this room");
+    outsider
+        .send(json!({"type": "room_message", "room": "nowhere", "message": "x"}))
+        .await;
+    common::assert_error(&outsider.recv().await, "Room does not exist");
+    member.expect_silence().await;
+}
