@@ -43,7 +43,9 @@
 //!
 //! Not yet across nodes (the next steps of the cluster issue): presence listings
 //! (`GET /api/rooms`) and the webhooks' room events are per node, and a crashed node's members
-//! stay in the sets (no leases or reaping yet).
+//! stay in the sets (no leases or reaping yet). A client's channel is subscribed and
+//! unsubscribed asynchronously, so for a moment after its welcome it is not reachable from other
+//! nodes, and for a moment after it closed a private message to it still counts as delivered.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
