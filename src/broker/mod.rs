@@ -126,8 +126,12 @@ pub trait Broker: Send + Sync + 'static {
     /// A connection of this node is in the directory (it can receive private messages).
     fn connected(&self, _member: &Member) {}
 
-    /// It left the directory.
-    fn disconnected(&self, _member: &Member) {}
+    /// It left the directory. A broker that must tell other nodes answers, on the receiver,
+    /// once they can no longer reach it: the connection's close frame waits for that (bounded
+    /// by the drain), so that when a client's close completes, it is gone everywhere.
+    fn disconnected(&self, _member: &Member) -> Option<oneshot::Receiver<()>> {
+        None
+    }
 
     /// `member` joins `room` (the session made every other check). One node: the hub adds it
     /// and tells the members at once. Several: the broker also counts it cluster-wide, tells

@@ -43,9 +43,9 @@
 //!
 //! Not yet across nodes (the next steps of the cluster issue): presence listings
 //! (`GET /api/rooms`) and the webhooks' room events are per node, and a crashed node's members
-//! stay in the sets (no leases or reaping yet). A client's channel is subscribed and
-//! unsubscribed asynchronously, so for a moment after its welcome it is not reachable from other
-//! nodes, and for a moment after it closed a private message to it still counts as delivered.
+//! stay in the sets (no leases or reaping yet). A client's channel is subscribed asynchronously,
+//! so for a moment after its welcome it is not reachable from other nodes; its close frame
+//! waits for the unsubscription, so once its close completes nothing counts it as reachable.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -307,17 +307,21 @@ impl RedisBroker {
     }
 
     /// One reason fewer; the last one unsubscribes.
-    fn unwant(&self, channel: &str) {
+    fn unwant(&self, channel: &str) -> Option<oneshot::Receiver<()>> {
         let mut wanted = lock(&self.wanted);
-        let Some((key, count)) = wanted.get_key_value(channel).map(|(k, c)| (k.clone(), *c)) else {
-            return;
-        };
-        if count <= 1 {
-            wanted.remove(channel);
-            let _ = self.control.send(Control(key, None));
-        } else if let Some(count) = wanted.get_mut(channel) {
-            *count -= 1;
+        let (key, count) = wanted
+            .get_key_value(channel)
+            .map(|(k, c)| (k.clone(), *c))?;
+        if count > 1 {
+            if let Some(count) = wanted.get_mut(channel) {
+                *count -= 1;
+            }
+            return None;
         }
+        wanted.remove(channel);
+        let (done, unsubscribed) = oneshot::channel();
+        let _ = self.control.send(Control(key, Some(done)));
+        Some(unsubscribed)
     }
 
     /// The envelope of `publication`, serialized once.
@@ -527,7 +531,7 @@ impl Broker for RedisBroker {
         let remaining = self.hub.leave_quietly(room, member)?;
         let still_joining = lock(&self.joining).remove(&(member.conn, Arc::from(room)));
         if remaining == 0 {
-            self.unwant(&self.channels.room(room));
+            let _ = self.unwant(&self.channels.room(room));
         }
         if still_joining {
             // Its join's task sends the leave after the join, so Redis sees them in order.
@@ -575,11 +579,11 @@ impl Broker for RedisBroker {
         }
     }
 
-    fn disconnected(&self, member: &Member) {
-        self.unwant(&self.channels.client(&member.client_id));
+    fn disconnected(&self, member: &Member) -> Option<oneshot::Receiver<()>> {
         if let Some(user) = &member.user_id {
-            self.unwant(&self.channels.user(user));
+            let _ = self.unwant(&self.channels.user(user));
         }
+        self.unwant(&self.channels.client(&member.client_id))
     }
 }
 

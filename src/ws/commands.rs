@@ -518,7 +518,9 @@ impl Session {
 
     /// Leaves every room (members are told, as with `leave_room`) and the directory. Called
     /// once when the connection ends, for whatever reason.
-    pub fn disconnect(&mut self) {
+    /// Returns, on the first call, what answers when other nodes can no longer reach this
+    /// connection (see [`crate::broker::Broker::disconnected`]).
+    pub fn disconnect(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         // A call still out is abandoned (its task sees the verdict's receiver go), and what
         // waited behind it is dropped with the connection.
         self.waiting = None;
@@ -530,10 +532,12 @@ impl Session {
         }
         self.node.router.disconnect(&self.member);
         // Once: the broker counts what it subscribes for this connection.
-        if !std::mem::replace(&mut self.disconnected, true) {
-            self.node.broker.disconnected(&self.member);
-            self.webhook(EventKind::ClientDisconnected, None);
+        if std::mem::replace(&mut self.disconnected, true) {
+            return None;
         }
+        let unreachable = self.node.broker.disconnected(&self.member);
+        self.webhook(EventKind::ClientDisconnected, None);
+        unreachable
     }
 }
 

@@ -126,11 +126,12 @@ impl Handler {
     }
 
     /// Leaves rooms and the directory (or the echo list). Idempotent.
-    fn disconnect(&mut self, ctx: &Node) {
+    fn disconnect(&mut self, ctx: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
         match self {
             Handler::Rooms(session) => session.disconnect(),
             Handler::Echo { conn, .. } => {
                 ctx.router.unregister_echo(*conn);
+                None
             }
         }
     }
@@ -270,6 +271,9 @@ enum State {
         deadline: Pin<Box<Sleep>>,
         finished: bool,
         peer_closed: bool,
+        /// Answers once other nodes can no longer reach this client (a cluster broker); the
+        /// close frame waits for it.
+        unreachable: Option<tokio::sync::oneshot::Receiver<()>>,
     },
     /// The close handshake completed: the socket closes gracefully. Every other state at drop
     /// resets it.
@@ -438,11 +442,17 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
                     deadline,
                     finished,
                     peer_closed,
+                    unreachable,
                 } => {
                     // Ending in `Closing` resets the socket (see `Drop`).
                     if deadline.as_mut().poll(cx).is_ready() {
                         debug!("close did not complete in time: resetting");
                         return Poll::Ready(());
+                    }
+                    // The close frame goes out once other nodes can no longer reach us.
+                    if let Some(gone) = unreachable {
+                        ready!(Pin::new(gone).poll(cx)).ok();
+                        *unreachable = None;
                     }
                     if !*finished {
                         match self.outbox.poll_finish(cx, &mut self.io) {
@@ -551,13 +561,14 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
     fn start_closing(&mut self, request: CloseRequest, reason: &str) {
         // Leave rooms and the directory now: members learn at once, and nothing more is
         // queued for a connection that is going.
-        self.handler.disconnect(&self.ctx);
+        let unreachable = self.handler.disconnect(&self.ctx);
         self.outbox
             .begin_close(request, protocol::close(request.code, reason));
         self.state = State::Closing {
             deadline: Box::pin(tokio::time::sleep(self.ctx.config.drain_timeout)),
             finished: false,
             peer_closed: matches!(self.ended_by, EndedBy::Peer(_)),
+            unreachable,
         };
     }
 }
@@ -566,7 +577,7 @@ impl<S: Transport> Drop for Connection<S> {
     fn drop(&mut self) {
         // Whatever ended the task (error, EOF, runtime shutdown, a panic), the connection
         // leaves its rooms and the directory. `disconnect` is idempotent.
-        self.handler.disconnect(&self.ctx);
+        let _ = self.handler.disconnect(&self.ctx);
         // A reason given for a close this connection never got to write.
         self.ctx.close_reasons.remove(&self.handler.conn());
         // Unless the close handshake completed, the peer may not be reading: reset rather
