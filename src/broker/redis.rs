@@ -109,23 +109,23 @@ struct Outgoing {
     reply: Option<oneshot::Sender<i64>>,
 }
 
-/// A join, in one step on Redis: the member into the room's set, the set's size, and the
-/// `member_joined` envelope (head .. size .. tail) on the room's channel for every node. The
-/// answer is the room's cluster-wide size.
-const JOIN_SCRIPT: &str = r#"
-local added = redis.call('SADD', KEYS[1], ARGV[1])
+/// A join or leave, in one step on Redis: the member into (`SADD`) or out of (`SREM`, the
+/// command in ARGV[5]) the room's set, the set's size, and, when the set changed, the
+/// `member_joined` / `member_left` envelope (head .. size .. tail) on the room's channel for
+/// every node. The answer is the room's cluster-wide size.
+const MEMBERSHIP_SCRIPT: &str = r#"
+local changed = redis.call(ARGV[5], KEYS[1], ARGV[1])
 local total = redis.call('SCARD', KEYS[1])
-if added == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3] .. total .. ARGV[4]) end
+if changed == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3] .. total .. ARGV[4]) end
 return total
 "#;
 
-/// A leave, the same way: out of the set, its size, `member_left` to every node.
-const LEAVE_SCRIPT: &str = r#"
-local removed = redis.call('SREM', KEYS[1], ARGV[1])
-local total = redis.call('SCARD', KEYS[1])
-if removed == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3] .. total .. ARGV[4]) end
-return total
-"#;
+/// Which way a membership changes.
+#[derive(Clone, Copy)]
+enum Change {
+    Join,
+    Leave,
+}
 
 /// How long a joiner waits for its own join to come back on the room's channel (which makes it
 /// a member in the room's order) once Redis counted it; then it is made one anyway.
@@ -364,8 +364,12 @@ impl RedisBroker {
         }
     }
 
-    /// The join or leave script for `member` in `room`.
-    fn membership(&self, script: &str, kind: char, room: &str, member: &Member) -> redis::Cmd {
+    /// The membership script for `member` joining or leaving `room`.
+    fn membership(&self, change: Change, room: &str, member: &Member) -> redis::Cmd {
+        let (kind, set_command) = match change {
+            Change::Join => ('j', "SADD"),
+            Change::Leave => ('l', "SREM"),
+        };
         let mut head = serde_json::to_string(&EnvelopeHead {
             n: self.node,
             k: kind,
@@ -378,13 +382,14 @@ impl RedisBroker {
         head.push_str(r#","m":"#);
         let mut command = redis::cmd("EVAL");
         command
-            .arg(script)
+            .arg(MEMBERSHIP_SCRIPT)
             .arg(1)
             .arg(self.channels.members(room))
             .arg(format!("{:016x}:{}", self.node, member.client_id))
             .arg(self.channels.room(room))
             .arg(head)
-            .arg("}");
+            .arg("}")
+            .arg(set_command);
         command
     }
 
@@ -485,8 +490,8 @@ impl Broker for RedisBroker {
         let subscribed = (local_members == 1)
             .then(|| self.want(self.channels.room(room)))
             .flatten();
-        let script = self.membership(JOIN_SCRIPT, 'j', room, member);
-        let leave = self.membership(LEAVE_SCRIPT, 'l', room, member);
+        let script = self.membership(Change::Join, room, member);
+        let leave = self.membership(Change::Leave, room, member);
         let room: Arc<str> = Arc::from(room);
         lock(&self.joining).insert((member.conn, room.clone()));
         let (queue, hub, joining) = (self.publish.clone(), self.hub.clone(), self.joining.clone());
@@ -537,7 +542,7 @@ impl Broker for RedisBroker {
             // Its join's task sends the leave after the join, so Redis sees them in order.
             return Some(remaining);
         }
-        let leave = self.membership(LEAVE_SCRIPT, 'l', room, member);
+        let leave = self.membership(Change::Leave, room, member);
         if remaining == 0 {
             self.send_command(leave);
             return Some(remaining);
