@@ -69,6 +69,8 @@ pub struct Metrics {
     pub redis_connected: Gauge,
     /// Publications for the other nodes that could not be handed to Redis.
     pub redis_publish_dropped: Counter,
+    /// Members of dead nodes this node took out of their rooms.
+    pub redis_reaped_members: Counter,
     /// `roomcast_webhook_events_total{outcome}`: queued (accepted by the queue), delivered (in a
     /// batch answered 2xx), dropped (the queue was full, or its batch ran out of retries).
     pub webhook_events_queued: Counter,
@@ -219,6 +221,10 @@ impl Metrics {
             redis_publish_dropped: counter(
                 "roomcast_redis_publish_dropped_total",
                 "Publications for other nodes dropped: Redis unreachable or too slow.",
+            ),
+            redis_reaped_members: counter(
+                "roomcast_redis_reaped_members_total",
+                "Members of dead nodes (lease lapsed) this node took out of their rooms.",
             ),
             refused,
             proxy_calls,

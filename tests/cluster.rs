@@ -557,3 +557,162 @@ async fn a_non_member_is_told_a_room_exists_when_its_members_are_on_other_nodes(
     common::assert_error(&outsider.recv().await, "Room does not exist");
     member.expect_silence().await;
 }
+
+/// Reads `member_left` notices until every one of `leavers` has left; returns the counts they
+/// reported, in the order heard. Panics if they do not all arrive within `within`.
+async fn heard_leaves_of(client: &mut Client, leavers: &[&str], within: Duration) -> Vec<u64> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut waiting: Vec<&str> = leavers.to_vec();
+    let mut totals = Vec::new();
+    while !waiting.is_empty() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let notice = client.recv_within(left).await;
+        assert_eq!(notice["type"], "member_left", "{notice}");
+        let id = notice["client_id"].as_str().unwrap();
+        let at = waiting
+            .iter()
+            .position(|w| *w == id)
+            .expect("a leaver, once");
+        waiting.remove(at);
+        totals.push(notice["total_members"].as_u64().unwrap());
+    }
+    totals
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_nodes_members_leave_their_rooms_on_every_node_within_ten_seconds() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let url = redis.url();
+    let victim = common::ServerProcess::start(&["--redis", &url], None);
+    redis.wait_for_subscribers("roomcast:broadcast", 3).await;
+    let mut a = Client::connect(&nodes[0]).await;
+    let mut b = Client::connect(&nodes[1]).await;
+    join(&mut a, "watched").await;
+    join(&mut b, "watched").await;
+    heard_join_of(&mut a, &[(&b.id.clone(), 2)]).await;
+    let mut doomed = Vec::new();
+    for total in [3, 4] {
+        let mut client = Client::connect_url(&victim.url()).await;
+        assert_eq!(join(&mut client, "watched").await, total);
+        heard_join_of(&mut a, &[(&client.id.clone(), total)]).await;
+        heard_join_of(&mut b, &[(&client.id.clone(), total)]).await;
+        doomed.push(client);
+    }
+    // One of them is in a second room, with nobody else: its set must empty too.
+    doomed[1].join("alone").await;
+    let ids: Vec<String> = doomed.iter().map(|c| c.id.clone()).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+
+    let mut victim = victim;
+    victim.child.kill().expect("SIGKILL");
+    let killed = std::time::Instant::now();
+    let bound = Duration::from_secs(10);
+    assert_eq!(heard_leaves_of(&mut a, &ids, bound).await, [3, 2]);
+    assert!(killed.elapsed() < bound, "reaped in {:?}", killed.elapsed());
+    eprintln!("member_left heard {:?} after the SIGKILL", killed.elapsed());
+    assert_eq!(
+        heard_leaves_of(&mut b, &ids, Duration::from_secs(1)).await,
+        [3, 2]
+    );
+    // Reaped once: nobody hears it twice.
+    a.expect_silence().await;
+    b.expect_silence().await;
+    assert_eq!(
+        redis
+            .command(&["SCARD", "roomcast:members:watched"])
+            .await
+            .as_deref(),
+        Some(":2")
+    );
+    assert_eq!(
+        redis
+            .command(&["EXISTS", "roomcast:members:alone"])
+            .await
+            .as_deref(),
+        Some(":0")
+    );
+    let mut late = Client::connect(&nodes[1]).await;
+    assert_eq!(join(&mut late, "watched").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_longer_than_its_lease_is_reaped_and_its_members_join_again_when_it_resumes()
+{
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 1).await;
+    let url = redis.url();
+    let stopped = common::ServerProcess::start(&["--redis", &url], None);
+    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    let mut a = Client::connect(&nodes[0]).await;
+    join(&mut a, "watched").await;
+    let mut v = Client::connect_url(&stopped.url()).await;
+    assert_eq!(join(&mut v, "watched").await, 2);
+    heard_join_of(&mut a, &[(&v.id.clone(), 2)]).await;
+
+    let pid = stopped.child.id() as libc::pid_t;
+    // SAFETY: signals to a child process this test owns.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    heard_leave_of_within(&mut a, &v.id, 1, Duration::from_secs(10)).await;
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    // Back: the others hear it join again; it never heard anything leave, so it hears nothing.
+    let back = a.recv_within(Duration::from_secs(5)).await;
+    assert_eq!(back["type"], "member_joined", "{back}");
+    assert_eq!(back["client_id"], v.id);
+    assert_eq!(back["total_members"], 2);
+    v.expect_silence().await;
+    v.send(json!({"type": "room_message", "room": "watched", "message": "still here"}))
+        .await;
+    let relayed = a.recv().await;
+    assert_eq!(relayed["message"], "still here", "{relayed}");
+    assert_eq!(
+        redis
+            .command(&["SCARD", "roomcast:members:watched"])
+            .await
+            .as_deref(),
+        Some(":2")
+    );
+}
+
+/// [`heard_leave_of`] with a longer wait.
+async fn heard_leave_of_within(client: &mut Client, leaver: &str, total: u64, within: Duration) {
+    let notice = client.recv_within(within).await;
+    assert_eq!(notice["type"], "member_left", "{notice}");
+    assert_eq!(notice["client_id"], leaver);
+    assert_eq!(notice["total_members"], total, "{notice}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_paused_longer_than_a_lease_makes_no_live_node_reap_another() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut a = Client::connect(&nodes[0]).await;
+    let mut b = Client::connect(&nodes[1]).await;
+    join(&mut a, "calm").await;
+    join(&mut b, "calm").await;
+    heard_join_of(&mut a, &[(&b.id.clone(), 2)]).await;
+    // Every lease lapses on Redis's clock while it is paused.
+    redis.pause();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    redis.resume();
+    // Three renewal rounds later, nobody was reaped.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.expect_silence().await;
+    b.expect_silence().await;
+    assert_eq!(
+        redis
+            .command(&["SCARD", "roomcast:members:calm"])
+            .await
+            .as_deref(),
+        Some(":2")
+    );
+    b.send(json!({"type": "room_message", "room": "calm", "message": "after"}))
+        .await;
+    assert_eq!(a.recv().await["message"], "after");
+}

@@ -269,7 +269,12 @@ pub struct Client {
 impl Client {
     /// Connects and reads the welcome message.
     pub async fn connect(server: &TestServer) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(server.url())
+        Client::connect_url(&server.url()).await
+    }
+
+    /// Connects to a server given by its URL (one in another process) and reads the welcome.
+    pub async fn connect_url(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("websocket handshake");
         let mut client = Client {
@@ -297,7 +302,12 @@ impl Client {
 
     /// The next text message as JSON; panics after [`EXPECT`].
     pub async fn recv(&mut self) -> Value {
-        let deadline = tokio::time::Instant::now() + EXPECT;
+        self.recv_within(EXPECT).await
+    }
+
+    /// The next text message as JSON; panics after `within`.
+    pub async fn recv_within(&mut self, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let next = tokio::time::timeout_at(deadline, self.ws.next())
                 .await

@@ -41,9 +41,12 @@
 //!   change (down), the node's own members are told with the node's own count. After Redis
 //!   comes back empty, each node puts its members back into the sets.
 //!
+//! - **Crashes.** Each node holds a lease in Redis and indexes its members; a node whose lease
+//!   lapses is reaped by one live node, its members' `member_left` told everywhere (see
+//!   [`lease`]: about 7 s after a `SIGKILL`).
+//!
 //! Not yet across nodes (the next steps of the cluster issue): presence listings
-//! (`GET /api/rooms`) and the webhooks' room events are per node, and a crashed node's members
-//! stay in the sets (no leases or reaping yet). A client's channel is subscribed asynchronously,
+//! (`GET /api/rooms`) and the webhooks' room events are per node. A client's channel is subscribed asynchronously,
 //! so for a moment after its welcome it is not reachable from other nodes; its close frame
 //! waits for the unsubscription, so once its close completes nothing counts it as reachable.
 
@@ -60,6 +63,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
+
+mod lease;
 
 use super::{Broker, Delivery, Joining, Publication, Target};
 use crate::hub::{ConnId, Joined, Member, MemberChange, RecipientNotFound, Router};
@@ -109,6 +114,15 @@ struct Outgoing {
     reply: Option<oneshot::Sender<i64>>,
 }
 
+impl Outgoing {
+    fn unanswered(command: redis::Cmd) -> Self {
+        Self {
+            command,
+            reply: None,
+        }
+    }
+}
+
 /// A join or leave, in one step on Redis: the member into (`SADD`) or out of (`SREM`, the
 /// command in ARGV[5]) the room's set, the set's size, and, when the set changed, the
 /// `member_joined` / `member_left` envelope (head .. size .. tail) on the room's channel for
@@ -125,6 +139,57 @@ return total
 enum Change {
     Join,
     Leave,
+    /// A member of a node that was reaped while cut off from Redis, put back when it returns:
+    /// a join for the other nodes (whose members heard it leave), nothing for its own.
+    Rejoin,
+}
+
+/// The membership script for `client_id` of node `member_node` joining or leaving `room`, its
+/// envelope sent as by node `publisher` (a reaper speaks for a dead node's members).
+fn membership_command(
+    channels: &Channels,
+    publisher: u64,
+    change: Change,
+    room: &str,
+    member_node: u64,
+    client_id: &str,
+) -> redis::Cmd {
+    let (kind, set_command) = match change {
+        Change::Join => ('j', "SADD"),
+        Change::Rejoin => ('J', "SADD"),
+        Change::Leave => ('l', "SREM"),
+    };
+    let mut head = serde_json::to_string(&EnvelopeHead {
+        n: publisher,
+        k: kind,
+        t: room,
+        f: client_id,
+        ts: 0,
+    })
+    .expect("an envelope head serializes");
+    head.pop(); // its closing brace: the count and the tail follow
+    head.push_str(r#","m":"#);
+    let mut command = redis::cmd("EVAL");
+    command
+        .arg(MEMBERSHIP_SCRIPT)
+        .arg(1)
+        .arg(channels.members(room))
+        .arg(member_entry(member_node, client_id))
+        .arg(channels.room(room))
+        .arg(head)
+        .arg("}")
+        .arg(set_command);
+    command
+}
+
+/// A member in a room's member set: its node and client id.
+fn member_entry(node: u64, client_id: &str) -> String {
+    format!("{node:016x}:{client_id}")
+}
+
+/// An entry of a node's member index: the client id (`client_…`, no colon) and the room.
+fn index_entry(client_id: &str, room: &str) -> String {
+    format!("{client_id}:{room}")
 }
 
 /// How long a joiner waits for its own join to come back on the room's channel (which makes it
@@ -223,6 +288,22 @@ impl Channels {
     fn members(&self, room: &str) -> String {
         format!("{}:members:{room}", self.prefix)
     }
+
+    /// The set of live (or not yet reaped) nodes' ids, in hex.
+    fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    /// A key about one node (`lease`, `members`, `reaper`, `reaped`), its id as hash tag so
+    /// they share a Redis Cluster slot.
+    fn node_key(&self, node: &str, what: &str) -> String {
+        format!("{}:node:{{{node}}}:{what}", self.prefix)
+    }
+
+    /// A node's member index: `CLIENT_ID:ROOM` for each of its members in each room.
+    fn node_members(&self, node: u64) -> String {
+        self.node_key(&format!("{node:016x}"), "members")
+    }
 }
 
 /// A join on its way: the connection and the room.
@@ -244,6 +325,8 @@ pub struct RedisBroker {
     /// script to the join's task, so that Redis sees the join before the leave.
     joining: Arc<Mutex<HashSet<JoinKey>>>,
     metrics: Arc<Metrics>,
+    /// Held while the broker lives: the lease task ends when it is gone.
+    _alive: Arc<()>,
 }
 
 impl RedisBroker {
@@ -265,6 +348,15 @@ impl RedisBroker {
             sessions.clone(),
             metrics.clone(),
         ));
+        let alive = Arc::new(());
+        tokio::spawn(lease::run(lease::Lease {
+            client: client.clone(),
+            node,
+            channels: channels.clone(),
+            metrics: metrics.clone(),
+            hub: hub.clone(),
+            alive: Arc::downgrade(&alive),
+        }));
         tokio::spawn(subscriber(Subscriber {
             client,
             sessions,
@@ -288,6 +380,7 @@ impl RedisBroker {
             wanted,
             joining: Arc::default(),
             metrics,
+            _alive: alive,
         }
     }
 
@@ -355,41 +448,38 @@ impl RedisBroker {
 
     /// Queues `command` without waiting for it or its answer.
     fn send_command(&self, command: redis::Cmd) {
-        let outgoing = Outgoing {
-            command,
-            reply: None,
-        };
-        if self.publish.try_send(outgoing).is_err() {
+        if self
+            .publish
+            .try_send(Outgoing::unanswered(command))
+            .is_err()
+        {
             self.metrics.redis_publish_dropped.increment(1);
         }
     }
 
-    /// The membership script for `member` joining or leaving `room`.
+    /// The membership script for `member` (of this node) joining or leaving `room`.
     fn membership(&self, change: Change, room: &str, member: &Member) -> redis::Cmd {
-        let (kind, set_command) = match change {
-            Change::Join => ('j', "SADD"),
-            Change::Leave => ('l', "SREM"),
-        };
-        let mut head = serde_json::to_string(&EnvelopeHead {
-            n: self.node,
-            k: kind,
-            t: room,
-            f: &member.client_id,
-            ts: 0,
-        })
-        .expect("an envelope head serializes");
-        head.pop(); // its closing brace: the count and the tail follow
-        head.push_str(r#","m":"#);
-        let mut command = redis::cmd("EVAL");
+        membership_command(
+            &self.channels,
+            self.node,
+            change,
+            room,
+            self.node,
+            &member.client_id,
+        )
+    }
+
+    /// Puts the entry of `member` in `room` into (join) or out of (leave) this node's member
+    /// index, which a reaper reads if this node dies. Sent before a join's script and after a
+    /// leave's, so the index holds at least every member this node has in Redis.
+    fn index(&self, change: Change, room: &str, member: &Member) -> redis::Cmd {
+        let mut command = redis::cmd(match change {
+            Change::Join | Change::Rejoin => "SADD",
+            Change::Leave => "SREM",
+        });
         command
-            .arg(MEMBERSHIP_SCRIPT)
-            .arg(1)
-            .arg(self.channels.members(room))
-            .arg(format!("{:016x}:{}", self.node, member.client_id))
-            .arg(self.channels.room(room))
-            .arg(head)
-            .arg("}")
-            .arg(set_command);
+            .arg(self.channels.node_members(self.node))
+            .arg(index_entry(&member.client_id, room));
         command
     }
 
@@ -490,8 +580,10 @@ impl Broker for RedisBroker {
         let subscribed = (local_members == 1)
             .then(|| self.want(self.channels.room(room)))
             .flatten();
+        self.send_command(self.index(Change::Join, room, member));
         let script = self.membership(Change::Join, room, member);
         let leave = self.membership(Change::Leave, room, member);
+        let unindex = self.index(Change::Leave, room, member);
         let room: Arc<str> = Arc::from(room);
         lock(&self.joining).insert((member.conn, room.clone()));
         let (queue, hub, joining) = (self.publish.clone(), self.hub.clone(), self.joining.clone());
@@ -506,6 +598,7 @@ impl Broker for RedisBroker {
             if !lock(&joining).remove(&(member.conn, room.clone())) {
                 // It left while its join was on the way, and left this task its leave.
                 let _ = answer_of(&queue, leave).await;
+                let _ = queue.try_send(Outgoing::unanswered(unindex));
                 return;
             }
             match counted {
@@ -543,15 +636,19 @@ impl Broker for RedisBroker {
             return Some(remaining);
         }
         let leave = self.membership(Change::Leave, room, member);
+        let unindex = self.index(Change::Leave, room, member);
         if remaining == 0 {
             self.send_command(leave);
+            self.send_command(unindex);
             return Some(remaining);
         }
         let (queue, hub) = (self.publish.clone(), self.hub.clone());
         let room: Arc<str> = Arc::from(room);
         let client_id = member.client_id.clone();
         tokio::spawn(async move {
-            if answer_of(&queue, leave).await.is_none() {
+            let counted = answer_of(&queue, leave).await;
+            let _ = queue.try_send(Outgoing::unanswered(unindex));
+            if counted.is_none() {
                 // Redis did not count it: this node's members are told with this node's count.
                 let change = MemberChange::Left {
                     client_id: &client_id,
@@ -771,7 +868,9 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
             return Ended::Lost;
         }
     }
-    let Some(registered) = register_members(state).await else {
+    let Some(registered) =
+        register_members(&state.client, &state.channels, state.node, &*state.hub).await
+    else {
         return Ended::Lost;
     };
     state.sessions.fetch_add(1, Ordering::Release);
@@ -816,34 +915,77 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
     }
 }
 
-/// Puts every local member of every local room into its room's member set again (a no-op
-/// where they are; after Redis restarted empty, the cluster's counts come back without any
-/// event: the nodes are the truth for their own connections), on a connection of its own, just
-/// made (the publisher's may still be finding out that the old one died). Returns how many
-/// were registered, `None` when Redis did not take them.
-async fn register_members(state: &Subscriber) -> Option<usize> {
-    let mut pipe = redis::pipe();
-    let mut registered = 0;
-    for (room, _) in state.hub.top_rooms(usize::MAX) {
-        let Some(members) = state.hub.presence(&room) else {
-            continue;
-        };
-        let command = pipe.cmd("SADD").arg(state.channels.members(&room));
-        for member in &members {
-            command.arg(format!("{:016x}:{}", state.node, member.client_id));
-        }
-        command.ignore();
-        registered += members.len();
-    }
-    if registered == 0 {
-        return Some(0);
-    }
+/// Puts every local member of every local room into its room's member set and this node's
+/// member index again (a no-op where they are; after Redis restarted empty, the cluster's
+/// counts come back without any event: the nodes are the truth for their own connections), on
+/// a connection of its own, just made (the publisher's may still be finding out that the old
+/// one died). When a reaper took this node for dead meanwhile (cut off longer than its lease),
+/// the other nodes' members heard its members leave, so they are put back with a join each.
+/// Returns how many were registered, `None` when Redis did not take them.
+async fn register_members(
+    client: &redis::Client,
+    channels: &Channels,
+    node: u64,
+    hub: &dyn Router,
+) -> Option<usize> {
+    let node_hex = format!("{node:016x}");
+    let reaped_key = channels.node_key(&node_hex, "reaped");
+    let index = channels.node_members(node);
     let register = async {
-        let mut connection = state.client.get_multiplexed_async_connection().await?;
-        pipe.query_async::<()>(&mut connection).await
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        let reaped: bool = redis::cmd("EXISTS")
+            .arg(&reaped_key)
+            .query_async(&mut connection)
+            .await?;
+        let mut pipe = redis::pipe();
+        let mut registered = 0;
+        for (room, _) in hub.top_rooms(usize::MAX) {
+            let Some(members) = hub.presence(&room) else {
+                continue;
+            };
+            if members.is_empty() {
+                continue;
+            }
+            let entries = pipe.cmd("SADD").arg(&index);
+            for member in &members {
+                entries.arg(index_entry(&member.client_id, &room));
+            }
+            entries.ignore();
+            if reaped {
+                for member in &members {
+                    pipe.add_command(membership_command(
+                        channels,
+                        node,
+                        Change::Rejoin,
+                        &room,
+                        node,
+                        &member.client_id,
+                    ))
+                    .ignore();
+                }
+            } else {
+                let set = pipe.cmd("SADD").arg(channels.members(&room));
+                for member in &members {
+                    set.arg(member_entry(node, &member.client_id));
+                }
+                set.ignore();
+            }
+            registered += members.len();
+        }
+        if reaped {
+            pipe.cmd("DEL").arg(&reaped_key).ignore();
+            warn!(
+                members = registered,
+                "this node was taken for dead while cut off from redis: its members join again"
+            );
+        }
+        if registered > 0 || reaped {
+            pipe.query_async::<()>(&mut connection).await?;
+        }
+        Ok::<_, redis::RedisError>(registered)
     };
-    match tokio::time::timeout(RESPONSE_TIMEOUT, register).await {
-        Ok(Ok(())) => Some(registered),
+    match tokio::time::timeout(RESPONSE_TIMEOUT * 2, register).await {
+        Ok(Ok(registered)) => Some(registered),
         _ => None,
     }
 }
@@ -865,7 +1007,10 @@ fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
             return;
         }
     };
-    if let 'j' | 'l' = envelope.kind {
+    if envelope.kind == 'J' && envelope.node == state.node {
+        return; // our members' return: our own members never heard them leave
+    }
+    if let 'j' | 'J' | 'l' = envelope.kind {
         // Every node's members hear of a join or leave from Redis, this node's too: one order
         // of membership events, with the count the script gave; a join of this node's pending
         // member makes it a member at that point of the order.
@@ -873,7 +1018,7 @@ fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
             return;
         };
         let change = match envelope.kind {
-            'j' => MemberChange::Joined {
+            'j' | 'J' => MemberChange::Joined {
                 client_id: &envelope.from,
                 total,
             },

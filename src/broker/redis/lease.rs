@@ -1,0 +1,278 @@
+//! Node liveness and reaping: how a node's members leave when the node dies without saying so.
+//!
+//! Each node holds a lease in Redis (`PREFIX:node:{ID}:lease`, a key with a time to live of
+//! [`LEASE_TTL`], renewed every [`RENEW_EVERY`]) and is listed in `PREFIX:nodes`. The lease
+//! runs on Redis's clock, not the nodes': a node whose clock jumps, or that stops, cannot keep
+//! it. Every node also keeps an index of its members (`PREFIX:node:{ID}:members`, entries
+//! `CLIENT_ID:ROOM`, written before a join's script and after a leave's).
+//!
+//! Every live node looks, each time it renews, for listed nodes whose lease is gone. A node
+//! found without a lease on two checks in a row is dead: one live node claims it (a `SET NX`
+//! with a time to live, so a reaper that dies itself is replaced) and takes its members out of
+//! their rooms in batches, each with the membership script of a leave, so every remaining
+//! member hears `member_left` with the new count, once (the script publishes only when it
+//! removed the member: two reapers could never tell a leave twice). Then the dead node is
+//! unlisted.
+//!
+//! The bound, from a `SIGKILL` to the last `member_left`: the lease outlives the last renewal
+//! by at most [`LEASE_TTL`], a reaper notices within two checks ([`RENEW_EVERY`] apart), and a
+//! batch of [`REAP_BATCH`] members takes one round trip: about 7 s for a few thousand members.
+//!
+//! A reaper only acts when its own previous renewal went through: after Redis was paused or
+//! unreachable, every lease may have lapsed, and the nodes that held them are alive and about
+//! to renew. A node that really was cut off longer than its lease is reaped like a dead one; it
+//! finds a `reaped` mark when it reconnects and puts its members back, with a join for the
+//! other nodes.
+
+use std::collections::HashSet;
+use std::sync::Weak;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tracing::{debug, info, warn};
+
+use super::{
+    membership_command, register_members, Change, Channels, CONNECT_TIMEOUT, RESPONSE_TIMEOUT,
+};
+use crate::hub::Router;
+use crate::metrics::Metrics;
+use std::sync::Arc;
+
+/// How long a node's lease outlives its last renewal.
+pub(super) const LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// How often a node renews its lease and looks for dead nodes.
+pub(super) const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a reaper's claim on a dead node lasts without being renewed (each batch renews
+/// it): a reaper that dies mid-way is replaced after this.
+const CLAIM_TTL: Duration = Duration::from_secs(15);
+
+/// How long the `reaped` mark waits for a node that was only cut off to come back.
+const REAPED_MARK_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Members taken out of their rooms per round trip.
+const REAP_BATCH: usize = 256;
+
+/// What the lease task needs.
+pub(super) struct Lease {
+    pub client: redis::Client,
+    pub node: u64,
+    pub channels: Arc<Channels>,
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<dyn Router>,
+    /// Gone when the broker is dropped: the task ends.
+    pub alive: Weak<()>,
+}
+
+/// Renews this node's lease and reaps dead nodes until the broker is dropped.
+pub(super) async fn run(lease: Lease) {
+    let me = format!("{:016x}", lease.node);
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_response_timeout(RESPONSE_TIMEOUT);
+    let mut connection: Option<ConnectionManager> = None;
+    let mut tick = tokio::time::interval(RENEW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether the previous renewal went through: only then are lapsed leases evidence.
+    let mut renewed_before = false;
+    // Nodes found without a lease on the previous check.
+    let mut suspects: HashSet<String> = HashSet::new();
+    loop {
+        tick.tick().await;
+        if lease.alive.upgrade().is_none() {
+            return;
+        }
+        if connection.is_none() {
+            match lease
+                .client
+                .get_connection_manager_with_config(config.clone())
+                .await
+            {
+                Ok(manager) => connection = Some(manager),
+                Err(error) => {
+                    debug!(%error, "redis lease cannot connect");
+                    renewed_before = false;
+                    continue;
+                }
+            }
+        }
+        let redis = connection.as_mut().expect("connected above");
+        let reaped = match renew(redis, &lease.channels, &me).await {
+            Ok(reaped) => reaped,
+            Err(error) => {
+                debug!(%error, "redis lease not renewed");
+                renewed_before = false;
+                suspects.clear();
+                continue;
+            }
+        };
+        if reaped {
+            // Taken for dead while it could not renew (stopped, or cut off without its
+            // subscription noticing): its members go back, with a join for the others.
+            let _ = register_members(&lease.client, &lease.channels, lease.node, &*lease.hub).await;
+        }
+        if !renewed_before {
+            renewed_before = true;
+            suspects.clear();
+            continue;
+        }
+        let lapsed = match lapsed_nodes(redis, &lease.channels, &me).await {
+            Ok(lapsed) => lapsed,
+            Err(error) => {
+                debug!(%error, "redis lease check failed");
+                continue;
+            }
+        };
+        for node in lapsed.intersection(&suspects) {
+            match reap(redis, &lease.channels, lease.node, &me, node).await {
+                Ok(Some(members)) => {
+                    lease.metrics.redis_reaped_members.increment(members as u64);
+                    warn!(node = %node, members, "dead node reaped: its members left their rooms");
+                }
+                Ok(None) => debug!(node = %node, "dead node claimed by another reaper"),
+                Err(error) => debug!(%error, node = %node, "reaping interrupted; retried"),
+            }
+        }
+        suspects = lapsed;
+    }
+}
+
+/// This node's lease for another [`LEASE_TTL`], and its place in the node list; true when it
+/// finds itself marked as reaped.
+async fn renew(
+    redis: &mut ConnectionManager,
+    channels: &Channels,
+    me: &str,
+) -> redis::RedisResult<bool> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("EXISTS").arg(channels.node_key(me, "reaped"));
+    pipe.cmd("SET")
+        .arg(channels.node_key(me, "lease"))
+        .arg(1)
+        .arg("PX")
+        .arg(LEASE_TTL.as_millis() as u64)
+        .ignore();
+    pipe.cmd("SADD").arg(channels.nodes()).arg(me).ignore();
+    let (reaped,): (bool,) = pipe.query_async(redis).await?;
+    Ok(reaped)
+}
+
+/// The listed nodes, other than this one, whose lease is gone.
+async fn lapsed_nodes(
+    redis: &mut ConnectionManager,
+    channels: &Channels,
+    me: &str,
+) -> redis::RedisResult<HashSet<String>> {
+    let nodes: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(channels.nodes())
+        .query_async(redis)
+        .await?;
+    let others: Vec<String> = nodes.into_iter().filter(|node| node != me).collect();
+    if others.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut pipe = redis::pipe();
+    for node in &others {
+        pipe.cmd("EXISTS").arg(channels.node_key(node, "lease"));
+    }
+    let alive: Vec<bool> = pipe.query_async(redis).await?;
+    Ok(others
+        .into_iter()
+        .zip(alive)
+        .filter_map(|(node, alive)| (!alive).then_some(node))
+        .collect())
+}
+
+/// Takes the dead `node`'s members out of their rooms, if this node wins the claim on it
+/// (`None` when another reaper has it). Stops, leaving the rest, if the node renews its lease
+/// meanwhile (it was only cut off).
+async fn reap(
+    redis: &mut ConnectionManager,
+    channels: &Channels,
+    reaper: u64,
+    me: &str,
+    node: &str,
+) -> redis::RedisResult<Option<usize>> {
+    let claim = channels.node_key(node, "reaper");
+    let claimed: Option<String> = redis::cmd("SET")
+        .arg(&claim)
+        .arg(me)
+        .arg("NX")
+        .arg("PX")
+        .arg(CLAIM_TTL.as_millis() as u64)
+        .query_async(redis)
+        .await?;
+    if claimed.is_none() {
+        let holder: Option<String> = redis::cmd("GET").arg(&claim).query_async(redis).await?;
+        if holder.as_deref() != Some(me) {
+            return Ok(None);
+        }
+    }
+    let Ok(node_id) = u64::from_str_radix(node, 16) else {
+        // Not one of ours: unlisted, nothing else touched.
+        redis::cmd("SREM")
+            .arg(channels.nodes())
+            .arg(node)
+            .query_async::<()>(redis)
+            .await?;
+        return Ok(Some(0));
+    };
+    // Marked first: a node that was only cut off and returns mid-way knows to put its
+    // members back with a join each.
+    redis::cmd("SET")
+        .arg(channels.node_key(node, "reaped"))
+        .arg(me)
+        .arg("PX")
+        .arg(REAPED_MARK_TTL.as_millis() as u64)
+        .query_async::<()>(redis)
+        .await?;
+    let index = channels.node_key(node, "members");
+    let lease = channels.node_key(node, "lease");
+    let mut reaped = 0;
+    loop {
+        let alive: bool = redis::cmd("EXISTS").arg(&lease).query_async(redis).await?;
+        if alive {
+            info!(
+                node,
+                members = reaped,
+                "a node taken for dead renewed its lease: reaping stopped"
+            );
+            break;
+        }
+        let entries: Vec<String> = redis::cmd("SRANDMEMBER")
+            .arg(&index)
+            .arg(REAP_BATCH)
+            .query_async(redis)
+            .await?;
+        if entries.is_empty() {
+            break;
+        }
+        let mut pipe = redis::pipe();
+        for entry in &entries {
+            if let Some((client_id, room)) = entry.split_once(':') {
+                pipe.add_command(membership_command(
+                    channels,
+                    reaper,
+                    Change::Leave,
+                    room,
+                    node_id,
+                    client_id,
+                ))
+                .ignore();
+            }
+        }
+        pipe.cmd("SREM").arg(&index).arg(&entries).ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(&claim)
+            .arg(CLAIM_TTL.as_millis() as u64)
+            .ignore();
+        pipe.query_async::<()>(redis).await?;
+        reaped += entries.len();
+    }
+    let mut pipe = redis::pipe();
+    pipe.cmd("SREM").arg(channels.nodes()).arg(node).ignore();
+    pipe.cmd("DEL").arg(&claim).ignore();
+    pipe.query_async::<()>(redis).await?;
+    Ok(Some(reaped))
+}
