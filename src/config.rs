@@ -270,6 +270,20 @@ pub struct Config {
     #[serde(serialize_with = "redacted")]
     pub redis: Option<String>,
 
+    /// A Redis Cluster instead (`redis://host:port` of one or more of its masters, comma
+    /// separated; the rest are found from them): nodes share rooms through sharded pub/sub
+    /// (`SSUBSCRIBE` / `SPUBLISH`), so a message travels only within the shard that owns its
+    /// room. Default: none. Not with `--redis`.
+    #[arg(
+        long,
+        env = "ROOMCAST_REDIS_CLUSTER",
+        value_delimiter = ',',
+        conflicts_with = "redis",
+        hide_env_values = true
+    )]
+    #[serde(serialize_with = "redacted_list")]
+    pub redis_cluster: Vec<String>,
+
     /// Prefix of every Redis channel and key, so several deployments can share one Redis.
     #[arg(long, env = "ROOMCAST_REDIS_PREFIX", default_value = defaults::REDIS_PREFIX)]
     pub redis_prefix: String,
@@ -416,9 +430,10 @@ impl Config {
     /// Which broker the node runs: Redis with `--redis`, else the memory broker. A backplane's
     /// option (its URL) selects its broker here, the one place that decides.
     pub fn broker(&self) -> BrokerKind {
-        match self.redis {
-            Some(_) => BrokerKind::Redis,
-            None => BrokerKind::Memory,
+        match (&self.redis, self.redis_cluster.is_empty()) {
+            (Some(_), _) => BrokerKind::Redis,
+            (None, false) => BrokerKind::RedisCluster,
+            (None, true) => BrokerKind::Memory,
         }
     }
 
@@ -457,6 +472,7 @@ impl Config {
             trusted_proxies: Vec::new(),
             api_key: None,
             redis: None,
+            redis_cluster: Vec::new(),
             redis_prefix: defaults::REDIS_PREFIX.to_owned(),
             connect_proxy: None,
             join_proxy: None,
@@ -618,8 +634,22 @@ impl Config {
         if let Some(url) = &self.redis {
             crate::broker::check_redis_url(url).map_err(ConfigError::Redis)?;
         }
+        if self.redis.is_some() && !self.redis_cluster.is_empty() {
+            return Err(ConfigError::Invalid(
+                "--redis and --redis-cluster exclude each other",
+            ));
+        }
+        for url in &self.redis_cluster {
+            crate::broker::check_redis_url(url).map_err(ConfigError::Redis)?;
+        }
         if self.redis_prefix.is_empty() {
             return Err(ConfigError::Invalid("--redis-prefix must not be empty"));
+        }
+        if self.redis_prefix.contains(['{', '}']) {
+            // Braces would change the hash tags that keep a room's keys on one cluster slot.
+            return Err(ConfigError::Invalid(
+                "--redis-prefix must not contain { or }",
+            ));
         }
         if self.proxy_timeout.is_zero() {
             return Err(ConfigError::Invalid("--proxy-timeout must be more than 0s"));
@@ -675,6 +705,11 @@ fn redacted<S: Serializer>(value: &Option<String>, serializer: S) -> Result<S::O
         Some(_) => serializer.serialize_str("<redacted>"),
         None => serializer.serialize_none(),
     }
+}
+
+/// URLs that may carry a password: how many, not what.
+fn redacted_list<S: Serializer>(value: &[String], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(value.iter().map(|_| "<redacted>"))
 }
 
 impl Config {
@@ -806,6 +841,7 @@ struct FileLayer {
     trusted_proxies: Option<List>,
     api_key: Option<Scalar>,
     redis: Option<Scalar>,
+    redis_cluster: Option<List>,
     redis_prefix: Option<Scalar>,
     connect_proxy: Option<Scalar>,
     join_proxy: Option<Scalar>,
@@ -879,6 +915,7 @@ impl FileLayer {
             trusted_proxies,
             api_key,
             redis,
+            redis_cluster,
             redis_prefix,
             connect_proxy,
             join_proxy,

@@ -454,3 +454,46 @@ fn the_proxies_are_read_from_the_file_with_their_timeout() {
         .to_string();
     assert!(error.contains("--publish-proxy"), "{error}");
 }
+
+#[test]
+fn redis_cluster_takes_a_list_of_masters_from_a_flag_or_the_file_and_selects_its_broker() {
+    let config = load(args(&[
+        "--redis-cluster",
+        "redis://127.0.0.1:7001,redis://127.0.0.1:7002",
+    ]))
+    .unwrap();
+    assert_eq!(
+        config.redis_cluster,
+        ["redis://127.0.0.1:7001", "redis://127.0.0.1:7002"]
+    );
+    assert_eq!(config.broker(), roomcast::broker::BrokerKind::RedisCluster);
+    let path = file(
+        "cluster.toml",
+        "redis-cluster = [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]\n",
+    );
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(config.redis_cluster.len(), 2);
+    assert_eq!(config.broker(), roomcast::broker::BrokerKind::RedisCluster);
+}
+
+#[test]
+fn redis_and_redis_cluster_together_are_refused() {
+    let path = file("both.toml", "redis = \"redis://127.0.0.1:6379\"\n");
+    let error = load(args(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--redis-cluster",
+        "redis://127.0.0.1:7001",
+    ]))
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("--redis and --redis-cluster"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_redis_prefix_with_braces_is_refused_as_it_would_move_keys_between_cluster_slots() {
+    let error = load(args(&["--redis-prefix", "app{1}"])).unwrap_err();
+    assert!(error.to_string().contains("--redis-prefix"), "{error}");
+}

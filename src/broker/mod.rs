@@ -25,7 +25,9 @@ use crate::metrics::Metrics;
 use crate::protocol::Body;
 
 pub use memory::MemoryBroker;
-pub use redis::{check_url as check_redis_url, BadRedisUrl, RedisBroker};
+pub use redis::{
+    check_url as check_redis_url, BadRedisUrl, Endpoint as RedisEndpoint, RedisBroker,
+};
 
 /// Which broker a node runs, as [`Config::broker`] decides from the configuration: a new
 /// broker is a variant here, a file beside `memory.rs`, and the option that selects it.
@@ -35,6 +37,8 @@ pub enum BrokerKind {
     Memory,
     /// Nodes sharing rooms through Redis pub/sub (`--redis`).
     Redis,
+    /// Nodes sharing rooms through a Redis Cluster's sharded pub/sub (`--redis-cluster`).
+    RedisCluster,
 }
 
 /// The broker `config` asks for, delivering what it receives into `hub`. Within the runtime:
@@ -44,12 +48,17 @@ pub fn from_config(
     hub: Arc<dyn Router>,
     metrics: Arc<Metrics>,
 ) -> Arc<dyn Broker> {
-    match (config.broker(), &config.redis) {
-        (BrokerKind::Redis, Some(url)) => {
-            Arc::new(RedisBroker::start(url, &config.redis_prefix, hub, metrics))
-        }
-        _ => Arc::new(MemoryBroker::new(hub)),
-    }
+    let endpoint = match (config.broker(), &config.redis) {
+        (BrokerKind::Redis, Some(url)) => RedisEndpoint::Single(url.clone()),
+        (BrokerKind::RedisCluster, _) => RedisEndpoint::Cluster(config.redis_cluster.clone()),
+        _ => return Arc::new(MemoryBroker::new(hub)),
+    };
+    Arc::new(RedisBroker::start(
+        endpoint,
+        &config.redis_prefix,
+        hub,
+        metrics,
+    ))
 }
 
 /// Who a publication is for.

@@ -110,7 +110,8 @@ pub struct TestServer {
     cluster: Vec<SocketAddr>,
     next_node: std::sync::atomic::AtomicUsize,
     _others: Vec<TestServer>,
-    _redis: Option<redis::RedisServer>,
+    /// The cluster's Redis: a [`redis::RedisServer`] or a [`redis::RedisCluster`].
+    _redis: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl TestServer {
@@ -158,6 +159,8 @@ pub fn raise_open_file_limit() {
 /// `ROOMCAST_TEST_CLUSTER=1`: three nodes on one Redis (a redis-server of the test's own)
 /// instead, the test's clients spread over them round-robin; CI runs the seed protocol suite
 /// once more this way, to show that the cluster keeps its behaviour.
+/// `ROOMCAST_TEST_CLUSTER=redis-cluster`: the same on a Redis Cluster of three masters
+/// (`--redis-cluster`, sharded pub/sub).
 pub async fn start_server_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
     if std::env::var_os("ROOMCAST_TEST_CLUSTER").is_some() {
         return start_cluster(tweak).await;
@@ -167,22 +170,33 @@ pub async fn start_server_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
 
 async fn start_cluster(tweak: impl FnOnce(&mut Config)) -> TestServer {
     const NODES: usize = 3;
-    let redis = redis::RedisServer::start()
-        .await
-        .expect("ROOMCAST_TEST_CLUSTER needs redis-server");
-    let url = redis.url();
+    let sharded = std::env::var("ROOMCAST_TEST_CLUSTER").as_deref() == Ok("redis-cluster");
+    let (single, sharded) = if sharded {
+        let cluster = redis::RedisCluster::start()
+            .await
+            .expect("ROOMCAST_TEST_CLUSTER needs redis-server");
+        (None, Some(cluster))
+    } else {
+        let redis = redis::RedisServer::start()
+            .await
+            .expect("ROOMCAST_TEST_CLUSTER needs redis-server");
+        (Some(redis), None)
+    };
     let mut template = None;
     let mut tweak = Some(tweak);
     let mut nodes = Vec::new();
     for _ in 0..NODES {
-        let url = url.clone();
         let node = match &template {
             None => {
                 let tweak = tweak.take().expect("first node");
                 start_server_routed(
                     |config| {
                         tweak(config);
-                        config.redis = Some(url);
+                        match (&single, &sharded) {
+                            (Some(redis), _) => config.redis = Some(redis.url()),
+                            (_, Some(cluster)) => config.redis_cluster = cluster.urls(),
+                            _ => unreachable!("one of them"),
+                        }
                         template = Some(config.clone());
                     },
                     Arc::new(roomcast::hub::LocalHub::new()),
@@ -203,9 +217,19 @@ async fn start_cluster(tweak: impl FnOnce(&mut Config)) -> TestServer {
         };
         nodes.push(node);
     }
-    redis
-        .wait_for_subscribers("roomcast:broadcast", NODES)
-        .await;
+    match (&single, &sharded) {
+        (Some(redis), _) => {
+            redis
+                .wait_for_subscribers("roomcast:broadcast", NODES)
+                .await
+        }
+        (_, Some(cluster)) => {
+            cluster
+                .wait_for_subscribers("roomcast:broadcast", NODES)
+                .await
+        }
+        _ => unreachable!("one of them"),
+    }
     let mut nodes = nodes.into_iter();
     let mut first = nodes.next().expect("a node");
     first.cluster.push(first.addr);
@@ -213,7 +237,11 @@ async fn start_cluster(tweak: impl FnOnce(&mut Config)) -> TestServer {
         first.cluster.push(node.addr);
         first._others.push(node);
     }
-    first._redis = Some(redis);
+    first._redis = match (single, sharded) {
+        (Some(redis), _) => Some(Box::new(redis)),
+        (_, Some(cluster)) => Some(Box::new(cluster)),
+        _ => None,
+    };
     first
 }
 

@@ -148,3 +148,150 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A Redis Cluster of three masters (no replicas) on free loopback ports, each a
+/// [`RedisServer`] started with `--cluster-enabled yes`, joined by `redis-cli --cluster create`
+/// (Debian's redis-tools, which redis-server depends on); killed when dropped.
+pub struct RedisCluster {
+    pub masters: Vec<RedisServer>,
+    config_dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts the cluster, or `None` (the test should return) where redis-server is missing
+    /// and this is not CI.
+    pub async fn start() -> Option<RedisCluster> {
+        RedisServer::start().await?; // checks the installation, then stops at once
+        let config_dir = std::env::temp_dir().join(format!(
+            "roomcast-test-cluster-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&config_dir).expect("a directory for the cluster's files");
+        let mut masters = Vec::new();
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let config = config_dir.join(format!("nodes-{port}.conf"));
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            let server = RedisServer {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            };
+            let started = Instant::now();
+            while server.command(&["PING"]).await.as_deref() != Some("+PONG") {
+                assert!(started.elapsed() < Duration::from_secs(10), "redis answers");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            masters.push(server);
+        }
+        let addresses: Vec<String> = masters.iter().map(|m| m.addr.to_string()).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(created.success(), "redis-cli --cluster create");
+        let cluster = RedisCluster {
+            masters,
+            config_dir,
+        };
+        let started = Instant::now();
+        for master in &cluster.masters {
+            while !master
+                .command(&["CLUSTER", "INFO"])
+                .await
+                .is_some_and(|info| info.contains("cluster_state:ok"))
+            {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "the cluster is ok"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Some(cluster)
+    }
+
+    /// The masters' URLs, for `--redis-cluster`.
+    pub fn urls(&self) -> Vec<String> {
+        self.masters.iter().map(RedisServer::url).collect()
+    }
+
+    /// How many connections subscribe to the shard channel `channel`, over all masters
+    /// (`PUBSUB SHARDNUMSUB`), and how many to a plain channel of that name (`PUBSUB NUMSUB`).
+    pub async fn subscribers(&self, channel: &str) -> (usize, usize) {
+        let mut counts = (0, 0);
+        for master in &self.masters {
+            let count = |answer: Option<String>| {
+                answer
+                    .unwrap_or_default()
+                    .lines()
+                    .last()
+                    .and_then(|line| line.strip_prefix(':'))
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .unwrap_or(0)
+            };
+            counts.0 += count(master.command(&["PUBSUB", "SHARDNUMSUB", channel]).await);
+            counts.1 += count(master.command(&["PUBSUB", "NUMSUB", channel]).await);
+        }
+        counts
+    }
+
+    /// Waits until the shard channel `channel` has `count` subscribers.
+    pub async fn wait_for_subscribers(&self, channel: &str, count: usize) {
+        let started = Instant::now();
+        loop {
+            let (now, _) = self.subscribers(channel).await;
+            if now == count {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{channel} has {now} shard subscribers, not {count}, after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends one command about one key to the master that owns its slot (the others answer
+    /// `-MOVED`).
+    pub async fn command(&self, args: &[&str]) -> Option<String> {
+        let mut answer = None;
+        for master in &self.masters {
+            answer = master.command(args).await;
+            if !answer.as_deref().is_some_and(|a| a.starts_with("-MOVED")) {
+                return answer;
+            }
+        }
+        answer
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    hasher.finish()
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.masters.clear();
+        let _ = std::fs::remove_dir_all(&self.config_dir);
+    }
+}

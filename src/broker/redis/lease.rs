@@ -28,15 +28,23 @@ use std::collections::HashSet;
 use std::sync::Weak;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Cmd;
 use tracing::{debug, info, warn};
 
-use super::{
-    membership_command, register_members, Change, Channels, CONNECT_TIMEOUT, RESPONSE_TIMEOUT,
-};
+use super::connection::{Client, Commands};
+use super::{membership_command, register_members, Change, Channels};
 use crate::hub::Router;
 use crate::metrics::Metrics;
 use std::sync::Arc;
+
+/// A command and its arguments.
+macro_rules! command {
+    ($name:expr $(, $arg:expr)* $(,)?) => {{
+        let mut command = redis::cmd($name);
+        $(command.arg($arg);)*
+        command
+    }};
+}
 
 /// How long a node's lease outlives its last renewal.
 pub(super) const LEASE_TTL: Duration = Duration::from_secs(5);
@@ -56,7 +64,7 @@ const REAP_BATCH: usize = 256;
 
 /// What the lease task needs.
 pub(super) struct Lease {
-    pub client: redis::Client,
+    pub client: Client,
     pub node: u64,
     pub channels: Arc<Channels>,
     pub metrics: Arc<Metrics>,
@@ -68,10 +76,7 @@ pub(super) struct Lease {
 /// Renews this node's lease and reaps dead nodes until the broker is dropped.
 pub(super) async fn run(lease: Lease) {
     let me = format!("{:016x}", lease.node);
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(CONNECT_TIMEOUT)
-        .set_response_timeout(RESPONSE_TIMEOUT);
-    let mut connection: Option<ConnectionManager> = None;
+    let mut connection: Option<Commands> = None;
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Whether the previous renewal went through: only then are lapsed leases evidence.
@@ -84,11 +89,7 @@ pub(super) async fn run(lease: Lease) {
             return;
         }
         if connection.is_none() {
-            match lease
-                .client
-                .get_connection_manager_with_config(config.clone())
-                .await
-            {
+            match lease.client.commands().await {
                 Ok(manager) => connection = Some(manager),
                 Err(error) => {
                     debug!(%error, "redis lease cannot connect");
@@ -138,49 +139,47 @@ pub(super) async fn run(lease: Lease) {
     }
 }
 
+fn millis(duration: Duration) -> u64 {
+    duration.as_millis() as u64
+}
+
 /// This node's lease for another [`LEASE_TTL`], and its place in the node list; true when it
 /// finds itself marked as reaped.
-async fn renew(
-    redis: &mut ConnectionManager,
-    channels: &Channels,
-    me: &str,
-) -> redis::RedisResult<bool> {
-    let mut pipe = redis::pipe();
-    pipe.cmd("EXISTS").arg(channels.node_key(me, "reaped"));
-    pipe.cmd("SET")
-        .arg(channels.node_key(me, "lease"))
-        .arg(1)
-        .arg("PX")
-        .arg(LEASE_TTL.as_millis() as u64)
-        .ignore();
-    pipe.cmd("SADD").arg(channels.nodes()).arg(me).ignore();
-    let (reaped,): (bool,) = pipe.query_async(redis).await?;
-    Ok(reaped)
+async fn renew(redis: &mut Commands, channels: &Channels, me: &str) -> redis::RedisResult<bool> {
+    let answers = redis
+        .run(vec![
+            command!("EXISTS", &channels.node_key(me, "reaped")),
+            command!(
+                "SET",
+                &channels.node_key(me, "lease"),
+                &1,
+                &"PX",
+                &millis(LEASE_TTL)
+            ),
+            command!("SADD", &channels.nodes(), &me),
+        ])
+        .await?;
+    redis::from_redis_value(&answers[0])
 }
 
 /// The listed nodes, other than this one, whose lease is gone.
 async fn lapsed_nodes(
-    redis: &mut ConnectionManager,
+    redis: &mut Commands,
     channels: &Channels,
     me: &str,
 ) -> redis::RedisResult<HashSet<String>> {
-    let nodes: Vec<String> = redis::cmd("SMEMBERS")
-        .arg(channels.nodes())
-        .query_async(redis)
-        .await?;
+    let nodes: Vec<String> = redis.query(command!("SMEMBERS", &channels.nodes())).await?;
     let others: Vec<String> = nodes.into_iter().filter(|node| node != me).collect();
-    if others.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let mut pipe = redis::pipe();
-    for node in &others {
-        pipe.cmd("EXISTS").arg(channels.node_key(node, "lease"));
-    }
-    let alive: Vec<bool> = pipe.query_async(redis).await?;
+    let checks = others
+        .iter()
+        .map(|node| command!("EXISTS", &channels.node_key(node, "lease")))
+        .collect();
+    let alive = redis.run(checks).await?;
     Ok(others
         .into_iter()
         .zip(alive)
-        .filter_map(|(node, alive)| (!alive).then_some(node))
+        .filter(|(_, alive)| !redis::from_redis_value::<bool>(alive).unwrap_or(true))
+        .map(|(node, _)| node)
         .collect())
 }
 
@@ -188,50 +187,52 @@ async fn lapsed_nodes(
 /// (`None` when another reaper has it). Stops, leaving the rest, if the node renews its lease
 /// meanwhile (it was only cut off).
 async fn reap(
-    redis: &mut ConnectionManager,
+    redis: &mut Commands,
     channels: &Channels,
     reaper: u64,
     me: &str,
     node: &str,
 ) -> redis::RedisResult<Option<usize>> {
     let claim = channels.node_key(node, "reaper");
-    let claimed: Option<String> = redis::cmd("SET")
-        .arg(&claim)
-        .arg(me)
-        .arg("NX")
-        .arg("PX")
-        .arg(CLAIM_TTL.as_millis() as u64)
-        .query_async(redis)
+    let claimed: Option<String> = redis
+        .query(command!(
+            "SET",
+            &claim,
+            &me,
+            &"NX",
+            &"PX",
+            &millis(CLAIM_TTL)
+        ))
         .await?;
     if claimed.is_none() {
-        let holder: Option<String> = redis::cmd("GET").arg(&claim).query_async(redis).await?;
+        let holder: Option<String> = redis.query(command!("GET", &claim)).await?;
         if holder.as_deref() != Some(me) {
             return Ok(None);
         }
     }
     let Ok(node_id) = u64::from_str_radix(node, 16) else {
         // Not one of ours: unlisted, nothing else touched.
-        redis::cmd("SREM")
-            .arg(channels.nodes())
-            .arg(node)
-            .query_async::<()>(redis)
+        redis
+            .run(vec![command!("SREM", &channels.nodes(), &node)])
             .await?;
         return Ok(Some(0));
     };
     // Marked first: a node that was only cut off and returns mid-way knows to put its
     // members back with a join each.
-    redis::cmd("SET")
-        .arg(channels.node_key(node, "reaped"))
-        .arg(me)
-        .arg("PX")
-        .arg(REAPED_MARK_TTL.as_millis() as u64)
-        .query_async::<()>(redis)
+    redis
+        .run(vec![command!(
+            "SET",
+            &channels.node_key(node, "reaped"),
+            &me,
+            &"PX",
+            &millis(REAPED_MARK_TTL)
+        )])
         .await?;
     let index = channels.node_key(node, "members");
     let lease = channels.node_key(node, "lease");
     let mut reaped = 0;
     loop {
-        let alive: bool = redis::cmd("EXISTS").arg(&lease).query_async(redis).await?;
+        let alive: bool = redis.query(command!("EXISTS", &lease)).await?;
         if alive {
             info!(
                 node,
@@ -240,39 +241,32 @@ async fn reap(
             );
             break;
         }
-        let entries: Vec<String> = redis::cmd("SRANDMEMBER")
-            .arg(&index)
-            .arg(REAP_BATCH)
-            .query_async(redis)
+        let entries: Vec<String> = redis
+            .query(command!("SRANDMEMBER", &index, &REAP_BATCH))
             .await?;
         if entries.is_empty() {
             break;
         }
-        let mut pipe = redis::pipe();
-        for entry in &entries {
-            if let Some((client_id, room)) = entry.split_once(':') {
-                pipe.add_command(membership_command(
-                    channels,
-                    reaper,
-                    Change::Leave,
-                    room,
-                    node_id,
-                    client_id,
-                ))
-                .ignore();
-            }
-        }
-        pipe.cmd("SREM").arg(&index).arg(&entries).ignore();
-        pipe.cmd("PEXPIRE")
-            .arg(&claim)
-            .arg(CLAIM_TTL.as_millis() as u64)
-            .ignore();
-        pipe.query_async::<()>(redis).await?;
+        let mut batch: Vec<Cmd> = entries
+            .iter()
+            .filter_map(|entry| entry.split_once(':'))
+            .map(|(client_id, room)| {
+                membership_command(channels, reaper, Change::Leave, room, node_id, client_id)
+            })
+            .collect();
+        // Out of the index only once out of the rooms (the scripts run first, in order).
+        let mut unindex = command!("SREM", &index);
+        unindex.arg(&entries);
+        batch.push(unindex);
+        batch.push(command!("PEXPIRE", &claim, &millis(CLAIM_TTL)));
+        redis.run(batch).await?;
         reaped += entries.len();
     }
-    let mut pipe = redis::pipe();
-    pipe.cmd("SREM").arg(channels.nodes()).arg(node).ignore();
-    pipe.cmd("DEL").arg(&claim).ignore();
-    pipe.query_async::<()>(redis).await?;
+    redis
+        .run(vec![
+            command!("SREM", &channels.nodes(), &node),
+            command!("DEL", &claim),
+        ])
+        .await?;
     Ok(Some(reaped))
 }

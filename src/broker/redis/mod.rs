@@ -1,5 +1,6 @@
-//! The Redis broker (`--redis URL`): nodes behind a load balancer share rooms and broadcasts
-//! through Redis pub/sub.
+//! The Redis broker (`--redis URL`, or `--redis-cluster URL,...`): nodes behind a load balancer
+//! share rooms and broadcasts through Redis pub/sub (on a cluster, sharded pub/sub; how either
+//! is spoken is in [`connection`]).
 //!
 //! How a publication travels, and why this way:
 //! - **Local members first, synchronously.** The sending node delivers to its own recipients
@@ -57,14 +58,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+mod connection;
 mod lease;
+
+pub use connection::Endpoint;
+use connection::{Client, Commands, SubscriptionSink, SubscriptionStream};
 
 use super::{Broker, Delivery, Joining, Publication, Target};
 use crate::hub::{ConnId, Joined, Member, MemberChange, RecipientNotFound, Router};
@@ -126,11 +129,12 @@ impl Outgoing {
 /// A join or leave, in one step on Redis: the member into (`SADD`) or out of (`SREM`, the
 /// command in ARGV[5]) the room's set, the set's size, and, when the set changed, the
 /// `member_joined` / `member_left` envelope (head .. size .. tail) on the room's channel for
-/// every node. The answer is the room's cluster-wide size.
+/// every node (`PUBLISH`, or on a cluster `SPUBLISH`, in ARGV[6]: the channel shares the set's
+/// slot). The answer is the room's cluster-wide size.
 const MEMBERSHIP_SCRIPT: &str = r#"
 local changed = redis.call(ARGV[5], KEYS[1], ARGV[1])
 local total = redis.call('SCARD', KEYS[1])
-if changed == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3] .. total .. ARGV[4]) end
+if changed == 1 then redis.call(ARGV[6], ARGV[2], ARGV[3] .. total .. ARGV[4]) end
 return total
 "#;
 
@@ -178,7 +182,8 @@ fn membership_command(
         .arg(channels.room(room))
         .arg(head)
         .arg("}")
-        .arg(set_command);
+        .arg(set_command)
+        .arg(channels.publish_verb());
     command
 }
 
@@ -205,12 +210,6 @@ struct EnvelopeHead<'a> {
     t: &'a str,
     f: &'a str,
     ts: u64,
-}
-
-fn publish_command(channel: &str, payload: &[u8]) -> redis::Cmd {
-    let mut command = redis::cmd("PUBLISH");
-    command.arg(channel).arg(payload);
-    command
 }
 
 /// One publication on its way between nodes.
@@ -262,14 +261,37 @@ impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
     }
 }
 
-/// Channel names under `--redis-prefix`.
+/// Channel and key names under `--redis-prefix`, and how to publish on them.
 struct Channels {
     prefix: String,
+    /// A cluster's shard channels: `SPUBLISH`, and a room's name as the hash tag of its
+    /// channel and member set (`PREFIX:room:{ROOM}`, `PREFIX:members:{ROOM}`), so that the
+    /// membership script, which changes the one and publishes on the other, runs on one shard.
+    sharded: bool,
 }
 
 impl Channels {
     fn room(&self, room: &str) -> String {
-        format!("{}:room:{room}", self.prefix)
+        if self.sharded {
+            format!("{}:room:{{{room}}}", self.prefix)
+        } else {
+            format!("{}:room:{room}", self.prefix)
+        }
+    }
+
+    fn publish_verb(&self) -> &'static str {
+        if self.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// The command publishing `payload` on `channel`.
+    fn publish(&self, channel: &str, payload: &[u8]) -> redis::Cmd {
+        let mut command = redis::cmd(self.publish_verb());
+        command.arg(channel).arg(payload);
+        command
     }
 
     fn broadcast(&self) -> String {
@@ -286,7 +308,11 @@ impl Channels {
 
     /// The key of a room's member set (entries `NODE:CLIENT_ID`).
     fn members(&self, room: &str) -> String {
-        format!("{}:members:{room}", self.prefix)
+        if self.sharded {
+            format!("{}:members:{{{room}}}", self.prefix)
+        } else {
+            format!("{}:members:{room}", self.prefix)
+        }
     }
 
     /// The set of live (or not yet reaped) nodes' ids, in hex.
@@ -332,11 +358,17 @@ pub struct RedisBroker {
 impl RedisBroker {
     /// Connects lazily: the tasks start now and reach Redis when it answers; meanwhile local
     /// delivery works. Must be called within the tokio runtime.
-    pub fn start(url: &str, prefix: &str, hub: Arc<dyn Router>, metrics: Arc<Metrics>) -> Self {
-        let client = redis::Client::open(url).expect("checked by Config::validate");
+    pub fn start(
+        endpoint: Endpoint,
+        prefix: &str,
+        hub: Arc<dyn Router>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let client = Client::open(&endpoint).expect("checked by Config::validate");
         let node = rand::random::<u64>();
         let channels = Arc::new(Channels {
             prefix: prefix.to_owned(),
+            sharded: client.sharded(),
         });
         let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
         let (control, commands) = mpsc::unbounded_channel();
@@ -369,7 +401,9 @@ impl RedisBroker {
         }));
         info!(
             node = format_args!("{node:016x}"),
-            prefix, "redis broker started"
+            prefix,
+            sharded = channels.sharded,
+            "redis broker started"
         );
         Self {
             hub,
@@ -443,7 +477,7 @@ impl RedisBroker {
 
     /// Queues one `PUBLISH` without waiting; a full queue drops it, counted.
     fn send(&self, channel: String, payload: Bytes) {
-        self.send_command(publish_command(&channel, &payload));
+        self.send_command(self.channels.publish(&channel, &payload));
     }
 
     /// Queues `command` without waiting for it or its answer.
@@ -504,18 +538,19 @@ impl RedisBroker {
         }
         let (answer, delivery) = oneshot::channel();
         let queue = self.publish.clone();
-        let (client, user) = (self.channels.client(id), self.channels.user(id));
+        let to_client = self.channels.publish(&self.channels.client(id), &payload);
+        let to_user = self.channels.publish(&self.channels.user(id), &payload);
         tokio::spawn(async move {
             // No count back: Redis did not take it (down), and the sender is not told "not
             // found" of a recipient that may well exist.
-            let Some(received) = publish_counted(&queue, client, payload.clone()).await else {
+            let Some(received) = answer_of(&queue, to_client).await else {
                 return;
             };
             if received > 0 {
                 let _ = answer.send(Ok(1));
                 return;
             }
-            let Some(received) = publish_counted(&queue, user, payload).await else {
+            let Some(received) = answer_of(&queue, to_user).await else {
                 return;
             };
             let _ = answer.send(if received > 0 {
@@ -526,16 +561,6 @@ impl RedisBroker {
         });
         Delivery::Later(delivery)
     }
-}
-
-/// Publishes through the publisher task (in order with everything queued before) and returns
-/// how many nodes received it, or `None` when Redis did not take it.
-async fn publish_counted(
-    queue: &mpsc::Sender<Outgoing>,
-    channel: String,
-    payload: Bytes,
-) -> Option<i64> {
-    answer_of(queue, publish_command(&channel, &payload)).await
 }
 
 /// Sends `command` through the publisher task (in order with everything queued before) and
@@ -693,17 +718,14 @@ fn next_backoff(backoff: Duration) -> Duration {
     (backoff * 2).min(BACKOFF_MAX)
 }
 
-/// Sends queued envelopes, many `PUBLISH`es per round trip, until the broker is dropped.
+/// Sends queued commands, many per round trip, until the broker is dropped.
 async fn publisher(
-    client: redis::Client,
+    client: Client,
     mut queue: mpsc::Receiver<Outgoing>,
     sessions: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 ) {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(CONNECT_TIMEOUT)
-        .set_response_timeout(RESPONSE_TIMEOUT);
-    let mut connection: Option<ConnectionManager> = None;
+    let mut connection: Option<Commands> = None;
     // The subscriber's session the connection was made in: a newer one means Redis went away
     // meanwhile, and this connection (whose next command would fail to find that out) is
     // replaced before it is used, so the first publications after a Redis restart go through.
@@ -720,13 +742,10 @@ async fn publisher(
         }
         if connection.is_none() {
             made_in = session;
-            match client
-                .get_connection_manager_with_config(config.clone())
-                .await
-            {
-                Ok(manager) => {
+            match client.commands().await {
+                Ok(commands) => {
                     backoff = BACKOFF_FIRST;
-                    connection = Some(manager);
+                    connection = Some(commands);
                 }
                 Err(error) => {
                     debug!(%error, "redis publisher cannot connect");
@@ -745,23 +764,23 @@ async fn publisher(
                 }
             }
         }
-        let mut pipe = redis::pipe();
+        let mut commands = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
         for outgoing in batch.drain(..) {
-            pipe.add_command(outgoing.command);
+            commands.push(outgoing.command);
             replies.push(outgoing.reply);
         }
-        let manager = connection.as_mut().expect("connected above");
-        match pipe.query_async::<Vec<i64>>(manager).await {
+        let redis = connection.as_mut().expect("connected above");
+        match redis.run(commands).await {
             Ok(answers) => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
-                    if let Some(reply) = reply {
+                    if let (Some(reply), Ok(answer)) = (reply, redis::from_redis_value(&answer)) {
                         let _ = reply.send(answer);
                     }
                 }
             }
             Err(error) => {
-                // The manager reconnects by itself on the next command; the replies dropped
+                // The connection reconnects by itself on the next command; the replies dropped
                 // here tell whoever waits that Redis did not take it.
                 debug!(%error, commands = replies.len(), "redis pipeline failed");
                 metrics
@@ -774,7 +793,7 @@ async fn publisher(
 
 /// The subscriber task's state.
 struct Subscriber {
-    client: redis::Client,
+    client: Client,
     /// Counts the subscription sessions (one per connection made): the publisher makes a new
     /// connection when it changes.
     sessions: Arc<AtomicU64>,
@@ -800,10 +819,9 @@ async fn subscriber(mut state: Subscriber) {
     let mut backoff = BACKOFF_FIRST;
     let mut warned = false;
     loop {
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, state.client.get_async_pubsub()).await;
-        let pubsub = match connected {
-            Ok(Ok(pubsub)) => pubsub,
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, state.client.subscription()).await;
+        let subscription = match connected {
+            Ok(Ok(subscription)) => subscription,
             Ok(Err(error)) => {
                 if !warned {
                     warn!(%error, "redis unreachable: serving local clients only, retrying");
@@ -827,7 +845,7 @@ async fn subscriber(mut state: Subscriber) {
                 continue;
             }
         };
-        match serve(&mut state, pubsub).await {
+        match serve(&mut state, subscription).await {
             Ended::BrokerGone => return,
             Ended::Lost => {
                 state.metrics.redis_connected.set(0.0);
@@ -853,18 +871,20 @@ async fn wait_or_stop(state: &mut Subscriber, backoff: Duration) -> bool {
 }
 
 /// Subscribes, then delivers and follows subscription changes until the connection ends.
-async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
-    let (mut sink, mut stream) = pubsub.split();
+async fn serve(
+    state: &mut Subscriber,
+    (mut sink, mut stream): (SubscriptionSink, SubscriptionStream),
+) -> Ended {
     // Changes queued before this point are in the map already.
     while state.commands.try_recv().is_ok() {}
     let channels: Vec<Arc<str>> = lock(&state.wanted).keys().cloned().collect();
     let broadcast = state.channels.broadcast();
-    if !answered(sink.subscribe(&broadcast)).await {
+    if !answered(sink.subscribe(&[&broadcast])).await {
         return Ended::Lost;
     }
     for chunk in channels.chunks(512) {
         let chunk: Vec<&str> = chunk.iter().map(|channel| &**channel).collect();
-        if !answered(sink.subscribe(chunk)).await {
+        if !answered(sink.subscribe(&chunk)).await {
             return Ended::Lost;
         }
     }
@@ -886,7 +906,7 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
     loop {
         tokio::select! {
             _ = probe.tick() => {
-                if !answered(sink.subscribe(&broadcast)).await {
+                if !answered(sink.subscribe(&[&broadcast])).await {
                     return Ended::Lost;
                 }
             }
@@ -896,9 +916,9 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
                 // unwant (or the reverse) settles on the map's state.
                 let wanted = lock(&state.wanted).contains_key(&channel);
                 let done = if wanted {
-                    answered(sink.subscribe(&*channel)).await
+                    answered(sink.subscribe(&[&channel])).await
                 } else {
-                    answered(sink.unsubscribe(&*channel)).await
+                    answered(sink.unsubscribe(&channel)).await
                 };
                 if !done {
                     return Ended::Lost;
@@ -909,7 +929,7 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
             }
             message = stream.next() => {
                 let Some(message) = message else { return Ended::Lost };
-                deliver(state, message.get_channel_name(), message.get_payload_bytes());
+                deliver(state, message.channel(), message.payload());
             }
         }
     }
@@ -923,7 +943,7 @@ async fn serve(state: &mut Subscriber, pubsub: redis::aio::PubSub) -> Ended {
 /// the other nodes' members heard its members leave, so they are put back with a join each.
 /// Returns how many were registered, `None` when Redis did not take them.
 async fn register_members(
-    client: &redis::Client,
+    client: &Client,
     channels: &Channels,
     node: u64,
     hub: &dyn Router,
@@ -932,12 +952,11 @@ async fn register_members(
     let reaped_key = channels.node_key(&node_hex, "reaped");
     let index = channels.node_members(node);
     let register = async {
-        let mut connection = client.get_multiplexed_async_connection().await?;
-        let reaped: bool = redis::cmd("EXISTS")
-            .arg(&reaped_key)
-            .query_async(&mut connection)
-            .await?;
-        let mut pipe = redis::pipe();
+        let mut redis = client.commands().await?;
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(&reaped_key);
+        let reaped: bool = redis.query(exists).await?;
+        let mut batch = Vec::new();
         let mut registered = 0;
         for (room, _) in hub.top_rooms(usize::MAX) {
             let Some(members) = hub.presence(&room) else {
@@ -946,42 +965,43 @@ async fn register_members(
             if members.is_empty() {
                 continue;
             }
-            let entries = pipe.cmd("SADD").arg(&index);
+            let mut entries = redis::cmd("SADD");
+            entries.arg(&index);
             for member in &members {
                 entries.arg(index_entry(&member.client_id, &room));
             }
-            entries.ignore();
+            batch.push(entries);
             if reaped {
                 for member in &members {
-                    pipe.add_command(membership_command(
+                    batch.push(membership_command(
                         channels,
                         node,
                         Change::Rejoin,
                         &room,
                         node,
                         &member.client_id,
-                    ))
-                    .ignore();
+                    ));
                 }
             } else {
-                let set = pipe.cmd("SADD").arg(channels.members(&room));
+                let mut set = redis::cmd("SADD");
+                set.arg(channels.members(&room));
                 for member in &members {
                     set.arg(member_entry(node, &member.client_id));
                 }
-                set.ignore();
+                batch.push(set);
             }
             registered += members.len();
         }
         if reaped {
-            pipe.cmd("DEL").arg(&reaped_key).ignore();
+            let mut unmark = redis::cmd("DEL");
+            unmark.arg(&reaped_key);
+            batch.push(unmark);
             warn!(
                 members = registered,
                 "this node was taken for dead while cut off from redis: its members join again"
             );
         }
-        if registered > 0 || reaped {
-            pipe.query_async::<()>(&mut connection).await?;
-        }
+        redis.run(batch).await?;
         Ok::<_, redis::RedisError>(registered)
     };
     match tokio::time::timeout(RESPONSE_TIMEOUT * 2, register).await {
