@@ -45,18 +45,24 @@ pub struct Node {
     /// The application's proxies (`--connect-proxy`, `--join-proxy`, `--publish-proxy`), when
     /// any is configured.
     pub proxies: Option<Arc<Proxies>>,
-    /// The webhooks' queue (`--webhook-url`), set by the server with the task that empties
-    /// it; `None` without webhooks. Emit through [`Node::webhook`].
-    pub webhooks: Option<Webhooks>,
+    /// The webhooks' queue (`--webhook-url`), made by the server with the task that empties
+    /// it; `None` without webhooks. Emit through [`Node::webhook`]. The broker holds it too,
+    /// for the room events it counts cluster-wide.
+    pub webhooks: Option<Arc<Webhooks>>,
 }
 
 impl Node {
-    /// A node for `config` delivering through `router`, with its admission policy built and
-    /// the broker `--broker` names.
-    pub fn new(config: Config, router: Arc<dyn Router>, admission: Admission) -> Self {
-        let metrics = Metrics::new();
+    /// A node for `config` delivering through `router`, with its admission policy built, its
+    /// webhooks (made with `metrics`) and the broker the configuration names.
+    pub fn new(
+        config: Config,
+        router: Arc<dyn Router>,
+        admission: Admission,
+        metrics: Arc<Metrics>,
+        webhooks: Option<Arc<Webhooks>>,
+    ) -> Self {
         Self {
-            broker: broker::from_config(&config, router.clone(), metrics.clone()),
+            broker: broker::from_config(&config, router.clone(), metrics.clone(), webhooks.clone()),
             proxies: Proxies::from_config(&config, metrics.clone()).map(Arc::new),
             metrics,
             clock: Arc::default(),
@@ -68,7 +74,7 @@ impl Node {
             closing: CancellationToken::new(),
             ready: AtomicBool::new(true),
             close_reasons: DashMap::new(),
-            webhooks: None,
+            webhooks,
         }
     }
 

@@ -126,16 +126,14 @@ impl Server {
             ),
             _ => None,
         };
-        let mut node = Node::new(config, router, admission);
-        let webhook_sender = match Webhooks::from_config(&node.config, node.metrics.clone())
+        let metrics = crate::metrics::Metrics::new();
+        let (webhooks, webhook_sender) = match Webhooks::from_config(&config, metrics.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
         {
-            Some((webhooks, sender)) => {
-                node.webhooks = Some(webhooks);
-                Some(sender)
-            }
-            None => None,
+            Some((webhooks, sender)) => (Some(Arc::new(webhooks)), Some(sender)),
+            None => (None, None),
         };
+        let node = Node::new(config, router, admission, metrics, webhooks);
         let ctx = Arc::new(Context {
             node: Arc::new(node),
             tls,
@@ -251,7 +249,11 @@ impl Server {
                 .is_err()
             {
                 webhooks.abort();
-                let undelivered = ctx.node.webhooks.as_ref().map_or(0, Webhooks::undelivered);
+                let undelivered = ctx
+                    .node
+                    .webhooks
+                    .as_ref()
+                    .map_or(0, |webhooks| webhooks.undelivered());
                 warn!(
                     undelivered,
                     "drain timeout reached with webhook events undelivered"

@@ -9,9 +9,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::app_stub::{Answer, AppStub};
 use common::redis::RedisServer;
 use common::{http_json, start_server_with, Client, TestServer, EXPECT};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const KEY: &str = "cluster-key";
 const SECRET: &str = "cluster-secret-that-is-long-enough";
@@ -715,4 +716,170 @@ async fn a_redis_paused_longer_than_a_lease_makes_no_live_node_reap_another() {
     b.send(json!({"type": "room_message", "room": "calm", "message": "after"}))
         .await;
     assert_eq!(a.recv().await["message"], "after");
+}
+
+const WEBHOOK_SECRET: &str = "cluster-webhook-secret";
+
+/// The webhook events the app gets, from every node, until `done` holds of them (or 15 s).
+async fn webhook_events_until(app: &mut AppStub, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut events = Vec::new();
+    while !done(&events) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let received = app.next(left).await;
+        let body = received.json();
+        events.extend(body["events"].as_array().expect("events").iter().cloned());
+    }
+    events
+}
+
+/// How many of `events` are `event` for `room`, and by whom.
+fn room_events<'a>(events: &'a [Value], event: &str, room: &str) -> Vec<&'a str> {
+    events
+        .iter()
+        .filter(|e| e["event"] == event && e["room"] == room)
+        .map(|e| e["client_id"].as_str().unwrap())
+        .collect()
+}
+
+fn has_event(events: &[Value], event: &str, client_id: &str) -> bool {
+    events
+        .iter()
+        .any(|e| e["event"] == event && e["client_id"] == client_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_occupied_and_room_vacated_fire_once_per_cluster_not_once_per_node() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let mut app = AppStub::start(|_| Answer::ok(json!({}))).await;
+    let url = app.url("/hooks");
+    let nodes = nodes_with(&redis, 3, |config| {
+        config.webhook_url = Some(url.clone());
+        config.webhook_secret = Some(WEBHOOK_SECRET.into());
+    })
+    .await;
+    let mut members = Vec::new();
+    for (at, node) in nodes.iter().enumerate() {
+        let mut client = Client::connect(node).await;
+        assert_eq!(join(&mut client, "hooked").await, at as u64 + 1);
+        members.push(client);
+    }
+    let ids: Vec<String> = members.iter().map(|c| c.id.clone()).collect();
+    // Leave in the order they came; the last one out empties the room.
+    for member in &mut members {
+        member
+            .send(json!({"type": "leave_room", "room": "hooked"}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let events = webhook_events_until(&mut app, |events| {
+        ids.iter().all(|id| has_event(events, "member_left", id))
+            && !room_events(events, "room_vacated", "hooked").is_empty()
+    })
+    .await;
+    // A moment more for any duplicate from another node.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut events = events;
+    for received in app.drain() {
+        events.extend(
+            received.json()["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .cloned(),
+        );
+    }
+    assert_eq!(
+        room_events(&events, "room_occupied", "hooked"),
+        [ids[0].as_str()]
+    );
+    assert_eq!(
+        room_events(&events, "room_vacated", "hooked"),
+        [ids[2].as_str()]
+    );
+    assert_eq!(room_events(&events, "member_joined", "hooked").len(), 3);
+    assert_eq!(room_events(&events, "member_left", "hooked").len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaped_nodes_connections_leave_and_end_in_the_webhooks_exactly_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let mut app = AppStub::start(|_| Answer::ok(json!({}))).await;
+    let url = app.url("/hooks");
+    // Two survivors: both look for the dead node, one claims it.
+    let nodes = nodes_with(&redis, 2, |config| {
+        config.webhook_url = Some(url.clone());
+        config.webhook_secret = Some(WEBHOOK_SECRET.into());
+    })
+    .await;
+    let victim = common::ServerProcess::start(
+        &[
+            "--redis",
+            &redis.url(),
+            "--webhook-url",
+            &url,
+            "--webhook-secret",
+            WEBHOOK_SECRET,
+        ],
+        None,
+    );
+    redis.wait_for_subscribers("roomcast:broadcast", 3).await;
+    let mut a = Client::connect(&nodes[0]).await;
+    join(&mut a, "shared").await;
+    let mut v = Client::connect_url(&victim.url()).await;
+    assert_eq!(join(&mut v, "shared").await, 2);
+    assert_eq!(join(&mut v, "solo").await, 1);
+    let vid = v.id.clone();
+    // The victim's own events reach the app before it dies.
+    webhook_events_until(&mut app, |events| {
+        room_events(events, "room_occupied", "solo") == [vid.as_str()]
+    })
+    .await;
+
+    let mut victim = victim;
+    victim.child.kill().expect("SIGKILL");
+    let events = webhook_events_until(&mut app, |events| {
+        has_event(events, "client_disconnected", &vid)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // room for a second reaper's duplicate
+    let mut events = events;
+    for received in app.drain() {
+        events.extend(
+            received.json()["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .cloned(),
+        );
+    }
+    assert_eq!(
+        room_events(&events, "member_left", "shared"),
+        [vid.as_str()]
+    );
+    assert_eq!(room_events(&events, "member_left", "solo"), [vid.as_str()]);
+    assert_eq!(room_events(&events, "room_vacated", "solo"), [vid.as_str()]);
+    assert!(room_events(&events, "room_vacated", "shared").is_empty());
+    let ended: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "client_disconnected" && e["client_id"] == vid)
+        .collect();
+    assert_eq!(ended.len(), 1, "{events:?}");
+    // Its rooms first, then the connection, as from a live node.
+    let position = |event: &str, room: Option<&str>| {
+        events
+            .iter()
+            .position(|e| {
+                e["event"] == event
+                    && e["client_id"] == vid
+                    && room.is_none_or(|room| e["room"] == room)
+            })
+            .unwrap()
+    };
+    assert!(position("member_left", Some("shared")) < position("client_disconnected", None));
+    assert!(position("member_left", Some("solo")) < position("client_disconnected", None));
 }

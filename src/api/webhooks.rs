@@ -78,10 +78,12 @@ pub enum EventKind {
     MemberJoined,
     /// A connection left a room, by `leave_room` or by ending.
     MemberLeft,
-    /// A room got its first member on this node; sent just before that member's
-    /// `member_joined`.
+    /// A room got its first member: on one node, sent just before that member's
+    /// `member_joined`; in a cluster, once, by the node whose join made the cluster-wide count 1
+    /// (the broker sends it, see [`crate::broker::Broker::reports_room_events`]).
     RoomOccupied,
-    /// A room's last member on this node left; sent just after that member's `member_left`.
+    /// A room's last member left: on one node, sent just after that member's `member_left`; in
+    /// a cluster, once, by the node whose leave (or reaping) made the count 0.
     RoomVacated,
 }
 
@@ -193,10 +195,22 @@ impl Webhooks {
     /// queue is full the event is dropped and counted. Costs two reference-count increments,
     /// one allocation for a room name, a clock read and the queue's atomic operations.
     pub fn emit(&self, kind: EventKind, member: &Member, room: Option<&str>) {
+        self.emit_for(kind, &member.client_id, member.user_id.as_ref(), room);
+    }
+
+    /// [`Webhooks::emit`] for a connection known by its ids only (one on a dead node, which a
+    /// reaper speaks for).
+    pub fn emit_for(
+        &self,
+        kind: EventKind,
+        client_id: &Arc<str>,
+        user_id: Option<&Arc<str>>,
+        room: Option<&str>,
+    ) {
         let event = Event {
             kind,
-            client_id: member.client_id.clone(),
-            user_id: member.user_id.clone(),
+            client_id: client_id.clone(),
+            user_id: user_id.cloned(),
             room: room.map(Arc::from),
             time_ms: unix_millis(),
         };

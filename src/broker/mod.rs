@@ -17,6 +17,7 @@ mod redis;
 
 use std::sync::Arc;
 
+use crate::api::webhooks::Webhooks;
 use crate::config::Config;
 use tokio::sync::oneshot;
 
@@ -47,6 +48,7 @@ pub fn from_config(
     config: &Config,
     hub: Arc<dyn Router>,
     metrics: Arc<Metrics>,
+    webhooks: Option<Arc<Webhooks>>,
 ) -> Arc<dyn Broker> {
     let endpoint = match (config.broker(), &config.redis) {
         (BrokerKind::Redis, Some(url)) => RedisEndpoint::Single(url.clone()),
@@ -58,6 +60,7 @@ pub fn from_config(
         &config.redis_prefix,
         hub,
         metrics,
+        webhooks,
     ))
 }
 
@@ -130,6 +133,13 @@ pub trait Broker: Send + Sync + 'static {
     /// this node counts (the answer is no), else the answer to come.
     fn room_exists(&self, _room: &str) -> Option<oneshot::Receiver<bool>> {
         None
+    }
+
+    /// Whether this broker tells the webhooks when a room gets its first member and loses its
+    /// last, by the cluster's count (once per cluster); when not, the session does, by its
+    /// node's count.
+    fn reports_room_events(&self) -> bool {
+        false
     }
 
     /// A connection of this node is in the directory (it can receive private messages).

@@ -396,8 +396,8 @@ impl Session {
 
     /// After `room` counted this connection in, with `local_members` on this node.
     fn joined(&mut self, room: &str, local_members: usize) {
-        if local_members == 1 {
-            // The room's first member on this node.
+        if local_members == 1 && !self.node.broker.reports_room_events() {
+            // The room's first member on this node, which is all there is.
             self.webhook(EventKind::RoomOccupied, Some(room));
         }
         self.webhook(EventKind::MemberJoined, Some(room));
@@ -506,7 +506,7 @@ impl Session {
     /// After leaving `room` with `told` members told: the last local member out unsubscribes.
     fn left(&self, room: &str, remaining: usize) {
         self.webhook(EventKind::MemberLeft, Some(room));
-        if remaining == 0 {
+        if remaining == 0 && !self.node.broker.reports_room_events() {
             self.webhook(EventKind::RoomVacated, Some(room));
         }
     }

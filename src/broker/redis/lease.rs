@@ -3,8 +3,10 @@
 //! Each node holds a lease in Redis (`PREFIX:node:{ID}:lease`, a key with a time to live of
 //! [`LEASE_TTL`], renewed every [`RENEW_EVERY`]) and is listed in `PREFIX:nodes`. The lease
 //! runs on Redis's clock, not the nodes': a node whose clock jumps, or that stops, cannot keep
-//! it. Every node also keeps an index of its members (`PREFIX:node:{ID}:members`, entries
-//! `CLIENT_ID:ROOM`, written before a join's script and after a leave's).
+//! it. Every node also keeps indexes of its members (`PREFIX:node:{ID}:members`, an entry per
+//! member per room, written before a join's script and after a leave's) and of its connections
+//! (`PREFIX:node:{ID}:clients`), each entry with the client and user ids; a reaper tells the
+//! webhooks, once, what the dead connections did last (left their rooms, ended).
 //!
 //! Every live node looks, each time it renews, for listed nodes whose lease is gone. A node
 //! found without a lease on two checks in a row is dead: one live node claims it (a `SET NX`
@@ -28,11 +30,11 @@ use std::collections::HashSet;
 use std::sync::Weak;
 use std::time::Duration;
 
-use redis::Cmd;
 use tracing::{debug, info, warn};
 
 use super::connection::{Client, Commands};
 use super::{membership_command, register_members, Change, Channels};
+use crate::api::webhooks::{EventKind, Webhooks};
 use crate::hub::Router;
 use crate::metrics::Metrics;
 use std::sync::Arc;
@@ -69,6 +71,8 @@ pub(super) struct Lease {
     pub channels: Arc<Channels>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<dyn Router>,
+    /// Told of what a reaped node's connections did last: leave their rooms, end.
+    pub webhooks: Option<Arc<Webhooks>>,
     /// Gone when the broker is dropped: the task ends.
     pub alive: Weak<()>,
 }
@@ -126,7 +130,8 @@ pub(super) async fn run(lease: Lease) {
             }
         };
         for node in lapsed.intersection(&suspects) {
-            match reap(redis, &lease.channels, lease.node, &me, node).await {
+            let webhooks = &lease.webhooks;
+            match reap(redis, &lease.channels, webhooks, lease.node, &me, node).await {
                 Ok(Some(members)) => {
                     lease.metrics.redis_reaped_members.increment(members as u64);
                     warn!(node = %node, members, "dead node reaped: its members left their rooms");
@@ -189,6 +194,7 @@ async fn lapsed_nodes(
 async fn reap(
     redis: &mut Commands,
     channels: &Channels,
+    webhooks: &Option<Arc<Webhooks>>,
     reaper: u64,
     me: &str,
     node: &str,
@@ -228,39 +234,36 @@ async fn reap(
             &millis(REAPED_MARK_TTL)
         )])
         .await?;
-    let index = channels.node_key(node, "members");
     let lease = channels.node_key(node, "lease");
     let mut reaped = 0;
-    loop {
-        let alive: bool = redis.query(command!("EXISTS", &lease)).await?;
-        if alive {
-            info!(
-                node,
-                members = reaped,
-                "a node taken for dead renewed its lease: reaping stopped"
-            );
-            break;
+    // Rooms first, then connections: the application hears each member leave its rooms
+    // before it hears the connection end, as from a live node.
+    for index in [
+        channels.node_key(node, "members"),
+        channels.node_key(node, "clients"),
+    ] {
+        loop {
+            let alive: bool = redis.query(command!("EXISTS", &lease)).await?;
+            if alive {
+                info!(
+                    node,
+                    members = reaped,
+                    "a node taken for dead renewed its lease: reaping stopped"
+                );
+                return Ok(Some(reaped));
+            }
+            let entries: Vec<String> = redis
+                .query(command!("SRANDMEMBER", &index, REAP_BATCH))
+                .await?;
+            if entries.is_empty() {
+                break;
+            }
+            reaped +=
+                reap_batch(redis, channels, webhooks, reaper, node_id, &index, &entries).await?;
+            redis
+                .run(vec![command!("PEXPIRE", &claim, millis(CLAIM_TTL))])
+                .await?;
         }
-        let entries: Vec<String> = redis
-            .query(command!("SRANDMEMBER", &index, &REAP_BATCH))
-            .await?;
-        if entries.is_empty() {
-            break;
-        }
-        let mut batch: Vec<Cmd> = entries
-            .iter()
-            .filter_map(|entry| entry.split_once(':'))
-            .map(|(client_id, room)| {
-                membership_command(channels, reaper, Change::Leave, room, node_id, client_id)
-            })
-            .collect();
-        // Out of the index only once out of the rooms (the scripts run first, in order).
-        let mut unindex = command!("SREM", &index);
-        unindex.arg(&entries);
-        batch.push(unindex);
-        batch.push(command!("PEXPIRE", &claim, &millis(CLAIM_TTL)));
-        redis.run(batch).await?;
-        reaped += entries.len();
     }
     redis
         .run(vec![
@@ -269,4 +272,78 @@ async fn reap(
         ])
         .await?;
     Ok(Some(reaped))
+}
+
+/// Takes one batch of a dead node's index `entries` out: for a room entry, the leave script
+/// (every remaining member hears `member_left`); for each entry, its removal from the index,
+/// whose answer says whether this reaper removed it, so that the webhooks hear of each
+/// (`member_left` and, for a room left empty, `room_vacated`; `client_disconnected` for a
+/// connection) exactly once even if two reapers overlap. Returns the room entries reaped.
+async fn reap_batch(
+    redis: &mut Commands,
+    channels: &Channels,
+    webhooks: &Option<Arc<Webhooks>>,
+    reaper: u64,
+    node: u64,
+    index: &str,
+    entries: &[String],
+) -> redis::RedisResult<usize> {
+    type Entry = (String, Option<String>, Option<String>);
+    let parsed: Vec<Option<Entry>> = entries
+        .iter()
+        .map(|entry| serde_json::from_str(entry).ok())
+        .collect();
+    let mut batch = Vec::with_capacity(entries.len() * 2);
+    for (entry, parsed) in entries.iter().zip(&parsed) {
+        if let Some((client_id, Some(room), _)) = parsed {
+            batch.push(membership_command(
+                channels,
+                reaper,
+                Change::Leave,
+                room,
+                node,
+                client_id,
+            ));
+        }
+        batch.push(command!("SREM", index, entry));
+    }
+    let answers = redis.run(batch).await?;
+    let mut answers = answers.iter().map(redis::from_redis_value::<i64>);
+    let mut reaped = 0;
+    for parsed in parsed {
+        let total = match &parsed {
+            Some((_, Some(_), _)) => answers.next(),
+            _ => None,
+        };
+        let removed = matches!(answers.next(), Some(Ok(1)));
+        let Some((client_id, room, user_id)) = parsed else {
+            continue; // not an entry of ours: dropped from the index, nothing told
+        };
+        if !removed {
+            continue; // another reaper had it
+        }
+        let Some(webhooks) = webhooks else {
+            reaped += usize::from(room.is_some());
+            continue;
+        };
+        let client_id: Arc<str> = Arc::from(client_id);
+        let user_id: Option<Arc<str>> = user_id.map(Arc::from);
+        match room {
+            Some(room) => {
+                reaped += 1;
+                let user = user_id.as_ref();
+                webhooks.emit_for(EventKind::MemberLeft, &client_id, user, Some(&room));
+                if let Some(Ok(0)) = total {
+                    webhooks.emit_for(EventKind::RoomVacated, &client_id, user, Some(&room));
+                }
+            }
+            None => webhooks.emit_for(
+                EventKind::ClientDisconnected,
+                &client_id,
+                user_id.as_ref(),
+                None,
+            ),
+        }
+    }
+    Ok(reaped)
 }

@@ -45,9 +45,12 @@
 //! - **Crashes.** Each node holds a lease in Redis and indexes its members; a node whose lease
 //!   lapses is reaped by one live node, its members' `member_left` told everywhere (see
 //!   [`lease`]: about 7 s after a `SIGKILL`).
+//! - **Room events.** The webhooks' `room_occupied` / `room_vacated` come from here, not the
+//!   session: sent by the node whose membership script answered a count of 1 after a join or 0
+//!   after a leave, so once per cluster.
 //!
 //! Not yet across nodes (the next steps of the cluster issue): presence listings
-//! (`GET /api/rooms`) and the webhooks' room events are per node. A client's channel is subscribed asynchronously,
+//! (`GET /api/rooms`) and `/api/disconnect` are per node. A client's channel is subscribed asynchronously,
 //! so for a moment after its welcome it is not reachable from other nodes; its close frame
 //! waits for the unsubscription, so once its close completes nothing counts it as reachable.
 
@@ -70,6 +73,7 @@ pub use connection::Endpoint;
 use connection::{Client, Commands, SubscriptionSink, SubscriptionStream};
 
 use super::{Broker, Delivery, Joining, Publication, Target};
+use crate::api::webhooks::{EventKind, Webhooks};
 use crate::hub::{ConnId, Joined, Member, MemberChange, RecipientNotFound, Router};
 use crate::metrics::Metrics;
 use crate::protocol::Body;
@@ -192,9 +196,18 @@ fn member_entry(node: u64, client_id: &str) -> String {
     format!("{node:016x}:{client_id}")
 }
 
-/// An entry of a node's member index: the client id (`client_…`, no colon) and the room.
-fn index_entry(client_id: &str, room: &str) -> String {
-    format!("{client_id}:{room}")
+/// An entry of a node's index: a JSON array of the client id, the room (in the members index)
+/// or nothing (in the clients index), and the user id, which a reaper needs to tell the
+/// application's webhooks who left.
+fn index_entry(client_id: &str, room: Option<&str>, user_id: Option<&str>) -> String {
+    serde_json::to_string(&(client_id, room, user_id)).expect("an index entry serializes")
+}
+
+/// Tells the webhooks, if there are any, of a room event the cluster's count decided.
+fn room_event(webhooks: &Option<Arc<Webhooks>>, kind: EventKind, member: &Member, room: &str) {
+    if let Some(webhooks) = webhooks {
+        webhooks.emit(kind, member, Some(room));
+    }
 }
 
 /// How long a joiner waits for its own join to come back on the room's channel (which makes it
@@ -326,9 +339,14 @@ impl Channels {
         format!("{}:node:{{{node}}}:{what}", self.prefix)
     }
 
-    /// A node's member index: `CLIENT_ID:ROOM` for each of its members in each room.
+    /// A node's member index: an entry for each of its members in each room.
     fn node_members(&self, node: u64) -> String {
         self.node_key(&format!("{node:016x}"), "members")
+    }
+
+    /// A node's clients index: an entry for each of its connections.
+    fn node_clients(&self, node: u64) -> String {
+        self.node_key(&format!("{node:016x}"), "clients")
     }
 }
 
@@ -351,6 +369,8 @@ pub struct RedisBroker {
     /// script to the join's task, so that Redis sees the join before the leave.
     joining: Arc<Mutex<HashSet<JoinKey>>>,
     metrics: Arc<Metrics>,
+    /// For the room events the cluster's counts decide, and a reaper's events for the dead.
+    webhooks: Option<Arc<Webhooks>>,
     /// Held while the broker lives: the lease task ends when it is gone.
     _alive: Arc<()>,
 }
@@ -363,6 +383,7 @@ impl RedisBroker {
         prefix: &str,
         hub: Arc<dyn Router>,
         metrics: Arc<Metrics>,
+        webhooks: Option<Arc<Webhooks>>,
     ) -> Self {
         let client = Client::open(&endpoint).expect("checked by Config::validate");
         let node = rand::random::<u64>();
@@ -387,6 +408,7 @@ impl RedisBroker {
             channels: channels.clone(),
             metrics: metrics.clone(),
             hub: hub.clone(),
+            webhooks: webhooks.clone(),
             alive: Arc::downgrade(&alive),
         }));
         tokio::spawn(subscriber(Subscriber {
@@ -414,6 +436,7 @@ impl RedisBroker {
             wanted,
             joining: Arc::default(),
             metrics,
+            webhooks,
             _alive: alive,
         }
     }
@@ -513,7 +536,24 @@ impl RedisBroker {
         });
         command
             .arg(self.channels.node_members(self.node))
-            .arg(index_entry(&member.client_id, room));
+            .arg(index_entry(
+                &member.client_id,
+                Some(room),
+                member.user_id.as_deref(),
+            ));
+        command
+    }
+
+    /// Puts `member` into (`SADD`) or out of (`SREM`) this node's clients index.
+    fn index_client(&self, set_command: &str, member: &Member) -> redis::Cmd {
+        let mut command = redis::cmd(set_command);
+        command
+            .arg(self.channels.node_clients(self.node))
+            .arg(index_entry(
+                &member.client_id,
+                None,
+                member.user_id.as_deref(),
+            ));
         command
     }
 
@@ -612,6 +652,7 @@ impl Broker for RedisBroker {
         let room: Arc<str> = Arc::from(room);
         lock(&self.joining).insert((member.conn, room.clone()));
         let (queue, hub, joining) = (self.publish.clone(), self.hub.clone(), self.joining.clone());
+        let webhooks = self.webhooks.clone();
         let member = member.clone();
         tokio::spawn(async move {
             // Subscribed first: the join's own event must come back here, where it makes the
@@ -620,10 +661,17 @@ impl Broker for RedisBroker {
                 let _ = tokio::time::timeout(RESPONSE_TIMEOUT, subscribed).await;
             }
             let counted = answer_of(&queue, script).await;
+            // The room's first member anywhere (or here, when Redis did not count it).
+            if counted.map_or(local_members == 1, |total| total == 1) {
+                room_event(&webhooks, EventKind::RoomOccupied, &member, &room);
+            }
             if !lock(&joining).remove(&(member.conn, room.clone())) {
                 // It left while its join was on the way, and left this task its leave.
-                let _ = answer_of(&queue, leave).await;
+                let left = answer_of(&queue, leave).await;
                 let _ = queue.try_send(Outgoing::unanswered(unindex));
+                if left.map_or(local_members == 1, |total| total == 0) {
+                    room_event(&webhooks, EventKind::RoomVacated, &member, &room);
+                }
                 return;
             }
             match counted {
@@ -662,21 +710,22 @@ impl Broker for RedisBroker {
         }
         let leave = self.membership(Change::Leave, room, member);
         let unindex = self.index(Change::Leave, room, member);
-        if remaining == 0 {
-            self.send_command(leave);
-            self.send_command(unindex);
-            return Some(remaining);
-        }
         let (queue, hub) = (self.publish.clone(), self.hub.clone());
+        let webhooks = self.webhooks.clone();
         let room: Arc<str> = Arc::from(room);
-        let client_id = member.client_id.clone();
+        let member = member.clone();
         tokio::spawn(async move {
             let counted = answer_of(&queue, leave).await;
             let _ = queue.try_send(Outgoing::unanswered(unindex));
-            if counted.is_none() {
+            // The room's last member anywhere (or here, when Redis did not count it).
+            if counted.map_or(remaining == 0, |total| total == 0) {
+                room_event(&webhooks, EventKind::RoomVacated, &member, &room);
+            }
+            if counted.is_none() && remaining > 0 {
+                let client_id = &member.client_id;
                 // Redis did not count it: this node's members are told with this node's count.
                 let change = MemberChange::Left {
-                    client_id: &client_id,
+                    client_id,
                     total: remaining,
                 };
                 hub.announce(&room, change);
@@ -698,7 +747,12 @@ impl Broker for RedisBroker {
         Some(exists)
     }
 
+    fn reports_room_events(&self) -> bool {
+        true
+    }
+
     fn connected(&self, member: &Member) {
+        self.send_command(self.index_client("SADD", member));
         // Not waited for: a client is reachable from other nodes a moment after its welcome.
         let _ = self.want(self.channels.client(&member.client_id));
         if let Some(user) = &member.user_id {
@@ -707,6 +761,8 @@ impl Broker for RedisBroker {
     }
 
     fn disconnected(&self, member: &Member) -> Option<oneshot::Receiver<()>> {
+        // After its rooms' leaves (the session leaves them first), in the queue's order.
+        self.send_command(self.index_client("SREM", member));
         if let Some(user) = &member.user_id {
             let _ = self.unwant(&self.channels.user(user));
         }
@@ -968,7 +1024,11 @@ async fn register_members(
             let mut entries = redis::cmd("SADD");
             entries.arg(&index);
             for member in &members {
-                entries.arg(index_entry(&member.client_id, &room));
+                entries.arg(index_entry(
+                    &member.client_id,
+                    Some(&room),
+                    member.user_id.as_deref(),
+                ));
             }
             batch.push(entries);
             if reaped {
@@ -991,6 +1051,22 @@ async fn register_members(
                 batch.push(set);
             }
             registered += members.len();
+        }
+        let mut clients = redis::cmd("SADD");
+        clients.arg(channels.node_clients(node));
+        let mut connections = 0;
+        hub.for_each_connection(&mut |local| {
+            if let crate::hub::Local::Client(member) = local {
+                clients.arg(index_entry(
+                    &member.client_id,
+                    None,
+                    member.user_id.as_deref(),
+                ));
+                connections += 1;
+            }
+        });
+        if connections > 0 {
+            batch.push(clients);
         }
         if reaped {
             let mut unmark = redis::cmd("DEL");
