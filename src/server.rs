@@ -133,9 +133,13 @@ impl Server {
             Some((webhooks, sender)) => (Some(Arc::new(webhooks)), Some(sender)),
             None => (None, None),
         };
-        let node = Node::new(config, router, admission, metrics, webhooks);
+        let node = Arc::new(Node::new(config, router, admission, metrics, webhooks));
+        // Other nodes' questions (the server API's listings) are answered by this node's.
+        let responder: std::sync::Weak<dyn crate::broker::query::Responder> =
+            Arc::downgrade(&node) as _;
+        node.broker.answer_queries_with(responder);
         let ctx = Arc::new(Context {
-            node: Arc::new(node),
+            node,
             tls,
             shutdown,
             tasks: TaskTracker::new(),

@@ -883,3 +883,121 @@ async fn a_reaped_nodes_connections_leave_and_end_in_the_webhooks_exactly_once()
     assert!(position("member_left", Some("shared")) < position("client_disconnected", None));
     assert!(position("member_left", Some("solo")) < position("client_disconnected", None));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_lists_the_rooms_and_members_of_every_node_on_any_node() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut a = Client::connect(&nodes[0]).await;
+    a.send_text(r#"{"type":"set_metadata","metadata":{"name":"Ann","score":1.50}}"#)
+        .await;
+    assert_eq!(a.recv().await["type"], "metadata_updated");
+    join(&mut a, "team").await;
+    let mut b = Client::connect(&nodes[1]).await;
+    join(&mut b, "team").await;
+    let mut c = Client::connect(&nodes[2]).await;
+    join(&mut c, "other").await;
+    let auth = format!("Authorization: Bearer {KEY}");
+    for node in &nodes {
+        let (status, rooms) = http_json(node.addr, "GET", "/api/rooms", &auth, "").await;
+        assert_eq!(status, 200, "{rooms}");
+        assert_eq!(
+            rooms,
+            json!({"rooms": [{"room": "other", "members": 1}, {"room": "team", "members": 2}]})
+        );
+    }
+    let (_, filtered) = http_json(nodes[1].addr, "GET", "/api/rooms?prefix=te", &auth, "").await;
+    assert_eq!(filtered, json!({"rooms": [{"room": "team", "members": 2}]}));
+
+    // Asked on a node with no member of the room: every member, metadata as written.
+    let text = common::http_get_with(nodes[2].addr, "/api/rooms/team", &auth).await;
+    assert!(
+        text.contains(r#""metadata":{"name":"Ann","score":1.50}"#),
+        "the metadata byte for byte: {text}"
+    );
+    let (status, presence) = http_json(nodes[2].addr, "GET", "/api/rooms/team", &auth, "").await;
+    assert_eq!(status, 200);
+    let mut ids: Vec<&str> = presence["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["client_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut expected = vec![a.id.as_str(), b.id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+    assert!(presence.get("incomplete").is_none(), "{presence}");
+    let (status, _) = http_json(nodes[0].addr, "GET", "/api/rooms/nowhere", &auth, "").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_disconnects_a_client_or_a_users_connections_on_other_nodes() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes_with(&redis, 3, |config| config.jwt_secret = Some(SECRET.into())).await;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "carol", "exp": 4_000_000_000u64}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let path = format!("/?token={token}");
+    let mut carol_on_b = common::connect_with(&nodes[1], &path, &[]).await.unwrap();
+    let mut carol_on_c = common::connect_with(&nodes[2], &path, &[]).await.unwrap();
+    let mut other = common::connect_with(&nodes[1], &path, &[]).await.unwrap();
+    let auth = format!("Authorization: Bearer {KEY}");
+
+    let body = json!({"client_id": other.id, "code": 4001, "reason": "bye"}).to_string();
+    let (status, answer) = http_json(nodes[0].addr, "POST", "/api/disconnect", &auth, &body).await;
+    assert_eq!((status, answer), (200, json!({"disconnected": 1})));
+    let close = other.recv_close(EXPECT).await;
+    assert_eq!(common::code(&close), 4001);
+    assert_eq!(close.unwrap().reason, "bye");
+
+    let body = json!({"user_id": "carol", "code": 4002}).to_string();
+    let (status, answer) = http_json(nodes[0].addr, "POST", "/api/disconnect", &auth, &body).await;
+    assert_eq!((status, answer), (200, json!({"disconnected": 2})));
+    for carol in [&mut carol_on_b, &mut carol_on_c] {
+        assert_eq!(common::code(&carol.recv_close(EXPECT).await), 4002);
+    }
+    let body = json!({"client_id": "client_nobody"}).to_string();
+    let (status, answer) = http_json(nodes[0].addr, "POST", "/api/disconnect", &auth, &body).await;
+    assert_eq!(status, 404, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_says_it_is_incomplete_when_a_node_does_not_answer_in_time() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 1).await;
+    let stalled = common::ServerProcess::start(&["--redis", &redis.url()], None);
+    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    let mut a = Client::connect(&nodes[0]).await;
+    join(&mut a, "here").await;
+    let auth = format!("Authorization: Bearer {KEY}");
+    let (_, rooms) = http_json(nodes[0].addr, "GET", "/api/rooms", &auth, "").await;
+    assert_eq!(rooms, json!({"rooms": [{"room": "here", "members": 1}]}));
+
+    let pid = stalled.child.id() as libc::pid_t;
+    // SAFETY: signals to a child process this test owns.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let asked = std::time::Instant::now();
+    let (status, rooms) = http_json(nodes[0].addr, "GET", "/api/rooms", &auth, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        rooms,
+        json!({"rooms": [{"room": "here", "members": 1}], "incomplete": true})
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        asked.elapsed()
+    );
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+}

@@ -6,6 +6,7 @@
 
 pub mod app_client;
 pub mod health;
+pub mod listing;
 pub mod metrics;
 pub mod proxy;
 pub mod server_api;

@@ -12,6 +12,8 @@
 //! - `POST /api/batch {"commands":[{"method":"publish","params":{..}},..]}`: each in order,
 //!   `{"results":[..]}` with one answer (or `{"error","status"}`) per command.
 //! - `GET /api/rooms?prefix=`: the rooms and their member counts, by name.
+//!
+//! Listings and disconnects cover every node (see [`super::listing`]).
 //! - `GET /api/rooms/{room}` (the name percent-encoded): the members, each with its client id,
 //!   user id and metadata (as the client wrote it; `{}` when it set none); 404 for a room
 //!   nobody is in.
@@ -31,7 +33,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{json, json_error};
+use super::{json, json_error, listing};
 use crate::broker::{Delivery, Publication, Target};
 use crate::node::Node;
 use crate::protocol::{self, Body};
@@ -53,9 +55,9 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
     let (parts, body) = request.into_parts();
     match (parts.method.as_str(), parts.uri.path()) {
         ("GET", "/api/stats") => super::stats::stats(node),
-        ("GET", "/api/rooms") => rooms(parts.uri.query(), node),
+        ("GET", "/api/rooms") => listing::rooms(parts.uri.query(), node).await,
         ("GET", path) if path.starts_with("/api/rooms/") => {
-            presence(&path["/api/rooms/".len()..], node)
+            listing::presence(&path["/api/rooms/".len()..], node).await
         }
         (
             "POST",
@@ -143,9 +145,9 @@ fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
 }
 
 /// A command's answer: the JSON of a 200, or an error's status and text.
-type Outcome = Result<serde_json::Value, (StatusCode, String)>;
+pub(super) type Outcome = Result<serde_json::Value, (StatusCode, String)>;
 
-fn bad_request(text: impl Into<String>) -> (StatusCode, String) {
+pub(super) fn bad_request(text: impl Into<String>) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, text.into())
 }
 
@@ -177,7 +179,7 @@ async fn command(method: &str, body: &[u8], node: &Node) -> Outcome {
         }
         "disconnect" => {
             let request: DisconnectRequest = parse(body).map_err(bad_request)?;
-            disconnect(request, node)
+            listing::disconnect(request, node).await
         }
         other => Err(bad_request(format!("unknown method {other:?}"))),
     }
@@ -254,117 +256,15 @@ async fn deliver(
     }
 }
 
-/// `GET /api/rooms?prefix=P`: `{"rooms":[{"room","members"}]}`, by name.
-fn rooms(query: Option<&str>, node: &Node) -> Response<Full<Bytes>> {
-    let prefix = query
-        .and_then(|query| {
-            form_urlencoded::parse(query.as_bytes())
-                .find(|(key, _)| key == "prefix")
-                .map(|(_, value)| value.into_owned())
-        })
-        .unwrap_or_default();
-    let mut rooms = node.router.top_rooms(usize::MAX);
-    rooms.retain(|(room, _)| room.starts_with(&prefix));
-    rooms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let rooms: Vec<_> = rooms
-        .into_iter()
-        .map(|(room, members)| serde_json::json!({"room": room, "members": members}))
-        .collect();
-    json(&serde_json::json!({ "rooms": rooms }))
-}
-
-/// `GET /api/rooms/{room}`: `{"room":R,"members":[{"client_id","user_id","metadata"}]}`.
-fn presence(encoded: &str, node: &Node) -> Response<Full<Bytes>> {
-    let Ok(room) = percent_encoding::percent_decode_str(encoded).decode_utf8() else {
-        return json_error(StatusCode::BAD_REQUEST, "room name is not UTF-8");
-    };
-    let Some(members) = node.router.presence(&room) else {
-        return json_error(StatusCode::NOT_FOUND, "Room does not exist");
-    };
-    // Written by hand so that metadata values stay byte for byte as the clients sent them.
-    let mut body = String::with_capacity(64 + members.len() * 96);
-    body.push_str(r#"{"room":"#);
-    body.push_str(&serde_json::to_string(&*room).unwrap_or_default());
-    body.push_str(r#","members":["#);
-    for (at, member) in members.iter().enumerate() {
-        if at > 0 {
-            body.push(',');
-        }
-        body.push_str(r#"{"client_id":"#);
-        body.push_str(&serde_json::to_string(&*member.client_id).unwrap_or_default());
-        body.push_str(r#","user_id":"#);
-        body.push_str(&serde_json::to_string(&member.user_id.as_deref()).unwrap_or_default());
-        body.push_str(r#","metadata":"#);
-        match &member.metadata {
-            Some(object) => body.push_str(std::str::from_utf8(object).unwrap_or("{}")),
-            None => body.push_str("{}"),
-        }
-        body.push('}');
-    }
-    body.push_str("]}");
-    super::with_type(Bytes::from(body), "application/json")
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DisconnectRequest<'a> {
+pub(super) struct DisconnectRequest<'a> {
     #[serde(borrow, default)]
-    client_id: Option<std::borrow::Cow<'a, str>>,
+    pub client_id: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default)]
-    user_id: Option<std::borrow::Cow<'a, str>>,
+    pub user_id: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
-    code: Option<u16>,
+    pub code: Option<u16>,
     #[serde(borrow, default)]
-    reason: Option<std::borrow::Cow<'a, str>>,
-}
-
-/// The close code an application may choose: RFC 6455 reserves 4000-4999 for it.
-const APP_CLOSE_CODES: std::ops::RangeInclusive<u16> = 4000..=4999;
-
-/// Close-frame reasons are at most 123 bytes (RFC 6455 5.5: 125 less the code).
-const MAX_CLOSE_REASON: usize = 123;
-
-/// `POST /api/disconnect`: `{"disconnected": N}`, after each connection was asked to close
-/// (queued frames are flushed first, as at shutdown).
-fn disconnect(request: DisconnectRequest<'_>, node: &Node) -> Outcome {
-    let id = match (&request.client_id, &request.user_id) {
-        (Some(client), None) => client,
-        (None, Some(user)) => user,
-        _ => return Err(bad_request("give exactly one of client_id and user_id")),
-    };
-    let code = request.code.unwrap_or(*APP_CLOSE_CODES.start());
-    if !APP_CLOSE_CODES.contains(&code) {
-        return Err(bad_request("code must be between 4000 and 4999"));
-    }
-    let reason = request.reason.as_deref().unwrap_or("");
-    if reason.len() > MAX_CLOSE_REASON {
-        return Err(bad_request("reason must be at most 123 bytes"));
-    }
-    let mut connections = node.router.connections_of(id);
-    // A client id names that client; a user id only the connections of that user.
-    if request.user_id.is_some() {
-        connections.retain(|member| member.user_id.as_deref() == Some(&**id));
-    } else {
-        connections.retain(|member| *member.client_id == **id);
-    }
-    if connections.is_empty() {
-        return Err((StatusCode::NOT_FOUND, "Recipient not found".into()));
-    }
-    let mut disconnected = 0;
-    for member in &connections {
-        if !reason.is_empty() {
-            node.close_reasons.insert(member.conn, reason.into());
-        }
-        let first = member.outbox.request_close(crate::outbox::CloseRequest {
-            code: Some(code),
-            flush: true,
-        });
-        if first {
-            disconnected += 1;
-        } else {
-            // Already closing for another reason, which keeps its own.
-            node.close_reasons.remove(&member.conn);
-        }
-    }
-    Ok(serde_json::json!({ "disconnected": disconnected }))
+    pub reason: Option<std::borrow::Cow<'a, str>>,
 }

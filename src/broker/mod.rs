@@ -13,9 +13,10 @@
 //! sessions or the API changes with it. Membership (rooms, counts) stays in the hub.
 
 mod memory;
+pub mod query;
 mod redis;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::api::webhooks::Webhooks;
 use crate::config::Config;
@@ -24,6 +25,7 @@ use tokio::sync::oneshot;
 use crate::hub::{ConnId, Joined, Member, RecipientNotFound, Router};
 use crate::metrics::Metrics;
 use crate::protocol::Body;
+use query::{Gathered, Query, Responder};
 
 pub use memory::MemoryBroker;
 pub use redis::{
@@ -141,6 +143,16 @@ pub trait Broker: Send + Sync + 'static {
     fn reports_room_events(&self) -> bool {
         false
     }
+
+    /// Asks every other node `query` about its own connections; `None` when this node is
+    /// alone (its own answer is all there is).
+    fn ask(&self, _query: &Query) -> Option<oneshot::Receiver<Gathered>> {
+        None
+    }
+
+    /// Where this node's answers to other nodes' queries come from (its server API); given
+    /// once the node exists.
+    fn answer_queries_with(&self, _responder: Weak<dyn Responder>) {}
 
     /// A connection of this node is in the directory (it can receive private messages).
     fn connected(&self, _member: &Member) {}

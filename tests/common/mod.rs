@@ -44,8 +44,18 @@ pub fn assert_error(reply: &Value, text: &str) {
 
 /// A plain HTTP GET on the server's port; the whole response as text.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    http_get_with(addr, path, "").await
+}
+
+/// [`http_get`] with one more header line (`Name: value`), the whole response as text.
+pub async fn http_get_with(addr: SocketAddr, path: &str, header: &str) -> String {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let header = if header.is_empty() {
+        String::new()
+    } else {
+        format!("{header}\r\n")
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = String::new();
     tokio::time::timeout(EXPECT, stream.read_to_string(&mut response))

@@ -49,15 +49,19 @@
 //!   session: sent by the node whose membership script answered a count of 1 after a join or 0
 //!   after a leave, so once per cluster.
 //!
-//! Not yet across nodes (the next steps of the cluster issue): presence listings
-//! (`GET /api/rooms`) and `/api/disconnect` are per node. A client's channel is subscribed asynchronously,
+//! - **Questions.** The server API's listings and disconnects are put to every node on the
+//!   queries channel (all nodes subscribe); each answers on the asker's answers channel from
+//!   its own hub, and the `PUBLISH`'s count of receivers says how many answers to wait for
+//!   (see [`super::query`]).
+//!
+//! A client's channel is subscribed asynchronously,
 //! so for a moment after its welcome it is not reachable from other nodes; its close frame
 //! waits for the unsubscription, so once its close completes nothing counts it as reachable.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -72,6 +76,7 @@ mod lease;
 pub use connection::Endpoint;
 use connection::{Client, Commands, SubscriptionSink, SubscriptionStream};
 
+use super::query::{Answer, Gathered, Query, Responder, ASK_TIMEOUT};
 use super::{Broker, Delivery, Joining, Publication, Target};
 use crate::api::webhooks::{EventKind, Webhooks};
 use crate::hub::{ConnId, Joined, Member, MemberChange, RecipientNotFound, Router};
@@ -328,6 +333,16 @@ impl Channels {
         }
     }
 
+    /// Where every node hears the others' queries (server API listings, disconnects).
+    fn queries(&self) -> String {
+        format!("{}:queries", self.prefix)
+    }
+
+    /// Where a node hears the answers to its queries.
+    fn answers(&self, node: u64) -> String {
+        format!("{}:answers:{node:016x}", self.prefix)
+    }
+
     /// The set of live (or not yet reaped) nodes' ids, in hex.
     fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)
@@ -371,6 +386,7 @@ pub struct RedisBroker {
     metrics: Arc<Metrics>,
     /// For the room events the cluster's counts decide, and a reaper's events for the dead.
     webhooks: Option<Arc<Webhooks>>,
+    queries: Arc<Queries>,
     /// Held while the broker lives: the lease task ends when it is gone.
     _alive: Arc<()>,
 }
@@ -411,8 +427,11 @@ impl RedisBroker {
             webhooks: webhooks.clone(),
             alive: Arc::downgrade(&alive),
         }));
+        let queries = Arc::new(Queries::default());
         tokio::spawn(subscriber(Subscriber {
             client,
+            publish: publish.clone(),
+            queries: queries.clone(),
             sessions,
             node,
             channels: channels.clone(),
@@ -437,6 +456,7 @@ impl RedisBroker {
             joining: Arc::default(),
             metrics,
             webhooks,
+            queries,
             _alive: alive,
         }
     }
@@ -751,6 +771,14 @@ impl Broker for RedisBroker {
         true
     }
 
+    fn ask(&self, query: &Query) -> Option<oneshot::Receiver<Gathered>> {
+        Some(self.ask_nodes(query))
+    }
+
+    fn answer_queries_with(&self, responder: Weak<dyn Responder>) {
+        let _ = self.queries.responder.set(responder);
+    }
+
     fn connected(&self, member: &Member) {
         self.send_command(self.index_client("SADD", member));
         // Not waited for: a client is reachable from other nodes a moment after its welcome.
@@ -850,6 +878,9 @@ async fn publisher(
 /// The subscriber task's state.
 struct Subscriber {
     client: Client,
+    /// For this node's answers to other nodes' queries.
+    publish: mpsc::Sender<Outgoing>,
+    queries: Arc<Queries>,
     /// Counts the subscription sessions (one per connection made): the publisher makes a new
     /// connection when it changes.
     sessions: Arc<AtomicU64>,
@@ -935,7 +966,8 @@ async fn serve(
     while state.commands.try_recv().is_ok() {}
     let channels: Vec<Arc<str>> = lock(&state.wanted).keys().cloned().collect();
     let broadcast = state.channels.broadcast();
-    if !answered(sink.subscribe(&[&broadcast])).await {
+    let (queries, answers) = (state.channels.queries(), state.channels.answers(state.node));
+    if !answered(sink.subscribe(&[&broadcast, &queries, &answers])).await {
         return Ended::Lost;
     }
     for chunk in channels.chunks(512) {
@@ -1103,6 +1135,9 @@ fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
             return;
         }
     };
+    if let 'q' | 'a' = envelope.kind {
+        return on_query_envelope(state, &envelope);
+    }
     if envelope.kind == 'J' && envelope.node == state.node {
         return; // our members' return: our own members never heard them leave
     }
@@ -1142,4 +1177,132 @@ fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
         timestamp: envelope.timestamp,
         except: None,
     });
+}
+
+/// Queries this node asked and is gathering answers to, and what answers other nodes' queries.
+#[derive(Default)]
+struct Queries {
+    asking: Mutex<HashMap<u64, Asking>>,
+    responder: OnceLock<Weak<dyn Responder>>,
+}
+
+/// One query on its way round.
+struct Asking {
+    /// How many other nodes received it (known once Redis answered the `PUBLISH`).
+    expected: Option<usize>,
+    answers: Vec<Answer>,
+    done: oneshot::Sender<Gathered>,
+}
+
+impl Queries {
+    /// Hands the answers to the asker when all expected have come (or `force`, at the
+    /// deadline, with what there is).
+    fn settle(&self, id: u64, force: bool) {
+        let mut asking = lock(&self.asking);
+        let Some(entry) = asking.get(&id) else {
+            return;
+        };
+        let complete = entry
+            .expected
+            .is_some_and(|expected| entry.answers.len() >= expected);
+        if !(complete || force) {
+            return;
+        }
+        let entry = asking.remove(&id).expect("present above");
+        let _ = entry.done.send(Gathered {
+            answers: entry.answers,
+            complete,
+        });
+    }
+}
+
+impl RedisBroker {
+    /// An envelope of a query or an answer: `t` the query's id, `m` its JSON.
+    fn query_envelope(node: u64, kind: char, id: u64, message: &impl Serialize) -> Bytes {
+        let message = serde_json::value::to_raw_value(message).expect("a query serializes");
+        let id = id.to_string();
+        let envelope = Envelope {
+            node,
+            kind,
+            target: Cow::Borrowed(&id),
+            from: Cow::Borrowed(""),
+            timestamp: 0,
+            message: Message::Owned(message),
+        };
+        Bytes::from(serde_json::to_vec(&envelope).expect("an envelope serializes"))
+    }
+
+    fn ask_nodes(&self, query: &Query) -> oneshot::Receiver<Gathered> {
+        let id = rand::random::<u64>();
+        let (done, gathered) = oneshot::channel();
+        lock(&self.queries.asking).insert(
+            id,
+            Asking {
+                expected: None,
+                answers: Vec::new(),
+                done,
+            },
+        );
+        let payload = Self::query_envelope(self.node, 'q', id, query);
+        let command = self.channels.publish(&self.channels.queries(), &payload);
+        let (queue, queries) = (self.publish.clone(), self.queries.clone());
+        tokio::spawn(async move {
+            match answer_of(&queue, command).await {
+                // Every node subscribes to the queries channel, this one too.
+                Some(received) => {
+                    if let Some(entry) = lock(&queries.asking).get_mut(&id) {
+                        entry.expected = Some((received as usize).saturating_sub(1));
+                    }
+                    queries.settle(id, false);
+                    tokio::time::sleep(ASK_TIMEOUT).await;
+                    queries.settle(id, true);
+                }
+                // Not asked (Redis away): this node's own answer, marked incomplete.
+                None => queries.settle(id, true),
+            }
+        });
+        gathered
+    }
+}
+
+/// A query from another node (answered from this node's hub, on the asker's answers channel)
+/// or an answer to one of this node's.
+fn on_query_envelope(state: &Subscriber, envelope: &Envelope<'_>) {
+    let Ok(id) = envelope.target.parse::<u64>() else {
+        return;
+    };
+    let raw = envelope.message.raw().get();
+    match envelope.kind {
+        'q' if envelope.node != state.node => {
+            let Ok(query) = serde_json::from_str::<Query>(raw) else {
+                debug!("a query this node does not understand: ignored");
+                return;
+            };
+            let Some(responder) = state.queries.responder.get().and_then(Weak::upgrade) else {
+                return; // not serving yet, or stopping: the asker's deadline covers it
+            };
+            let answer = responder.answer(&query);
+            let payload = RedisBroker::query_envelope(state.node, 'a', id, &answer);
+            let command = state
+                .channels
+                .publish(&state.channels.answers(envelope.node), &payload);
+            if state
+                .publish
+                .try_send(Outgoing::unanswered(command))
+                .is_err()
+            {
+                state.metrics.redis_publish_dropped.increment(1);
+            }
+        }
+        'a' => {
+            let Ok(answer) = serde_json::from_str::<Answer>(raw) else {
+                return;
+            };
+            if let Some(entry) = lock(&state.queries.asking).get_mut(&id) {
+                entry.answers.push(answer);
+            }
+            state.queries.settle(id, false);
+        }
+        _ => {}
+    }
 }
