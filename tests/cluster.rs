@@ -48,9 +48,7 @@ async fn nodes_with(
 /// Joins `room` and reads what the join sends back (room_joined) to this client; returns the
 /// room's member count it reported.
 async fn join(client: &mut Client, room: &str) -> u64 {
-    let joined = client.join(room).await;
-    assert_eq!(joined["type"], "room_joined", "{joined}");
-    joined["members"].as_u64().unwrap()
+    common::joined_members(client, room).await
 }
 
 /// Reads the `member_joined` notices of `joiners`, in order, with the counts they report.
@@ -430,10 +428,7 @@ async fn a_redis_that_stops_answering_is_noticed_and_used_again_once_it_answers(
 
 /// Reads one `member_left` notice about `leaver` with `total` members left.
 async fn heard_leave_of(client: &mut Client, leaver: &str, total: u64) {
-    let notice = client.recv().await;
-    assert_eq!(notice["type"], "member_left", "{notice}");
-    assert_eq!(notice["client_id"], leaver);
-    assert_eq!(notice["total_members"], total, "{notice}");
+    common::heard_member(client, "member_left", leaver, total).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -733,6 +728,33 @@ async fn webhook_events_until(app: &mut AppStub, done: impl Fn(&[Value]) -> bool
     events
 }
 
+/// An app taking webhooks and `count` nodes posting them to it (and its URL).
+async fn webhook_nodes(redis: &RedisServer, count: usize) -> (AppStub, String, Vec<TestServer>) {
+    let app = AppStub::start(|_| Answer::ok(json!({}))).await;
+    let url = app.url("/hooks");
+    let nodes = nodes_with(redis, count, |config| {
+        config.webhook_url = Some(url.clone());
+        config.webhook_secret = Some(WEBHOOK_SECRET.into());
+    })
+    .await;
+    (app, url, nodes)
+}
+
+/// `events` and whatever else the app got within `wait`.
+async fn with_late_events(app: &mut AppStub, mut events: Vec<Value>, wait: Duration) -> Vec<Value> {
+    tokio::time::sleep(wait).await;
+    for received in app.drain() {
+        events.extend(
+            received.json()["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .cloned(),
+        );
+    }
+    events
+}
+
 /// How many of `events` are `event` for `room`, and by whom.
 fn room_events<'a>(events: &'a [Value], event: &str, room: &str) -> Vec<&'a str> {
     events
@@ -753,13 +775,7 @@ async fn room_occupied_and_room_vacated_fire_once_per_cluster_not_once_per_node(
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let mut app = AppStub::start(|_| Answer::ok(json!({}))).await;
-    let url = app.url("/hooks");
-    let nodes = nodes_with(&redis, 3, |config| {
-        config.webhook_url = Some(url.clone());
-        config.webhook_secret = Some(WEBHOOK_SECRET.into());
-    })
-    .await;
+    let (mut app, _, nodes) = webhook_nodes(&redis, 3).await;
     let mut members = Vec::new();
     for (at, node) in nodes.iter().enumerate() {
         let mut client = Client::connect(node).await;
@@ -780,17 +796,7 @@ async fn room_occupied_and_room_vacated_fire_once_per_cluster_not_once_per_node(
     })
     .await;
     // A moment more for any duplicate from another node.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut events = events;
-    for received in app.drain() {
-        events.extend(
-            received.json()["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .cloned(),
-        );
-    }
+    let events = with_late_events(&mut app, events, Duration::from_millis(500)).await;
     assert_eq!(
         room_events(&events, "room_occupied", "hooked"),
         [ids[0].as_str()]
@@ -808,14 +814,8 @@ async fn a_reaped_nodes_connections_leave_and_end_in_the_webhooks_exactly_once()
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let mut app = AppStub::start(|_| Answer::ok(json!({}))).await;
-    let url = app.url("/hooks");
     // Two survivors: both look for the dead node, one claims it.
-    let nodes = nodes_with(&redis, 2, |config| {
-        config.webhook_url = Some(url.clone());
-        config.webhook_secret = Some(WEBHOOK_SECRET.into());
-    })
-    .await;
+    let (mut app, url, nodes) = webhook_nodes(&redis, 2).await;
     let victim = common::ServerProcess::start(
         &[
             "--redis",
@@ -846,17 +846,8 @@ async fn a_reaped_nodes_connections_leave_and_end_in_the_webhooks_exactly_once()
         has_event(events, "client_disconnected", &vid)
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await; // room for a second reaper's duplicate
-    let mut events = events;
-    for received in app.drain() {
-        events.extend(
-            received.json()["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .cloned(),
-        );
-    }
+    // Room for a second reaper's duplicate.
+    let events = with_late_events(&mut app, events, Duration::from_secs(2)).await;
     assert_eq!(
         room_events(&events, "member_left", "shared"),
         [vid.as_str()]

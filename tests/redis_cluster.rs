@@ -22,17 +22,10 @@ async fn nodes(cluster: &RedisCluster, count: usize) -> Vec<TestServer> {
     nodes
 }
 
-async fn join(client: &mut Client, room: &str) -> u64 {
-    let joined = client.join(room).await;
-    assert_eq!(joined["type"], "room_joined", "{joined}");
-    joined["members"].as_u64().unwrap()
-}
+use common::joined_members as join;
 
 async fn heard_join_of(client: &mut Client, joiner: &str, total: u64) {
-    let notice = client.recv().await;
-    assert_eq!(notice["type"], "member_joined", "{notice}");
-    assert_eq!(notice["client_id"], joiner);
-    assert_eq!(notice["total_members"], total, "{notice}");
+    common::heard_member(client, "member_joined", joiner, total).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,10 +67,7 @@ async fn room_messages_and_member_counts_cross_nodes_through_sharded_pubsub() {
     let bid = b.id.clone();
     b.send(json!({"type": "leave_room", "room": "team"})).await;
     for member in [&mut a, &mut c] {
-        let notice = member.recv().await;
-        assert_eq!(notice["type"], "member_left", "{notice}");
-        assert_eq!(notice["client_id"], bid);
-        assert_eq!(notice["total_members"], 2);
+        common::heard_member(member, "member_left", &bid, 2).await;
     }
 }
 

@@ -409,6 +409,21 @@ impl Client {
 }
 
 /// Close code of a close frame as a number.
+/// Joins `room`, asserts the `room_joined`, and returns the member count it reports.
+pub async fn joined_members(client: &mut Client, room: &str) -> u64 {
+    let joined = client.join(room).await;
+    assert_eq!(joined["type"], "room_joined", "{joined}");
+    joined["members"].as_u64().unwrap()
+}
+
+/// Reads one `kind` notice (`member_joined`, `member_left`) about `id` reporting `total`.
+pub async fn heard_member(client: &mut Client, kind: &str, id: &str, total: u64) {
+    let notice = client.recv().await;
+    assert_eq!(notice["type"], kind, "{notice}");
+    assert_eq!(notice["client_id"], id, "{notice}");
+    assert_eq!(notice["total_members"], total, "{notice}");
+}
+
 pub fn code(frame: &Option<CloseFrame<'static>>) -> u16 {
     frame.as_ref().map_or(0, |f| u16::from(f.code))
 }

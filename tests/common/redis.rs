@@ -18,6 +18,14 @@ impl RedisServer {
     /// Starts redis-server, or `None` (the test should return) when it is not installed and
     /// this is not CI.
     pub async fn start() -> Option<RedisServer> {
+        if !Self::installed() {
+            return None;
+        }
+        Some(Self::start_on(free_port()).await)
+    }
+
+    /// Whether redis-server is here; panics in CI, where it must be.
+    fn installed() -> bool {
         let installed = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -29,21 +37,21 @@ impl RedisServer {
                 "redis-server is required in CI (.ci/run installs it)"
             );
             eprintln!("skipped: no redis-server on this machine");
-            return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Some(Self::start_on(port).await)
+        installed
     }
 
     /// Starts redis-server on `port` (again, after a [`RedisServer::kill`]: empty).
     pub async fn start_on(port: u16) -> RedisServer {
+        Self::start_with(port, &[]).await
+    }
+
+    /// Starts redis-server on `port` with `extra` arguments, and waits until it answers.
+    async fn start_with(port: u16, extra: &[&std::ffi::OsStr]) -> RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -161,7 +169,9 @@ impl RedisCluster {
     /// Starts the cluster, or `None` (the test should return) where redis-server is missing
     /// and this is not CI.
     pub async fn start() -> Option<RedisCluster> {
-        RedisServer::start().await?; // checks the installation, then stops at once
+        if !RedisServer::installed() {
+            return None;
+        }
         let config_dir = std::env::temp_dir().join(format!(
             "roomcast-test-cluster-{}-{}",
             std::process::id(),
@@ -170,31 +180,15 @@ impl RedisCluster {
         std::fs::create_dir_all(&config_dir).expect("a directory for the cluster's files");
         let mut masters = Vec::new();
         for _ in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = free_port();
             let config = config_dir.join(format!("nodes-{port}.conf"));
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server starts");
-            let server = RedisServer {
-                child,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            };
-            let started = Instant::now();
-            while server.command(&["PING"]).await.as_deref() != Some("+PONG") {
-                assert!(started.elapsed() < Duration::from_secs(10), "redis answers");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            masters.push(server);
+            let extra = [
+                "--cluster-enabled".as_ref(),
+                "yes".as_ref(),
+                "--cluster-config-file".as_ref(),
+                config.as_os_str(),
+            ];
+            masters.push(RedisServer::start_with(port, &extra).await);
         }
         let addresses: Vec<String> = masters.iter().map(|m| m.addr.to_string()).collect();
         let created = Command::new("redis-cli")
@@ -294,4 +288,12 @@ impl Drop for RedisCluster {
         self.masters.clear();
         let _ = std::fs::remove_dir_all(&self.config_dir);
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
