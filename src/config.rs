@@ -68,6 +68,9 @@ pub mod defaults {
     pub const MAX_PENDING_HANDSHAKES: usize = 10_000;
     pub const MAX_REQUEST_HEAD_SIZE: usize = 8 * 1024;
     pub const PROXY_TIMEOUT: &str = "2s";
+    pub const HISTORY_SIZE: usize = 0;
+    pub const HISTORY_TTL: &str = "0s";
+    pub const HISTORY_RECOVERY_MAX: usize = 1000;
     pub const REDIS_PREFIX: &str = "roomcast";
     pub const WEBHOOK_QUEUE: usize = 10_000;
     pub const WEBHOOK_BATCH: usize = 100;
@@ -316,6 +319,23 @@ pub struct Config {
     #[serde(serialize_with = "humantime_duration")]
     pub proxy_timeout: Duration,
 
+    /// Room messages kept per room, for clients that reconnect (`join_room` with `since`) and
+    /// the `history` command; on only with `--history-ttl` above zero too. Default: 0, off.
+    /// Cost: the message's opted-in frame encoded once more per publication, and kept.
+    #[arg(long, env = "ROOMCAST_HISTORY_SIZE", default_value_t = defaults::HISTORY_SIZE)]
+    pub history_size: usize,
+
+    /// How long a room message is kept in the history (with `--history-size`). Default: 0s,
+    /// off.
+    #[arg(long, env = "ROOMCAST_HISTORY_TTL", default_value = defaults::HISTORY_TTL, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
+    pub history_ttl: Duration,
+
+    /// The most messages one recovery replays; a client that missed more is told
+    /// `recovered: false` and nothing is replayed.
+    #[arg(long, env = "ROOMCAST_HISTORY_RECOVERY_MAX", default_value_t = defaults::HISTORY_RECOVERY_MAX)]
+    pub history_recovery_max: usize,
+
     /// PEM file with the certificate chain for wss:// (with `--tls-key`). Default: plain ws://.
     #[arg(long, env = "ROOMCAST_TLS_CERT")]
     pub tls_cert: Option<String>,
@@ -437,6 +457,17 @@ impl Config {
         }
     }
 
+    /// The history each room keeps, when on (`--history-size` and `--history-ttl`).
+    pub fn history(&self) -> Option<crate::history::HistoryConfig> {
+        (self.history_size > 0 && !self.history_ttl.is_zero()).then_some(
+            crate::history::HistoryConfig {
+                size: self.history_size,
+                ttl: self.history_ttl,
+                max_recovery: self.history_recovery_max,
+            },
+        )
+    }
+
     /// The defaults, listening on `listen`: what tests and embedders start from.
     pub fn with_listen(listen: SocketAddr) -> Self {
         Self {
@@ -478,6 +509,9 @@ impl Config {
             join_proxy: None,
             publish_proxy: None,
             proxy_timeout: duration(defaults::PROXY_TIMEOUT),
+            history_size: defaults::HISTORY_SIZE,
+            history_ttl: duration(defaults::HISTORY_TTL),
+            history_recovery_max: defaults::HISTORY_RECOVERY_MAX,
             tls_cert: None,
             tls_key: None,
             echo_path: None,
@@ -649,6 +683,23 @@ impl Config {
             // Braces would change the hash tags that keep a room's keys on one cluster slot.
             return Err(ConfigError::Invalid(
                 "--redis-prefix must not contain { or }",
+            ));
+        }
+        if (self.history_size > 0) == self.history_ttl.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--history-size and --history-ttl turn history on together: set both above zero",
+            ));
+        }
+        if self.history().is_some() && self.broker() != BrokerKind::Memory {
+            // Each node would number a room's messages on its own: recovery across nodes
+            // needs the shared history (Redis Streams), the history issue's next step.
+            return Err(ConfigError::Invalid(
+                "--history-size is not yet available with --redis or --redis-cluster",
+            ));
+        }
+        if self.history().is_some() && self.history_recovery_max == 0 {
+            return Err(ConfigError::Invalid(
+                "--history-recovery-max must be at least 1",
             ));
         }
         if self.proxy_timeout.is_zero() {
@@ -847,6 +898,9 @@ struct FileLayer {
     join_proxy: Option<Scalar>,
     publish_proxy: Option<Scalar>,
     proxy_timeout: Option<Scalar>,
+    history_size: Option<Scalar>,
+    history_ttl: Option<Scalar>,
+    history_recovery_max: Option<Scalar>,
     tls_cert: Option<Scalar>,
     tls_key: Option<Scalar>,
     echo_path: Option<Scalar>,
@@ -921,6 +975,9 @@ impl FileLayer {
             join_proxy,
             publish_proxy,
             proxy_timeout,
+            history_size,
+            history_ttl,
+            history_recovery_max,
             tls_cert,
             tls_key,
             echo_path,

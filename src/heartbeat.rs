@@ -73,6 +73,9 @@ pub struct Heartbeat {
     pub check_expiry: bool,
 }
 
+/// Seconds between sweeps of the rooms' histories for ones idle past their TTL.
+const HISTORY_SWEEP_EVERY: u64 = 30;
+
 /// Runs until `shutdown`. `clock` is the one connections touch their outbox with.
 pub async fn run(
     settings: Heartbeat,
@@ -91,6 +94,9 @@ pub async fn run(
             _ = ticks.tick() => {}
         }
         let seconds = started.elapsed().as_secs();
+        if seconds % HISTORY_SWEEP_EVERY == 0 {
+            router.expire_history();
+        }
         let ping_now = ping_every > 0 && seconds > 0 && seconds % ping_every == 0;
         // Checked at each ping, so a silent connection is closed between `idle_limit` and
         // `idle_limit` plus one ping interval after its last frame, never before.

@@ -13,7 +13,8 @@
 //! server itself.
 //!
 //! Beside the flow: [`config`] (one `Config`: flags, environment, TOML file), [`telemetry`]
-//! (logging), [`heartbeat`] (pings, idle timeout, token expiry for all connections),
+//! (logging), [`heartbeat`] (pings, idle timeout, token expiry for all connections), [`history`]
+//! (the rooms' message history, for recovery),
 //! [`shutdown`] (the stop signal), and [`client`] (the Rust client library and the command-line
 //! clients).
 //!
@@ -42,6 +43,7 @@ pub mod config;
 pub mod counter;
 pub mod handshake;
 pub mod heartbeat;
+pub mod history;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

@@ -27,13 +27,14 @@ static METADATA: Metadata<'static> =
 
 /// Message types counted in `roomcast_messages_in_total{type}`; the last is everything that
 /// did not decode.
-pub const MESSAGE_TYPES: [&str; 7] = [
+pub const MESSAGE_TYPES: [&str; 8] = [
     "broadcast",
     "join_room",
     "leave_room",
     "room_message",
     "private_message",
     "set_metadata",
+    "history",
     "invalid",
 ];
 

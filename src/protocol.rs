@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::{self, Deserializer as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// Error texts of the seed, verbatim. Clients match on these strings.
@@ -59,6 +60,8 @@ pub enum Command<'a> {
     },
     JoinRoom {
         room: Cow<'a, str>,
+        /// `since`, when the client opted in to the room's offsets (history).
+        since: Option<Since>,
     },
     LeaveRoom {
         room: Cow<'a, str>,
@@ -74,6 +77,53 @@ pub enum Command<'a> {
     SetMetadata {
         metadata: MetadataUpdate<'a>,
     },
+    /// `{"type":"history","room":R,"limit":N}` (with history on): the room's last messages.
+    History {
+        room: Cow<'a, str>,
+        limit: Option<u64>,
+    },
+}
+
+/// What a joining client says it saw of a room's history (`join_room`'s `since`): it opts in
+/// to offsets on that room's messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Since {
+    /// `"since":{}`: nothing yet, offsets from now on.
+    Now,
+    /// `"since":{"offset":O,"epoch":E}`: it saw up to `offset` of the history with `epoch`.
+    Saw { offset: u64, epoch: Box<str> },
+}
+
+/// The `since` object: `{}`, or `offset` (an integer, 0 or more) and `epoch` (a string)
+/// together.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinceFields {
+    offset: Option<u64>,
+    epoch: Option<Box<str>>,
+}
+
+fn since_field(value: Option<&RawValue>) -> Result<Option<Since>, DecodeError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let fields: SinceFields =
+        serde_json::from_str(value.get()).map_err(|_| DecodeError::InvalidSince)?;
+    match (fields.offset, fields.epoch) {
+        (None, None) => Ok(Some(Since::Now)),
+        (Some(offset), Some(epoch)) => Ok(Some(Since::Saw { offset, epoch })),
+        _ => Err(DecodeError::InvalidSince),
+    }
+}
+
+fn limit_field(value: Option<&RawValue>) -> Result<Option<u64>, DecodeError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    match value.get().parse::<u64>() {
+        Ok(limit) if limit > 0 => Ok(Some(limit)),
+        _ => Err(DecodeError::InvalidLimit),
+    }
 }
 
 /// The `metadata` object of one `set_metadata`, borrowed from the payload: keys unescaped, each
@@ -163,6 +213,12 @@ pub enum DecodeError {
     /// `metadata` present but not an object.
     #[error("Metadata must be an object")]
     MetadataNotObject,
+    /// `since` present but not `{}` or `{"offset": N, "epoch": "E"}`.
+    #[error("Since must be {{}} or an object with offset and epoch")]
+    InvalidSince,
+    /// `limit` present but not a positive integer.
+    #[error("Limit must be a positive integer")]
+    InvalidLimit,
 }
 
 /// Decodes one client message. Nothing is copied or rewritten: the command's strings (when
@@ -188,6 +244,11 @@ pub fn decode(payload: &[u8]) -> Result<Command<'_>, DecodeError> {
         },
         "join_room" => Command::JoinRoom {
             room: string_field(fields.room, DecodeError::RoomNotString)?,
+            since: since_field(fields.since)?,
+        },
+        "history" => Command::History {
+            room: string_field(fields.room, DecodeError::RoomNotString)?,
+            limit: limit_field(fields.limit)?,
         },
         "leave_room" => Command::LeaveRoom {
             room: string_field(fields.room, DecodeError::RoomNotString)?,
@@ -218,6 +279,8 @@ struct Fields<'a> {
     to: Option<&'a RawValue>,
     message: Option<&'a RawValue>,
     metadata: Option<&'a RawValue>,
+    since: Option<&'a RawValue>,
+    limit: Option<&'a RawValue>,
 }
 
 struct FieldsVisitor;
@@ -242,6 +305,8 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 Key::To => fields.to = value,
                 Key::Message => fields.message = value,
                 Key::Metadata => fields.metadata = value,
+                Key::Since => fields.since = value,
+                Key::Limit => fields.limit = value,
                 Key::Other => {}
             }
         }
@@ -256,6 +321,8 @@ enum Key {
     To,
     Message,
     Metadata,
+    Since,
+    Limit,
     Other,
 }
 
@@ -274,6 +341,8 @@ impl<'de> de::Deserialize<'de> for Key {
                     "to" => Key::To,
                     "message" => Key::Message,
                     "metadata" => Key::Metadata,
+                    "since" => Key::Since,
+                    "limit" => Key::Limit,
                     _ => Key::Other,
                 })
             }
@@ -512,6 +581,64 @@ pub fn room_joined(room: &str, members: usize) -> Bytes {
     f.finish(OpCode::Text)
 }
 
+/// `{"type":"room_joined","room":…,"members":N,"offset":O,"epoch":E,"recovered":B}`: the
+/// reply to a `join_room` with `since`, with history on.
+pub fn room_joined_at(
+    room: &str,
+    members: usize,
+    offset: u64,
+    epoch: &str,
+    recovered: bool,
+) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(96 + room.len() + epoch.len());
+    f.raw(br#"{"type":"room_joined","room":"#)
+        .string(room)
+        .raw(br#","members":"#)
+        .number(members as u64)
+        .raw(br#","offset":"#)
+        .number(offset)
+        .raw(br#","epoch":"#)
+        .string(epoch)
+        .raw(if recovered {
+            br#","recovered":true}"#.as_slice()
+        } else {
+            br#","recovered":false}"#.as_slice()
+        });
+    f.finish(OpCode::Text)
+}
+
+/// `{"type":"history","room":…,"messages":[…],"offset":O,"epoch":E}`: each message the JSON
+/// object of its offset-carrying `room_message`.
+pub fn history(room: &str, messages: &[Bytes], offset: u64, epoch: &str) -> Bytes {
+    let size: usize = messages.iter().map(|m| m.len() + 1).sum();
+    let mut f = FrameBuilder::with_capacity(96 + room.len() + epoch.len() + size);
+    f.raw(br#"{"type":"history","room":"#)
+        .string(room)
+        .raw(br#","messages":["#);
+    for (at, message) in messages.iter().enumerate() {
+        if at > 0 {
+            f.raw(b",");
+        }
+        f.raw(message);
+    }
+    f.raw(br#"],"offset":"#)
+        .number(offset)
+        .raw(br#","epoch":"#)
+        .string(epoch)
+        .raw(b"}");
+    f.finish(OpCode::Text)
+}
+
+/// The JSON text a server frame carries (past its 2-, 4- or 10-byte header).
+pub fn frame_payload(frame: &Bytes) -> Bytes {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.slice(header.min(frame.len())..)
+}
+
 /// `{"type":"member_joined","room":…,"client_id":…,"total_members":N}`
 pub fn member_joined(room: &str, client_id: &str, total_members: usize) -> Bytes {
     member_change(
@@ -555,6 +682,24 @@ pub fn room_message(room: &str, from: &str, message: &Body<'_>, now: u64) -> Byt
         .body(message)
         .raw(br#","timestamp":"#)
         .number(now)
+        .raw(b"}");
+    f.finish(OpCode::Text)
+}
+
+/// [`room_message`] with `"offset":O` after the timestamp: the frame of clients that opted in
+/// to a room's history (the seed's frame stays byte for byte what it was).
+pub fn room_message_at(room: &str, from: &str, message: &Body<'_>, now: u64, offset: u64) -> Bytes {
+    let mut f = FrameBuilder::with_capacity(112 + room.len() + from.len() + body_len_hint(message));
+    f.raw(br#"{"type":"room_message","room":"#)
+        .string(room)
+        .raw(br#","from":"#)
+        .string(from)
+        .raw(br#","message":"#)
+        .body(message)
+        .raw(br#","timestamp":"#)
+        .number(now)
+        .raw(br#","offset":"#)
+        .number(offset)
         .raw(b"}");
     f.finish(OpCode::Text)
 }
@@ -867,14 +1012,46 @@ mod tests {
     }
 
     #[test]
+    fn since_is_an_empty_object_or_an_offset_with_an_epoch() {
+        let since = |text: &str| match decode(text.as_bytes()) {
+            Ok(Command::JoinRoom { since, .. }) => Ok(since),
+            Ok(other) => panic!("{other:?}"),
+            Err(error) => Err(error),
+        };
+        assert_eq!(since(r#"{"type":"join_room","room":"r"}"#), Ok(None));
+        assert_eq!(
+            since(r#"{"type":"join_room","room":"r","since":{}}"#),
+            Ok(Some(Since::Now))
+        );
+        assert_eq!(
+            since(r#"{"type":"join_room","room":"r","since":{"offset":7,"epoch":"e1"}}"#),
+            Ok(Some(Since::Saw {
+                offset: 7,
+                epoch: "e1".into()
+            }))
+        );
+        for bad in [
+            r#"{"offset":7}"#,
+            r#"{"epoch":"e"}"#,
+            r#"{"offset":-1,"epoch":"e"}"#,
+            r#"{"offset":1,"epoch":"e","extra":1}"#,
+            r#"[]"#,
+            r#""x""#,
+        ] {
+            let text = format!(r#"{{"type":"join_room","room":"r","since":{bad}}}"#);
+            assert_eq!(since(&text), Err(DecodeError::InvalidSince), "{bad}");
+        }
+    }
+
+    #[test]
     fn string_fields_are_unescaped_and_borrowed_when_they_can_be() {
         let input = br#"{"type":"join_room","room":"lobby"}"#;
-        let Command::JoinRoom { room } = decode(input).unwrap() else {
+        let Command::JoinRoom { room, .. } = decode(input).unwrap() else {
             panic!()
         };
         assert!(matches!(room, Cow::Borrowed("lobby")));
         let input = br#"{"typ\u0065":"join_\u0072oom","room":"l\u00f6bby \"1\""}"#;
-        let Command::JoinRoom { room } = decode(input).unwrap() else {
+        let Command::JoinRoom { room, .. } = decode(input).unwrap() else {
             panic!()
         };
         assert_eq!(room, "löbby \"1\"");
@@ -1395,7 +1572,7 @@ pub mod typed {
                     Command::Broadcast { message } => ClientMessage::Broadcast {
                         message: body(message),
                     },
-                    Command::JoinRoom { room } => ClientMessage::JoinRoom {
+                    Command::JoinRoom { room, .. } => ClientMessage::JoinRoom {
                         room: room.to_string(),
                     },
                     Command::LeaveRoom { room } => ClientMessage::LeaveRoom {
@@ -1417,6 +1594,7 @@ pub mod typed {
                             })
                             .collect(),
                     },
+                    Command::History { .. } => unreachable!("the library sends no history"),
                 };
                 assert_eq!(seen, message);
             }

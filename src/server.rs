@@ -98,7 +98,8 @@ impl Server {
     /// and the others join it. Must be called inside a tokio runtime. Rooms and clients live
     /// in this process ([`LocalHub`]).
     pub fn bind(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
-        Self::bind_with_router(config, shutdown, Arc::new(LocalHub::new()))
+        let hub = LocalHub::with_history(config.history());
+        Self::bind_with_router(config, shutdown, Arc::new(hub))
     }
 
     /// [`bind`](Self::bind) with the given [`Router`]: where a multi-node backplane plugs in.

@@ -497,3 +497,27 @@ fn a_redis_prefix_with_braces_is_refused_as_it_would_move_keys_between_cluster_s
     let error = load(args(&["--redis-prefix", "app{1}"])).unwrap_err();
     assert!(error.to_string().contains("--redis-prefix"), "{error}");
 }
+
+#[test]
+fn history_needs_both_a_size_and_a_ttl_and_is_one_node_only_for_now() {
+    let config = load(args(&["--history-size", "50", "--history-ttl", "2m"])).unwrap();
+    let history = config.history().expect("on");
+    assert_eq!((history.size, history.ttl.as_secs()), (50, 120));
+    assert_eq!(history.max_recovery, 1000, "the default cap");
+    assert!(
+        load(args(&[])).unwrap().history().is_none(),
+        "off by default"
+    );
+    let error = load(args(&["--history-size", "50"])).unwrap_err();
+    assert!(error.to_string().contains("--history-ttl"), "{error}");
+    let error = load(args(&[
+        "--history-size",
+        "50",
+        "--history-ttl",
+        "2m",
+        "--redis",
+        "redis://127.0.0.1:6379/",
+    ]))
+    .unwrap_err();
+    assert!(error.to_string().contains("not yet available"), "{error}");
+}

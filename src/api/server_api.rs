@@ -12,6 +12,8 @@
 //! - `POST /api/batch {"commands":[{"method":"publish","params":{..}},..]}`: each in order,
 //!   `{"results":[..]}` with one answer (or `{"error","status"}`) per command.
 //! - `GET /api/rooms?prefix=`: the rooms and their member counts, by name.
+//! - `GET /api/rooms/{room}/history?limit=&since=` (with history on): the room's last
+//!   messages, or those after an offset.
 //!
 //! Listings and disconnects cover every node (see [`super::listing`]).
 //! - `GET /api/rooms/{room}` (the name percent-encoded): the members, each with its client id,
@@ -56,6 +58,10 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
     match (parts.method.as_str(), parts.uri.path()) {
         ("GET", "/api/stats") => super::stats::stats(node),
         ("GET", "/api/rooms") => listing::rooms(parts.uri.query(), node).await,
+        ("GET", path) if path.starts_with("/api/rooms/") && path.ends_with("/history") => {
+            let room = &path["/api/rooms/".len()..path.len() - "/history".len()];
+            history(room, parts.uri.query(), node)
+        }
         ("GET", path) if path.starts_with("/api/rooms/") => {
             listing::presence(&path["/api/rooms/".len()..], node).await
         }
@@ -84,6 +90,59 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
         ) => json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => json_error(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// `GET /api/rooms/{room}/history?limit=N&since=O`: `{"room","messages":[...],"offset","epoch"}`,
+/// the last N messages kept (at most `--history-size`, the default), or the first N after
+/// offset O; 404 when history is off.
+fn history(encoded: &str, query: Option<&str>, node: &Node) -> Response<Full<Bytes>> {
+    let Some(config) = node.config.history() else {
+        return json_error(StatusCode::NOT_FOUND, "history is off (--history-size)");
+    };
+    let Ok(room) = percent_encoding::percent_decode_str(encoded).decode_utf8() else {
+        return json_error(StatusCode::BAD_REQUEST, "room name is not UTF-8");
+    };
+    let (mut limit, mut since) = (config.size, None);
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let number = match value.parse::<u64>() {
+            Ok(number) => number,
+            Err(_) => {
+                let text = format!("{key} must be a non-negative integer");
+                return json_error(StatusCode::BAD_REQUEST, &text);
+            }
+        };
+        match &*key {
+            "limit" if number > 0 => limit = (number as usize).min(config.size),
+            "limit" => return json_error(StatusCode::BAD_REQUEST, "limit must be positive"),
+            "since" => since = Some(number),
+            _ => {}
+        }
+    }
+    let Some(page) = node.router.history(&room, limit, since) else {
+        return json_error(StatusCode::NOT_FOUND, "history is off (--history-size)");
+    };
+    // The object a member's `history` gets, less its type; messages as kept, byte for byte.
+    let size: usize = page.messages.iter().map(|m| m.len() + 1).sum();
+    let mut body = Vec::with_capacity(96 + room.len() + size);
+    body.extend_from_slice(br#"{"room":"#);
+    body.extend_from_slice(serde_json::to_string(&*room).unwrap_or_default().as_bytes());
+    body.extend_from_slice(br#","messages":["#);
+    for (at, message) in page.messages.iter().enumerate() {
+        if at > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(message);
+    }
+    body.extend_from_slice(br#"],"offset":"#);
+    body.extend_from_slice(page.offset.to_string().as_bytes());
+    body.extend_from_slice(br#","epoch":"#);
+    body.extend_from_slice(
+        serde_json::to_string(&*page.epoch)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    body.push(b'}');
+    super::with_type(Bytes::from(body), "application/json")
 }
 
 /// The key from `Authorization: Bearer KEY` or `X-API-Key: KEY`, compared in constant time.

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{Broker, Delivery, Joining, Publication};
-use crate::hub::{Member, Router};
+use crate::hub::{Member, Router, Since};
 
 /// Delivers every publication to the local hub; subscriptions need no bookkeeping.
 pub struct MemoryBroker {
@@ -23,8 +23,11 @@ impl Broker for MemoryBroker {
         Delivery::Done(self.hub.deliver(publication))
     }
 
-    fn join(&self, room: &str, member: &Member) -> Joining {
-        Joining::Done(self.hub.join(room, member))
+    fn join(&self, room: &str, member: &Member, since: Option<&Since>) -> Joining {
+        Joining::Done(match since {
+            Some(since) => self.hub.join_since(room, member, since),
+            None => self.hub.join(room, member),
+        })
     }
 
     fn leave(&self, room: &str, member: &Member) -> Option<usize> {

@@ -22,7 +22,7 @@ use crate::api::webhooks::Webhooks;
 use crate::config::Config;
 use tokio::sync::oneshot;
 
-use crate::hub::{ConnId, Joined, Member, RecipientNotFound, Router};
+use crate::hub::{ConnId, Joined, Member, RecipientNotFound, Router, Since};
 use crate::metrics::Metrics;
 use crate::protocol::Body;
 use query::{Gathered, Query, Responder};
@@ -167,7 +167,8 @@ pub trait Broker: Send + Sync + 'static {
     /// `member` joins `room` (the session made every other check). One node: the hub adds it
     /// and tells the members at once. Several: the broker also counts it cluster-wide, tells
     /// every node's members, and answers the joiner's count later.
-    fn join(&self, room: &str, member: &Member) -> Joining;
+    /// `since`: the client opted in to the room's history (see [`Router::join_since`]).
+    fn join(&self, room: &str, member: &Member, since: Option<&Since>) -> Joining;
 
     /// `member` leaves `room`: `Some` of how many local members remain, `None` (nothing done)
     /// when it was not a member. Its room-mates on every node are told.

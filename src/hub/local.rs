@@ -16,15 +16,17 @@
 //! membership checks are O(1), and fan-out walks contiguous memory.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 use bytes::Bytes;
 use dashmap::DashMap;
 
 use super::{
-    ConnId, Joined, Local, Member, MemberChange, Presence, RecipientNotFound, RoomMessageError,
-    Router,
+    ConnId, HistoryPage, Joined, Local, Member, MemberChange, Presence, RecipientNotFound,
+    RoomMessageError, Router, Since,
 };
+use crate::history::{HistoryConfig, Recovery, RoomHistory};
 use tokio::sync::oneshot;
 
 use crate::broker::{Publication, Target};
@@ -34,6 +36,10 @@ use crate::protocol;
 #[derive(Default)]
 struct Members {
     list: Vec<Member>,
+    /// Beside `list`: whether each member opted in to offsets (joined with `since`), and how
+    /// many did; while none did, the fan-out loop is the plain one.
+    opted: Vec<bool>,
+    opted_count: usize,
     index: HashMap<ConnId, usize>,
     /// Members whose join a cluster broker is still making (see [`Router::join_pending`]): not
     /// in the fan-out list yet, so the hot loop never looks at them; each with what its
@@ -69,14 +75,16 @@ impl Members {
         };
         let (member, activated) = self.pending.swap_remove(at);
         member.outbox.push(protocol::room_joined(room_name, total));
-        self.insert(member);
+        self.insert(member, false);
         let _ = activated.send(());
         true
     }
 
-    fn insert(&mut self, member: Member) {
+    fn insert(&mut self, member: Member, opted: bool) {
         self.index.insert(member.conn, self.list.len());
         self.list.push(member);
+        self.opted.push(opted);
+        self.opted_count += usize::from(opted);
     }
 
     fn remove(&mut self, conn: ConnId) -> bool {
@@ -84,6 +92,7 @@ impl Members {
             return false;
         };
         self.list.swap_remove(position);
+        self.opted_count -= usize::from(self.opted.swap_remove(position));
         if let Some(moved) = self.list.get(position) {
             self.index.insert(moved.conn, position);
         }
@@ -103,6 +112,54 @@ impl Members {
         }
         delivered
     }
+
+    /// [`Members::deliver`] of a room message with history on: `frame` to the members,
+    /// `with_offset` to those who opted in to offsets.
+    fn deliver_with_offset(
+        &self,
+        frame: &Bytes,
+        with_offset: &Bytes,
+        except: Option<ConnId>,
+    ) -> usize {
+        if self.opted_count == 0 {
+            return self.deliver(frame, except);
+        }
+        let (plain, offset) = (Arc::new(frame.clone()), Arc::new(with_offset.clone()));
+        let mut delivered = 0;
+        for (member, opted) in self.list.iter().zip(&self.opted) {
+            if Some(member.conn) != except {
+                let frame = if *opted { &offset } else { &plain };
+                member.outbox.push_shared(frame.clone());
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+}
+
+/// The rooms' histories (`--history-size`, `--history-ttl`), apart from the rooms: a history
+/// outlives its room's members (a client that was the last one out recovers too) and goes
+/// when idle past its TTL. Lock order: a room's members, then its history.
+struct Histories {
+    config: HistoryConfig,
+    rooms: DashMap<Arc<str>, Arc<Mutex<RoomHistory>>>,
+}
+
+impl Histories {
+    fn of(&self, room: &str) -> Arc<Mutex<RoomHistory>> {
+        if let Some(history) = self.rooms.get(room) {
+            return history.clone();
+        }
+        self.rooms
+            .entry(Arc::from(room))
+            .or_insert_with(|| Arc::new(Mutex::new(RoomHistory::new(Instant::now()))))
+            .clone()
+    }
+}
+
+fn locked(history: &Mutex<RoomHistory>) -> std::sync::MutexGuard<'_, RoomHistory> {
+    // Each change is a few infallible steps: a panic elsewhere leaves it consistent.
+    history.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Default)]
@@ -134,11 +191,24 @@ pub struct LocalHub {
     metadata: DashMap<ConnId, Bytes>,
     /// `--echo-path` connections, which are in neither rooms nor the directory.
     echo: DashMap<ConnId, Outbox>,
+    /// The rooms' histories, when on.
+    history: Option<Histories>,
 }
 
 impl LocalHub {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A hub keeping each room's history as `config` says (none: off, as [`LocalHub::new`]).
+    pub fn with_history(config: Option<HistoryConfig>) -> Self {
+        Self {
+            history: config.map(|config| Histories {
+                config,
+                rooms: DashMap::new(),
+            }),
+            ..Self::default()
+        }
     }
 
     fn room(&self, name: &str) -> Option<Arc<Room>> {
@@ -152,6 +222,7 @@ impl LocalHub {
         room_name: &str,
         member: &Member,
         pending: Option<oneshot::Sender<()>>,
+        since: Option<&Since>,
     ) -> Joined {
         loop {
             // Usually the room exists: a shared lookup, with no key to allocate and no shard
@@ -178,14 +249,56 @@ impl LocalHub {
                     members: members.len(),
                 };
             }
-            members.insert(member.clone());
+            let history = since.zip(self.history.as_ref());
+            members.insert(member.clone(), history.is_some());
             let count = members.list.len();
-            member.outbox.push(protocol::room_joined(room_name, count));
+            match history {
+                None => {
+                    member.outbox.push(protocol::room_joined(room_name, count));
+                }
+                // Under the room's lock, which every message of the room takes first: what is
+                // replayed and what comes live meet with no gap and no duplicate.
+                Some((since, histories)) => {
+                    Self::joined_at(room_name, member, count, since, histories)
+                }
+            }
             if count > 1 {
                 let frame = protocol::member_joined(room_name, &member.client_id, count);
                 members.deliver(&frame, Some(member.conn));
             }
             return Joined::Added { members: count };
+        }
+    }
+
+    /// The `room_joined` of a client that opted in to offsets, then what it missed, if all of
+    /// it is kept.
+    fn joined_at(
+        room_name: &str,
+        member: &Member,
+        count: usize,
+        since: &Since,
+        histories: &Histories,
+    ) {
+        let history = histories.of(room_name);
+        let mut history = locked(&history);
+        let replay = match since {
+            Since::Now => None,
+            Since::Saw { offset, epoch } => {
+                match history.since(*offset, epoch, Instant::now(), &histories.config) {
+                    Recovery::Recovered(frames) => Some(frames),
+                    Recovery::NotRecovered => None,
+                }
+            }
+        };
+        member.outbox.push(protocol::room_joined_at(
+            room_name,
+            count,
+            history.top(),
+            history.epoch(),
+            replay.is_some(),
+        ));
+        for frame in replay.unwrap_or_default() {
+            member.outbox.push(frame);
         }
     }
 
@@ -216,6 +329,42 @@ impl LocalHub {
     }
 }
 
+impl LocalHub {
+    /// A room message with history on: appended to the room's history (members or not) with
+    /// the next offset, and delivered, the seed's frame to the members and the offset-carrying
+    /// one (encoded once, the one kept) to those who opted in.
+    fn deliver_kept(
+        &self,
+        histories: &Histories,
+        publication: &Publication<'_>,
+        room_name: &str,
+    ) -> usize {
+        let frame = protocol::room_message(
+            room_name,
+            publication.from,
+            &publication.message,
+            publication.timestamp,
+        );
+        let history = histories.of(room_name);
+        let room = self.room(room_name);
+        let members = room.as_ref().map(|room| room.read());
+        let mut history = locked(&history);
+        let with_offset = protocol::room_message_at(
+            room_name,
+            publication.from,
+            &publication.message,
+            publication.timestamp,
+            history.next_offset(),
+        );
+        history.append(with_offset.clone(), Instant::now(), &histories.config);
+        // Delivered before the history is let go: two publishers in one room deliver in the
+        // order of their offsets.
+        members.map_or(0, |members| {
+            members.deliver_with_offset(&frame, &with_offset, publication.except)
+        })
+    }
+}
+
 impl Router for LocalHub {
     fn connect(&self, member: &Member) {
         self.clients
@@ -241,7 +390,36 @@ impl Router for LocalHub {
     }
 
     fn join(&self, room_name: &str, member: &Member) -> Joined {
-        self.add(room_name, member, None)
+        self.add(room_name, member, None, None)
+    }
+
+    fn join_since(&self, room_name: &str, member: &Member, since: &Since) -> Joined {
+        self.add(room_name, member, None, Some(since))
+    }
+
+    fn history(&self, room_name: &str, limit: usize, since: Option<u64>) -> Option<HistoryPage> {
+        let histories = self.history.as_ref()?;
+        let history = histories.of(room_name);
+        let mut history = locked(&history);
+        let (now, ttl) = (Instant::now(), histories.config.ttl);
+        let frames = match since {
+            None => history.last(limit, now, ttl),
+            Some(since) => history.after(since, limit, now, ttl),
+        };
+        Some(HistoryPage {
+            messages: frames.iter().map(protocol::frame_payload).collect(),
+            offset: history.top(),
+            epoch: history.epoch().clone(),
+        })
+    }
+
+    fn expire_history(&self) {
+        if let Some(histories) = &self.history {
+            let now = Instant::now();
+            histories
+                .rooms
+                .retain(|_, history| !locked(history).is_idle(now, histories.config.ttl));
+        }
     }
 
     fn join_pending(
@@ -250,7 +428,7 @@ impl Router for LocalHub {
         member: &Member,
         activated: oneshot::Sender<()>,
     ) -> Joined {
-        self.add(room_name, member, Some(activated))
+        self.add(room_name, member, Some(activated), None)
     }
 
     fn activate(&self, room_name: &str, member: &Member, total: usize) -> bool {
@@ -323,6 +501,9 @@ impl Router for LocalHub {
         } = publication;
         match *target {
             Target::Room(room_name) => {
+                if let Some(histories) = &self.history {
+                    return Ok(self.deliver_kept(histories, publication, room_name));
+                }
                 let Some(room) = self.room(room_name) else {
                     return Ok(0);
                 };

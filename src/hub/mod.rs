@@ -60,6 +60,18 @@ pub struct Presence {
     pub metadata: Option<bytes::Bytes>,
 }
 
+pub use crate::protocol::Since;
+
+/// The last messages of a room's history, for the `history` command and the server API.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// Each message's JSON object (the opted-in `room_message`, with its offset), oldest first.
+    pub messages: Vec<bytes::Bytes>,
+    /// The offset of the room's last message (0: none yet).
+    pub offset: u64,
+    pub epoch: Arc<str>,
+}
+
 /// Result of [`Router::join`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Joined {
@@ -109,6 +121,23 @@ pub trait Router: Send + Sync + 'static {
     /// room is deleted. Returns how many were told, or `None` (having done nothing) if it was
     /// not a member.
     fn leave(&self, room: &str, member: &Member) -> Option<usize>;
+
+    /// [`Router::join`] for a client that opted in to offsets (`since`): with history on, its
+    /// `room_joined` carries the room's offset and epoch and whether what it missed was
+    /// recovered (then replayed right after it, before anything newer), and the room's messages
+    /// reach it with their offsets. Without history, a plain join.
+    fn join_since(&self, room: &str, member: &Member, _since: &Since) -> Joined {
+        self.join(room, member)
+    }
+
+    /// The last `limit` messages of `room`'s history, or with `since` the first `limit` after
+    /// that offset; `None` when history is off.
+    fn history(&self, _room: &str, _limit: usize, _since: Option<u64>) -> Option<HistoryPage> {
+        None
+    }
+
+    /// Drops the histories that have been idle past their TTL (called now and then).
+    fn expire_history(&self) {}
 
     /// Adds `member` to `room` as pending, for a broker that spans nodes: it is counted in
     /// `Joined::Added` (local members, pending ones included) but receives nothing, and nobody

@@ -27,10 +27,12 @@ use crate::hub::{Joined, Member, RecipientNotFound, RoomMessageError};
 use crate::limits::{self, Rate, RateLimiter};
 use crate::node::Node;
 use crate::outbox::CloseRequest;
-use crate::protocol::{self, close_code, Body, Command, DecodeError, Metadata, MetadataUpdate};
+use crate::protocol::{
+    self, close_code, Body, Command, DecodeError, Metadata, MetadataUpdate, Since,
+};
 
 /// `metrics::MESSAGE_TYPES` index of messages that did not decode.
-const INVALID: usize = 6;
+const INVALID: usize = 7;
 
 /// A connection's link to the join and publish proxies.
 struct AppLink {
@@ -189,7 +191,7 @@ impl Session {
             return self.reply_error(text);
         }
         match deferred {
-            Deferred::Join(room) => self.complete_join(&room),
+            Deferred::Join(room, since) => self.complete_join(&room, since.as_ref()),
             Deferred::RoomMessage { room, message } => {
                 let message = match &verdict {
                     Verdict::Replace(new) => new,
@@ -253,6 +255,7 @@ impl Session {
             Command::RoomMessage { .. } => 3,
             Command::PrivateMessage { .. } => 4,
             Command::SetMetadata { .. } => 5,
+            Command::History { .. } => 6,
         };
         self.node.metrics.message_in(kind);
         // Disabled unless RUST_LOG asks for debug: then one check of a cached level per message.
@@ -263,11 +266,28 @@ impl Session {
         );
         match command {
             Command::Broadcast { message } => self.broadcast(message),
-            Command::JoinRoom { room } => self.join_room(&room),
+            Command::JoinRoom { room, since } => self.join_room(&room, since),
             Command::LeaveRoom { room } => self.leave_room(&room),
             Command::RoomMessage { room, message } => self.room_message(&room, message),
             Command::PrivateMessage { to, message } => self.private_message(&to, message),
             Command::SetMetadata { metadata } => self.set_metadata(metadata),
+            Command::History { room, limit } => self.history(&room, limit),
+        }
+    }
+
+    /// `history`: the room's last messages, for its members, with history on; without it the
+    /// seed's answer to a type it does not know.
+    fn history(&mut self, room: &str, limit: Option<u64>) {
+        let Some(config) = self.node.config.history() else {
+            return self.reply_error("Unknown message type: history");
+        };
+        if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
+            return self.reply_error(&refusal.to_string());
+        }
+        let limit = limit.map_or(config.size, |limit| limit.min(config.size as u64) as usize);
+        if let Some(page) = self.node.router.history(room, limit, None) {
+            let reply = protocol::history(room, &page.messages, page.offset, &page.epoch);
+            self.member.outbox.push(reply);
         }
     }
 
@@ -338,7 +358,7 @@ impl Session {
         })
     }
 
-    fn join_room(&mut self, room: &str) {
+    fn join_room(&mut self, room: &str, since: Option<Since>) {
         if room.is_empty() {
             return self.reply_error(protocol::errors::ROOM_REQUIRED);
         }
@@ -366,14 +386,14 @@ impl Session {
                 metadata: &metadata,
             })
             .expect("a join call serializes");
-            return self.ask_app(Proxy::Join, body, Deferred::Join(room.into()));
+            return self.ask_app(Proxy::Join, body, Deferred::Join(room.into(), since));
         }
-        self.complete_join(room);
+        self.complete_join(room, since.as_ref());
     }
 
     /// The join, once every check (and the app, when asked) allowed it.
-    fn complete_join(&mut self, room: &str) {
-        match self.node.broker.join(room, &self.member) {
+    fn complete_join(&mut self, room: &str, since: Option<&Since>) {
+        match self.node.broker.join(room, &self.member, since) {
             Joining::Done(Joined::AlreadyMember) => {}
             Joining::Done(Joined::Added { members }) => {
                 self.joined(room, members);

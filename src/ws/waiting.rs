@@ -24,7 +24,7 @@ const BACKLOG_BYTES: usize = 256 * 1024;
 
 /// What a proxy call is deciding.
 pub enum Deferred {
-    Join(Box<str>),
+    Join(Box<str>, Option<crate::protocol::Since>),
     RoomMessage {
         room: Box<str>,
         message: Box<RawValue>,

@@ -175,7 +175,7 @@ pub async fn start_server_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
     if std::env::var_os("ROOMCAST_TEST_CLUSTER").is_some() {
         return start_cluster(tweak).await;
     }
-    start_server_routed(tweak, Arc::new(roomcast::hub::LocalHub::new())).await
+    start_server_on(tweak, None).await
 }
 
 async fn start_cluster(tweak: impl FnOnce(&mut Config)) -> TestServer {
@@ -261,6 +261,15 @@ pub async fn start_server_routed(
     tweak: impl FnOnce(&mut Config),
     router: Arc<dyn roomcast::hub::Router>,
 ) -> TestServer {
+    start_server_on(tweak, Some(router)).await
+}
+
+/// Starts a server delivering through `router`, or through the hub its configuration makes
+/// (with the rooms' history when configured).
+async fn start_server_on(
+    tweak: impl FnOnce(&mut Config),
+    router: Option<Arc<dyn roomcast::hub::Router>>,
+) -> TestServer {
     raise_open_file_limit();
     let mut config = Config::with_listen("127.0.0.1:0".parse().unwrap());
     config.workers = 2;
@@ -275,10 +284,19 @@ pub async fn start_server_routed(
         }
         None => None,
     };
+    // ROOMCAST_TEST_HISTORY=1: every room keeps a history, so a suite shows that seed clients
+    // (who never send `since`) see the very frames they saw without it.
+    if std::env::var_os("ROOMCAST_TEST_HISTORY").is_some() {
+        config.history_size = 100;
+        config.history_ttl = Duration::from_secs(60);
+    }
     tweak(&mut config);
     let shutdown = CancellationToken::new();
-    let server =
-        roomcast::Server::bind_with_router(config, shutdown.clone(), router).expect("bind");
+    let server = match router {
+        Some(router) => roomcast::Server::bind_with_router(config, shutdown.clone(), router),
+        None => roomcast::Server::bind(config, shutdown.clone()),
+    }
+    .expect("bind");
     let addr = server.local_addr();
     let handle = server.handle();
     let task = tokio::spawn(server.run());
