@@ -1222,12 +1222,12 @@ mod tests {
 /// ```
 /// use roomcast::protocol::typed::{ClientMessage, ServerMessage};
 ///
-/// let join = ClientMessage::JoinRoom { room: "lobby".into() };
+/// let join = ClientMessage::join("lobby");
 /// assert_eq!(join.to_json(), r#"{"type":"join_room","room":"lobby"}"#);
 ///
 /// let reply: ServerMessage =
 ///     serde_json::from_str(r#"{"type":"room_joined","room":"lobby","members":2}"#).unwrap();
-/// assert_eq!(reply, ServerMessage::RoomJoined { room: "lobby".into(), members: 2 });
+/// assert!(matches!(reply, ServerMessage::RoomJoined { members: 2, offset: None, .. }));
 /// ```
 pub mod typed {
     use serde::{Deserialize, Serialize};
@@ -1243,8 +1243,13 @@ pub mod typed {
     pub enum ClientMessage {
         /// `{"type":"broadcast","message":M}`: to every other connected client.
         Broadcast { message: Value },
-        /// `{"type":"join_room","room":R}`
-        JoinRoom { room: String },
+        /// `{"type":"join_room","room":R}`; with `since`, opted in to the room's history
+        /// (`"since":{}`, or the position last seen, to recover what came after).
+        JoinRoom {
+            room: String,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            since: Option<Position>,
+        },
         /// `{"type":"leave_room","room":R}`
         LeaveRoom { room: String },
         /// `{"type":"room_message","room":R,"message":M}`: to every other member of `room`.
@@ -1256,7 +1261,25 @@ pub mod typed {
         SetMetadata { metadata: Map<String, Value> },
     }
 
+    /// A position in a room's history: the last offset seen, of which epoch. Both `None`:
+    /// `{}`, offsets from now on.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Position {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub offset: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub epoch: Option<String>,
+    }
+
     impl ClientMessage {
+        /// `join_room` without `since`, as the seed's clients send it.
+        pub fn join(room: impl Into<String>) -> Self {
+            ClientMessage::JoinRoom {
+                room: room.into(),
+                since: None,
+            }
+        }
+
         /// The message as the JSON text of one frame.
         pub fn to_json(&self) -> String {
             // Strings, maps with string keys and `Value`s always serialize.
@@ -1283,8 +1306,19 @@ pub mod typed {
             message: Value,
             timestamp: u64,
         },
-        /// The reply to this client's `join_room` (no timestamp, as in the seed).
-        RoomJoined { room: String, members: u64 },
+        /// The reply to this client's `join_room` (no timestamp, as in the seed). With `since`
+        /// and history on, also the room's last `offset`, its `epoch`, and whether what was
+        /// missed since the position given was `recovered` (and follows).
+        RoomJoined {
+            room: String,
+            members: u64,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            offset: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            epoch: Option<String>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            recovered: Option<bool>,
+        },
         /// Someone else joined a room this client is in.
         MemberJoined {
             room: String,
@@ -1297,12 +1331,15 @@ pub mod typed {
             client_id: String,
             total_members: u64,
         },
-        /// Another member's message to a room this client is in.
+        /// Another member's message to a room this client is in; `offset` in its room's
+        /// history when this client joined with `since` and history is on.
         RoomMessage {
             room: String,
             from: String,
             message: Value,
             timestamp: u64,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            offset: Option<u64>,
         },
         /// A private message to this client (or to its user).
         PrivateMessage {
@@ -1390,7 +1427,10 @@ pub mod typed {
                 typed(&room_joined("lobby", 2)),
                 ServerMessage::RoomJoined {
                     room: "lobby".into(),
-                    members: 2
+                    members: 2,
+                    offset: None,
+                    epoch: None,
+                    recovered: None,
                 }
             );
             assert_eq!(
@@ -1420,7 +1460,8 @@ pub mod typed {
                     room: "lobby".into(),
                     from: "client_4".into(),
                     message: json!("quote \" é"),
-                    timestamp: 5
+                    timestamp: 5,
+                    offset: None,
                 }
             );
             assert_eq!(
@@ -1497,7 +1538,7 @@ pub mod typed {
                     r#"{"type":"broadcast","message":"hi"}"#,
                 ),
                 (
-                    ClientMessage::JoinRoom { room: "x".into() },
+                    ClientMessage::join("x"),
                     r#"{"type":"join_room","room":"x"}"#,
                 ),
                 (
@@ -1542,9 +1583,7 @@ pub mod typed {
                 ClientMessage::Broadcast {
                     message: json!("hi"),
                 },
-                ClientMessage::JoinRoom {
-                    room: "lobby".into(),
-                },
+                ClientMessage::join("lobby"),
                 ClientMessage::LeaveRoom {
                     room: "lobby".into(),
                 },
@@ -1572,9 +1611,7 @@ pub mod typed {
                     Command::Broadcast { message } => ClientMessage::Broadcast {
                         message: body(message),
                     },
-                    Command::JoinRoom { room, .. } => ClientMessage::JoinRoom {
-                        room: room.to_string(),
-                    },
+                    Command::JoinRoom { room, .. } => ClientMessage::join(room.as_ref()),
                     Command::LeaveRoom { room } => ClientMessage::LeaveRoom {
                         room: room.to_string(),
                     },
@@ -1610,7 +1647,10 @@ pub mod typed {
                 message,
                 ServerMessage::RoomJoined {
                     room: "r".into(),
-                    members: 1
+                    members: 1,
+                    offset: None,
+                    epoch: None,
+                    recovered: None,
                 }
             );
             assert!(serde_json::from_str::<ServerMessage>(r#"{"type":"presence"}"#).is_err());

@@ -865,3 +865,81 @@ async fn keepalive_notices_a_frozen_server_and_the_client_reconnects() {
     observer.close().await;
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_dropped_connection_the_library_recovers_the_missed_messages_by_itself() {
+    let server = start_server_with(|config| {
+        config.history_size = 100;
+        config.history_ttl = Duration::from_secs(60);
+        config.api_key = Some("recover-key".into());
+    })
+    .await;
+    // Back after 1 s: the five messages below are all out by then (each is one frame).
+    let slow = ReconnectPolicy {
+        initial_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(1),
+        jitter: Jitter::None,
+        ..ReconnectPolicy::default()
+    };
+    let config = ClientConfig::new(server.url()).reconnect(slow);
+    let mut client = Client::connect(config).unwrap();
+    let (first_id, _) = connected(&mut client).await;
+    client.join_room("feed").unwrap();
+    joined(&mut client, "feed").await;
+    let mut publisher = RawClient::connect(&server).await;
+    publisher.join("feed").await;
+    publisher
+        .send(json!({"type": "room_message", "room": "feed", "message": "before"}))
+        .await;
+    room_message(&mut client, "feed", "before").await;
+
+    // The connection is cut (as a network drop would); five messages go out meanwhile.
+    let body = json!({"client_id": first_id, "code": 4000}).to_string();
+    let auth = "Authorization: Bearer recover-key";
+    let (status, _) = common::http_json(server.addr, "POST", "/api/disconnect", auth, &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        recv_type(&mut publisher, "member_left").await["client_id"],
+        first_id
+    );
+    for n in 0..5 {
+        publisher
+            .send(json!({"type": "room_message", "room": "feed", "message": format!("missed {n}")}))
+            .await;
+    }
+    // Answered after them: they are in the room's history.
+    publisher
+        .send(json!({"type": "history", "room": "feed", "limit": 1}))
+        .await;
+    recv_type(&mut publisher, "history").await;
+    // Back under a new id: its rejoin says what it saw, and the server replays the rest.
+    let rejoined = expect_event(
+        &mut client,
+        "the rejoin's room_joined",
+        |e| matches!(e, Event::Message(ServerMessage::RoomJoined { room, .. }) if room == "feed"),
+    )
+    .await;
+    let Event::Message(ServerMessage::RoomJoined {
+        recovered, offset, ..
+    }) = rejoined
+    else {
+        unreachable!()
+    };
+    assert_eq!(recovered, Some(true), "told that the gap was recovered");
+    assert_eq!(offset, Some(6));
+    for n in 0..5 {
+        let event = expect_event(&mut client, "a replayed message", |e| {
+            matches!(e, Event::Message(ServerMessage::RoomMessage { .. }))
+        })
+        .await;
+        let Event::Message(ServerMessage::RoomMessage {
+            message, offset, ..
+        }) = event
+        else {
+            unreachable!()
+        };
+        assert_eq!(message, json!(format!("missed {n}")));
+        assert_eq!(offset, Some(n + 2));
+    }
+    client.close().await;
+}

@@ -130,7 +130,7 @@ async fn interactive(args: ClientArgs) -> ExitCode {
     };
     let mut shell = Shell::new(args.url.clone(), args.json);
     for room in &args.rooms {
-        let join = ClientMessage::JoinRoom { room: room.clone() };
+        let join = ClientMessage::join(room.clone());
         shell.apply(&join);
         if let Err(error) = client.send(join) {
             eprintln!("roomcast client: {error}");
@@ -328,9 +328,7 @@ pub(crate) fn parse_input(
         .unwrap_or((command, ""));
     let rest = rest.trim();
     match name {
-        "join" if !rest.is_empty() => Ok(Input::Send(ClientMessage::JoinRoom {
-            room: rest.to_owned(),
-        })),
+        "join" if !rest.is_empty() => Ok(Input::Send(ClientMessage::join(rest))),
         "join" => Err("usage: /join ROOM".into()),
         "leave" => match (rest, current_room) {
             ("", None) => Err("usage: /leave ROOM".into()),
@@ -392,7 +390,7 @@ impl Shell {
     /// Follows joins and leaves for the current room.
     fn apply(&mut self, message: &ClientMessage) {
         match message {
-            ClientMessage::JoinRoom { room } => {
+            ClientMessage::JoinRoom { room, .. } => {
                 self.rooms.retain(|r| r != room);
                 self.rooms.push(room.clone());
             }
@@ -483,8 +481,18 @@ pub(crate) fn describe(message: &ServerMessage) -> String {
         ServerMessage::Broadcast { from, message, .. } => {
             format!("[broadcast] {}: {}", short(from), text(message))
         }
-        ServerMessage::RoomJoined { room, members: n } => {
-            format!("[{}] * joined ({})", sanitize(room), members(*n))
+        ServerMessage::RoomJoined {
+            room,
+            members: n,
+            recovered,
+            ..
+        } => {
+            let recovery = match recovered {
+                Some(true) => ", missed messages recovered",
+                Some(false) => ", missed messages not recovered",
+                None => "",
+            };
+            format!("[{}] * joined ({}{recovery})", sanitize(room), members(*n))
         }
         ServerMessage::MemberJoined {
             room,
@@ -591,9 +599,7 @@ mod tests {
     fn slash_commands() {
         assert_eq!(
             parse("/join  news ", None),
-            send(ClientMessage::JoinRoom {
-                room: "news".into()
-            })
+            send(ClientMessage::join("news"))
         );
         assert!(parse("/join", None).is_err());
         assert_eq!(
@@ -646,7 +652,7 @@ mod tests {
         let mut shell = Shell::new("ws://x/".into(), false);
         assert_eq!(shell.current_room(), None);
         for room in ["a", "b", "a"] {
-            shell.apply(&ClientMessage::JoinRoom { room: room.into() });
+            shell.apply(&ClientMessage::join(room));
         }
         assert_eq!(shell.current_room(), Some("a"));
         shell.apply(&ClientMessage::LeaveRoom { room: "a".into() });
@@ -682,14 +688,18 @@ mod tests {
                 room: "lobby".into(),
                 from: id.into(),
                 message: json!("hello"),
-                timestamp: 1
+                timestamp: 1,
+                offset: None,
             }),
             "[lobby] client_ab12cd34…: hello"
         );
         assert_eq!(
             describe(&ServerMessage::RoomJoined {
                 room: "lobby".into(),
-                members: 1
+                members: 1,
+                offset: None,
+                epoch: None,
+                recovered: None,
             }),
             "[lobby] * joined (1 member)"
         );

@@ -41,6 +41,14 @@
 //! event stream then ends, as it does after [`Client::close`] or when
 //! [`ReconnectPolicy::max_attempts`] is reached.
 //!
+//! # Recovering what was missed
+//! Each join asks the server for offsets (`since`); the client remembers each room's last
+//! offset and epoch from its `room_joined` and messages, and a rejoin after a reconnection
+//! sends them. A server that keeps history (`--history-size`) replays what was missed right
+//! after the rejoin's `room_joined`, whose `recovered` is `Some(true)`; `Some(false)` means
+//! the gap could not be filled (reload the application's state); `None`, a server without
+//! history. Nothing to do in the application but look at `recovered`.
+//!
 //! # Delivery
 //! Messages leave in the order they were queued. While disconnected, at most
 //! [`ClientConfig::queue_capacity`] messages wait; one more is refused with
@@ -68,7 +76,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::protocol::typed::{ClientMessage, ServerMessage};
+pub use crate::protocol::typed::{ClientMessage, Position, ServerMessage};
 pub use backoff::{Jitter, ReconnectPolicy};
 
 /// Everything a [`Client`] needs; [`ClientConfig::new`] gives the defaults, the methods of the
@@ -385,7 +393,7 @@ impl ClientSender {
     /// Joins `room` (the server answers with a `room_joined` event); the client joins it again
     /// after every reconnection until [`leave_room`](Self::leave_room).
     pub fn join_room(&self, room: impl Into<String>) -> Result<(), ClientError> {
-        self.send(ClientMessage::JoinRoom { room: room.into() })
+        self.send(ClientMessage::join(room))
     }
 
     /// Leaves `room` (no reply).

@@ -1,5 +1,6 @@
 //! The background task of one client: connect, run the session, reconnect with backoff.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -15,6 +16,7 @@ use tracing::debug;
 use super::transport::{Failure, Target, Ws};
 use super::{ClientConfig, ClientMessage, Event, ReconnectPolicy, ServerMessage};
 use crate::protocol::close_code;
+use crate::protocol::typed::Position;
 
 /// How long closing may take: sending what is queued, the close frame, the server's reply.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -40,6 +42,9 @@ pub(crate) struct Task {
     finished: CancellationToken,
     /// Rooms joined and not left, in the order joined: joined again on every reconnection.
     rooms: Vec<String>,
+    /// Where each room's history stood in what this client received (the last offset and the
+    /// epoch): sent as `since` when it joins again, so what it missed is replayed.
+    positions: HashMap<String, Position>,
     /// Everything set with `set_metadata`, merged: sent again on every reconnection.
     metadata: Map<String, Value>,
     /// Messages whose write failed: sent again after reconnecting.
@@ -65,6 +70,7 @@ impl Task {
             close,
             finished,
             rooms: Vec::new(),
+            positions: HashMap::new(),
             metadata: Map::new(),
             unsent: Vec::new(),
         }
@@ -185,11 +191,10 @@ impl Task {
                 metadata: self.metadata.clone(),
             });
         }
-        restore.extend(
-            self.rooms
-                .iter()
-                .map(|room| ClientMessage::JoinRoom { room: room.clone() }),
-        );
+        restore.extend(self.rooms.iter().map(|room| ClientMessage::JoinRoom {
+            room: room.clone(),
+            since: Some(self.positions.get(room).cloned().unwrap_or_default()),
+        }));
         // Room and metadata changes among the unsent are already in the state just restored.
         restore.extend(self.unsent.iter().filter(|m| !is_state(m)).cloned());
         if let Err(reason) = self.write(&mut ws, &restore).await {
@@ -232,7 +237,7 @@ impl Task {
                         // Every handle was dropped.
                         return self.close_gracefully(ws).await;
                     }
-                    for message in &batch {
+                    for message in &mut batch {
                         self.track(message);
                     }
                     if let Err(reason) = self.write(&mut ws, &batch).await {
@@ -294,18 +299,60 @@ impl Task {
         End::Closed
     }
 
-    async fn deliver(&self, text: String) {
-        self.emit(parse(text)).await;
+    async fn deliver(&mut self, text: String) {
+        let event = parse(text);
+        if let Event::Message(message) = &event {
+            self.follow(message);
+        }
+        self.emit(event).await;
     }
 
-    /// Keeps the rooms and metadata to restore after a reconnection.
-    fn track(&mut self, message: &ClientMessage) {
+    /// Keeps each room's history position from what the server sends.
+    fn follow(&mut self, message: &ServerMessage) {
         match message {
-            // An empty name is refused by the server: nothing to restore.
-            ClientMessage::JoinRoom { room } if !room.is_empty() && !self.rooms.contains(room) => {
-                self.rooms.push(room.clone());
+            ServerMessage::RoomJoined {
+                room,
+                offset: Some(offset),
+                epoch: Some(epoch),
+                ..
+            } => {
+                let position = Position {
+                    offset: Some(*offset),
+                    epoch: Some(epoch.clone()),
+                };
+                self.positions.insert(room.clone(), position);
             }
-            ClientMessage::LeaveRoom { room } => self.rooms.retain(|r| r != room),
+            ServerMessage::RoomMessage {
+                room,
+                offset: Some(offset),
+                ..
+            } => {
+                if let Some(position) = self.positions.get_mut(room) {
+                    position.offset = Some(*offset);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Keeps the rooms and metadata to restore after a reconnection. A join opts in to the
+    /// room's history (`since`), so that a rejoin can recover what it missed: a server
+    /// without history ignores it.
+    fn track(&mut self, message: &mut ClientMessage) {
+        match message {
+            ClientMessage::JoinRoom { room, since } => {
+                if since.is_none() {
+                    *since = Some(self.positions.get(room).cloned().unwrap_or_default());
+                }
+                // An empty name is refused by the server: nothing to restore.
+                if !room.is_empty() && !self.rooms.contains(room) {
+                    self.rooms.push(room.clone());
+                }
+            }
+            ClientMessage::LeaveRoom { room } => {
+                self.rooms.retain(|r| r != room);
+                self.positions.remove(room);
+            }
             ClientMessage::SetMetadata { metadata } => {
                 for (key, value) in metadata {
                     self.metadata.insert(key.clone(), value.clone());

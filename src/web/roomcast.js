@@ -15,6 +15,11 @@
 // - Remembers the rooms you joined and the metadata you set, and restores both on every new
 //   connection, before anything else is sent. Your client id changes on reconnect (the server
 //   hands out a new one): read `client.clientId` or listen for `welcome`.
+// - Recovers what it missed while away, where the server keeps history (--history-size): each
+//   join asks for offsets (`since`), the client remembers each room's last offset and epoch,
+//   and a rejoin sends them; the server replays the missed `room_message`s after the
+//   `room_joined`, whose `recovered` says whether it could (false: reload your state). A server
+//   without history ignores `since`.
 // - Queues roomMessage / privateMessage / broadcast calls made while disconnected and sends
 //   them, in order, after the rooms are restored. The queue is bounded (`maxQueue`); when it is
 //   full the oldest message is dropped and a `dropped` event tells you which.
@@ -65,6 +70,8 @@ export class RoomcastClient extends EventTarget {
     this.userId = null;
     /** Joined (or joining) rooms: name -> count of members (null until `room_joined`). */
     this.rooms = new Map();
+    /** Each room's history position as received: name -> {offset, epoch}. */
+    this.positions = new Map();
     /** Metadata set so far, merged as the server merges it. */
     this.metadata = {};
     this._queue = [];
@@ -116,6 +123,7 @@ export class RoomcastClient extends EventTarget {
   /** Leaves `room` (the server sends no reply) and forgets it. */
   leaveRoom(room) {
     if (!this.rooms.delete(room)) return;
+    this.positions.delete(room);
     if (this._isOpen()) this._send({ type: "leave_room", room });
   }
 
@@ -195,6 +203,14 @@ export class RoomcastClient extends EventTarget {
         const pending = this._pendingJoins.indexOf(message.room);
         if (pending >= 0) this._pendingJoins.splice(pending, 1);
         if (this.rooms.has(message.room)) this.rooms.set(message.room, message.members);
+        if (typeof message.offset === "number" && typeof message.epoch === "string") {
+          this.positions.set(message.room, { offset: message.offset, epoch: message.epoch });
+        }
+        break;
+      }
+      case "room_message": {
+        const position = this.positions.get(message.room);
+        if (position && typeof message.offset === "number") position.offset = message.offset;
         break;
       }
       case "member_joined":
@@ -239,7 +255,7 @@ export class RoomcastClient extends EventTarget {
 
   _join(room) {
     this._pendingJoins.push(room);
-    this._send({ type: "join_room", room });
+    this._send({ type: "join_room", room, since: this.positions.get(room) ?? {} });
   }
 
   _sendOrQueue(message) {

@@ -292,3 +292,41 @@ test("demo page: a PHP script with curl publishes into a room and the page recei
   await logEntry(page, "room_message", '"status":"shipped"');
   assert.deepEqual(pageErrors, [], "uncaught errors in the pages");
 });
+
+test("roomcast.js recovers the messages it missed while its connection was down", { timeout: 60000 }, async () => {
+  const key = "browser-history-key";
+  const server = await startServer("127.0.0.1:0", [
+    "--api-key", key, "--history-size", "100", "--history-ttl", "60s",
+  ]);
+  const port = server.port;
+  browser ??= await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+  const page = await openPage(port, "recovering page");
+  const firstId = await connected(page);
+  await page.evaluate(() => {
+    window.joins = [];
+    window.seen = [];
+    window.roomcast.addEventListener("room_joined", (e) => window.joins.push(e.detail));
+    window.roomcast.addEventListener("room_message", (e) => window.seen.push(e.detail));
+  });
+  await joinRoom(page, "feed");
+  await roomCount(page, "feed", "1");
+  const api = (path, body) =>
+    fetch(`http://127.0.0.1:${port}${path}`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+      body: JSON.stringify(body),
+    }).then((response) => response.json());
+  // The connection is cut; three messages go out before the page is back (250-500 ms later).
+  assert.deepEqual(await api("/api/disconnect", { client_id: firstId }), { disconnected: 1 });
+  for (const n of [1, 2, 3]) {
+    assert.deepEqual(await api("/api/publish", { room: "feed", message: `missed ${n}` }), { delivered: 0 });
+  }
+  await page.waitForFunction(() => window.seen.length >= 3, null, { timeout: 15000 });
+  const { joins, seen } = await page.evaluate(() => ({ joins: window.joins, seen: window.seen }));
+  assert.equal(joins.length, 2, "joined, then rejoined after the reconnect");
+  assert.equal(joins[0].recovered, false, "the first join asks for offsets from now on");
+  assert.equal(joins[1].recovered, true, "the rejoin recovered the gap");
+  assert.deepEqual(seen.map((m) => [m.message, m.offset]), [["missed 1", 1], ["missed 2", 2], ["missed 3", 3]]);
+  assert.deepEqual(pageErrors, [], "uncaught errors in the pages");
+  await stopServer(server);
+});
