@@ -45,6 +45,15 @@
 //!   `Elements(500_500)` (frames delivered). Outboxes hold 1,024 frames, so nothing is dropped;
 //!   the hub and the queued frames are freed outside the timed region.
 //!
+//! * `history/1000/room_message_appended`: `fanout/1000/hub_room_message` with history on
+//!   (`--history-size`): the publication is also encoded with its offset and appended to the
+//!   room's history under its lock (the members are seed clients, so they get the seed frame).
+//!   Compare with `fanout/1000/hub_room_message` of the same run.
+//!
+//! * `history/recover_1000`: a client that missed 1,000 messages rejoins with `since`: its
+//!   `room_joined` and the 1,000 kept frames pushed to its outbox, under the room's lock.
+//!   Throughput is the 1,000 replayed messages.
+//!
 //! The benches use mimalloc, the global allocator of the server binary, so allocation costs
 //! (frames, `Arc<str>` keys, rooms) are those of production.
 //!
@@ -58,7 +67,8 @@ use criterion::{
     criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use roomcast::broker::{Publication, Target};
-use roomcast::hub::{ConnId, LocalHub, Member, Router};
+use roomcast::history::HistoryConfig;
+use roomcast::hub::{ConnId, LocalHub, Member, Router, Since};
 use roomcast::outbox::{outbox, OutboxReceiver, QueueLimits, SlowConsumerPolicy};
 use roomcast::protocol::Body;
 
@@ -323,12 +333,106 @@ fn join_storm(c: &mut Criterion) {
     group.finish();
 }
 
+/// A hub keeping each room's last `size` messages for a minute.
+fn hub_with_history(size: usize) -> LocalHub {
+    LocalHub::with_history(Some(HistoryConfig {
+        size,
+        ttl: Duration::from_secs(60),
+        max_recovery: size,
+    }))
+}
+
+fn history(c: &mut Criterion) {
+    let mut group = c.benchmark_group("history");
+    // The fan-out of `fanout/1000/hub_room_message` with history on: each publication is also
+    // encoded with its offset and appended (the members are seed clients).
+    let hub = hub_with_history(100);
+    let mut receivers = Vec::new();
+    for conn in 0..1_000 as ConnId {
+        let (m, rx) = member(conn, 64);
+        hub.join(ROOM, &m);
+        receivers.push(rx);
+    }
+    let (sender, rx) = member(1_000, 64);
+    hub.join(ROOM, &sender);
+    receivers.push(rx);
+    drain(&mut receivers);
+    let publication = Publication {
+        target: Target::Room(ROOM),
+        from: &sender.client_id,
+        message: Body::Text(CHAT_LINE.into()),
+        timestamp: NOW,
+        except: Some(sender.conn),
+    };
+    group.throughput(Throughput::Elements(1_000));
+    group.bench_function("1000/room_message_appended", |b| {
+        b.iter_custom(|iterations| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iterations {
+                let started = Instant::now();
+                black_box(hub.deliver(&publication).unwrap());
+                spent += started.elapsed();
+                drain(&mut receivers);
+            }
+            spent
+        })
+    });
+
+    // A client that missed 1,000 messages rejoins: room_joined plus the 1,000 kept frames
+    // pushed to its outbox (then it leaves again, untimed).
+    let hub = hub_with_history(1_000);
+    let (publisher, mut publisher_rx) = member(0, 64);
+    hub.join(ROOM, &publisher);
+    let epoch = {
+        let (first, mut first_rx) = member(1, 64);
+        hub.join_since(ROOM, &first, &Since::Now);
+        let joined = first_rx.try_next().expect("room_joined");
+        hub.leave(ROOM, &first);
+        let text = String::from_utf8_lossy(&joined[2..]).into_owned();
+        let joined: serde_json::Value = serde_json::from_str(&text).unwrap();
+        joined["epoch"].as_str().unwrap().to_owned()
+    };
+    let publication = Publication {
+        target: Target::Room(ROOM),
+        from: &publisher.client_id,
+        message: Body::Text(CHAT_LINE.into()),
+        timestamp: NOW,
+        except: Some(publisher.conn),
+    };
+    for _ in 0..1_000 {
+        hub.deliver(&publication).unwrap();
+    }
+    while publisher_rx.try_next().is_some() {}
+    let since = Since::Saw {
+        offset: 0,
+        epoch: epoch.into(),
+    };
+    group.throughput(Throughput::Elements(1_000));
+    group.bench_function("recover_1000", |b| {
+        b.iter_custom(|iterations| {
+            let mut spent = Duration::ZERO;
+            for n in 0..iterations {
+                let (back, mut back_rx) = member(10 + n, 2_048);
+                let started = Instant::now();
+                black_box(hub.join_since(ROOM, &back, &since));
+                spent += started.elapsed();
+                let replayed = std::iter::from_fn(|| back_rx.try_next()).count();
+                assert_eq!(replayed, 1_001, "room_joined and the 1,000 missed");
+                hub.leave(ROOM, &back);
+                while publisher_rx.try_next().is_some() {}
+            }
+            spent
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     // Short defaults so the whole suite runs in a few minutes; the command line overrides them.
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = fanout, join_leave, join_storm
+    targets = fanout, join_leave, join_storm, history
 }
 criterion_main!(benches);

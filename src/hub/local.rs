@@ -416,9 +416,11 @@ impl Router for LocalHub {
     fn expire_history(&self) {
         if let Some(histories) = &self.history {
             let now = Instant::now();
-            histories
-                .rooms
-                .retain(|_, history| !locked(history).is_idle(now, histories.config.ttl));
+            // A room with members keeps its history (and epoch) however quiet: its opted-in
+            // members hold offsets of that epoch.
+            histories.rooms.retain(|room, history| {
+                self.rooms.contains_key(room) || !locked(history).is_idle(now, histories.config.ttl)
+            });
         }
     }
 
@@ -614,6 +616,7 @@ impl Router for LocalHub {
 mod tests {
     use super::*;
     use crate::outbox::{outbox, OutboxReceiver, OutboxStats, QueueLimits, SlowConsumerPolicy};
+    use std::time::Duration;
 
     fn member(conn: ConnId, capacity: usize) -> (Member, OutboxReceiver) {
         let (tx, rx) = outbox(
@@ -745,6 +748,41 @@ mod tests {
         assert_eq!(
             stats.closed_slow.load(std::sync::atomic::Ordering::Relaxed),
             1
+        );
+    }
+
+    fn history_json(frame: &Bytes) -> serde_json::Value {
+        serde_json::from_slice(&protocol::frame_payload(frame)).unwrap()
+    }
+
+    #[test]
+    fn a_quiet_room_with_members_keeps_its_history_and_epoch_through_a_sweep() {
+        let ttl = Duration::from_millis(5);
+        let hub = LocalHub::with_history(Some(HistoryConfig {
+            size: 10,
+            ttl,
+            max_recovery: 10,
+        }));
+        let (stays, mut stays_rx) = member(1, 16);
+        hub.join_since("quiet", &stays, &Since::Now);
+        let epoch = history_json(&drain(&mut stays_rx)[0])["epoch"].clone();
+        let (gone, mut gone_rx) = member(2, 16);
+        hub.join_since("emptied", &gone, &Since::Now);
+        let gone_epoch = history_json(&drain(&mut gone_rx)[0])["epoch"].clone();
+        hub.leave("emptied", &gone);
+        std::thread::sleep(ttl * 3);
+        hub.expire_history();
+        let page = hub.history("quiet", 10, None).unwrap();
+        assert_eq!(
+            serde_json::json!(&*page.epoch),
+            epoch,
+            "kept: it has a member"
+        );
+        let page = hub.history("emptied", 10, None).unwrap();
+        assert_ne!(
+            serde_json::json!(&*page.epoch),
+            gone_epoch,
+            "idle and empty: a new one"
         );
     }
 }
