@@ -673,22 +673,22 @@ fn member_change(prefix: &[u8], room: &str, client_id: &str, total: usize) -> By
 
 /// `{"type":"room_message","room":…,"from":…,"message":…,"timestamp":…}`
 pub fn room_message(room: &str, from: &str, message: &Body<'_>, now: u64) -> Bytes {
-    let mut f = FrameBuilder::with_capacity(96 + room.len() + from.len() + body_len_hint(message));
-    f.raw(br#"{"type":"room_message","room":"#)
-        .string(room)
-        .raw(br#","from":"#)
-        .string(from)
-        .raw(br#","message":"#)
-        .body(message)
-        .raw(br#","timestamp":"#)
-        .number(now)
-        .raw(b"}");
-    f.finish(OpCode::Text)
+    room_message_frame(room, from, message, now, None)
 }
 
 /// [`room_message`] with `"offset":O` after the timestamp: the frame of clients that opted in
 /// to a room's history (the seed's frame stays byte for byte what it was).
 pub fn room_message_at(room: &str, from: &str, message: &Body<'_>, now: u64, offset: u64) -> Bytes {
+    room_message_frame(room, from, message, now, Some(offset))
+}
+
+fn room_message_frame(
+    room: &str,
+    from: &str,
+    message: &Body<'_>,
+    now: u64,
+    offset: Option<u64>,
+) -> Bytes {
     let mut f = FrameBuilder::with_capacity(112 + room.len() + from.len() + body_len_hint(message));
     f.raw(br#"{"type":"room_message","room":"#)
         .string(room)
@@ -697,10 +697,11 @@ pub fn room_message_at(room: &str, from: &str, message: &Body<'_>, now: u64, off
         .raw(br#","message":"#)
         .body(message)
         .raw(br#","timestamp":"#)
-        .number(now)
-        .raw(br#","offset":"#)
-        .number(offset)
-        .raw(b"}");
+        .number(now);
+    if let Some(offset) = offset {
+        f.raw(br#","offset":"#).number(offset);
+    }
+    f.raw(b"}");
     f.finish(OpCode::Text)
 }
 

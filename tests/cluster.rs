@@ -554,6 +554,19 @@ async fn a_non_member_is_told_a_room_exists_when_its_members_are_on_other_nodes(
     member.expect_silence().await;
 }
 
+/// A roomcast node of its own process on `redis` (so that it can be killed or stopped), with
+/// `args`, once `nodes` nodes in all subscribe.
+async fn process_node(redis: &RedisServer, nodes: usize, args: &[&str]) -> common::ServerProcess {
+    let url = redis.url();
+    let mut all = vec!["--redis", &url];
+    all.extend_from_slice(args);
+    let node = common::ServerProcess::start(&all, None);
+    redis
+        .wait_for_subscribers("roomcast:broadcast", nodes)
+        .await;
+    node
+}
+
 /// Reads `member_left` notices until every one of `leavers` has left; returns the counts they
 /// reported, in the order heard. Panics if they do not all arrive within `within`.
 async fn heard_leaves_of(client: &mut Client, leavers: &[&str], within: Duration) -> Vec<u64> {
@@ -581,9 +594,7 @@ async fn a_sigkilled_nodes_members_leave_their_rooms_on_every_node_within_ten_se
         return;
     };
     let nodes = nodes(&redis, 2).await;
-    let url = redis.url();
-    let victim = common::ServerProcess::start(&["--redis", &url], None);
-    redis.wait_for_subscribers("roomcast:broadcast", 3).await;
+    let victim = process_node(&redis, 3, &[]).await;
     let mut a = Client::connect(&nodes[0]).await;
     let mut b = Client::connect(&nodes[1]).await;
     join(&mut a, "watched").await;
@@ -641,9 +652,7 @@ async fn a_node_stopped_longer_than_its_lease_is_reaped_and_its_members_join_aga
         return;
     };
     let nodes = nodes(&redis, 1).await;
-    let url = redis.url();
-    let stopped = common::ServerProcess::start(&["--redis", &url], None);
-    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    let stopped = process_node(&redis, 2, &[]).await;
     let mut a = Client::connect(&nodes[0]).await;
     join(&mut a, "watched").await;
     let mut v = Client::connect_url(&stopped.url()).await;
@@ -816,18 +825,8 @@ async fn a_reaped_nodes_connections_leave_and_end_in_the_webhooks_exactly_once()
     };
     // Two survivors: both look for the dead node, one claims it.
     let (mut app, url, nodes) = webhook_nodes(&redis, 2).await;
-    let victim = common::ServerProcess::start(
-        &[
-            "--redis",
-            &redis.url(),
-            "--webhook-url",
-            &url,
-            "--webhook-secret",
-            WEBHOOK_SECRET,
-        ],
-        None,
-    );
-    redis.wait_for_subscribers("roomcast:broadcast", 3).await;
+    let hooks = ["--webhook-url", &url, "--webhook-secret", WEBHOOK_SECRET];
+    let victim = process_node(&redis, 3, &hooks).await;
     let mut a = Client::connect(&nodes[0]).await;
     join(&mut a, "shared").await;
     let mut v = Client::connect_url(&victim.url()).await;
@@ -967,8 +966,7 @@ async fn a_listing_says_it_is_incomplete_when_a_node_does_not_answer_in_time() {
         return;
     };
     let nodes = nodes(&redis, 1).await;
-    let stalled = common::ServerProcess::start(&["--redis", &redis.url()], None);
-    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    let stalled = process_node(&redis, 2, &[]).await;
     let mut a = Client::connect(&nodes[0]).await;
     join(&mut a, "here").await;
     let auth = format!("Authorization: Bearer {KEY}");
