@@ -336,6 +336,12 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_HISTORY_RECOVERY_MAX", default_value_t = defaults::HISTORY_RECOVERY_MAX)]
     pub history_recovery_max: usize,
 
+    /// Rooms whose history differs from `--history-size`/`--history-ttl`, in the config file
+    /// only: `[[history-rooms]]` tables of `pattern` (a name, or a prefix ending in `*`),
+    /// `size` (0: no history for those rooms) and `ttl`; the first matching pattern wins.
+    #[arg(skip)]
+    pub history_rooms: Vec<HistoryRoom>,
+
     /// PEM file with the certificate chain for wss:// (with `--tls-key`). Default: plain ws://.
     #[arg(long, env = "ROOMCAST_TLS_CERT")]
     pub tls_cert: Option<String>,
@@ -468,6 +474,14 @@ impl Config {
         )
     }
 
+    /// The history each room keeps, with the `[[history-rooms]]` exceptions, when on.
+    pub fn history_policy(&self) -> Option<crate::history::HistoryPolicy> {
+        Some(crate::history::HistoryPolicy {
+            base: self.history()?,
+            rooms: self.history_rooms.clone(),
+        })
+    }
+
     /// The defaults, listening on `listen`: what tests and embedders start from.
     pub fn with_listen(listen: SocketAddr) -> Self {
         Self {
@@ -512,6 +526,7 @@ impl Config {
             history_size: defaults::HISTORY_SIZE,
             history_ttl: duration(defaults::HISTORY_TTL),
             history_recovery_max: defaults::HISTORY_RECOVERY_MAX,
+            history_rooms: Vec::new(),
             tls_cert: None,
             tls_key: None,
             echo_path: None,
@@ -697,6 +712,20 @@ impl Config {
                 "--history-size is not yet available with --redis or --redis-cluster",
             ));
         }
+        if !self.history_rooms.is_empty() && self.history().is_none() {
+            return Err(ConfigError::Invalid(
+                "history-rooms needs --history-size and --history-ttl",
+            ));
+        }
+        if self
+            .history_rooms
+            .iter()
+            .any(|rule| rule.pattern.is_empty() || (rule.size > 0 && rule.ttl.is_zero()))
+        {
+            return Err(ConfigError::Invalid(
+                "each history-rooms table needs a pattern, and a ttl above 0s when its size is",
+            ));
+        }
         if self.history().is_some() && self.history_recovery_max == 0 {
             return Err(ConfigError::Invalid(
                 "--history-recovery-max must be at least 1",
@@ -758,6 +787,35 @@ fn redacted<S: Serializer>(value: &Option<String>, serializer: S) -> Result<S::O
     }
 }
 
+/// One `[[history-rooms]]` table of the config file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryRoom {
+    /// A room name, or a prefix with a trailing `*`.
+    pub pattern: String,
+    /// Messages kept per matching room; 0: none.
+    pub size: usize,
+    #[serde(serialize_with = "humantime_duration")]
+    pub ttl: Duration,
+}
+
+impl HistoryRoom {
+    pub fn matches(&self, room: &str) -> bool {
+        match self.pattern.strip_suffix('*') {
+            Some(prefix) => room.starts_with(prefix),
+            None => room == self.pattern,
+        }
+    }
+}
+
+/// A `[[history-rooms]]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryRoomFile {
+    pattern: String,
+    size: usize,
+    ttl: String,
+}
+
 /// URLs that may carry a password: how many, not what.
 fn redacted_list<S: Serializer>(value: &[String], serializer: S) -> Result<S::Ok, S::Error> {
     serializer.collect_seq(value.iter().map(|_| "<redacted>"))
@@ -807,7 +865,24 @@ pub fn with_file(mut config: Config, matches: &ArgMatches) -> Result<Config, Con
         return Ok(config);
     };
     let shown = path.display().to_string();
-    let file = FileLayer::read(&path, &shown)?;
+    let mut file = FileLayer::read(&path, &shown)?;
+    if let Some(rooms) = file.history_rooms.take() {
+        config.history_rooms = rooms
+            .into_iter()
+            .map(|room| {
+                let ttl = humantime::parse_duration(&room.ttl).map_err(|e| ConfigError::Value {
+                    path: shown.clone(),
+                    key: "history-rooms".into(),
+                    reason: format!("ttl {:?}: {e}", room.ttl),
+                })?;
+                Ok(HistoryRoom {
+                    pattern: room.pattern,
+                    size: room.size,
+                    ttl,
+                })
+            })
+            .collect::<Result<_, ConfigError>>()?;
+    }
     // The options, with no environment variables and no defaults: parsing one file value
     // yields that option alone.
     let mut command = Config::augment_args(clap::Command::new("roomcast"))
@@ -901,6 +976,8 @@ struct FileLayer {
     history_size: Option<Scalar>,
     history_ttl: Option<Scalar>,
     history_recovery_max: Option<Scalar>,
+    /// The one table key: read apart from the flags (see [`with_file`]).
+    history_rooms: Option<Vec<HistoryRoomFile>>,
     tls_cert: Option<Scalar>,
     tls_key: Option<Scalar>,
     echo_path: Option<Scalar>,

@@ -29,6 +29,38 @@ pub struct HistoryConfig {
     pub max_recovery: usize,
 }
 
+/// The history of every room: the flags' sizes, and the config file's exceptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPolicy {
+    pub base: HistoryConfig,
+    /// `[[history-rooms]]`: the first pattern a room matches decides its size and TTL.
+    pub rooms: Vec<crate::config::HistoryRoom>,
+}
+
+impl HistoryPolicy {
+    /// What `room` keeps; `None` for a room whose pattern says size 0.
+    pub fn for_room(&self, room: &str) -> Option<HistoryConfig> {
+        match self.rooms.iter().find(|rule| rule.matches(room)) {
+            Some(rule) if rule.size == 0 => None,
+            Some(rule) => Some(HistoryConfig {
+                size: rule.size,
+                ttl: rule.ttl,
+                ..self.base
+            }),
+            None => Some(self.base),
+        }
+    }
+}
+
+impl From<HistoryConfig> for HistoryPolicy {
+    fn from(base: HistoryConfig) -> Self {
+        Self {
+            base,
+            rooms: Vec::new(),
+        }
+    }
+}
+
 /// One message kept.
 struct Entry {
     offset: u64,

@@ -98,7 +98,7 @@ impl Server {
     /// and the others join it. Must be called inside a tokio runtime. Rooms and clients live
     /// in this process ([`LocalHub`]).
     pub fn bind(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
-        let hub = LocalHub::with_history(config.history());
+        let hub = LocalHub::with_history(config.history_policy());
         Self::bind_with_router(config, shutdown, Arc::new(hub))
     }
 

@@ -521,3 +521,36 @@ fn history_needs_both_a_size_and_a_ttl_and_is_one_node_only_for_now() {
     .unwrap_err();
     assert!(error.to_string().contains("not yet available"), "{error}");
 }
+
+#[test]
+fn history_rooms_tables_in_the_file_give_patterns_their_own_history() {
+    let path = file(
+        "history-rooms.toml",
+        r#"
+        history-size = 100
+        history-ttl = "5m"
+
+        [[history-rooms]]
+        pattern = "audit:*"
+        size = 1000
+        ttl = "1h"
+
+        [[history-rooms]]
+        pattern = "typing"
+        size = 0
+        ttl = "0s"
+        "#,
+    );
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    let policy = config.history_policy().unwrap();
+    let audit = policy.for_room("audit:payments").unwrap();
+    assert_eq!((audit.size, audit.ttl.as_secs()), (1000, 3600));
+    assert!(policy.for_room("typing").is_none());
+    assert_eq!(policy.for_room("lobby").unwrap().size, 100);
+    let bad = file(
+        "history-rooms-bad.toml",
+        "history-size = 1\nhistory-ttl = \"1m\"\n[[history-rooms]]\npattern = \"x\"\nsize = 1\nttl = \"soon\"\n",
+    );
+    let error = load(args(&["--config", bad.to_str().unwrap()])).unwrap_err();
+    assert!(error.to_string().contains("history-rooms"), "{error}");
+}

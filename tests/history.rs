@@ -284,3 +284,44 @@ async fn the_server_api_history_is_404_with_history_off() {
     .await;
     assert_eq!(status, 404, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_matching_a_history_rooms_pattern_keep_their_own_size_or_none() {
+    let server = start_server_with(|config| {
+        config.history_size = 100;
+        config.history_ttl = MINUTE;
+        config.history_rooms = vec![
+            roomcast::config::HistoryRoom {
+                pattern: "audit:*".into(),
+                size: 2,
+                ttl: MINUTE,
+            },
+            roomcast::config::HistoryRoom {
+                pattern: "ephemeral".into(),
+                size: 0,
+                ttl: Duration::ZERO,
+            },
+        ];
+    })
+    .await;
+    let mut member = Client::connect(&server).await;
+    member.join("audit:payments").await;
+    publish(&mut member, "audit:payments", 3, 0).await;
+    member
+        .send(json!({"type": "history", "room": "audit:payments"}))
+        .await;
+    let history = member.recv().await;
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        2,
+        "{history}"
+    );
+    assert_eq!(history["offset"], 3);
+    // No history at all for `ephemeral`: a join with since is the seed's join.
+    let mut opted = Client::connect(&server).await;
+    let joined = join_since(&mut opted, "ephemeral", json!({})).await;
+    assert_eq!(keys(&joined), ["members", "room", "type"]);
+    // Elsewhere the flags' size.
+    let joined = join_since(&mut opted, "general", json!({})).await;
+    assert_eq!(joined["recovered"], false);
+}

@@ -96,13 +96,14 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
 /// the last N messages kept (at most `--history-size`, the default), or the first N after
 /// offset O; 404 when history is off.
 fn history(encoded: &str, query: Option<&str>, node: &Node) -> Response<Full<Bytes>> {
-    let Some(config) = node.config.history() else {
+    if node.config.history().is_none() {
         return json_error(StatusCode::NOT_FOUND, "history is off (--history-size)");
-    };
+    }
     let Ok(room) = percent_encoding::percent_decode_str(encoded).decode_utf8() else {
         return json_error(StatusCode::BAD_REQUEST, "room name is not UTF-8");
     };
-    let (mut limit, mut since) = (config.size, None);
+    // At most what the room keeps (its own size).
+    let (mut limit, mut since) = (usize::MAX, None);
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         let number = match value.parse::<u64>() {
             Ok(number) => number,
@@ -112,7 +113,7 @@ fn history(encoded: &str, query: Option<&str>, node: &Node) -> Response<Full<Byt
             }
         };
         match &*key {
-            "limit" if number > 0 => limit = (number as usize).min(config.size),
+            "limit" if number > 0 => limit = number.min(usize::MAX as u64) as usize,
             "limit" => return json_error(StatusCode::BAD_REQUEST, "limit must be positive"),
             "since" => since = Some(number),
             _ => {}

@@ -26,7 +26,7 @@ use super::{
     ConnId, HistoryPage, Joined, Local, Member, MemberChange, Presence, RecipientNotFound,
     RoomMessageError, Router, Since,
 };
-use crate::history::{HistoryConfig, Recovery, RoomHistory};
+use crate::history::{HistoryConfig, HistoryPolicy, Recovery, RoomHistory};
 use tokio::sync::oneshot;
 
 use crate::broker::{Publication, Target};
@@ -141,19 +141,30 @@ impl Members {
 /// outlives its room's members (a client that was the last one out recovers too) and goes
 /// when idle past its TTL. Lock order: a room's members, then its history.
 struct Histories {
+    policy: HistoryPolicy,
+    rooms: DashMap<Arc<str>, Arc<Kept>>,
+}
+
+/// One room's history and what it keeps.
+struct Kept {
     config: HistoryConfig,
-    rooms: DashMap<Arc<str>, Arc<Mutex<RoomHistory>>>,
+    history: Mutex<RoomHistory>,
 }
 
 impl Histories {
-    fn of(&self, room: &str) -> Arc<Mutex<RoomHistory>> {
-        if let Some(history) = self.rooms.get(room) {
-            return history.clone();
+    /// `room`'s history; `None` for a room the policy keeps none of.
+    fn of(&self, room: &str) -> Option<Arc<Kept>> {
+        if let Some(kept) = self.rooms.get(room) {
+            return Some(kept.clone());
         }
-        self.rooms
-            .entry(Arc::from(room))
-            .or_insert_with(|| Arc::new(Mutex::new(RoomHistory::new(Instant::now()))))
-            .clone()
+        let config = self.policy.for_room(room)?;
+        let kept = self.rooms.entry(Arc::from(room)).or_insert_with(|| {
+            Arc::new(Kept {
+                config,
+                history: Mutex::new(RoomHistory::new(Instant::now())),
+            })
+        });
+        Some(kept.clone())
     }
 }
 
@@ -200,11 +211,11 @@ impl LocalHub {
         Self::default()
     }
 
-    /// A hub keeping each room's history as `config` says (none: off, as [`LocalHub::new`]).
-    pub fn with_history(config: Option<HistoryConfig>) -> Self {
+    /// A hub keeping each room's history as `policy` says (none: off, as [`LocalHub::new`]).
+    pub fn with_history(policy: Option<impl Into<HistoryPolicy>>) -> Self {
         Self {
-            history: config.map(|config| Histories {
-                config,
+            history: policy.map(|policy| Histories {
+                policy: policy.into(),
                 rooms: DashMap::new(),
             }),
             ..Self::default()
@@ -279,12 +290,16 @@ impl LocalHub {
         since: &Since,
         histories: &Histories,
     ) {
-        let history = histories.of(room_name);
-        let mut history = locked(&history);
+        let Some(kept) = histories.of(room_name) else {
+            // A room kept without history: the seed's join.
+            member.outbox.push(protocol::room_joined(room_name, count));
+            return;
+        };
+        let mut history = locked(&kept.history);
         let replay = match since {
             Since::Now => None,
             Since::Saw { offset, epoch } => {
-                match history.since(*offset, epoch, Instant::now(), &histories.config) {
+                match history.since(*offset, epoch, Instant::now(), &kept.config) {
                     Recovery::Recovered(frames) => Some(frames),
                     Recovery::NotRecovered => None,
                 }
@@ -333,22 +348,16 @@ impl LocalHub {
     /// A room message with history on: appended to the room's history (members or not) with
     /// the next offset, and delivered, the seed's frame to the members and the offset-carrying
     /// one (encoded once, the one kept) to those who opted in.
-    fn deliver_kept(
-        &self,
-        histories: &Histories,
-        publication: &Publication<'_>,
-        room_name: &str,
-    ) -> usize {
+    fn deliver_kept(&self, kept: &Kept, publication: &Publication<'_>, room_name: &str) -> usize {
         let frame = protocol::room_message(
             room_name,
             publication.from,
             &publication.message,
             publication.timestamp,
         );
-        let history = histories.of(room_name);
         let room = self.room(room_name);
         let members = room.as_ref().map(|room| room.read());
-        let mut history = locked(&history);
+        let mut history = locked(&kept.history);
         let with_offset = protocol::room_message_at(
             room_name,
             publication.from,
@@ -356,7 +365,7 @@ impl LocalHub {
             publication.timestamp,
             history.next_offset(),
         );
-        history.append(with_offset.clone(), Instant::now(), &histories.config);
+        history.append(with_offset.clone(), Instant::now(), &kept.config);
         // Delivered before the history is let go: two publishers in one room deliver in the
         // order of their offsets.
         members.map_or(0, |members| {
@@ -399,9 +408,16 @@ impl Router for LocalHub {
 
     fn history(&self, room_name: &str, limit: usize, since: Option<u64>) -> Option<HistoryPage> {
         let histories = self.history.as_ref()?;
-        let history = histories.of(room_name);
-        let mut history = locked(&history);
-        let (now, ttl) = (Instant::now(), histories.config.ttl);
+        let Some(kept) = histories.of(room_name) else {
+            // A room the policy keeps no history of: nothing kept.
+            return Some(HistoryPage {
+                messages: Vec::new(),
+                offset: 0,
+                epoch: Arc::from(""),
+            });
+        };
+        let mut history = locked(&kept.history);
+        let (now, ttl) = (Instant::now(), kept.config.ttl);
         let frames = match since {
             None => history.last(limit, now, ttl),
             Some(since) => history.after(since, limit, now, ttl),
@@ -418,8 +434,9 @@ impl Router for LocalHub {
             let now = Instant::now();
             // A room with members keeps its history (and epoch) however quiet: its opted-in
             // members hold offsets of that epoch.
-            histories.rooms.retain(|room, history| {
-                self.rooms.contains_key(room) || !locked(history).is_idle(now, histories.config.ttl)
+            histories.rooms.retain(|room, kept| {
+                self.rooms.contains_key(room)
+                    || !locked(&kept.history).is_idle(now, kept.config.ttl)
             });
         }
     }
@@ -503,8 +520,8 @@ impl Router for LocalHub {
         } = publication;
         match *target {
             Target::Room(room_name) => {
-                if let Some(histories) = &self.history {
-                    return Ok(self.deliver_kept(histories, publication, room_name));
+                if let Some(kept) = self.history.as_ref().and_then(|h| h.of(room_name)) {
+                    return Ok(self.deliver_kept(&kept, publication, room_name));
                 }
                 let Some(room) = self.room(room_name) else {
                     return Ok(0);

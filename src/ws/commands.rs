@@ -278,13 +278,14 @@ impl Session {
     /// `history`: the room's last messages, for its members, with history on; without it the
     /// seed's answer to a type it does not know.
     fn history(&mut self, room: &str, limit: Option<u64>) {
-        let Some(config) = self.node.config.history() else {
+        if self.node.config.history().is_none() {
             return self.reply_error("Unknown message type: history");
-        };
+        }
         if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
             return self.reply_error(&refusal.to_string());
         }
-        let limit = limit.map_or(config.size, |limit| limit.min(config.size as u64) as usize);
+        // At most what the room keeps (its own size, which may differ from the flags').
+        let limit = limit.map_or(usize::MAX, |limit| limit.min(usize::MAX as u64) as usize);
         if let Some(page) = self.node.router.history(room, limit, None) {
             let reply = protocol::history(room, &page.messages, page.offset, &page.epoch);
             self.member.outbox.push(reply);
