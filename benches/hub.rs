@@ -106,7 +106,14 @@ fn drain(receivers: &mut [OutboxReceiver]) {
 /// A hub with one room of `recipients + 1` members (the last one is the sender), and every
 /// outbox drained.
 fn room_of(recipients: usize) -> (LocalHub, Member, Vec<Member>, Vec<OutboxReceiver>) {
-    let hub = LocalHub::new();
+    room_in(LocalHub::new(), recipients)
+}
+
+/// [`room_of`] in `hub`.
+fn room_in(
+    hub: LocalHub,
+    recipients: usize,
+) -> (LocalHub, Member, Vec<Member>, Vec<OutboxReceiver>) {
     let mut members = Vec::with_capacity(recipients);
     let mut receivers = Vec::with_capacity(recipients + 1);
     // Capacity 64: plenty for one message per iteration. The join notifications of the setup
@@ -346,17 +353,7 @@ fn history(c: &mut Criterion) {
     let mut group = c.benchmark_group("history");
     // The fan-out of `fanout/1000/hub_room_message` with history on: each publication is also
     // encoded with its offset and appended (the members are seed clients).
-    let hub = hub_with_history(100);
-    let mut receivers = Vec::new();
-    for conn in 0..1_000 as ConnId {
-        let (m, rx) = member(conn, 64);
-        hub.join(ROOM, &m);
-        receivers.push(rx);
-    }
-    let (sender, rx) = member(1_000, 64);
-    hub.join(ROOM, &sender);
-    receivers.push(rx);
-    drain(&mut receivers);
+    let (hub, sender, _members, mut receivers) = room_in(hub_with_history(100), 1_000);
     let publication = Publication {
         target: Target::Room(ROOM),
         from: &sender.client_id,
