@@ -33,6 +33,8 @@ pub mod errors {
     pub const METADATA_NOT_OBJECT: &str = "Metadata must be an object";
     // Only with token auth: the token's `rooms` claim does not list the room.
     pub const ROOM_NOT_ALLOWED: &str = "Not allowed to join this room";
+    // Only with history on, in cluster mode: Redis, which keeps it, did not answer.
+    pub const HISTORY_UNAVAILABLE: &str = "History is unavailable";
 }
 
 /// A message body: what goes after `"message":` in the frames relayed to the recipients.

@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{json, json_error, listing};
-use crate::broker::{Delivery, Publication, Target};
+use crate::broker::{Delivery, HistoryRead, Publication, Target};
 use crate::node::Node;
 use crate::protocol::{self, Body};
 
@@ -60,7 +60,7 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
         ("GET", "/api/rooms") => listing::rooms(parts.uri.query(), node).await,
         ("GET", path) if path.starts_with("/api/rooms/") && path.ends_with("/history") => {
             let room = &path["/api/rooms/".len()..path.len() - "/history".len()];
-            history(room, parts.uri.query(), node)
+            history(room, parts.uri.query(), node).await
         }
         ("GET", path) if path.starts_with("/api/rooms/") => {
             listing::presence(&path["/api/rooms/".len()..], node).await
@@ -95,7 +95,7 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
 /// `GET /api/rooms/{room}/history?limit=N&since=O`: `{"room","messages":[...],"offset","epoch"}`,
 /// the last N messages kept (at most `--history-size`, the default), or the first N after
 /// offset O; 404 when history is off.
-fn history(encoded: &str, query: Option<&str>, node: &Node) -> Response<Full<Bytes>> {
+async fn history(encoded: &str, query: Option<&str>, node: &Node) -> Response<Full<Bytes>> {
     if node.config.history().is_none() {
         return json_error(StatusCode::NOT_FOUND, "history is off (--history-size)");
     }
@@ -119,8 +119,18 @@ fn history(encoded: &str, query: Option<&str>, node: &Node) -> Response<Full<Byt
             _ => {}
         }
     }
-    let Some(page) = node.router.history(&room, limit, since) else {
-        return json_error(StatusCode::NOT_FOUND, "history is off (--history-size)");
+    let page = match node.broker.history(&room, limit, since) {
+        HistoryRead::Off => {
+            return json_error(StatusCode::NOT_FOUND, "history is off (--history-size)")
+        }
+        HistoryRead::Done(page) => page,
+        HistoryRead::Later(page) => match page.await {
+            Ok(page) => page,
+            Err(_) => {
+                let text = "history is unavailable: redis did not answer";
+                return json_error(StatusCode::SERVICE_UNAVAILABLE, text);
+            }
+        },
     };
     // The object a member's `history` gets, less its type; messages as kept, byte for byte.
     let size: usize = page.messages.iter().map(|m| m.len() + 1).sum();

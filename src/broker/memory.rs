@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{Broker, Delivery, Joining, Publication};
+use super::{Broker, Delivery, HistoryRead, Joining, Publication};
 use crate::hub::{Member, Router, Since};
 
 /// Delivers every publication to the local hub; subscriptions need no bookkeeping.
@@ -32,5 +32,12 @@ impl Broker for MemoryBroker {
 
     fn leave(&self, room: &str, member: &Member) -> Option<usize> {
         self.hub.leave(room, member)
+    }
+
+    fn history(&self, room: &str, limit: usize, since: Option<u64>) -> HistoryRead {
+        match self.hub.history(room, limit, since) {
+            Some(page) => HistoryRead::Done(page),
+            None => HistoryRead::Off,
+        }
     }
 }

@@ -22,7 +22,7 @@ use crate::api::webhooks::Webhooks;
 use crate::config::Config;
 use tokio::sync::oneshot;
 
-use crate::hub::{ConnId, Joined, Member, RecipientNotFound, Router, Since};
+use crate::hub::{ConnId, HistoryPage, Joined, Member, RecipientNotFound, Router, Since};
 use crate::metrics::Metrics;
 use crate::protocol::Body;
 use query::{Gathered, Query, Responder};
@@ -124,6 +124,18 @@ pub enum Joining {
     },
 }
 
+/// What reading a room's history came to.
+#[derive(Debug)]
+pub enum HistoryRead {
+    /// History is off.
+    Off,
+    /// Read here.
+    Done(HistoryPage),
+    /// Read from where the cluster keeps it; the sender dropped without a page means it could
+    /// not be read (Redis away).
+    Later(oneshot::Receiver<HistoryPage>),
+}
+
 /// Carries publications to every node with recipients for them; delivers those that arrive
 /// into the local hub.
 pub trait Broker: Send + Sync + 'static {
@@ -169,6 +181,10 @@ pub trait Broker: Send + Sync + 'static {
     /// every node's members, and answers the joiner's count later.
     /// `since`: the client opted in to the room's history (see [`Router::join_since`]).
     fn join(&self, room: &str, member: &Member, since: Option<&Since>) -> Joining;
+
+    /// The last `limit` messages of `room`'s history, or with `since` the first `limit` after
+    /// that offset (see [`Router::history`]), from wherever the broker keeps history.
+    fn history(&self, room: &str, limit: usize, since: Option<u64>) -> HistoryRead;
 
     /// `member` leaves `room`: `Some` of how many local members remain, `None` (nothing done)
     /// when it was not a member. Its room-mates on every node are told.

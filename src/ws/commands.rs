@@ -22,8 +22,8 @@ use super::waiting::{Arrived, Awaited, Deferred, Waiting};
 use crate::admission::RoomPolicy;
 use crate::api::proxy::{self, Forwarded, Proxies, Proxy, Verdict};
 use crate::api::webhooks::EventKind;
-use crate::broker::{Delivery, Joining, Publication, Target};
-use crate::hub::{Joined, Member, RecipientNotFound, RoomMessageError};
+use crate::broker::{Delivery, HistoryRead, Joining, Publication, Target};
+use crate::hub::{HistoryPage, Joined, Member, RecipientNotFound, RoomMessageError};
 use crate::limits::{self, Rate, RateLimiter};
 use crate::node::Node;
 use crate::outbox::CloseRequest;
@@ -170,6 +170,7 @@ impl Session {
                     };
                     self.reply_error(&refusal.to_string());
                 }
+                Arrived::History(room, page) => self.history_read(&room, page),
             }
             while let Some(next) = backlog.pop_front() {
                 if self.closing {
@@ -286,9 +287,23 @@ impl Session {
         }
         // At most what the room keeps (its own size, which may differ from the flags').
         let limit = limit.map_or(usize::MAX, |limit| limit.min(usize::MAX as u64) as usize);
-        if let Some(page) = self.node.router.history(room, limit, None) {
-            let reply = protocol::history(room, &page.messages, page.offset, &page.epoch);
-            self.member.outbox.push(reply);
+        match self.node.broker.history(room, limit, None) {
+            HistoryRead::Off => {}
+            HistoryRead::Done(page) => self.history_read(room, Some(page)),
+            HistoryRead::Later(page) => {
+                self.waiting = Some(Waiting::new(Awaited::History(room.into(), page)));
+            }
+        }
+    }
+
+    /// The `history` reply, or the error when it could not be read.
+    fn history_read(&mut self, room: &str, page: Option<HistoryPage>) {
+        match page {
+            Some(page) => {
+                let reply = protocol::history(room, &page.messages, page.offset, &page.epoch);
+                self.member.outbox.push(reply);
+            }
+            None => self.reply_error(protocol::errors::HISTORY_UNAVAILABLE),
         }
     }
 

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use crate::api::proxy::{self, Verdict};
-use crate::hub::RecipientNotFound;
+use crate::hub::{HistoryPage, RecipientNotFound};
 
 /// A connection stops reading once this many messages, or bytes, wait: enough to absorb a
 /// burst, bounded per connection (TCP then pushes back on the client).
@@ -43,6 +43,8 @@ pub enum Awaited {
     /// Whether a room with no member on this node has some elsewhere (for a non-member's
     /// room message: which error it gets).
     RoomExists(oneshot::Receiver<bool>),
+    /// A room's history, read from where the cluster keeps it (for the `history` command).
+    History(Box<str>, oneshot::Receiver<HistoryPage>),
 }
 
 /// What arrived.
@@ -51,6 +53,8 @@ pub enum Arrived {
     Delivery(Result<usize, RecipientNotFound>),
     Joined,
     RoomExists(bool),
+    /// The room and its page, `None` when it could not be read.
+    History(Box<str>, Option<HistoryPage>),
 }
 
 /// The awaited thing and the backlog behind it.
@@ -119,6 +123,13 @@ impl Waiting {
                 }
                 // No answer (Redis away): as this node sees it.
                 Poll::Ready(exists) => Arrived::RoomExists(exists.unwrap_or(false)),
+            },
+            Some(Awaited::History(room, mut page)) => match Pin::new(&mut page).poll(cx) {
+                Poll::Pending => {
+                    self.awaited = Some(Awaited::History(room, page));
+                    return Poll::Pending;
+                }
+                Poll::Ready(page) => Arrived::History(room, page.ok()),
             },
         };
         self.backlog_bytes = 0;

@@ -77,7 +77,7 @@ pub use connection::Endpoint;
 use connection::{Client, Commands, SubscriptionSink, SubscriptionStream};
 
 use super::query::{Answer, Gathered, Query, Responder, ASK_TIMEOUT};
-use super::{Broker, Delivery, Joining, Publication, Target};
+use super::{Broker, Delivery, HistoryRead, Joining, Publication, Target};
 use crate::api::webhooks::{EventKind, Webhooks};
 use crate::hub::{ConnId, Joined, Member, MemberChange, RecipientNotFound, Router, Since};
 use crate::metrics::Metrics;
@@ -754,6 +754,11 @@ impl Broker for RedisBroker {
             }
         });
         Some(remaining)
+    }
+
+    fn history(&self, _room: &str, _limit: usize, _since: Option<u64>) -> HistoryRead {
+        // Not yet shared between nodes: the configuration refuses history with Redis.
+        HistoryRead::Off
     }
 
     fn room_exists(&self, room: &str) -> Option<oneshot::Receiver<bool>> {
