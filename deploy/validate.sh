@@ -43,9 +43,9 @@ if [ -x "$ROOMCAST" ]; then
     fi
     # The file as shipped, and with every commented key enabled (less the ones that need files
     # that do not exist here, jwt-public-key, which excludes jwt-secret, redis-cluster, which
-    # excludes redis, and history-size/-ttl, not yet available with redis).
+    # excludes redis).
     sed -E 's/^# ([a-z][a-z0-9-]* = )/\1/' roomcast.toml \
-        | grep -vE '^(jwt-public-key|tls-cert|tls-key|redis-cluster|history-size|history-ttl) =' >"$TMP/all-keys.toml"
+        | grep -vE '^(jwt-public-key|tls-cert|tls-key|redis-cluster) =' >"$TMP/all-keys.toml"
     if "$ROOMCAST" check-config --help >/dev/null 2>&1; then
         run "roomcast check-config roomcast.toml" "$ROOMCAST" check-config roomcast.toml
         run "roomcast check-config (every key of roomcast.toml enabled)" "$ROOMCAST" check-config "$TMP/all-keys.toml"

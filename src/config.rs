@@ -705,13 +705,6 @@ impl Config {
                 "--history-size and --history-ttl turn history on together: set both above zero",
             ));
         }
-        if self.history().is_some() && self.broker() != BrokerKind::Memory {
-            // Each node would number a room's messages on its own: recovery across nodes
-            // needs the shared history (Redis Streams), the history issue's next step.
-            return Err(ConfigError::Invalid(
-                "--history-size is not yet available with --redis or --redis-cluster",
-            ));
-        }
         if !self.history_rooms.is_empty() && self.history().is_none() {
             return Err(ConfigError::Invalid(
                 "history-rooms needs --history-size and --history-ttl",

@@ -72,6 +72,9 @@ pub struct Metrics {
     pub redis_publish_dropped: Counter,
     /// Members of dead nodes this node took out of their rooms.
     pub redis_reaped_members: Counter,
+    /// Messages of rooms with history that Redis could not keep, delivered to this node's own
+    /// members without an offset.
+    pub redis_history_unkept: Counter,
     /// `roomcast_webhook_events_total{outcome}`: queued (accepted by the queue), delivered (in a
     /// batch answered 2xx), dropped (the queue was full, or its batch ran out of retries).
     pub webhook_events_queued: Counter,
@@ -226,6 +229,10 @@ impl Metrics {
             redis_reaped_members: counter(
                 "roomcast_redis_reaped_members_total",
                 "Members of dead nodes (lease lapsed) this node took out of their rooms.",
+            ),
+            redis_history_unkept: counter(
+                "roomcast_redis_history_unkept_total",
+                "Messages of rooms with history that Redis could not keep: delivered to this node's members without an offset.",
             ),
             refused,
             proxy_calls,

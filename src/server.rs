@@ -98,7 +98,9 @@ impl Server {
     /// and the others join it. Must be called inside a tokio runtime. Rooms and clients live
     /// in this process ([`LocalHub`]).
     pub fn bind(config: Config, shutdown: CancellationToken) -> io::Result<Self> {
-        let hub = LocalHub::with_history(config.history_policy());
+        // With Redis, history lives there (the broker's); alone, in the hub.
+        let kept_here = config.broker() == crate::broker::BrokerKind::Memory;
+        let hub = LocalHub::with_history(config.history_policy().filter(|_| kept_here));
         Self::bind_with_router(config, shutdown, Arc::new(hub))
     }
 

@@ -85,6 +85,15 @@ async fn recv_type(raw: &mut RawClient, kind: &str) -> Value {
 /// A server on `addr` (a port a stopped server used): waits briefly until the address can be
 /// bound again with the server's socket options, then starts it there.
 async fn start_server_on(addr: SocketAddr) -> TestServer {
+    start_server_on_with(addr, |_| {}).await
+}
+
+/// [`start_server_on`] with `tweak` applied to the configuration.
+async fn start_server_on_with(
+    addr: SocketAddr,
+    tweak: impl FnOnce(&mut roomcast::Config),
+) -> TestServer {
+    let mut tweak = Some(tweak);
     for _ in 0..50 {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
@@ -96,7 +105,12 @@ async fn start_server_on(addr: SocketAddr) -> TestServer {
         socket.set_reuse_port(true).unwrap();
         if socket.bind(&addr.into()).is_ok() {
             drop(socket);
-            return start_server_with(|config| config.listen = addr).await;
+            let tweak = tweak.take().expect("used once");
+            return start_server_with(|config| {
+                tweak(config);
+                config.listen = addr;
+            })
+            .await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -913,6 +927,78 @@ async fn after_a_dropped_connection_the_library_recovers_the_missed_messages_by_
         .await;
     recv_type(&mut publisher, "history").await;
     // Back under a new id: its rejoin says what it saw, and the server replays the rest.
+    let rejoined = expect_event(
+        &mut client,
+        "the rejoin's room_joined",
+        |e| matches!(e, Event::Message(ServerMessage::RoomJoined { room, .. }) if room == "feed"),
+    )
+    .await;
+    let Event::Message(ServerMessage::RoomJoined {
+        recovered, offset, ..
+    }) = rejoined
+    else {
+        unreachable!()
+    };
+    assert_eq!(recovered, Some(true), "told that the gap was recovered");
+    assert_eq!(offset, Some(6));
+    for n in 0..5 {
+        let event = expect_event(&mut client, "a replayed message", |e| {
+            matches!(e, Event::Message(ServerMessage::RoomMessage { .. }))
+        })
+        .await;
+        let Event::Message(ServerMessage::RoomMessage {
+            message, offset, ..
+        }) = event
+        else {
+            unreachable!()
+        };
+        assert_eq!(message, json!(format!("missed {n}")));
+        assert_eq!(offset, Some(n + 2));
+    }
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_the_library_recovers_what_it_missed_while_its_node_restarted() {
+    let Some(redis) = common::redis::RedisServer::start().await else {
+        return;
+    };
+    let url = redis.url();
+    let in_cluster = move |config: &mut roomcast::Config| {
+        config.redis = Some(url.clone());
+        config.history_size = 100;
+        config.history_ttl = Duration::from_secs(60);
+    };
+    let mut node_a = Some(start_server_with(in_cluster.clone()).await);
+    let node_b = start_server_with(in_cluster.clone()).await;
+    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    let addr = node_a.as_ref().unwrap().addr;
+    let config = ClientConfig::new(format!("ws://{addr}/")).reconnect(quick_retries());
+    let mut client = Client::connect(config).unwrap();
+    connected(&mut client).await;
+    client.join_room("feed").unwrap();
+    joined(&mut client, "feed").await;
+    let mut publisher = RawClient::connect(&node_b).await;
+    publisher.join("feed").await;
+    publisher
+        .send(json!({"type": "room_message", "room": "feed", "message": "before"}))
+        .await;
+    room_message(&mut client, "feed", "before").await;
+
+    // Its node stops; five messages go out on the other node meanwhile; a new process takes
+    // the old one's address.
+    node_a.take().unwrap().stop().await;
+    recv_type(&mut publisher, "member_left").await;
+    for n in 0..5 {
+        publisher
+            .send(json!({"type": "room_message", "room": "feed", "message": format!("missed {n}")}))
+            .await;
+    }
+    publisher
+        .send(json!({"type": "history", "room": "feed", "limit": 1}))
+        .await;
+    recv_type(&mut publisher, "history").await;
+    let _restarted = start_server_on_with(addr, in_cluster).await;
     let rejoined = expect_event(
         &mut client,
         "the rejoin's room_joined",

@@ -5,7 +5,11 @@
 #   old-redis3   OLD_BIN's three nodes on one Redis (--redis);
 #   new-redis3   NEW_BIN's three nodes on one Redis;
 #   new-cluster3 NEW_BIN's three nodes on a Redis Cluster of three masters (--redis-cluster,
-#                sharded pub/sub), started here.
+#                sharded pub/sub), started here;
+#   new-redis3-history, new-cluster3-history  the same with every room keeping a history in
+#                Redis (--history-size 100 --history-ttl 60s: each message appended by a script
+#                that gives its offset, and delivered from Redis on every node, the sender's too).
+# SETUPS picks which (default: old-redis3 new-redis3 new-cluster3).
 # Alternating, ROUNDS rounds (default 3). Nodes and Redis run on CPU 0, the generator on CPU 1;
 # server CPU is summed over the nodes (`--server-pid` repeated), and Redis's CPU (summed over
 # the masters) is sampled beside it from /proc. Reports: loadtest/results/backplane/<setup>-rN.json
@@ -69,6 +73,10 @@ run_setup() { # SETUP ROUND
         old-redis3) bin=$old; extra=(--redis "redis://127.0.0.1:$redis_port/"); redis_pids=("$single_redis") ;;
         new-redis3) bin=$new; extra=(--redis "redis://127.0.0.1:$redis_port/"); redis_pids=("$single_redis") ;;
         new-cluster3) bin=$new; extra=(--redis-cluster "$cluster_urls"); redis_pids=("${cluster_pids[@]}") ;;
+        new-redis3-history) bin=$new; redis_pids=("$single_redis")
+            extra=(--redis "redis://127.0.0.1:$redis_port/" --history-size 100 --history-ttl 60s) ;;
+        new-cluster3-history) bin=$new; redis_pids=("${cluster_pids[@]}")
+            extra=(--redis-cluster "$cluster_urls" --history-size 100 --history-ttl 60s) ;;
     esac
     local node_pids=() urls=() server_args=()
     for n in 0 1 2; do
@@ -95,7 +103,7 @@ run_setup() { # SETUP ROUND
     done
 }
 
-setups=(old-redis3 new-redis3 new-cluster3)
+read -r -a setups <<< "${SETUPS:-old-redis3 new-redis3 new-cluster3}"
 for round in $(seq "$rounds"); do
     for setup in "${setups[@]}"; do
         run_setup "$setup" "$round"
@@ -113,7 +121,7 @@ for setup in setups:
         lost.append(res["lost"])
         seconds = float(open(f"{out}/{setup}-r{r}.redis-cpu").read() or 0)
         redis.append(round(seconds * 1e6 / max(res["received"], 1), 3))
-    print(f"{setup:13} nodes CPU/delivery {statistics.median(cpu):.2f} us {cpu}, "
+    print(f"{setup:20} nodes CPU/delivery {statistics.median(cpu):.2f} us {cpu}, "
           f"redis CPU/delivery {statistics.median(redis):.2f} us {redis}, "
           f"p99 {statistics.median(p99):.1f} ms {p99}, lost {lost}")
 PY

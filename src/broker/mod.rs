@@ -63,6 +63,7 @@ pub fn from_config(
         hub,
         metrics,
         webhooks,
+        config.history_policy(),
     ))
 }
 

@@ -23,8 +23,8 @@ use bytes::Bytes;
 use dashmap::DashMap;
 
 use super::{
-    ConnId, HistoryPage, Joined, Local, Member, MemberChange, Presence, RecipientNotFound,
-    RoomMessageError, Router, Since,
+    ConnId, HistoryPage, JoinPoint, Joined, Local, Member, MemberChange, Presence,
+    RecipientNotFound, RoomMessageError, Router, Since,
 };
 use crate::history::{HistoryConfig, HistoryPolicy, Recovery, RoomHistory};
 use tokio::sync::oneshot;
@@ -42,11 +42,33 @@ struct Members {
     opted_count: usize,
     index: HashMap<ConnId, usize>,
     /// Members whose join a cluster broker is still making (see [`Router::join_pending`]): not
-    /// in the fan-out list yet, so the hot loop never looks at them; each with what its
-    /// activation tells.
-    pending: Vec<(Member, oneshot::Sender<()>)>,
+    /// in the fan-out list yet, so the hot loop never looks at them.
+    pending: Vec<Pending>,
+    /// How many pending members are recovering joiners whose join came back before their place
+    /// in the history did: what the room sends meanwhile is kept for them.
+    awaiting: usize,
     /// Set when the room was removed from the map; joiners holding a stale `Arc` retry.
     closed: bool,
+}
+
+/// A member whose join is on its way round the cluster.
+struct Pending {
+    member: Member,
+    /// Told when it becomes a member.
+    activated: oneshot::Sender<()>,
+    /// For a joiner that opted in to offsets where the cluster keeps the room's history.
+    recovery: Option<Recovering>,
+}
+
+/// What a recovering joiner's activation needs: its join back in the room's order (`total`)
+/// and its place in the history ([`JoinPoint`]), which come by two roads in either order.
+#[derive(Default)]
+struct Recovering {
+    total: Option<usize>,
+    point: Option<JoinPoint>,
+    /// What the room sent after its join came back, while its point had not (the offset
+    /// variant of each message; membership notices as they are).
+    buffered: Vec<Bytes>,
 }
 
 impl Members {
@@ -55,7 +77,15 @@ impl Members {
     }
 
     fn is_pending(&self, conn: ConnId) -> bool {
-        self.pending.iter().any(|(member, _)| member.conn == conn)
+        self.pending
+            .iter()
+            .any(|pending| pending.member.conn == conn)
+    }
+
+    fn pending_at(&self, conn: ConnId) -> Option<usize> {
+        self.pending
+            .iter()
+            .position(|pending| pending.member.conn == conn)
     }
 
     /// Local members, pending ones included.
@@ -64,20 +94,73 @@ impl Members {
     }
 
     /// Makes the pending member `conn` a member: it gets `room_joined` with `total`, ahead of
-    /// anything the room sends it after. False when it was not pending.
-    fn activate(&mut self, room_name: &str, conn: ConnId, total: usize) -> bool {
-        let Some(at) = self
-            .pending
-            .iter()
-            .position(|(member, _)| member.conn == conn)
-        else {
+    /// anything the room sends it after. A recovering joiner whose place in the history has
+    /// not come yet waits on for it, hearing the room meanwhile (see [`Router::recovered`]);
+    /// when `force`, it is made a member without it (not recovered). False when it was not
+    /// pending.
+    fn activate(&mut self, room_name: &str, conn: ConnId, total: usize, force: bool) -> bool {
+        let Some(at) = self.pending_at(conn) else {
             return false;
         };
-        let (member, activated) = self.pending.swap_remove(at);
-        member.outbox.push(protocol::room_joined(room_name, total));
-        self.insert(member, false);
-        let _ = activated.send(());
+        if let Some(recovery) = &mut self.pending[at].recovery {
+            if recovery.point.is_none() && !force {
+                if recovery.total.is_none() {
+                    recovery.total = Some(total);
+                    self.awaiting += 1;
+                }
+                return true;
+            }
+        }
+        let pending = self.pending.swap_remove(at);
+        let opted = match pending.recovery {
+            None => {
+                pending
+                    .member
+                    .outbox
+                    .push(protocol::room_joined(room_name, total));
+                false
+            }
+            Some(recovery) => {
+                if recovery.total.is_some() {
+                    self.awaiting -= 1;
+                }
+                let point = recovery.point.unwrap_or_else(JoinPoint::unknown);
+                let outbox = &pending.member.outbox;
+                outbox.push(protocol::room_joined_at(
+                    room_name,
+                    recovery.total.unwrap_or(total),
+                    point.offset,
+                    &point.epoch,
+                    point.replay.is_some(),
+                ));
+                for frame in point.replay.into_iter().flatten() {
+                    outbox.push(frame);
+                }
+                for frame in recovery.buffered {
+                    outbox.push(frame);
+                }
+                true
+            }
+        };
+        self.insert(pending.member, opted);
+        let _ = pending.activated.send(());
         true
+    }
+
+    /// Keeps `frame` for the recovering joiners that are waiting for their place in the
+    /// history (see [`Members::activate`]); the caller checked `awaiting`.
+    /// `about`: the member a membership notice is about, which does not hear of itself.
+    fn keep_for_awaiting(&mut self, frame: &Bytes, about: Option<&str>) {
+        for pending in &mut self.pending {
+            if about == Some(&*pending.member.client_id) {
+                continue;
+            }
+            if let Some(recovery) = &mut pending.recovery {
+                if recovery.total.is_some() {
+                    recovery.buffered.push(frame.clone());
+                }
+            }
+        }
     }
 
     fn insert(&mut self, member: Member, opted: bool) {
@@ -232,7 +315,7 @@ impl LocalHub {
         &self,
         room_name: &str,
         member: &Member,
-        pending: Option<oneshot::Sender<()>>,
+        pending: Option<(oneshot::Sender<()>, bool)>,
         since: Option<&Since>,
     ) -> Joined {
         loop {
@@ -254,8 +337,12 @@ impl LocalHub {
             if members.contains(member.conn) || members.is_pending(member.conn) {
                 return Joined::AlreadyMember;
             }
-            if let Some(activated) = pending {
-                members.pending.push((member.clone(), activated));
+            if let Some((activated, recovering)) = pending {
+                members.pending.push(Pending {
+                    member: member.clone(),
+                    activated,
+                    recovery: recovering.then(Recovering::default),
+                });
                 return Joined::Added {
                     members: members.len(),
                 };
@@ -322,11 +409,16 @@ impl LocalHub {
     fn remove(&self, room_name: &str, member: &Member, notify: bool) -> Option<usize> {
         let room = self.room(room_name)?;
         let mut members = room.write();
-        let was_pending = members.is_pending(member.conn);
-        if was_pending {
-            members
-                .pending
-                .retain(|(pending, _)| pending.conn != member.conn);
+        let pending_at = members.pending_at(member.conn);
+        let was_pending = pending_at.is_some();
+        if let Some(at) = pending_at {
+            let pending = members.pending.swap_remove(at);
+            if pending
+                .recovery
+                .is_some_and(|recovery| recovery.total.is_some())
+            {
+                members.awaiting -= 1;
+            }
         } else if !members.remove(member.conn) {
             return None;
         }
@@ -340,6 +432,9 @@ impl LocalHub {
             return Some(members.len());
         }
         let frame = protocol::member_left(room_name, &member.client_id, members.list.len());
+        if members.awaiting > 0 {
+            members.keep_for_awaiting(&frame, None);
+        }
         Some(members.deliver(&frame, Some(member.conn)))
     }
 }
@@ -446,15 +541,62 @@ impl Router for LocalHub {
         room_name: &str,
         member: &Member,
         activated: oneshot::Sender<()>,
+        recovering: bool,
     ) -> Joined {
-        self.add(room_name, member, Some(activated), None)
+        self.add(room_name, member, Some((activated, recovering)), None)
     }
 
     fn activate(&self, room_name: &str, member: &Member, total: usize) -> bool {
         match self.room(room_name) {
-            Some(room) => room.write().activate(room_name, member.conn, total),
+            Some(room) => room.write().activate(room_name, member.conn, total, true),
             None => false,
         }
+    }
+
+    fn recovered(&self, room_name: &str, member: &Member, point: JoinPoint) {
+        let Some(room) = self.room(room_name) else {
+            return; // it left meanwhile
+        };
+        let mut members = room.write();
+        let Some(at) = members.pending_at(member.conn) else {
+            return;
+        };
+        let Some(recovery) = &mut members.pending[at].recovery else {
+            return;
+        };
+        recovery.point = Some(point);
+        if let Some(total) = recovery.total {
+            // Its join came back first: a member now, with what the room sent meanwhile.
+            members.activate(room_name, member.conn, total, true);
+        }
+    }
+
+    fn deliver_at(&self, publication: &Publication<'_>, offset: u64) -> usize {
+        let Target::Room(room_name) = publication.target else {
+            return 0;
+        };
+        let Some(room) = self.room(room_name) else {
+            return 0;
+        };
+        let (from, message, timestamp) = (
+            publication.from,
+            &publication.message,
+            publication.timestamp,
+        );
+        let frame = protocol::room_message(room_name, from, message, timestamp);
+        let members = room.read();
+        if members.opted_count == 0 && members.awaiting == 0 {
+            return members.deliver(&frame, publication.except);
+        }
+        let with_offset = protocol::room_message_at(room_name, from, message, timestamp, offset);
+        if members.awaiting == 0 {
+            return members.deliver_with_offset(&frame, &with_offset, publication.except);
+        }
+        drop(members);
+        // Calls for one room come in its order from one task: nothing overtakes here.
+        let mut members = room.write();
+        members.keep_for_awaiting(&with_offset, None);
+        members.deliver_with_offset(&frame, &with_offset, publication.except)
     }
 
     fn leave(&self, room_name: &str, member: &Member) -> Option<usize> {
@@ -477,10 +619,10 @@ impl Router for LocalHub {
                 let joiner = members
                     .pending
                     .iter()
-                    .find(|(member, _)| &*member.client_id == client_id)
-                    .map(|(member, _)| member.conn);
+                    .find(|pending| &*pending.member.client_id == client_id)
+                    .map(|pending| pending.member.conn);
                 if let Some(conn) = joiner {
-                    members.activate(room_name, conn, total);
+                    members.activate(room_name, conn, total, false);
                 }
                 (
                     protocol::member_joined(room_name, client_id, total),
@@ -492,6 +634,9 @@ impl Router for LocalHub {
                 client_id,
             ),
         };
+        if members.awaiting > 0 {
+            members.keep_for_awaiting(&frame, Some(client_id));
+        }
         // The member it is about (on this node) is skipped.
         let except = members
             .list
@@ -529,8 +674,14 @@ impl Router for LocalHub {
                 // Encoded before the lock is taken: a join waiting for it waits for the
                 // fan-out only.
                 let frame = protocol::room_message(room_name, from, message, *timestamp);
-                let delivered = room.read().deliver(&frame, *except);
-                Ok(delivered)
+                let members = room.read();
+                if members.awaiting == 0 {
+                    return Ok(members.deliver(&frame, *except));
+                }
+                drop(members);
+                let mut members = room.write();
+                members.keep_for_awaiting(&frame, None);
+                Ok(members.deliver(&frame, *except))
             }
             Target::Everyone => {
                 let frame = protocol::broadcast(from, message, *timestamp);
@@ -800,6 +951,151 @@ mod tests {
             serde_json::json!(&*page.epoch),
             gone_epoch,
             "idle and empty: a new one"
+        );
+    }
+
+    /// A room message with its cluster offset, as the Redis broker hands it in.
+    fn kept_message(hub: &LocalHub, room: &str, n: u64) {
+        let text = format!("m{n}");
+        let publication = Publication {
+            target: Target::Room(room),
+            from: "client_pub",
+            message: crate::protocol::Body::Text(text.as_str().into()),
+            timestamp: 1,
+            except: None,
+        };
+        hub.deliver_at(&publication, n);
+    }
+
+    fn types_and_offsets(frames: &[Bytes]) -> Vec<(String, Option<u64>)> {
+        frames
+            .iter()
+            .map(|frame| {
+                let json = history_json(frame);
+                (
+                    json["type"].as_str().unwrap().to_owned(),
+                    json["offset"].as_u64(),
+                )
+            })
+            .collect()
+    }
+
+    fn point(offset: u64, replayed: &[u64]) -> JoinPoint {
+        let replay = replayed
+            .iter()
+            .map(|n| {
+                let text = format!("m{n}");
+                let body = crate::protocol::Body::Text(text.as_str().into());
+                protocol::room_message_at("r", "client_pub", &body, 1, *n)
+            })
+            .collect();
+        JoinPoint {
+            offset,
+            epoch: Arc::from("e"),
+            replay: Some(replay),
+        }
+    }
+
+    #[test]
+    fn a_recovering_joiner_whose_join_comes_back_first_gets_replay_then_what_came_meanwhile() {
+        let hub = LocalHub::new();
+        let (other, mut other_rx) = member(1, 64);
+        hub.join("r", &other);
+        drain(&mut other_rx);
+        let (joiner, mut rx) = member(2, 64);
+        let (activated, mut told) = oneshot::channel();
+        hub.join_pending("r", &joiner, activated, true);
+        // Its join comes back on the channel, then two live messages, then its place.
+        hub.announce(
+            "r",
+            MemberChange::Joined {
+                client_id: &joiner.client_id,
+                total: 2,
+            },
+        );
+        kept_message(&hub, "r", 4);
+        kept_message(&hub, "r", 5);
+        assert!(
+            drain(&mut rx).is_empty(),
+            "nothing before its place is known"
+        );
+        assert!(told.try_recv().is_err(), "not a member yet");
+        hub.recovered("r", &joiner, point(3, &[2, 3]));
+        assert!(told.try_recv().is_ok());
+        let got = types_and_offsets(&drain(&mut rx));
+        let expected: Vec<(String, Option<u64>)> = [
+            ("room_joined", Some(3)),
+            ("room_message", Some(2)),
+            ("room_message", Some(3)),
+            ("room_message", Some(4)),
+            ("room_message", Some(5)),
+        ]
+        .into_iter()
+        .map(|(kind, offset)| (kind.to_owned(), offset))
+        .collect();
+        assert_eq!(got, expected);
+        // The other member heard the join and the two messages (the seed's frames), once.
+        let heard = types_and_offsets(&drain(&mut other_rx));
+        assert_eq!(heard.len(), 3, "{heard:?}");
+        kept_message(&hub, "r", 6);
+        assert_eq!(
+            types_and_offsets(&drain(&mut rx)),
+            [("room_message".to_owned(), Some(6))]
+        );
+    }
+
+    #[test]
+    fn a_recovering_joiner_whose_place_comes_first_is_made_a_member_when_its_join_comes_back() {
+        let hub = LocalHub::new();
+        let (joiner, mut rx) = member(2, 64);
+        let (activated, _told) = oneshot::channel();
+        hub.join_pending("r", &joiner, activated, true);
+        hub.recovered("r", &joiner, point(1, &[1]));
+        assert!(drain(&mut rx).is_empty(), "its join has not come back");
+        hub.announce(
+            "r",
+            MemberChange::Joined {
+                client_id: &joiner.client_id,
+                total: 1,
+            },
+        );
+        kept_message(&hub, "r", 2);
+        let got = types_and_offsets(&drain(&mut rx));
+        let kinds: Vec<_> = got
+            .iter()
+            .map(|(kind, offset)| (kind.as_str(), *offset))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("room_joined", Some(1)),
+                ("room_message", Some(1)),
+                ("room_message", Some(2))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_recovering_joiner_given_up_on_joins_unrecovered_with_what_came_meanwhile() {
+        let hub = LocalHub::new();
+        let (joiner, mut rx) = member(2, 64);
+        let (activated, _told) = oneshot::channel();
+        hub.join_pending("r", &joiner, activated, true);
+        hub.announce(
+            "r",
+            MemberChange::Joined {
+                client_id: &joiner.client_id,
+                total: 1,
+            },
+        );
+        kept_message(&hub, "r", 7);
+        assert!(hub.activate("r", &joiner, 1));
+        let frames = drain(&mut rx);
+        let joined = history_json(&frames[0]);
+        assert_eq!(joined["recovered"], false);
+        assert_eq!(
+            types_and_offsets(&frames[1..]),
+            [("room_message".to_owned(), Some(7))]
         );
     }
 }

@@ -72,6 +72,29 @@ pub struct HistoryPage {
     pub epoch: Arc<str>,
 }
 
+/// Where a recovering joiner stands in a room's history that the cluster keeps (read in one
+/// step with its join, see [`Router::recovered`]).
+#[derive(Debug, Clone)]
+pub struct JoinPoint {
+    /// The offset of the room's last message at the join: live ones follow from the next.
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    /// What it missed, in order (possibly nothing), when recovered; `None`: not recovered.
+    pub replay: Option<Vec<bytes::Bytes>>,
+}
+
+impl JoinPoint {
+    /// The place of a joiner whose history could not be read (Redis away): not recovered, and
+    /// no epoch to hold on to.
+    pub fn unknown() -> Self {
+        Self {
+            offset: 0,
+            epoch: Arc::from(""),
+            replay: None,
+        }
+    }
+}
+
 /// Result of [`Router::join`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Joined {
@@ -143,16 +166,31 @@ pub trait Router: Send + Sync + 'static {
     /// `Joined::Added` (local members, pending ones included) but receives nothing, and nobody
     /// is told, until its own join comes back in the room's order ([`Router::announce`]) or the
     /// broker gives up waiting for that ([`Router::activate`]); then it gets `room_joined` with
-    /// the cluster-wide count, and `activated` is told.
+    /// the cluster-wide count, and `activated` is told. A `recovering` joiner (one that opted
+    /// in to offsets, in a room whose history the cluster keeps) also needs its place in the
+    /// history ([`Router::recovered`]) before it is made a member; what the room sends between
+    /// its join coming back and that is kept for it, so it misses nothing.
     fn join_pending(
         &self,
         room: &str,
         member: &Member,
         activated: tokio::sync::oneshot::Sender<()>,
+        recovering: bool,
     ) -> Joined;
 
-    /// Makes the pending `member` of `room` a member with `total` in its `room_joined`; false
-    /// when it was not pending (already activated, or gone).
+    /// The place in `room`'s history of its recovering pending `member`: it becomes a member
+    /// with `room_joined` (offset, epoch, recovered), what it missed, then what the room sent
+    /// since its join, once its join has come back too.
+    fn recovered(&self, room: &str, member: &Member, point: JoinPoint);
+
+    /// A room message whose offset the cluster's history gave: the seed's frame to the room's
+    /// members here, the offset-carrying one to those who opted in (each encoded at most once).
+    /// Returns how many got it.
+    fn deliver_at(&self, publication: &Publication<'_>, offset: u64) -> usize;
+
+    /// Makes the pending `member` of `room` a member with `total` in its `room_joined` (a
+    /// recovering one without its place, if that has not come: not recovered); false when it
+    /// was not pending (already activated, or gone).
     fn activate(&self, room: &str, member: &Member, total: usize) -> bool;
 
     /// [`Router::leave`] without telling anyone (a pending member too); `Some` of how many local

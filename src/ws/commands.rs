@@ -283,7 +283,7 @@ impl Session {
             return self.reply_error("Unknown message type: history");
         }
         if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
-            return self.reply_error(&refusal.to_string());
+            return self.refuse_non_member(room, refusal);
         }
         // At most what the room keeps (its own size, which may differ from the flags').
         let limit = limit.map_or(usize::MAX, |limit| limit.min(usize::MAX as u64) as usize);
@@ -453,7 +453,7 @@ impl Session {
         if self.asks(Proxy::Publish) {
             // Refusals the seed gives (no such room, not a member) come before the app's say.
             if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
-                return self.refuse_room_message(room, refusal);
+                return self.refuse_non_member(room, refusal);
             }
             let message = owned(&message);
             let body = self.publish_call("room_message", Some(room), &message);
@@ -469,16 +469,16 @@ impl Session {
     fn relay_room_message(&mut self, room: &str, message: Body<'_>) {
         let started = Instant::now();
         if let Err(refusal) = self.node.router.check_sender(room, &self.member) {
-            return self.refuse_room_message(room, refusal);
+            return self.refuse_non_member(room, refusal);
         }
         let delivered = self.publish(Target::Room(room), message).local();
         self.node.metrics.fanout(delivered, started.elapsed());
     }
 
-    /// Answers a room message the local hub refused. A room with no member here may have some
-    /// on other nodes: the broker says, later, whether it exists at all, which decides between
-    /// the seed's two texts (the sender is not in it either way).
-    fn refuse_room_message(&mut self, room: &str, refusal: RoomMessageError) {
+    /// Answers a room message (or `history`) the local hub refused. A room with no member here
+    /// may have some on other nodes: the broker says, later, whether it exists at all, which
+    /// decides between the seed's two texts (the sender is not in it either way).
+    fn refuse_non_member(&mut self, room: &str, refusal: RoomMessageError) {
         if refusal == RoomMessageError::NoSuchRoom {
             if let Some(exists) = self.node.broker.room_exists(room) {
                 self.waiting = Some(Waiting::new(Awaited::RoomExists(exists)));

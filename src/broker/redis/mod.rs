@@ -7,7 +7,9 @@
 //!   straight into its hub, exactly as the memory broker does, then hands one encoded envelope
 //!   to Redis for the other nodes. Local members keep the single-node semantics to the letter
 //!   (who receives what, in which order relative to joins and leaves) and pay no round trip to
-//!   Redis; a node whose Redis is down still serves its own clients.
+//!   Redis; a node whose Redis is down still serves its own clients. The exception is a room
+//!   that keeps history (`--history-size`): its messages take their offsets from Redis, and
+//!   every node, the sender's too, delivers them from the room's channel (see [`history`]).
 //! - **Once across Redis, once encoded per receiving node.** The envelope (origin node, target,
 //!   sender, timestamp, the message's raw JSON) is serialized once per publication; each node
 //!   that receives it decodes it once and its hub encodes the wire frame once for all its
@@ -60,7 +62,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -71,6 +73,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 mod connection;
+mod history;
 mod lease;
 
 pub use connection::Endpoint;
@@ -79,7 +82,10 @@ use connection::{Client, Commands, SubscriptionSink, SubscriptionStream};
 use super::query::{Answer, Gathered, Query, Responder, ASK_TIMEOUT};
 use super::{Broker, Delivery, HistoryRead, Joining, Publication, Target};
 use crate::api::webhooks::{EventKind, Webhooks};
-use crate::hub::{ConnId, Joined, Member, MemberChange, RecipientNotFound, Router, Since};
+use crate::history::{HistoryConfig, HistoryPolicy};
+use crate::hub::{
+    ConnId, HistoryPage, JoinPoint, Joined, Member, MemberChange, RecipientNotFound, Router, Since,
+};
 use crate::metrics::Metrics;
 use crate::protocol::Body;
 
@@ -120,10 +126,13 @@ pub fn check_url(url: &str) -> Result<(), BadRedisUrl> {
 struct Control(Arc<str>, Option<oneshot::Sender<()>>);
 
 /// One command for the publisher task (a `PUBLISH`, a membership script); `reply` wants its
-/// integer answer (the receiving nodes, the room's member count).
+/// answer (the receiving nodes, the room's member count, a script's array).
 struct Outgoing {
     command: redis::Cmd,
-    reply: Option<oneshot::Sender<i64>>,
+    reply: Option<oneshot::Sender<redis::Value>>,
+    /// A kept room message's envelope, which this node delivers to its own members (without an
+    /// offset, not kept) when the command surely never reached Redis.
+    unsent: Option<Bytes>,
 }
 
 impl Outgoing {
@@ -131,6 +140,7 @@ impl Outgoing {
         Self {
             command,
             reply: None,
+            unsent: None,
         }
     }
 }
@@ -167,6 +177,27 @@ fn membership_command(
     member_node: u64,
     client_id: &str,
 ) -> redis::Cmd {
+    let mut command = redis::cmd("EVAL");
+    command
+        .arg(MEMBERSHIP_SCRIPT)
+        .arg(1)
+        .arg(channels.members(room));
+    for arg in membership_args(channels, publisher, change, room, member_node, client_id) {
+        command.arg(arg);
+    }
+    command
+}
+
+/// The membership script's ARGV (see [`MEMBERSHIP_SCRIPT`]), which the join-with-`since`
+/// script takes too.
+fn membership_args(
+    channels: &Channels,
+    publisher: u64,
+    change: Change,
+    room: &str,
+    member_node: u64,
+    client_id: &str,
+) -> [String; 6] {
     let (kind, set_command) = match change {
         Change::Join => ('j', "SADD"),
         Change::Rejoin => ('J', "SADD"),
@@ -182,18 +213,14 @@ fn membership_command(
     .expect("an envelope head serializes");
     head.pop(); // its closing brace: the count and the tail follow
     head.push_str(r#","m":"#);
-    let mut command = redis::cmd("EVAL");
-    command
-        .arg(MEMBERSHIP_SCRIPT)
-        .arg(1)
-        .arg(channels.members(room))
-        .arg(member_entry(member_node, client_id))
-        .arg(channels.room(room))
-        .arg(head)
-        .arg("}")
-        .arg(set_command)
-        .arg(channels.publish_verb());
-    command
+    [
+        member_entry(member_node, client_id),
+        channels.room(room),
+        head,
+        "}".to_owned(),
+        set_command.to_owned(),
+        channels.publish_verb().to_owned(),
+    ]
 }
 
 /// A member in a room's member set: its node and client id.
@@ -249,6 +276,13 @@ struct Envelope<'a> {
     timestamp: u64,
     #[serde(rename = "m", borrow)]
     message: Message<'a>,
+    /// A kept room message's sending connection, which its node skips (the other nodes have no
+    /// such connection).
+    #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
+    except: Option<ConnId>,
+    /// A kept room message's offset in its room's history, which the append script writes last.
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
 }
 
 /// A message body inside an envelope: raw JSON, as it will be relayed (a server's text,
@@ -333,6 +367,24 @@ impl Channels {
         }
     }
 
+    /// A kept room's history stream (see [`history`]).
+    fn history(&self, room: &str) -> String {
+        if self.sharded {
+            format!("{}:history:{{{room}}}", self.prefix)
+        } else {
+            format!("{}:history:{room}", self.prefix)
+        }
+    }
+
+    /// A kept room's history epoch and top offset.
+    fn history_meta(&self, room: &str) -> String {
+        if self.sharded {
+            format!("{}:history-meta:{{{room}}}", self.prefix)
+        } else {
+            format!("{}:history-meta:{room}", self.prefix)
+        }
+    }
+
     /// Where every node hears the others' queries (server API listings, disconnects).
     fn queries(&self) -> String {
         format!("{}:queries", self.prefix)
@@ -387,6 +439,12 @@ pub struct RedisBroker {
     /// For the room events the cluster's counts decide, and a reaper's events for the dead.
     webhooks: Option<Arc<Webhooks>>,
     queries: Arc<Queries>,
+    /// Which rooms keep history, in Redis (`--history-size`): `None`, off.
+    history: Option<HistoryPolicy>,
+    /// Whether the subscription connection is up: a kept room's messages reach this node's own
+    /// members through it.
+    subscribed: Arc<AtomicBool>,
+    unsent: Unsent,
     /// Held while the broker lives: the lease task ends when it is gone.
     _alive: Arc<()>,
 }
@@ -400,6 +458,7 @@ impl RedisBroker {
         hub: Arc<dyn Router>,
         metrics: Arc<Metrics>,
         webhooks: Option<Arc<Webhooks>>,
+        history: Option<HistoryPolicy>,
     ) -> Self {
         let client = Client::open(&endpoint).expect("checked by Config::validate");
         let node = rand::random::<u64>();
@@ -411,13 +470,28 @@ impl RedisBroker {
         let (control, commands) = mpsc::unbounded_channel();
         let wanted = Arc::new(Mutex::new(HashMap::new()));
         let sessions = Arc::new(AtomicU64::new(0));
+        let unsent = Unsent {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+        };
         tokio::spawn(publisher(
             client.clone(),
             queue,
             sessions.clone(),
             metrics.clone(),
+            unsent.clone(),
         ));
         let alive = Arc::new(());
+        if let Some(policy) = &history {
+            tokio::spawn(history::keep_alive(
+                publish.clone(),
+                channels.clone(),
+                policy.clone(),
+                hub.clone(),
+                Arc::downgrade(&alive),
+            ));
+        }
+        let subscribed = Arc::new(AtomicBool::new(false));
         tokio::spawn(lease::run(lease::Lease {
             client: client.clone(),
             node,
@@ -439,6 +513,7 @@ impl RedisBroker {
             wanted: wanted.clone(),
             hub: hub.clone(),
             metrics: metrics.clone(),
+            subscribed: subscribed.clone(),
         }));
         info!(
             node = format_args!("{node:016x}"),
@@ -457,8 +532,16 @@ impl RedisBroker {
             metrics,
             webhooks,
             queries,
+            history,
+            subscribed,
+            unsent,
             _alive: alive,
         }
+    }
+
+    /// What `room` keeps, when history is on and its pattern keeps any.
+    fn kept(&self, room: &str) -> Option<HistoryConfig> {
+        self.history.as_ref()?.for_room(room)
     }
 
     /// One more reason to be subscribed to `channel`; when it is the first, what answers once
@@ -514,8 +597,51 @@ impl RedisBroker {
             from: Cow::Borrowed(publication.from),
             timestamp: publication.timestamp,
             message,
+            except: None,
+            offset: None,
         };
         Bytes::from(serde_json::to_vec(&envelope).expect("an envelope serializes"))
+    }
+
+    /// A room message with history on: the append script gives it its offset and publishes
+    /// it, and every node delivers it from the room's channel, this one too (see [`history`]).
+    fn publish_kept(
+        &self,
+        room: &str,
+        config: &HistoryConfig,
+        publication: &Publication<'_>,
+    ) -> Delivery {
+        // Recipients here, as the room stands: delivery is on its way.
+        let local = self
+            .hub
+            .room_size(room)
+            .saturating_sub(usize::from(publication.except.is_some()));
+        let mut envelope = self.envelope(publication).to_vec();
+        envelope.pop(); // its closing brace: the sender's connection and the offset follow
+        if let Some(except) = publication.except {
+            envelope.extend_from_slice(format!(r#","x":{except}"#).as_bytes());
+        }
+        let plain = {
+            let mut plain = envelope.clone();
+            plain.push(b'}');
+            Bytes::from(plain)
+        };
+        envelope.extend_from_slice(br#","o":"#);
+        let outgoing = Outgoing {
+            command: history::append_command(&self.channels, room, config, &envelope, b"}"),
+            reply: None,
+            unsent: Some(plain),
+        };
+        if !self.subscribed.load(Ordering::Acquire) {
+            // The node would not hear it back: its members get it now, not kept.
+            self.unsent.deliver_here(outgoing);
+            return Delivery::Done(Ok(local));
+        }
+        if let Err(full) = self.publish.try_send(outgoing) {
+            self.metrics.redis_publish_dropped.increment(1);
+            self.unsent.deliver_here(full.into_inner());
+        }
+        Delivery::Done(Ok(local))
     }
 
     /// Queues one `PUBLISH` without waiting; a full queue drops it, counted.
@@ -626,10 +752,16 @@ impl RedisBroker {
 /// Sends `command` through the publisher task (in order with everything queued before) and
 /// returns its integer answer, or `None` when Redis did not answer it in time.
 async fn answer_of(queue: &mpsc::Sender<Outgoing>, command: redis::Cmd) -> Option<i64> {
+    redis::from_redis_value(&value_of(queue, command).await?).ok()
+}
+
+/// [`answer_of`] for any answer.
+async fn value_of(queue: &mpsc::Sender<Outgoing>, command: redis::Cmd) -> Option<redis::Value> {
     let (reply, answer) = oneshot::channel();
     let outgoing = Outgoing {
         command,
         reply: Some(reply),
+        unsent: None,
     };
     queue.send(outgoing).await.ok()?;
     tokio::time::timeout(RESPONSE_TIMEOUT * 2, answer)
@@ -647,7 +779,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Broker for RedisBroker {
     fn publish(&self, publication: &Publication<'_>) -> Delivery {
         let channel = match publication.target {
-            Target::Room(room) => self.channels.room(room),
+            Target::Room(room) => {
+                if let Some(config) = self.kept(room) {
+                    return self.publish_kept(room, &config, publication);
+                }
+                self.channels.room(room)
+            }
             Target::Everyone => self.channels.broadcast(),
             Target::Recipient(id) => return self.publish_private(id, publication),
         };
@@ -656,19 +793,42 @@ impl Broker for RedisBroker {
         Delivery::Done(local)
     }
 
-    fn join(&self, room: &str, member: &Member, _since: Option<&Since>) -> Joining {
-        // History is not yet shared between nodes (the configuration refuses it with Redis):
-        // a `since` changes nothing here.
+    fn join(&self, room: &str, member: &Member, since: Option<&Since>) -> Joining {
+        // A joiner that opted in to offsets, in a room whose history Redis keeps: its join
+        // reads its place in the history in the same step.
+        let recovering = since.zip(self.kept(room));
         let (activated, joined) = oneshot::channel();
-        let local_members = match self.hub.join_pending(room, member, activated) {
-            Joined::AlreadyMember => return Joining::Done(Joined::AlreadyMember),
-            Joined::Added { members } => members,
-        };
+        let local_members =
+            match self
+                .hub
+                .join_pending(room, member, activated, recovering.is_some())
+            {
+                Joined::AlreadyMember => return Joining::Done(Joined::AlreadyMember),
+                Joined::Added { members } => members,
+            };
         let subscribed = (local_members == 1)
             .then(|| self.want(self.channels.room(room)))
             .flatten();
         self.send_command(self.index(Change::Join, room, member));
-        let script = self.membership(Change::Join, room, member);
+        let script = match recovering {
+            None => self.membership(Change::Join, room, member),
+            Some((since, config)) => {
+                let args = membership_args(
+                    &self.channels,
+                    self.node,
+                    Change::Join,
+                    room,
+                    self.node,
+                    &member.client_id,
+                );
+                let seen = match since {
+                    Since::Now => None,
+                    Since::Saw { offset, epoch } => Some((*offset, &**epoch)),
+                };
+                history::join_since_command(&self.channels, room, &config, &args, seen)
+            }
+        };
+        let recovering = recovering.is_some();
         let leave = self.membership(Change::Leave, room, member);
         let unindex = self.index(Change::Leave, room, member);
         let room: Arc<str> = Arc::from(room);
@@ -682,7 +842,19 @@ impl Broker for RedisBroker {
             if let Some(subscribed) = subscribed {
                 let _ = tokio::time::timeout(RESPONSE_TIMEOUT, subscribed).await;
             }
-            let counted = answer_of(&queue, script).await;
+            let counted = if recovering {
+                // Its place in the history, or, when Redis did not answer, none: it is not
+                // recovered, and is made a member (below) as without history.
+                let answer = value_of(&queue, script).await;
+                let (total, point) = match answer.as_ref().and_then(history::join_point) {
+                    Some((total, point)) => (Some(total as i64), point),
+                    None => (None, JoinPoint::unknown()),
+                };
+                hub.recovered(&room, &member, point);
+                total
+            } else {
+                answer_of(&queue, script).await
+            };
             // The room's first member anywhere (or here, when Redis did not count it).
             if counted.map_or(local_members == 1, |total| total == 1) {
                 room_event(&webhooks, EventKind::RoomOccupied, &member, &room);
@@ -756,9 +928,28 @@ impl Broker for RedisBroker {
         Some(remaining)
     }
 
-    fn history(&self, _room: &str, _limit: usize, _since: Option<u64>) -> HistoryRead {
-        // Not yet shared between nodes: the configuration refuses history with Redis.
-        HistoryRead::Off
+    fn history(&self, room: &str, limit: usize, since: Option<u64>) -> HistoryRead {
+        let Some(policy) = &self.history else {
+            return HistoryRead::Off;
+        };
+        let Some(config) = policy.for_room(room) else {
+            // A room the policy keeps no history of: nothing kept.
+            return HistoryRead::Done(HistoryPage {
+                messages: Vec::new(),
+                offset: 0,
+                epoch: Arc::from(""),
+            });
+        };
+        let (answer, page) = oneshot::channel();
+        let (queue, channels, room) =
+            (self.publish.clone(), self.channels.clone(), room.to_owned());
+        tokio::spawn(async move {
+            if let Some(read) = history::read(&queue, &channels, &room, &config, limit, since).await
+            {
+                let _ = answer.send(read);
+            }
+        });
+        HistoryRead::Later(page)
     }
 
     fn room_exists(&self, room: &str) -> Option<oneshot::Receiver<bool>> {
@@ -805,6 +996,33 @@ impl Broker for RedisBroker {
     }
 }
 
+/// Where a kept room message that never reached Redis goes: to this node's own members, without
+/// an offset (it is in no history), counted.
+#[derive(Clone)]
+struct Unsent {
+    hub: Arc<dyn Router>,
+    metrics: Arc<Metrics>,
+}
+
+impl Unsent {
+    fn deliver_here(&self, outgoing: Outgoing) {
+        let Some(payload) = outgoing.unsent else {
+            return;
+        };
+        let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(&payload) else {
+            return;
+        };
+        self.metrics.redis_history_unkept.increment(1);
+        let _ = self.hub.deliver(&Publication {
+            target: Target::Room(&envelope.target),
+            from: &envelope.from,
+            message: Body::Raw(envelope.message.raw()),
+            timestamp: envelope.timestamp,
+            except: envelope.except,
+        });
+    }
+}
+
 fn next_backoff(backoff: Duration) -> Duration {
     (backoff * 2).min(BACKOFF_MAX)
 }
@@ -815,6 +1033,7 @@ async fn publisher(
     mut queue: mpsc::Receiver<Outgoing>,
     sessions: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
+    unsent: Unsent,
 ) {
     let mut connection: Option<Commands> = None;
     // The subscriber's session the connection was made in: a newer one means Redis went away
@@ -844,8 +1063,11 @@ async fn publisher(
                     // (a private message waiting on a count learns it from its reply's end);
                     // then a pause before the next attempt.
                     let mut dropped = batch.len() as u64;
-                    batch.clear();
-                    while queue.try_recv().is_ok() {
+                    for outgoing in batch.drain(..) {
+                        unsent.deliver_here(outgoing);
+                    }
+                    while let Ok(outgoing) = queue.try_recv() {
+                        unsent.deliver_here(outgoing);
                         dropped += 1;
                     }
                     metrics.redis_publish_dropped.increment(dropped);
@@ -860,12 +1082,16 @@ async fn publisher(
         for outgoing in batch.drain(..) {
             commands.push(outgoing.command);
             replies.push(outgoing.reply);
+            // Past this point a command may have reached Redis: a kept message is not delivered
+            // here a second time, whatever happens to the pipeline.
         }
         let redis = connection.as_mut().expect("connected above");
         match redis.run(commands).await {
             Ok(answers) => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
-                    if let (Some(reply), Ok(answer)) = (reply, redis::from_redis_value(&answer)) {
+                    if let (Some(reply), false) =
+                        (reply, matches!(answer, redis::Value::ServerError(_)))
+                    {
                         let _ = reply.send(answer);
                     }
                 }
@@ -897,6 +1123,7 @@ struct Subscriber {
     wanted: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     hub: Arc<dyn Router>,
     metrics: Arc<Metrics>,
+    subscribed: Arc<AtomicBool>,
 }
 
 /// Why a subscription connection ended.
@@ -942,6 +1169,7 @@ async fn subscriber(mut state: Subscriber) {
         match serve(&mut state, subscription).await {
             Ended::BrokerGone => return,
             Ended::Lost => {
+                state.subscribed.store(false, Ordering::Release);
                 state.metrics.redis_connected.set(0.0);
                 warn!("redis connection lost: serving local clients only, reconnecting");
                 warned = true;
@@ -989,6 +1217,7 @@ async fn serve(
         return Ended::Lost;
     };
     state.sessions.fetch_add(1, Ordering::Release);
+    state.subscribed.store(true, Ordering::Release);
     state.metrics.redis_connected.set(1.0);
     info!(
         channels = channels.len() + 1,
@@ -1168,6 +1397,20 @@ fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
         state.hub.announce(&envelope.target, change);
         return;
     }
+    if let ('r', Some(offset)) = (envelope.kind, envelope.offset) {
+        // A kept room's message: every node delivers it from here, in the offsets' order, the
+        // sender's skipping the sending connection.
+        let except = envelope.except.filter(|_| envelope.node == state.node);
+        let publication = Publication {
+            target: Target::Room(&envelope.target),
+            from: &envelope.from,
+            message: Body::Raw(envelope.message.raw()),
+            timestamp: envelope.timestamp,
+            except,
+        };
+        state.hub.deliver_at(&publication, offset);
+        return;
+    }
     if envelope.node == state.node {
         return; // our own, delivered locally when published
     }
@@ -1235,6 +1478,8 @@ impl RedisBroker {
             from: Cow::Borrowed(""),
             timestamp: 0,
             message: Message::Owned(message),
+            except: None,
+            offset: None,
         };
         Bytes::from(serde_json::to_vec(&envelope).expect("an envelope serializes"))
     }
