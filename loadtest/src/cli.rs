@@ -125,6 +125,11 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 0)]
     pub messages: u64,
 
+    /// Every client joins with `"since":{}` (opted in to offsets): against a server keeping
+    /// history, they receive the offset-carrying variant of each room message.
+    #[arg(long)]
+    pub since: bool,
+
     /// Bytes of each message's `message` string (the stamp, padded); never less than the stamp
     /// (~30 bytes).
     #[arg(long, default_value_t = 64)]

@@ -16,10 +16,25 @@ use serde_json::value::RawValue;
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage<'a> {
-    JoinRoom { room: &'a str },
-    LeaveRoom { room: &'a str },
-    RoomMessage { room: &'a str, message: &'a str },
+    JoinRoom {
+        room: &'a str,
+        /// `Some`: `"since":{}`, opting in to offsets (a server with history then sends each
+        /// room message's offset-carrying frame to this connection).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        since: Option<FromNow>,
+    },
+    LeaveRoom {
+        room: &'a str,
+    },
+    RoomMessage {
+        room: &'a str,
+        message: &'a str,
+    },
 }
+
+/// `{}`: a join's `since` that asks for offsets from now on.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FromNow {}
 
 impl ClientMessage<'_> {
     /// The JSON text of the message.
@@ -154,7 +169,12 @@ mod tests {
 
     #[test]
     fn client_messages_have_the_protocol_shape() {
-        let join = ClientMessage::JoinRoom { room: "r\"1" }.encode().unwrap();
+        let join = ClientMessage::JoinRoom {
+            room: "r\"1",
+            since: None,
+        }
+        .encode()
+        .unwrap();
         assert_eq!(join, br#"{"type":"join_room","room":"r\"1"}"#);
         let msg = ClientMessage::RoomMessage {
             room: "lobby",

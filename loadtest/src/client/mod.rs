@@ -40,7 +40,7 @@ pub use error::{Cause, ClientError, CloseCode};
 use source_ip::SourceIps;
 pub use target::Target;
 
-use crate::message::{ClientMessage, ServerMessage};
+use crate::message::{ClientMessage, FromNow, ServerMessage};
 
 /// The byte stream under every WebSocket: hyper's upgraded connection, whatever the transport.
 type Io = TokioIo<Upgraded>;
@@ -283,10 +283,19 @@ impl Conn {
         }
     }
 
-    /// Sends `join_room` and reads until its `room_joined` arrives (other traffic, such as
-    /// `member_joined` of earlier joiners, is skipped). Returns the member count it reported.
-    pub async fn join(&mut self, room: &str, timeout: Duration) -> Result<u64, ClientError> {
-        self.writer.send(&ClientMessage::JoinRoom { room }).await?;
+    /// Sends `join_room` (with `"since":{}` when `since`) and reads until its `room_joined`
+    /// arrives (other traffic, such as `member_joined` of earlier joiners, is skipped). Returns
+    /// the member count it reported.
+    pub async fn join(
+        &mut self,
+        room: &str,
+        since: bool,
+        timeout: Duration,
+    ) -> Result<u64, ClientError> {
+        let since = since.then_some(FromNow {});
+        self.writer
+            .send(&ClientMessage::JoinRoom { room, since })
+            .await?;
         let wait = async {
             loop {
                 let payload = self.reader.recv().await?;

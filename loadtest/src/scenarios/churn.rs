@@ -147,7 +147,7 @@ impl Worker {
         self.handshake_times
             .record(worker, conn.connect_time.as_nanos() as u64);
 
-        conn.join(&self.room, self.timeout)
+        conn.join(&self.room, false, self.timeout)
             .await
             .map_err(|e| fail("join", e))?;
         Stamp {

@@ -410,7 +410,10 @@ fn check_membership(shared: &Shared, warnings: &mut Vec<String>) {
 async fn client(shared: Arc<Shared>, index: usize, mut conn: Conn) {
     let room_index = shared.room_of(index);
     let room = &shared.rooms[room_index];
-    match conn.join(&room.name, shared.reply_timeout).await {
+    match conn
+        .join(&room.name, shared.args.since, shared.reply_timeout)
+        .await
+    {
         Ok(members) => {
             room.members_seen.fetch_max(members, Ordering::Relaxed);
             room.joined.fetch_add(1, Ordering::Relaxed);
