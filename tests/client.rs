@@ -178,6 +178,39 @@ async fn assert_back_with_state(
     );
 }
 
+/// After the rejoin of "feed": its `room_joined` says recovered at offset 6, and the five
+/// messages "missed 0".."missed 4" (offsets 2..6) follow in order.
+async fn rejoined_with_missed_feed(client: &mut Client) {
+    let rejoined = expect_event(
+        client,
+        "the rejoin's room_joined",
+        |e| matches!(e, Event::Message(ServerMessage::RoomJoined { room, .. }) if room == "feed"),
+    )
+    .await;
+    let Event::Message(ServerMessage::RoomJoined {
+        recovered, offset, ..
+    }) = rejoined
+    else {
+        unreachable!()
+    };
+    assert_eq!(recovered, Some(true), "told that the gap was recovered");
+    assert_eq!(offset, Some(6));
+    for n in 0..5 {
+        let event = expect_event(client, "a replayed message", |e| {
+            matches!(e, Event::Message(ServerMessage::RoomMessage { .. }))
+        })
+        .await;
+        let Event::Message(ServerMessage::RoomMessage {
+            message, offset, ..
+        }) = event
+        else {
+            unreachable!()
+        };
+        assert_eq!(message, json!(format!("missed {n}")));
+        assert_eq!(offset, Some(n + 2));
+    }
+}
+
 fn quick_retries() -> ReconnectPolicy {
     ReconnectPolicy {
         initial_delay: Duration::from_millis(50),
@@ -927,34 +960,7 @@ async fn after_a_dropped_connection_the_library_recovers_the_missed_messages_by_
         .await;
     recv_type(&mut publisher, "history").await;
     // Back under a new id: its rejoin says what it saw, and the server replays the rest.
-    let rejoined = expect_event(
-        &mut client,
-        "the rejoin's room_joined",
-        |e| matches!(e, Event::Message(ServerMessage::RoomJoined { room, .. }) if room == "feed"),
-    )
-    .await;
-    let Event::Message(ServerMessage::RoomJoined {
-        recovered, offset, ..
-    }) = rejoined
-    else {
-        unreachable!()
-    };
-    assert_eq!(recovered, Some(true), "told that the gap was recovered");
-    assert_eq!(offset, Some(6));
-    for n in 0..5 {
-        let event = expect_event(&mut client, "a replayed message", |e| {
-            matches!(e, Event::Message(ServerMessage::RoomMessage { .. }))
-        })
-        .await;
-        let Event::Message(ServerMessage::RoomMessage {
-            message, offset, ..
-        }) = event
-        else {
-            unreachable!()
-        };
-        assert_eq!(message, json!(format!("missed {n}")));
-        assert_eq!(offset, Some(n + 2));
-    }
+    rejoined_with_missed_feed(&mut client).await;
     client.close().await;
 }
 
@@ -999,33 +1005,6 @@ async fn in_cluster_mode_the_library_recovers_what_it_missed_while_its_node_rest
         .await;
     recv_type(&mut publisher, "history").await;
     let _restarted = start_server_on_with(addr, in_cluster).await;
-    let rejoined = expect_event(
-        &mut client,
-        "the rejoin's room_joined",
-        |e| matches!(e, Event::Message(ServerMessage::RoomJoined { room, .. }) if room == "feed"),
-    )
-    .await;
-    let Event::Message(ServerMessage::RoomJoined {
-        recovered, offset, ..
-    }) = rejoined
-    else {
-        unreachable!()
-    };
-    assert_eq!(recovered, Some(true), "told that the gap was recovered");
-    assert_eq!(offset, Some(6));
-    for n in 0..5 {
-        let event = expect_event(&mut client, "a replayed message", |e| {
-            matches!(e, Event::Message(ServerMessage::RoomMessage { .. }))
-        })
-        .await;
-        let Event::Message(ServerMessage::RoomMessage {
-            message, offset, ..
-        }) = event
-        else {
-            unreachable!()
-        };
-        assert_eq!(message, json!(format!("missed {n}")));
-        assert_eq!(offset, Some(n + 2));
-    }
+    rejoined_with_missed_feed(&mut client).await;
     client.close().await;
 }

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::history::{join_since, publish};
 use common::{keys, start_server_with, Client, TestServer};
 use serde_json::{json, Value};
 
@@ -20,34 +21,6 @@ async fn server(size: usize, ttl: Duration, max_recovery: usize) -> TestServer {
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// Joins `room` with `since` and returns the `room_joined`.
-async fn join_since(client: &mut Client, room: &str, since: Value) -> Value {
-    client
-        .send(json!({"type": "join_room", "room": room, "since": since}))
-        .await;
-    let joined = client.recv().await;
-    assert_eq!(joined["type"], "room_joined", "{joined}");
-    joined
-}
-
-/// Sends `count` room messages from `sender` (a member), and returns once they are in the
-/// room's history: its `history` request, answered after them, is the barrier.
-async fn publish(sender: &mut Client, room: &str, count: u64, from: u64) {
-    for n in from..from + count {
-        sender
-            .send(json!({"type": "room_message", "room": room, "message": {"n": n}}))
-            .await;
-    }
-    sender
-        .send(json!({"type": "history", "room": room, "limit": 1}))
-        .await;
-    loop {
-        if sender.recv().await["type"] == "history" {
-            return;
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_missed_ten_messages_recovers_exactly_those_in_order_then_live_ones() {

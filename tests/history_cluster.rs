@@ -10,6 +10,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::history::{join_since, publish};
 use common::redis::RedisServer;
 use common::{http_get, http_json, start_server_with, Client, TestServer, EXPECT};
 use serde_json::{json, Value};
@@ -38,16 +39,6 @@ async fn nodes(redis: &RedisServer, count: usize) -> Vec<TestServer> {
     nodes
 }
 
-/// Joins `room` with `since` and returns the `room_joined`, skipping nothing.
-async fn join_since(client: &mut Client, room: &str, since: Value) -> Value {
-    client
-        .send(json!({"type": "join_room", "room": room, "since": since}))
-        .await;
-    let joined = client.recv().await;
-    assert_eq!(joined["type"], "room_joined", "{joined}");
-    joined
-}
-
 /// Reads until a frame of `kind`, skipping others (membership notices).
 async fn recv_type(client: &mut Client, kind: &str) -> Value {
     loop {
@@ -56,20 +47,6 @@ async fn recv_type(client: &mut Client, kind: &str) -> Value {
             return frame;
         }
     }
-}
-
-/// Sends `count` room messages `{"n": from..}` and returns once they are in the room's history
-/// (its `history` request, answered after them, is the barrier).
-async fn publish(sender: &mut Client, room: &str, count: u64, from: u64) {
-    for n in from..from + count {
-        sender
-            .send(json!({"type": "room_message", "room": room, "message": {"n": n}}))
-            .await;
-    }
-    sender
-        .send(json!({"type": "history", "room": room, "limit": 1}))
-        .await;
-    recv_type(sender, "history").await;
 }
 
 /// Reads `count` room messages and returns their (offset, n).

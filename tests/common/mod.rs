@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod app_stub;
+pub mod history;
 pub mod redis;
 
 use futures_util::{SinkExt, StreamExt};

@@ -324,10 +324,16 @@ struct Channels {
 
 impl Channels {
     fn room(&self, room: &str) -> String {
+        self.room_key("room", room)
+    }
+
+    /// `PREFIX:WHAT:ROOM`, on a cluster with the room as hash tag (`PREFIX:WHAT:{ROOM}`), so
+    /// a room's keys and channel share a slot.
+    fn room_key(&self, what: &str, room: &str) -> String {
         if self.sharded {
-            format!("{}:room:{{{room}}}", self.prefix)
+            format!("{}:{what}:{{{room}}}", self.prefix)
         } else {
-            format!("{}:room:{room}", self.prefix)
+            format!("{}:{what}:{room}", self.prefix)
         }
     }
 
@@ -360,29 +366,17 @@ impl Channels {
 
     /// The key of a room's member set (entries `NODE:CLIENT_ID`).
     fn members(&self, room: &str) -> String {
-        if self.sharded {
-            format!("{}:members:{{{room}}}", self.prefix)
-        } else {
-            format!("{}:members:{room}", self.prefix)
-        }
+        self.room_key("members", room)
     }
 
     /// A kept room's history stream (see [`history`]).
     fn history(&self, room: &str) -> String {
-        if self.sharded {
-            format!("{}:history:{{{room}}}", self.prefix)
-        } else {
-            format!("{}:history:{room}", self.prefix)
-        }
+        self.room_key("history", room)
     }
 
     /// A kept room's history epoch and top offset.
     fn history_meta(&self, room: &str) -> String {
-        if self.sharded {
-            format!("{}:history-meta:{{{room}}}", self.prefix)
-        } else {
-            format!("{}:history-meta:{room}", self.prefix)
-        }
+        self.room_key("history-meta", room)
     }
 
     /// Where every node hears the others' queries (server API listings, disconnects).
