@@ -124,7 +124,13 @@ impl Members {
                 if recovery.total.is_some() {
                     self.awaiting -= 1;
                 }
-                let point = recovery.point.unwrap_or_else(JoinPoint::unknown);
+                let mut point = recovery.point.unwrap_or_else(JoinPoint::unknown);
+                if force && recovery.total.is_none() {
+                    // Given up on before its own join notice came back: what the room sent
+                    // after its place in the history was not kept for it, so a replay would
+                    // end in a gap. It joins unrecovered.
+                    point.replay = None;
+                }
                 let outbox = &pending.member.outbox;
                 outbox.push(protocol::room_joined_at(
                     room_name,
@@ -1096,6 +1102,30 @@ mod tests {
         assert_eq!(
             types_and_offsets(&frames[1..]),
             [("room_message".to_owned(), Some(7))]
+        );
+    }
+
+    #[test]
+    fn a_recovering_joiner_given_up_on_before_its_join_came_back_is_told_it_did_not_recover() {
+        let hub = LocalHub::new();
+        let (joiner, mut rx) = member(2, 64);
+        let (activated, _told) = oneshot::channel();
+        hub.join_pending("r", &joiner, activated, true);
+        // Its place is known, but its join notice never comes: messages after offset 3 went by
+        // unkept for it, so the replay of 2..3 must not be presented as a recovery.
+        hub.recovered("r", &joiner, point(3, &[2, 3]));
+        kept_message(&hub, "r", 4);
+        assert!(hub.activate("r", &joiner, 1));
+        let frames = drain(&mut rx);
+        let joined = history_json(&frames[0]);
+        assert_eq!(joined["type"], "room_joined");
+        assert_eq!(joined["recovered"], false);
+        assert_eq!(joined["offset"], 3);
+        assert_eq!(
+            frames.len(),
+            1,
+            "no replay: {:?}",
+            types_and_offsets(&frames)
         );
     }
 }
