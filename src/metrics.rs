@@ -70,6 +70,8 @@ pub struct Metrics {
     pub redis_connected: Gauge,
     /// Publications for the other nodes that could not be handed to Redis.
     pub redis_publish_dropped: Counter,
+    /// Commands Redis answered with an error (the rest of their pipeline ran).
+    pub redis_refused: Counter,
     /// Members of dead nodes this node took out of their rooms.
     pub redis_reaped_members: Counter,
     /// Messages of rooms with history that Redis could not keep, delivered to this node's own
@@ -225,6 +227,10 @@ impl Metrics {
             redis_publish_dropped: counter(
                 "roomcast_redis_publish_dropped_total",
                 "Publications for other nodes dropped: Redis unreachable or too slow.",
+            ),
+            redis_refused: counter(
+                "roomcast_redis_refused_total",
+                "Commands Redis answered with an error (a script's, out of memory, a wrong key type); logged at debug.",
             ),
             redis_reaped_members: counter(
                 "roomcast_redis_reaped_members_total",

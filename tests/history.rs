@@ -245,6 +245,53 @@ async fn the_server_api_reads_a_rooms_history_last_or_after_an_offset() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_page_after_an_offset_past_the_top_is_empty_however_large_the_offset() {
+    let server = start_server_with(|config| {
+        config.history_size = 10;
+        config.history_ttl = MINUTE;
+        config.api_key = Some("history-key".into());
+    })
+    .await;
+    let mut member = Client::connect(&server).await;
+    member.join("far").await;
+    publish(&mut member, "far", 2, 0).await;
+    let auth = "Authorization: Bearer history-key";
+    // Past 10^14 a Lua number prints as 1e+14: the offset must still be read as a number.
+    for since in ["2", "100000000000000", "18446744073709551615"] {
+        let path = format!("/api/rooms/far/history?since={since}");
+        let (status, page) = common::http_json(server.addr, "GET", &path, auth, "").await;
+        assert_eq!(status, 200, "since={since}: {page}");
+        assert_eq!(page["messages"], json!([]), "since={since}");
+        assert_eq!(page["offset"], 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_name_starts_with_a_closing_brace_keeps_and_recovers_its_history() {
+    // On a Redis Cluster a room's keys share a hash tag made of its name: `}` first must not
+    // leave the tag empty (each key in a slot of its own, every script refused).
+    let server = server(100, MINUTE, 1000).await;
+    let room = "}odd{room";
+    let mut publisher = Client::connect(&server).await;
+    publisher.join(room).await;
+    let mut reader = Client::connect(&server).await;
+    let joined = join_since(&mut reader, room, json!({})).await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(publisher.recv().await["type"], "member_joined");
+    reader.close().await;
+    assert_eq!(publisher.recv().await["type"], "member_left");
+    publish(&mut publisher, room, 3, 0).await;
+    let mut back = Client::connect(&server).await;
+    let joined = join_since(&mut back, room, json!({"offset": 0, "epoch": epoch})).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    for n in 0..3u64 {
+        let missed = back.recv().await;
+        assert_eq!(missed["message"], json!({"n": n}), "{missed}");
+        assert_eq!(missed["offset"], n + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_api_history_is_404_with_history_off() {
     let server = start_server_with(|config| config.api_key = Some("k".into())).await;
     let (status, answer) = common::http_json(

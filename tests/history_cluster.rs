@@ -315,3 +315,108 @@ async fn while_redis_is_away_a_kept_room_still_reaches_this_nodes_members_withou
     );
     publisher.expect_silence().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rooms_history_whose_epoch_hash_was_lost_alone_starts_afresh_and_keeps_new_messages() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut publisher = Client::connect(&nodes[0]).await;
+    publisher.join("evicted").await;
+    publish(&mut publisher, "evicted", 5, 0).await;
+    // The hash goes (evicted, say) while the stream with offsets 1..5 stays.
+    let removed = redis
+        .command(&["DEL", "roomcast:history-meta:evicted"])
+        .await;
+    assert_eq!(removed.as_deref(), Some(":1"));
+    let mut reader = Client::connect(&nodes[1]).await;
+    join_since(&mut reader, "evicted", json!({})).await;
+    recv_type(&mut publisher, "member_joined").await;
+    publish(&mut publisher, "evicted", 2, 5).await;
+    assert_eq!(room_messages(&mut reader, 2).await, [(1, 5), (2, 6)]);
+    reader
+        .send(json!({"type": "history", "room": "evicted", "limit": 10}))
+        .await;
+    let page = recv_type(&mut reader, "history").await;
+    let kept: Vec<&Value> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["message"]["n"])
+        .collect();
+    assert_eq!(
+        kept,
+        [&json!(5), &json!(6)],
+        "the old entries went with the old epoch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_redis_refuses_to_keep_reaches_this_nodes_members_unkept_and_others_still_work() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 1).await;
+    // The room's stream key holds something else: Redis refuses every append to it.
+    let epoch = redis
+        .command(&[
+            "HSET",
+            "roomcast:history-meta:broken",
+            "epoch",
+            "e",
+            "top",
+            "0",
+        ])
+        .await;
+    assert_eq!(epoch.as_deref(), Some(":2"));
+    let set = redis
+        .command(&["SET", "roomcast:history:broken", "x"])
+        .await;
+    assert_eq!(set.as_deref(), Some("+OK"));
+    let mut publisher = Client::connect(&nodes[0]).await;
+    publisher.join("broken").await;
+    publisher.join("fine").await;
+    let mut reader = Client::connect(&nodes[0]).await;
+    join_since(&mut reader, "broken", json!({})).await;
+    recv_type(&mut publisher, "member_joined").await;
+    // A refused append and a kept one, queued together, and a join waiting on its answer.
+    publisher
+        .send(json!({"type": "room_message", "room": "broken", "message": "refused"}))
+        .await;
+    publisher
+        .send(json!({"type": "room_message", "room": "fine", "message": "kept"}))
+        .await;
+    reader
+        .send(json!({"type": "join_room", "room": "fine", "since": {}}))
+        .await;
+    // Its answer and the refused message come in either order.
+    let (mut joined, mut got) = (reader.recv().await, reader.recv().await);
+    if joined["type"] != "room_joined" {
+        std::mem::swap(&mut joined, &mut got);
+    }
+    assert_eq!(joined["type"], "room_joined", "{joined}");
+    assert_eq!(joined["members"], 2, "{joined}");
+    assert_eq!(got["type"], "room_message", "{got}");
+    assert_eq!(got["message"], "refused");
+    assert!(got.get("offset").is_none(), "not kept: no offset ({got})");
+    let metrics = http_get(nodes[0].addr, "/metrics").await;
+    assert!(
+        metrics.contains("roomcast_redis_refused_total 1"),
+        "counted"
+    );
+    assert!(metrics.contains("roomcast_redis_history_unkept_total 1"));
+    publisher
+        .send(json!({"type": "room_message", "room": "fine", "message": "later"}))
+        .await;
+    // "kept" too, if the reader's join reached Redis before it.
+    let mut later = recv_type(&mut reader, "room_message").await;
+    if later["message"] == "kept" {
+        later = recv_type(&mut reader, "room_message").await;
+    }
+    assert_eq!(later["message"], "later");
+    assert_eq!(
+        later["offset"], 2,
+        "the other room's history went on: {later}"
+    );
+}

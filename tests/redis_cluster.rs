@@ -44,10 +44,10 @@ async fn room_messages_and_member_counts_cross_nodes_through_sharded_pubsub() {
     heard_join_of(&mut a, &c.id.clone(), 3).await;
     heard_join_of(&mut b, &c.id.clone(), 3).await;
     // The room's channel is a shard channel, hash-tagged with the room, on its shard only.
-    assert_eq!(cluster.subscribers("roomcast:room:{team}").await, (3, 0));
+    assert_eq!(cluster.subscribers("roomcast:room:{r:team}").await, (3, 0));
     assert_eq!(
         cluster
-            .command(&["SCARD", "roomcast:members:{team}"])
+            .command(&["SCARD", "roomcast:members:{r:team}"])
             .await
             .as_deref(),
         Some(":3")
@@ -129,7 +129,7 @@ async fn a_sigkilled_node_on_a_redis_cluster_is_reaped_within_ten_seconds() {
     a.expect_silence().await;
     assert_eq!(
         cluster
-            .command(&["SCARD", "roomcast:members:{watched}"])
+            .command(&["SCARD", "roomcast:members:{r:watched}"])
             .await
             .as_deref(),
         Some(":1")

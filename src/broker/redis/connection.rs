@@ -120,8 +120,10 @@ pub(super) enum Commands {
 }
 
 impl Commands {
-    /// Runs `batch` in order (per hash slot on a cluster) and returns each command's answer;
-    /// an error when any command, or the connection, failed.
+    /// Runs `batch` in order (per hash slot on a cluster) and returns each command's answer,
+    /// a command that Redis refused answered by its `Value::ServerError`; an error only when
+    /// the connection failed. One command's error (a script's, say) must not take the other
+    /// commands' answers with it: they ran, and whoever waits on them gets them.
     pub async fn run(&mut self, batch: Vec<Cmd>) -> RedisResult<Vec<Value>> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -132,7 +134,8 @@ impl Commands {
                 for command in batch {
                     pipe.add_command(command);
                 }
-                pipe.query_async(connection).await
+                // Not `query_async`: it turns one command's error into the whole pipeline's.
+                connection.send_packed_commands(&pipe, 0, pipe.len()).await
             }
             Commands::Cluster(connection) => {
                 // The commands of each slot, in order, with where their answers go.
@@ -146,15 +149,27 @@ impl Commands {
                 let runs = by_slot.into_values().map(|(pipe, places)| {
                     let mut connection = connection.clone();
                     async move {
-                        let answers: Vec<Value> = pipe.query_async(&mut connection).await?;
-                        Ok::<_, redis::RedisError>((places, answers))
+                        let answers = pipe.query_async::<Vec<Value>>(&mut connection).await;
+                        (places, answers)
                     }
                 });
                 let mut answers = vec![Value::Nil; count];
-                for run in futures_util::future::join_all(runs).await {
-                    let (places, values) = run?;
-                    for (at, value) in places.into_iter().zip(values) {
-                        answers[at] = value;
+                for (places, run) in futures_util::future::join_all(runs).await {
+                    match run {
+                        Ok(values) => {
+                            for (at, value) in places.into_iter().zip(values) {
+                                answers[at] = value;
+                            }
+                        }
+                        // The cluster client reports a slot's pipeline as a whole (it must see
+                        // every answer to follow a redirect): a refused command costs the
+                        // answers of its slot's commands, not the other slots'.
+                        Err(error) if is_refusal(&error) => {
+                            for at in places {
+                                answers[at] = refused(&error);
+                            }
+                        }
+                        Err(error) => return Err(error),
                     }
                 }
                 Ok(answers)
@@ -167,6 +182,26 @@ impl Commands {
         let answer = self.run(vec![command]).await?;
         redis::from_redis_value(answer.first().unwrap_or(&Value::Nil))
     }
+}
+
+/// Whether Redis answered `error` to a command (rather than the connection failing).
+fn is_refusal(error: &redis::RedisError) -> bool {
+    !(error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.is_cluster_error())
+}
+
+/// A refused command's answer, as the single-server pipeline gives it (a `Value::ServerError`,
+/// which redis-rs builds only by parsing a reply).
+fn refused(error: &redis::RedisError) -> Value {
+    let detail = error
+        .detail()
+        .unwrap_or_default()
+        .replace(['\r', '\n'], " ");
+    let reply = format!("-{} {detail}\r\n", error.code().unwrap_or("ERR"));
+    redis::parse_redis_value(reply.as_bytes()).unwrap_or(Value::Nil)
 }
 
 /// The cluster hash slot of a command's key: the first argument after the name, or for `EVAL`
@@ -281,5 +316,103 @@ impl SubscriptionStream {
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A throwaway `redis-server` on a free port; `None` where none is installed (CI has one).
+    struct Scratch(std::process::Child, u16);
+
+    impl Scratch {
+        async fn start() -> Option<Scratch> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .ok()?;
+            let scratch = Scratch(child, port);
+            for _ in 0..100 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return Some(scratch);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            None
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_redis_refuses_costs_only_its_own_answer_in_a_batch() {
+        let Some(redis) = Scratch::start().await else {
+            return;
+        };
+        let client = Client::open(&Endpoint::Single(format!("redis://127.0.0.1:{}", redis.1)))
+            .expect("a valid url");
+        let mut commands = client.commands().await.expect("connected");
+        let mut set = redis::cmd("SET");
+        set.arg("k").arg("v");
+        let mut failing = redis::cmd("EVAL");
+        failing
+            .arg("return redis.call('XADD', KEYS[1], '*', 'f', 'v')")
+            .arg(1)
+            .arg("k");
+        let mut get = redis::cmd("GET");
+        get.arg("k");
+        let answers = commands
+            .run(vec![set, failing, get])
+            .await
+            .expect("the connection works");
+        assert_eq!(answers.len(), 3);
+        assert!(matches!(answers[0], Value::Okay), "{:?}", answers[0]);
+        assert!(
+            matches!(&answers[1], Value::ServerError(e) if e.code() == "WRONGTYPE"),
+            "{:?}",
+            answers[1]
+        );
+        assert_eq!(answers[2], Value::BulkString(b"v".to_vec()));
+    }
+
+    #[test]
+    fn a_refusal_becomes_the_server_error_value_a_single_server_answers() {
+        // As the cluster client reports it: the reply turned into an error.
+        let reply = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
+        let error = redis::parse_redis_value(reply)
+            .expect("a reply")
+            .extract_error()
+            .expect_err("an error reply");
+        assert!(is_refusal(&error));
+        let Value::ServerError(refusal) = refused(&error) else {
+            panic!("not a server error");
+        };
+        assert_eq!(refusal.code(), "WRONGTYPE");
+        assert!(refusal
+            .details()
+            .unwrap()
+            .contains("holding the wrong kind"));
     }
 }

@@ -2,16 +2,23 @@
 //! kept room's messages in a Redis stream, so a client recovers on any node, and after the node
 //! it was on restarted.
 //!
-//! Keys, hash-tagged with the room on a cluster so every script below runs on one shard with
-//! the room's channel and member set:
-//! - `PREFIX:history:{ROOM}`, a stream: entry id `0-OFFSET`, fields `e` (the message's envelope,
+//! Keys, hash-tagged with the room on a cluster (`{r:ROOM}`, see `Channels::room_key`) so every
+//! script below runs on one shard with the room's channel and member set:
+//! - `PREFIX:history:ROOM`, a stream: entry id `0-OFFSET`, fields `e` (the message's envelope,
 //!   offset included, as every node received it) and `t` (Redis's clock at the append, in ms,
 //!   for the TTL); trimmed to the room's size (`MAXLEN`) at each append.
-//! - `PREFIX:history-meta:{ROOM}`, a hash: `epoch` (drawn by the node that first needed one)
+//! - `PREFIX:history-meta:ROOM`, a hash: `epoch` (drawn by the node that first needed one)
 //!   and `top` (the last offset given). Both keys live for the room's TTL after its last
 //!   message; the nodes with members renew the hash (see [`keep_alive`]), so a quiet room with
 //!   members keeps its epoch, as on one node. A history lost (expired, flushed, Redis restarted
-//!   empty) comes back with a new epoch: no client's old offset is taken for one of it.
+//!   empty) comes back with a new epoch: no client's old offset is taken for one of it. Each
+//!   script that gives a room a new epoch also deletes its stream: were the hash lost alone
+//!   (evicted), the offsets start again at 1, below the old entries' ids, and `XADD` would
+//!   refuse every message until they caught up.
+//!
+//! Offsets travel as the decimal strings the nodes send: the scripts compare them as stream
+//! ids (`(0-N`, exclusive) rather than doing arithmetic on them, which Lua does in doubles and
+//! prints as `1e+14` past 10^14.
 //!
 //! Order: with history on, a room message is not delivered by the sending node at once; the
 //! append script gives it the next offset and publishes its envelope, and every node, the
@@ -39,7 +46,7 @@ use crate::protocol::{self, Body};
 /// the envelope, published with ARGV[6] (`PUBLISH` or `SPUBLISH`) on channel ARGV[7]. Answers
 /// the offset.
 const APPEND_SCRIPT: &str = r#"
-redis.call('HSETNX', KEYS[2], 'epoch', ARGV[1])
+if redis.call('HSETNX', KEYS[2], 'epoch', ARGV[1]) == 1 then redis.call('DEL', KEYS[1]) end
 local top = redis.call('HINCRBY', KEYS[2], 'top', 1)
 local now = redis.call('TIME')
 local ms = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
@@ -61,7 +68,7 @@ const JOIN_SINCE_SCRIPT: &str = r#"
 local changed = redis.call(ARGV[5], KEYS[1], ARGV[1])
 local total = redis.call('SCARD', KEYS[1])
 if changed == 1 then redis.call(ARGV[6], ARGV[2], ARGV[3] .. total .. ARGV[4]) end
-redis.call('HSETNX', KEYS[3], 'epoch', ARGV[7])
+if redis.call('HSETNX', KEYS[3], 'epoch', ARGV[7]) == 1 then redis.call('DEL', KEYS[2]) end
 redis.call('PEXPIRE', KEYS[3], ARGV[8])
 local meta = redis.call('HMGET', KEYS[3], 'epoch', 'top')
 local epoch, top = meta[1], tonumber(meta[2] or '0')
@@ -70,7 +77,7 @@ if ARGV[9] == '' or ARGV[10] ~= epoch then return reply end
 local seen = tonumber(ARGV[9])
 if seen == nil or seen > top or top - seen > tonumber(ARGV[11]) then return reply end
 if seen == top then reply[4] = 1 return reply end
-local entries = redis.call('XRANGE', KEYS[2], '0-' .. (seen + 1), '+')
+local entries = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[9], '+')
 if #entries ~= top - seen then return reply end
 local now = redis.call('TIME')
 local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[8])
@@ -86,6 +93,7 @@ return reply
 /// room that has none. Answers {top, epoch, envelopes..., oldest first}, expired ones left out.
 const READ_SCRIPT: &str = r#"
 if redis.call('HSETNX', KEYS[2], 'epoch', ARGV[4]) == 1 then
+  redis.call('DEL', KEYS[1])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 local meta = redis.call('HMGET', KEYS[2], 'epoch', 'top')
@@ -94,7 +102,7 @@ local entries
 if ARGV[2] == '' then
   entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
 else
-  entries = redis.call('XRANGE', KEYS[1], '0-' .. (tonumber(ARGV[2]) + 1), '+', 'COUNT', ARGV[1])
+  entries = redis.call('XRANGE', KEYS[1], '(0-' .. ARGV[2], '+', 'COUNT', ARGV[1])
 end
 local now = redis.call('TIME')
 local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])

@@ -327,11 +327,13 @@ impl Channels {
         self.room_key("room", room)
     }
 
-    /// `PREFIX:WHAT:ROOM`, on a cluster with the room as hash tag (`PREFIX:WHAT:{ROOM}`), so
-    /// a room's keys and channel share a slot.
+    /// `PREFIX:WHAT:ROOM`, on a cluster with a hash tag made of the room (`PREFIX:WHAT:{r:ROOM}`),
+    /// so a room's keys and channel share a slot. The `r:` keeps the tag from being empty: a
+    /// room named `}x` would give `{}x}`, which Redis hashes whole, so each of its keys would
+    /// land in a slot of its own and every script on them would fail with CROSSSLOT.
     fn room_key(&self, what: &str, room: &str) -> String {
         if self.sharded {
-            format!("{}:{what}:{{{room}}}", self.prefix)
+            format!("{}:{what}:{{r:{room}}}", self.prefix)
         } else {
             format!("{}:{what}:{room}", self.prefix)
         }
@@ -1072,20 +1074,27 @@ async fn publisher(
             }
         }
         let mut commands = Vec::with_capacity(batch.len());
-        let mut replies = Vec::with_capacity(batch.len());
+        let mut waiting = Vec::with_capacity(batch.len());
         for outgoing in batch.drain(..) {
             commands.push(outgoing.command);
-            replies.push(outgoing.reply);
-            // Past this point a command may have reached Redis: a kept message is not delivered
-            // here a second time, whatever happens to the pipeline.
+            waiting.push(Outgoing {
+                command: redis::Cmd::new(),
+                ..outgoing
+            });
         }
         let redis = connection.as_mut().expect("connected above");
         match redis.run(commands).await {
             Ok(answers) => {
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    if let (Some(reply), false) =
-                        (reply, matches!(answer, redis::Value::ServerError(_)))
-                    {
+                for (outgoing, answer) in waiting.into_iter().zip(answers) {
+                    if let redis::Value::ServerError(error) = &answer {
+                        // Redis refused this one command (the others of the batch ran): its
+                        // waiter, if any, learns it from the reply's end, as for an outage. A
+                        // refused append published nothing (publishing is its last step), so
+                        // its message reaches this node's members, unkept.
+                        debug!(code = error.code(), detail = ?error.details(), "redis refused a command");
+                        metrics.redis_refused.increment(1);
+                        unsent.deliver_here(outgoing);
+                    } else if let Some(reply) = outgoing.reply {
                         let _ = reply.send(answer);
                     }
                 }
@@ -1093,10 +1102,12 @@ async fn publisher(
             Err(error) => {
                 // The connection reconnects by itself on the next command; the replies dropped
                 // here tell whoever waits that Redis did not take it.
-                debug!(%error, commands = replies.len(), "redis pipeline failed");
+                // A command may have reached Redis: a kept message is not delivered here a
+                // second time.
+                debug!(%error, commands = waiting.len(), "redis pipeline failed");
                 metrics
                     .redis_publish_dropped
-                    .increment(replies.len() as u64);
+                    .increment(waiting.len() as u64);
             }
         }
     }
