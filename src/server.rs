@@ -37,7 +37,7 @@ use crate::outbox::OutboxStats;
 use crate::proxy_protocol;
 use crate::tls;
 use crate::ws;
-use crate::ws::session::Mode;
+use crate::ws::protocol::Route;
 use crate::ws::transport::Transport;
 
 /// Refusals at accept that may be written at once, each by a small task for up to a second;
@@ -534,9 +534,8 @@ async fn upgrade_direct<S>(
             return refuse(&mut io, refusal.status(), &refusal.to_string(), &ctx).await;
         }
     };
-    let echo = ctx.node.config.echo_path.as_deref() == Some(head.uri.path());
-    let mode = if echo { Mode::Echo } else { Mode::Rooms };
-    if mode == Mode::Rooms {
+    let route = Route::of(&ctx.node.config, head.uri.path());
+    if route.asks_the_app() {
         let asked = proxy::on_upgrade(&ctx.node, &head.uri, &head.headers, peer, &mut identity);
         let verdict = tokio::select! {
             verdict = asked => verdict,
@@ -558,8 +557,8 @@ async fn upgrade_direct<S>(
     ctx.node.metrics.connections_accepted.increment(1);
     // Its own task, so that nothing of this one (the head, the timeout) stays alive beside
     // the connection.
-    let tasks = ctx.tasks.clone();
-    tasks.spawn(ws::session::start(
+    route.spawn(
+        &ctx.tasks,
         io,
         Some(response),
         prebuffered,
@@ -567,8 +566,7 @@ async fn upgrade_direct<S>(
         peer,
         permit,
         identity,
-        mode,
-    ));
+    );
 }
 
 /// Serves HTTP/1.1 on one connection (plain or TLS) with hyper until it ends, or until it is
@@ -617,9 +615,8 @@ where
     S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
 {
     if handshake::is_upgrade(request.headers()) {
-        let echo = ctx.node.config.echo_path.as_deref() == Some(request.uri().path());
-        let mode = if echo { Mode::Echo } else { Mode::Rooms };
-        return upgrade::<S>(&mut request, peer, &permit, ctx, mode).await;
+        let route = Route::of(&ctx.node.config, request.uri().path());
+        return upgrade::<S>(&mut request, peer, &permit, ctx, route).await;
     }
     api::respond(request, &ctx.node).await
 }
@@ -634,7 +631,7 @@ async fn upgrade<S>(
     peer: SocketAddr,
     slot: &std::sync::Mutex<Option<Permit>>,
     ctx: Arc<Context>,
-    mode: Mode,
+    route: Route,
 ) -> Response<Full<Bytes>>
 where
     S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
@@ -677,7 +674,7 @@ where
         Ok(identity) => identity,
         Err(response) => return response,
     };
-    if mode == Mode::Rooms {
+    if route.asks_the_app() {
         let asked = proxy::on_upgrade(
             &ctx.node,
             request.uri(),
@@ -732,8 +729,8 @@ where
                 prebuffered.extend_from_slice(&parts.read_buf);
                 prebuffered.extend_from_slice(&unread);
                 drop(parts.read_buf);
-                let tasks = ctx.tasks.clone();
-                tasks.spawn(ws::session::start(
+                route.spawn(
+                    &ctx.tasks,
                     io,
                     None,
                     Bytes::from(prebuffered),
@@ -741,8 +738,7 @@ where
                     peer,
                     permit,
                     identity,
-                    mode,
-                ));
+                );
             }
             Err(_) => warn!("upgraded connection is not the stream we served"),
         }

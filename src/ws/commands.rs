@@ -18,15 +18,16 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use super::protocol::{Opening, Protocol};
 use super::waiting::{Arrived, Awaited, Deferred, Waiting};
 use crate::admission::RoomPolicy;
 use crate::api::proxy::{self, Forwarded, Proxies, Proxy, Verdict};
 use crate::api::webhooks::EventKind;
 use crate::broker::{Delivery, HistoryRead, Joining, Publication, Target};
-use crate::hub::{HistoryPage, Joined, Member, RecipientNotFound, RoomMessageError};
+use crate::hub::{ConnId, HistoryPage, Joined, Member, RecipientNotFound, RoomMessageError};
 use crate::limits::{self, Rate, RateLimiter};
 use crate::node::Node;
-use crate::outbox::CloseRequest;
+use crate::outbox::{CloseRequest, Outbox};
 use crate::protocol::{
     self, close_code, Body, Command, DecodeError, Metadata, MetadataUpdate, Since,
 };
@@ -574,6 +575,71 @@ impl Session {
         let unreachable = self.node.broker.disconnected(&self.member);
         self.webhook(EventKind::ClientDisconnected, None);
         unreachable
+    }
+}
+
+/// The seed protocol: the welcome first, then the client is in the directory (and the broker's
+/// view), and its commands go to the session.
+impl Protocol for Session {
+    const NAME: &'static str = "rooms";
+
+    fn open(opening: Opening<'_>) -> Self {
+        let Opening {
+            node,
+            conn,
+            client_id,
+            identity,
+            outbox,
+            writer,
+        } = opening;
+        // Ahead of everything, and without creating the queue: nobody else can reach this
+        // connection yet, and one that is never sent anything more never allocates a queue.
+        writer.push_direct(protocol::welcome(
+            &client_id,
+            identity.user_id.as_deref(),
+            protocol::timestamp(),
+        ));
+        outbox.touch(node.clock.now());
+        if let Some(expires_at) = identity.expires_at {
+            outbox.set_expires_at(expires_at);
+        }
+        let member = Member {
+            conn,
+            client_id,
+            user_id: identity.user_id,
+            outbox,
+        };
+        node.router.connect(&member);
+        node.broker.connected(&member);
+        node.webhook(EventKind::ClientConnected, &member, None);
+        Session::new(
+            member,
+            node.clone(),
+            identity.rooms,
+            identity.metadata,
+            identity.forwarded,
+        )
+    }
+
+    fn conn(&self) -> ConnId {
+        self.member.conn
+    }
+
+    fn outbox(&self) -> &Outbox {
+        &self.member.outbox
+    }
+
+    fn on_message(&mut self, _binary: bool, payload: &mut [u8]) {
+        // The seed (Ratchet) hands binary messages to the same handler as text.
+        self.handle_message(payload);
+    }
+
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> bool {
+        Session::poll_waiting(self, cx)
+    }
+
+    fn disconnect(&mut self, _node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        Session::disconnect(self)
     }
 }
 

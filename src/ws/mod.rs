@@ -1,10 +1,13 @@
 //! WebSocket connections: the per-connection task ([`session`]), the frame reader
-//! ([`frame`], [`fragment`]), the protocol command handlers ([`commands`]) and what a connection
-//! needs of its socket ([`transport`]).
+//! ([`frame`], [`fragment`]), what a connection needs of its socket ([`transport`]), and the
+//! protocols a connection speaks ([`protocol`], the seam, and its table of paths): the seed
+//! protocol ([`commands`]) and the echo ([`echo`]).
 
 pub mod commands;
+pub mod echo;
 pub mod fragment;
 pub mod frame;
+pub mod protocol;
 pub mod session;
 pub mod transport;
 mod waiting;

@@ -7,8 +7,8 @@
 //! and no timers or futures while open. When woken it
 //! 1. starts closing if someone asked it to (slow consumer, shutdown),
 //! 2. writes everything queued in vectored writes ([`OutboxReceiver::poll_flush`]),
-//! 3. reads what arrived and handles each frame ([`FrameReader`] -> [`Session`], or straight
-//!    back in [`Mode::Echo`]),
+//! 3. reads what arrived and hands each message to the connection's [`Protocol`] (the seed
+//!    protocol's [`super::commands::Session`], the echo, ...),
 //!
 //! and loops until both the socket and the queue have nothing for it. Replies, pongs and the
 //! close frame go through the outbox like any other frame, which keeps one order for everything
@@ -37,14 +37,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 use tracing::{debug, debug_span, info};
 
-use super::commands::Session;
 use super::frame::{Event, FrameError, FrameReader, PeerClose};
+use super::protocol::{Opening, Protocol};
 use super::transport::Transport;
 use crate::admission::{Identity, Permit};
-use crate::api::webhooks::EventKind;
-use crate::hub::Member;
 use crate::node::Node;
-use crate::outbox::{self, CloseRequest, Outbox, OutboxReceiver};
+use crate::outbox::{self, CloseRequest, OutboxReceiver};
 use crate::protocol::{self, close_code};
 
 /// Source of process-unique connection numbers.
@@ -67,76 +65,6 @@ fn new_client_id() -> Arc<str> {
     format!("client_{:032x}", rand::random::<u128>()).into()
 }
 
-/// What an upgraded connection serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// The seed protocol: welcome, rooms, broadcasts, private messages.
-    Rooms,
-    /// `--echo-path`: every message straight back with its opcode, through the same frame
-    /// reader and writer, for conformance suites. No welcome, no rooms, no rate limit.
-    Echo,
-}
-
-/// Where a connection's messages go.
-// Echo connections are rare (conformance testing); boxing the session to even the variants out
-// would cost every protocol connection an allocation.
-#[allow(clippy::large_enum_variant)]
-enum Handler {
-    Rooms(Session),
-    /// An echo connection, in the hub's registry under `conn` so that a shutdown reaches it
-    /// too.
-    Echo {
-        outbox: Outbox,
-        conn: u64,
-    },
-}
-
-impl Handler {
-    /// The connection's number.
-    fn conn(&self) -> u64 {
-        match self {
-            Handler::Rooms(session) => session.member().conn,
-            Handler::Echo { conn, .. } => *conn,
-        }
-    }
-
-    fn outbox(&self) -> &Outbox {
-        match self {
-            Handler::Rooms(session) => &session.member().outbox,
-            Handler::Echo { outbox, .. } => outbox,
-        }
-    }
-
-    fn on_message(&mut self, binary: bool, payload: &mut [u8]) {
-        match self {
-            Handler::Rooms(session) => session.handle_message(payload),
-            Handler::Echo { outbox, .. } => {
-                outbox.push(protocol::data(binary, payload));
-            }
-        }
-    }
-
-    /// Acts on what the session waited for (a proxy's verdict, a private message's delivery)
-    /// once it arrived; false while the connection should not read, its backlog being full.
-    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> bool {
-        match self {
-            Handler::Rooms(session) => session.poll_waiting(cx),
-            Handler::Echo { .. } => true,
-        }
-    }
-
-    /// Leaves rooms and the directory (or the echo list). Idempotent.
-    fn disconnect(&mut self, ctx: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        match self {
-            Handler::Rooms(session) => session.disconnect(),
-            Handler::Echo { conn, .. } => {
-                ctx.router.unregister_echo(*conn);
-                None
-            }
-        }
-    }
-}
-
 /// Sets up one upgraded connection and returns the future that serves it until it closes, to
 /// be spawned as the connection's task. `response` is the 101 when the HTTP layer left it to
 /// the connection (it then goes out in the same write as the welcome). `prebuffered` holds
@@ -148,8 +76,7 @@ impl Handler {
 /// exactly this ([`ConnectionTask`], guarded in the tests), where an `async fn` chain from the
 /// upgrade to here kept every argument and intermediate state alive beside the connection
 /// (1,256 bytes measured, against 512 for the connection itself).
-#[allow(clippy::too_many_arguments)]
-pub fn start<S>(
+pub fn start<S, P>(
     io: S,
     response: Option<Bytes>,
     prebuffered: Bytes,
@@ -157,10 +84,10 @@ pub fn start<S>(
     peer: SocketAddr,
     permit: Permit,
     identity: Identity,
-    mode: Mode,
-) -> ConnectionTask<S>
+) -> ConnectionTask<S, P>
 where
     S: AsyncRead + AsyncWrite + Transport + Unpin,
+    P: Protocol,
 {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let client_id = new_client_id();
@@ -168,18 +95,10 @@ where
     // connection; with RUST_LOG=roomcast=debug every line of a connection carries its id.
     let span = debug_span!("conn", id = %client_id);
     let _entered = span.enter();
-    info!(client_id = %client_id, %peer, user_id = ?identity.user_id, ?mode, "connection opened");
+    info!(client_id = %client_id, %peer, user_id = ?identity.user_id, protocol = P::NAME, "connection opened");
     let opened = Instant::now();
-    let mut connection = Connection::open(
-        io,
-        response,
-        ctx,
-        conn,
-        client_id.clone(),
-        identity,
-        permit,
-        mode,
-    );
+    let mut connection =
+        Connection::open(io, response, ctx, conn, client_id.clone(), identity, permit);
     if !prebuffered.is_empty() {
         let mut prebuffered = prebuffered.to_vec();
         if let Some(end) = connection.on_bytes(&mut prebuffered) {
@@ -197,15 +116,15 @@ where
 }
 
 /// The task of one connection: the connection itself, and what its closing log line needs.
-pub struct ConnectionTask<S: Transport> {
-    connection: Connection<S>,
+pub struct ConnectionTask<S: Transport, P: Protocol> {
+    connection: Connection<S, P>,
     client_id: Arc<str>,
     peer: SocketAddr,
     opened: Instant,
     span: tracing::Span,
 }
 
-impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Future for ConnectionTask<S> {
+impl<S: AsyncRead + AsyncWrite + Transport + Unpin, P: Protocol> Future for ConnectionTask<S, P> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -280,11 +199,12 @@ enum State {
     Closed,
 }
 
-struct Connection<S: Transport> {
+struct Connection<S: Transport, P: Protocol> {
     io: S,
     reader: FrameReader,
     outbox: OutboxReceiver,
-    handler: Handler,
+    /// The protocol it speaks: what its messages mean.
+    handler: P,
     state: State,
     ended_by: EndedBy,
     ctx: Arc<Node>,
@@ -305,7 +225,7 @@ enum ReadEnd {
     Gone,
 }
 
-impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
+impl<S: AsyncRead + AsyncWrite + Transport + Unpin, P: Protocol> Connection<S, P> {
     #[allow(clippy::too_many_arguments)]
     fn open(
         io: S,
@@ -315,7 +235,6 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
         client_id: Arc<str>,
         identity: Identity,
         permit: Permit,
-        mode: Mode,
     ) -> Self {
         let config = &ctx.config;
         let limits = outbox::QueueLimits {
@@ -328,62 +247,24 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
         if let Some(response) = response {
             outbox.push_handshake_response(response);
         }
-        if mode == Mode::Echo {
-            ctx.router.register_echo(conn, &own_outbox);
-            // As below: a shutdown that began meanwhile has not seen it in the list.
-            if ctx.closing.is_cancelled() {
-                own_outbox.request_close(going_away());
-            }
-            return Self {
-                io,
-                reader,
-                outbox,
-                handler: Handler::Echo {
-                    outbox: own_outbox,
-                    conn,
-                },
-                state: State::Open,
-                ended_by: EndedBy::Open,
-                ctx,
-                _permit: permit,
-            };
-        }
-        // Ahead of everything, and without creating the queue: nobody else can reach this
-        // connection yet, and one that is never sent anything more never allocates a queue.
-        outbox.push_direct(protocol::welcome(
-            &client_id,
-            identity.user_id.as_deref(),
-            protocol::timestamp(),
-        ));
-        own_outbox.touch(ctx.clock.now());
-        if let Some(expires_at) = identity.expires_at {
-            own_outbox.set_expires_at(expires_at);
-        }
-        let member = Member {
+        let handler = P::open(Opening {
+            node: &ctx,
             conn,
             client_id,
-            user_id: identity.user_id,
+            identity,
             outbox: own_outbox,
-        };
-        ctx.router.connect(&member);
-        ctx.broker.connected(&member);
-        ctx.webhook(EventKind::ClientConnected, &member, None);
-        // A shutdown that began while this client was upgrading has not seen it in the
-        // directory: close it here.
+            writer: &mut outbox,
+        });
+        // A shutdown that began while this client was upgrading has not seen it in the hub's
+        // lists: close it here.
         if ctx.closing.is_cancelled() {
-            member.outbox.request_close(going_away());
+            handler.outbox().request_close(going_away());
         }
         Self {
             io,
             reader,
             outbox,
-            handler: Handler::Rooms(Session::new(
-                member,
-                ctx.clone(),
-                identity.rooms,
-                identity.metadata,
-                identity.forwarded,
-            )),
+            handler,
             state: State::Open,
             ended_by: EndedBy::Open,
             ctx,
@@ -538,7 +419,6 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
     fn on_bytes(&mut self, bytes: &mut [u8]) -> Option<ReadEnd> {
         let handler = &mut self.handler;
         let result = self.reader.feed(bytes, &mut |event| match event {
-            // The seed (Ratchet) hands binary messages to the same handler as text.
             Event::Message { binary, payload } => handler.on_message(binary, payload),
             Event::Ping(payload) => {
                 handler.outbox().push(protocol::pong(payload));
@@ -573,7 +453,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin> Connection<S> {
     }
 }
 
-impl<S: Transport> Drop for Connection<S> {
+impl<S: Transport, P: Protocol> Drop for Connection<S, P> {
     fn drop(&mut self) {
         // Whatever ended the task (error, EOF, runtime shutdown, a panic), the connection
         // leaves its rooms and the directory. `disconnect` is idempotent.
@@ -641,17 +521,18 @@ fn poll_until_peer_closes<S: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ws::commands::Session;
 
     /// The connection state is what every idle connection pays for (with the tokio task header,
     /// the socket's registration and its outbound queue). Guard it against silent growth.
     #[test]
     fn connection_state_stays_small() {
-        let size = std::mem::size_of::<Connection<tokio::net::TcpStream>>();
+        let size = std::mem::size_of::<Connection<tokio::net::TcpStream, Session>>();
         println!("Connection<TcpStream> is {size} bytes");
         assert!(size <= 512, "Connection is {size} bytes");
         // The whole task's future: the connection plus its log line's fields, nothing else.
         // With tokio's task header (128 bytes) it fits mimalloc's 768-byte size class.
-        let size = std::mem::size_of::<ConnectionTask<tokio::net::TcpStream>>();
+        let size = std::mem::size_of::<ConnectionTask<tokio::net::TcpStream, Session>>();
         println!("ConnectionTask<TcpStream> is {size} bytes");
         assert!(size <= 640, "ConnectionTask is {size} bytes");
     }

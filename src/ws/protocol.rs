@@ -1,0 +1,138 @@
+//! The seam between a connection's task and the wire protocol it speaks once upgraded.
+//!
+//! The task ([`super::session`]) owns what every protocol shares: the socket, the frame reader
+//! and writer, pings, the outbound queue, the limits and the close handshake. A [`Protocol`]
+//! owns what the messages mean: its greeting, its commands, what it registers in the hub and
+//! takes out again. Which protocol an upgrade gets is decided by its path, in one table
+//! ([`Route::of`]); a new protocol is a module implementing [`Protocol`], its switch in the
+//! configuration and its line in that table.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Context;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::task::TaskTracker;
+
+use super::commands::Session;
+use super::echo::Echo;
+use super::session;
+use super::transport::Transport;
+use crate::admission::{Identity, Permit};
+use crate::config::Config;
+use crate::hub::ConnId;
+use crate::node::Node;
+use crate::outbox::{Outbox, OutboxReceiver};
+
+/// What a protocol is handed when its connection opens.
+pub struct Opening<'a> {
+    pub node: &'a Arc<Node>,
+    pub conn: ConnId,
+    /// The connection's id in logs (the seed protocol's `client_…`, its address).
+    pub client_id: Arc<str>,
+    /// What admission (token, connect proxy) granted.
+    pub identity: Identity,
+    /// The connection's queue: the handle the hub and the protocol push frames into.
+    pub outbox: Outbox,
+    /// The queue's writing end, for a greeting that goes out ahead of everything, in the same
+    /// write as the 101, without creating the queue ([`OutboxReceiver::push_direct`]).
+    pub writer: &'a mut OutboxReceiver,
+}
+
+/// One wire protocol's side of a connection. Its value lives inside the connection's task for
+/// the connection's life, so what it holds every idle connection pays for.
+pub trait Protocol: Sized + Send + Unpin + 'static {
+    /// The protocol's name in the connection's log lines.
+    const NAME: &'static str;
+
+    /// Greets the client and makes the connection reachable (hub, directory, broker).
+    fn open(opening: Opening<'_>) -> Self;
+
+    /// The connection's number.
+    fn conn(&self) -> ConnId;
+
+    /// The connection's queue.
+    fn outbox(&self) -> &Outbox;
+
+    /// One complete data message from the client (text unless `binary`).
+    fn on_message(&mut self, binary: bool, payload: &mut [u8]);
+
+    /// Acts on what the protocol waited for (a proxy's verdict, a delivery) once it arrived;
+    /// false while the connection should not read, its backlog being full.
+    fn poll_waiting(&mut self, _cx: &mut Context<'_>) -> bool {
+        true
+    }
+
+    /// Takes the connection out of everything `open` put it in. Called when it starts closing
+    /// and again when its task ends: must be idempotent. Returns, on the first call, what
+    /// answers once other nodes can no longer reach it (the close frame waits for that).
+    fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>>;
+}
+
+/// The protocol an upgrade request's path selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The seed protocol: welcome, rooms, broadcasts, private messages (any other path).
+    Rooms,
+    /// `--echo-path`: every message straight back, for conformance suites.
+    Echo,
+}
+
+impl Route {
+    /// The one table of paths.
+    pub fn of(config: &Config, path: &str) -> Route {
+        if config.echo_path.as_deref() == Some(path) {
+            Route::Echo
+        } else {
+            Route::Rooms
+        }
+    }
+
+    /// Whether the application's connect proxy decides on the upgrade: its clients are the
+    /// application's users; a conformance suite is not.
+    pub fn asks_the_app(self) -> bool {
+        matches!(self, Route::Rooms)
+    }
+
+    /// Spawns the connection's task, speaking this route's protocol (see [`session::start`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn<S>(
+        self,
+        tasks: &TaskTracker,
+        io: S,
+        response: Option<Bytes>,
+        prebuffered: Bytes,
+        node: Arc<Node>,
+        peer: SocketAddr,
+        permit: Permit,
+        identity: Identity,
+    ) where
+        S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
+    {
+        match self {
+            Route::Rooms => {
+                tasks.spawn(session::start::<S, Session>(
+                    io,
+                    response,
+                    prebuffered,
+                    node,
+                    peer,
+                    permit,
+                    identity,
+                ));
+            }
+            Route::Echo => {
+                tasks.spawn(session::start::<S, Echo>(
+                    io,
+                    response,
+                    prebuffered,
+                    node,
+                    peer,
+                    permit,
+                    identity,
+                ));
+            }
+        }
+    }
+}
