@@ -355,6 +355,12 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_ECHO_PATH")]
     pub echo_path: Option<String>,
 
+    /// A path that speaks the seed's Swoole variant (e.g. `/relay`): each connection there is
+    /// greeted with `{"type":"welcome","fd":N}` and every message one sends is relayed
+    /// verbatim to all connections on that path, the sender included. Default: off.
+    #[arg(long, env = "ROOMCAST_RELAY_PATH")]
+    pub relay_path: Option<String>,
+
     /// How long a client may take to send its HTTP upgrade request (and finish the TLS
     /// handshake).
     #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = defaults::HANDSHAKE_TIMEOUT, value_parser = humantime::parse_duration)]
@@ -530,6 +536,7 @@ impl Config {
             tls_cert: None,
             tls_key: None,
             echo_path: None,
+            relay_path: None,
             handshake_timeout: duration(defaults::HANDSHAKE_TIMEOUT),
             drain_timeout: duration(defaults::DRAIN_TIMEOUT),
             ping_interval: duration(defaults::PING_INTERVAL),
@@ -562,7 +569,18 @@ impl Config {
     /// Rejects values that cannot work, with a message naming the option.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let byte_budget = self.rate_limit > 0.0 && self.rate_limit_bytes() > 0;
+        let paths = [&self.echo_path, &self.relay_path];
         let checks = [
+            (
+                paths
+                    .iter()
+                    .any(|path| path.as_ref().is_some_and(|p| !p.starts_with('/'))),
+                "--echo-path and --relay-path must start with /",
+            ),
+            (
+                self.relay_path.is_some() && self.relay_path == self.echo_path,
+                "--relay-path and --echo-path must differ",
+            ),
             (self.workers == 0, "--workers must be at least 1"),
             (
                 self.outbound_queue == 0,
@@ -974,6 +992,7 @@ struct FileLayer {
     tls_cert: Option<Scalar>,
     tls_key: Option<Scalar>,
     echo_path: Option<Scalar>,
+    relay_path: Option<Scalar>,
     handshake_timeout: Option<Scalar>,
     ping_interval: Option<Scalar>,
     idle_timeout: Option<Scalar>,
@@ -1051,6 +1070,7 @@ impl FileLayer {
             tls_cert,
             tls_key,
             echo_path,
+            relay_path,
             handshake_timeout,
             ping_interval,
             idle_timeout,

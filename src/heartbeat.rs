@@ -108,10 +108,14 @@ pub async fn run(
         let (mut pinged, mut idle, mut expired) = (0usize, 0usize, 0usize);
         router.for_each_connection(&mut |connection| {
             // Echo connections (conformance testing) answer what they get and nothing more.
-            let Local::Client(member) = connection else {
-                return;
+            let outbox = match connection {
+                Local::Client(member) => &member.outbox,
+                Local::Outside {
+                    outbox,
+                    grouped: true,
+                } => outbox,
+                Local::Outside { grouped: false, .. } => return,
             };
-            let outbox = &member.outbox;
             if settings.check_expiry && outbox.expires_at().is_some_and(|at| at <= unix_now) {
                 if outbox.request_close(close(close_code::TOKEN_EXPIRED)) {
                     expired += 1;

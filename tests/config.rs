@@ -554,3 +554,13 @@ fn history_rooms_tables_in_the_file_give_patterns_their_own_history() {
     let error = load(args(&["--config", bad.to_str().unwrap()])).unwrap_err();
     assert!(error.to_string().contains("history-rooms"), "{error}");
 }
+
+#[test]
+fn the_echo_and_relay_paths_must_be_paths_and_differ() {
+    let error = load(args(&["--relay-path", "relay"])).unwrap_err();
+    assert!(error.to_string().contains("must start with /"), "{error}");
+    let error = load(args(&["--relay-path", "/ws", "--echo-path", "/ws"])).unwrap_err();
+    assert!(error.to_string().contains("must differ"), "{error}");
+    let config = load(args(&["--relay-path", "/relay", "--echo-path", "/echo"])).unwrap();
+    assert_eq!(config.relay_path.as_deref(), Some("/relay"));
+}

@@ -289,8 +289,11 @@ pub struct LocalHub {
     /// The metadata of connections that set some (a JSON object's text): only those pay for
     /// an entry.
     metadata: DashMap<ConnId, Bytes>,
-    /// `--echo-path` connections, which are in neither rooms nor the directory.
-    echo: DashMap<ConnId, Outbox>,
+    /// Connections of protocols outside the rooms and the directory (echo, relay), with the
+    /// group each is in, if any.
+    outside: DashMap<ConnId, (Outbox, Option<Arc<str>>)>,
+    /// The groups' connections: a group's frame is handed to each, shared.
+    groups: DashMap<Arc<str>, Vec<(ConnId, Outbox)>>,
     /// The rooms' histories, when on.
     history: Option<Histories>,
 }
@@ -768,20 +771,49 @@ impl Router for LocalHub {
         rooms
     }
 
-    fn register_echo(&self, conn: ConnId, outbox: &Outbox) {
-        self.echo.insert(conn, outbox.clone());
+    fn register_outside(&self, conn: ConnId, outbox: &Outbox, group: Option<&str>) {
+        let group: Option<Arc<str>> = group.map(Arc::from);
+        if let Some(group) = &group {
+            self.groups
+                .entry(group.clone())
+                .or_default()
+                .push((conn, outbox.clone()));
+        }
+        self.outside.insert(conn, (outbox.clone(), group));
     }
 
-    fn unregister_echo(&self, conn: ConnId) {
-        self.echo.remove(&conn);
+    fn unregister_outside(&self, conn: ConnId) {
+        let Some((_, (_, Some(group)))) = self.outside.remove(&conn) else {
+            return;
+        };
+        // The group goes with its last connection.
+        self.groups.remove_if_mut(&group, |_, members| {
+            members.retain(|(member, _)| *member != conn);
+            members.is_empty()
+        });
+    }
+
+    fn send_to_group(&self, group: &str, frame: &Bytes) -> usize {
+        let Some(members) = self.groups.get(group) else {
+            return 0;
+        };
+        let shared = Arc::new(frame.clone());
+        for (_, outbox) in members.iter() {
+            outbox.push_shared(shared.clone());
+        }
+        members.len()
     }
 
     fn for_each_connection(&self, f: &mut dyn FnMut(Local<'_>)) {
         for client in self.clients.iter() {
             f(Local::Client(client.value()));
         }
-        for echo in self.echo.iter() {
-            f(Local::Echo(echo.value()));
+        for outside in self.outside.iter() {
+            let (outbox, group) = outside.value();
+            f(Local::Outside {
+                outbox,
+                grouped: group.is_some(),
+            });
         }
     }
 }

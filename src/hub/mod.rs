@@ -13,6 +13,8 @@ mod local;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::broker::Publication;
 use crate::outbox::Outbox;
 pub use local::LocalHub;
@@ -37,15 +39,17 @@ pub struct Member {
 pub enum Local<'a> {
     /// A seed-protocol client: in the directory, maybe in rooms.
     Client(&'a Member),
-    /// An `--echo-path` connection: in no room and not in the directory.
-    Echo(&'a Outbox),
+    /// A connection of a protocol outside the rooms and the directory: an `--echo-path` one
+    /// (a conformance suite's: no heartbeat), or a group's (`--relay-path`), which the
+    /// heartbeat pings and times out as it does clients.
+    Outside { outbox: &'a Outbox, grouped: bool },
 }
 
 impl Local<'_> {
     pub fn outbox(&self) -> &Outbox {
         match self {
             Local::Client(member) => &member.outbox,
-            Local::Echo(outbox) => outbox,
+            Local::Outside { outbox, .. } => outbox,
         }
     }
 }
@@ -226,14 +230,20 @@ pub trait Router: Send + Sync + 'static {
     /// Number of rooms and connected clients.
     fn counts(&self) -> (usize, usize);
 
-    /// Lists an `--echo-path` connection: reachable by no publication, but a local connection
-    /// all the same, which the shutdown and the metrics must see.
-    fn register_echo(&self, conn: ConnId, outbox: &Outbox);
+    /// Lists a connection of a protocol outside the rooms and the directory (the echo, the
+    /// relay): reachable by no publication, but a local connection all the same, which the
+    /// shutdown, the heartbeat and the metrics must see. In `group`, if given, it gets what is
+    /// sent to that group ([`Router::send_to_group`]).
+    fn register_outside(&self, conn: ConnId, outbox: &Outbox, group: Option<&str>);
 
-    /// Removes what [`Router::register_echo`] listed.
-    fn unregister_echo(&self, conn: ConnId);
+    /// Removes what [`Router::register_outside`] listed. Idempotent.
+    fn unregister_outside(&self, conn: ConnId);
 
-    /// Calls `f` for every connection of this node, clients and echo connections (for the
+    /// Hands `frame` (encoded once, shared) to every connection of this node's `group`; returns
+    /// how many got it. A group is node-local: nothing crosses to other nodes.
+    fn send_to_group(&self, group: &str, frame: &Bytes) -> usize;
+
+    /// Calls `f` for every connection of this node, clients and outside ones (for the
     /// heartbeat, the shutdown which closes them all, and the queue gauges).
     fn for_each_connection(&self, f: &mut dyn FnMut(Local<'_>));
 

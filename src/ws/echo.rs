@@ -21,7 +21,7 @@ impl Protocol for Echo {
         opening
             .node
             .router
-            .register_echo(opening.conn, &opening.outbox);
+            .register_outside(opening.conn, &opening.outbox, None);
         Echo {
             outbox: opening.outbox,
             conn: opening.conn,
@@ -41,7 +41,7 @@ impl Protocol for Echo {
     }
 
     fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        node.router.unregister_echo(self.conn);
+        node.router.unregister_outside(self.conn);
         None
     }
 }

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::commands::Session;
 use super::echo::Echo;
+use super::relay::Relay;
 use super::session;
 use super::transport::Transport;
 use crate::admission::{Identity, Permit};
@@ -77,20 +78,27 @@ pub enum Route {
     Rooms,
     /// `--echo-path`: every message straight back, for conformance suites.
     Echo,
+    /// `--relay-path`: the seed's Swoole variant, every message to every connection there.
+    Relay,
 }
 
 impl Route {
     /// The one table of paths.
     pub fn of(config: &Config, path: &str) -> Route {
-        if config.echo_path.as_deref() == Some(path) {
+        let on = |flag: &Option<String>| flag.as_deref() == Some(path);
+        if on(&config.echo_path) {
             Route::Echo
+        } else if on(&config.relay_path) {
+            Route::Relay
         } else {
             Route::Rooms
         }
     }
 
-    /// Whether the application's connect proxy decides on the upgrade: its clients are the
-    /// application's users; a conformance suite is not.
+    /// Whether the application's connect proxy decides on the upgrade: the seed protocol's
+    /// clients are the application's users (the relay's are too, but the proxy's answer
+    /// grants rooms and metadata it has no use for: the token is its check); a conformance
+    /// suite is not.
     pub fn asks_the_app(self) -> bool {
         matches!(self, Route::Rooms)
     }
@@ -110,29 +118,49 @@ impl Route {
     ) where
         S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
     {
-        match self {
-            Route::Rooms => {
-                tasks.spawn(session::start::<S, Session>(
-                    io,
-                    response,
-                    prebuffered,
-                    node,
-                    peer,
-                    permit,
-                    identity,
-                ));
-            }
-            Route::Echo => {
-                tasks.spawn(session::start::<S, Echo>(
-                    io,
-                    response,
-                    prebuffered,
-                    node,
-                    peer,
-                    permit,
-                    identity,
-                ));
-            }
-        }
+        let spawn = match self {
+            Route::Rooms => spawn_speaking::<S, Session>,
+            Route::Echo => spawn_speaking::<S, Echo>,
+            Route::Relay => spawn_speaking::<S, Relay>,
+        };
+        spawn(
+            tasks,
+            Start {
+                io,
+                response,
+                prebuffered,
+                node,
+                peer,
+                permit,
+                identity,
+            },
+        );
     }
+}
+
+/// What [`session::start`] takes.
+struct Start<S> {
+    io: S,
+    response: Option<Bytes>,
+    prebuffered: Bytes,
+    node: Arc<Node>,
+    peer: SocketAddr,
+    permit: Permit,
+    identity: Identity,
+}
+
+fn spawn_speaking<S, P>(tasks: &TaskTracker, start: Start<S>)
+where
+    S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
+    P: Protocol,
+{
+    tasks.spawn(session::start::<S, P>(
+        start.io,
+        start.response,
+        start.prebuffered,
+        start.node,
+        start.peer,
+        start.permit,
+        start.identity,
+    ));
 }
