@@ -397,6 +397,7 @@ impl Admission {
         headers: &HeaderMap,
         peer: SocketAddr,
         permit: &mut Permit,
+        needs_token: bool,
     ) -> Result<Identity, Refusal> {
         if permit.place == Place::HttpOnly {
             return Err(Refusal::ServerFull);
@@ -407,6 +408,7 @@ impl Admission {
         }
         self.check_origin(headers)?;
         let identity = match &self.verifier {
+            _ if !needs_token => Identity::default(),
             None => Identity::default(),
             Some(verifier) => {
                 let token = self

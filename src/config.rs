@@ -361,6 +361,18 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_RELAY_PATH")]
     pub relay_path: Option<String>,
 
+    /// A Pusher app, `ID:KEY:SECRET` (repeat the flag, or separate with commas in the
+    /// environment): its clients connect at `/app/KEY` with the Pusher protocol. The id is
+    /// numeric, as the SDKs require. Default: none, the Pusher endpoint is off.
+    #[arg(
+        long,
+        env = "ROOMCAST_PUSHER_APP",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(serialize_with = "redacted_list")]
+    pub pusher_app: Vec<String>,
+
     /// How long a client may take to send its HTTP upgrade request (and finish the TLS
     /// handshake).
     #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = defaults::HANDSHAKE_TIMEOUT, value_parser = humantime::parse_duration)]
@@ -537,6 +549,7 @@ impl Config {
             tls_key: None,
             echo_path: None,
             relay_path: None,
+            pusher_app: Vec::new(),
             handshake_timeout: duration(defaults::HANDSHAKE_TIMEOUT),
             drain_timeout: duration(defaults::DRAIN_TIMEOUT),
             ping_interval: duration(defaults::PING_INTERVAL),
@@ -701,6 +714,7 @@ impl Config {
         if let Some(url) = &self.redis {
             crate::broker::check_redis_url(url).map_err(ConfigError::Redis)?;
         }
+        crate::pusher::Apps::parse(&self.pusher_app)?;
         if self.redis.is_some() && !self.redis_cluster.is_empty() {
             return Err(ConfigError::Invalid(
                 "--redis and --redis-cluster exclude each other",
@@ -767,6 +781,9 @@ pub enum ConfigError {
     Invalid(&'static str),
     #[error("{path}: {reason}")]
     File { path: String, reason: String },
+    /// A `--pusher-app` that is not `ID:KEY:SECRET` with a numeric id.
+    #[error("invalid configuration: {0}")]
+    Pusher(#[from] crate::pusher::BadApp),
     /// A `--redis` URL that cannot be opened.
     #[error("invalid configuration: --redis {0}")]
     Redis(crate::broker::BadRedisUrl),
@@ -993,6 +1010,7 @@ struct FileLayer {
     tls_key: Option<Scalar>,
     echo_path: Option<Scalar>,
     relay_path: Option<Scalar>,
+    pusher_app: Option<List>,
     handshake_timeout: Option<Scalar>,
     ping_interval: Option<Scalar>,
     idle_timeout: Option<Scalar>,
@@ -1071,6 +1089,7 @@ impl FileLayer {
             tls_key,
             echo_path,
             relay_path,
+            pusher_app,
             handshake_timeout,
             ping_interval,
             idle_timeout,

@@ -112,9 +112,11 @@ pub async fn run(
                 Local::Client(member) => &member.outbox,
                 Local::Outside {
                     outbox,
-                    grouped: true,
+                    heartbeat: true,
                 } => outbox,
-                Local::Outside { grouped: false, .. } => return,
+                Local::Outside {
+                    heartbeat: false, ..
+                } => return,
             };
             if settings.check_expiry && outbox.expires_at().is_some_and(|at| at <= unix_now) {
                 if outbox.request_close(close(close_code::TOKEN_EXPIRED)) {

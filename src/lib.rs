@@ -51,6 +51,7 @@ pub mod node;
 pub mod outbox;
 pub mod protocol;
 pub mod proxy_protocol;
+pub mod pusher;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

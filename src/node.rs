@@ -49,6 +49,8 @@ pub struct Node {
     /// it; `None` without webhooks. Emit through [`Node::webhook`]. The broker holds it too,
     /// for the room events it counts cluster-wide.
     pub webhooks: Option<Arc<Webhooks>>,
+    /// The Pusher apps (`--pusher-app`); `None`: the Pusher endpoint is off.
+    pub pusher: Option<crate::pusher::Apps>,
 }
 
 impl Node {
@@ -61,7 +63,10 @@ impl Node {
         metrics: Arc<Metrics>,
         webhooks: Option<Arc<Webhooks>>,
     ) -> Self {
+        // Checked by the configuration's validation.
+        let pusher = crate::pusher::Apps::parse(&config.pusher_app).unwrap_or_default();
         Self {
+            pusher,
             broker: broker::from_config(&config, router.clone(), metrics.clone(), webhooks.clone()),
             proxies: Proxies::from_config(&config, metrics.clone()).map(Arc::new),
             metrics,

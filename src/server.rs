@@ -522,11 +522,14 @@ async fn upgrade_direct<S>(
             return refuse(&mut io, error.status(), &reason, &ctx).await;
         }
     };
-    let mut identity = match ctx
-        .node
-        .admission
-        .admit(&head.uri, &head.headers, peer, &mut permit)
-    {
+    let route = Route::of(&ctx.node, &head.uri);
+    let mut identity = match ctx.node.admission.admit(
+        &head.uri,
+        &head.headers,
+        peer,
+        &mut permit,
+        route.needs_token(),
+    ) {
         Ok(identity) => identity,
         Err(refusal) => {
             ctx.node.metrics.refused(&refusal);
@@ -534,7 +537,6 @@ async fn upgrade_direct<S>(
             return refuse(&mut io, refusal.status(), &refusal.to_string(), &ctx).await;
         }
     };
-    let route = Route::of(&ctx.node.config, head.uri.path());
     if route.asks_the_app() {
         let asked = proxy::on_upgrade(&ctx.node, &head.uri, &head.headers, peer, &mut identity);
         let verdict = tokio::select! {
@@ -615,7 +617,7 @@ where
     S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
 {
     if handshake::is_upgrade(request.headers()) {
-        let route = Route::of(&ctx.node.config, request.uri().path());
+        let route = Route::of(&ctx.node, request.uri());
         return upgrade::<S>(&mut request, peer, &permit, ctx, route).await;
     }
     api::respond(request, &ctx.node).await
@@ -662,7 +664,13 @@ where
             Some(permit) => ctx
                 .node
                 .admission
-                .admit(request.uri(), request.headers(), peer, permit)
+                .admit(
+                    request.uri(),
+                    request.headers(),
+                    peer,
+                    permit,
+                    route.needs_token(),
+                )
                 .map_err(|refusal| {
                     ctx.node.metrics.refused(&refusal);
                     debug!(%peer, %refusal, "upgrade refused");

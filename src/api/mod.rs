@@ -27,6 +27,9 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
     if request.uri().path().starts_with("/api/") {
         return server_api::respond(request, node).await;
     }
+    if node.pusher.is_some() && request.uri().path().starts_with("/apps/") {
+        return crate::pusher::api::respond(request, node).await;
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => health::alive(),
         (&Method::GET | &Method::HEAD, "/readyz") => health::ready(node),

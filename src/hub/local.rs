@@ -289,9 +289,9 @@ pub struct LocalHub {
     /// The metadata of connections that set some (a JSON object's text): only those pay for
     /// an entry.
     metadata: DashMap<ConnId, Bytes>,
-    /// Connections of protocols outside the rooms and the directory (echo, relay), with the
-    /// group each is in, if any.
-    outside: DashMap<ConnId, (Outbox, Option<Arc<str>>)>,
+    /// Connections of protocols outside the rooms and the directory (echo, relay, Pusher), with
+    /// whether the heartbeat keeps them.
+    outside: DashMap<ConnId, (Outbox, bool)>,
     /// The groups' connections: a group's frame is handed to each, shared.
     groups: DashMap<Arc<str>, Vec<(ConnId, Outbox)>>,
     /// The rooms' histories, when on.
@@ -771,37 +771,54 @@ impl Router for LocalHub {
         rooms
     }
 
-    fn register_outside(&self, conn: ConnId, outbox: &Outbox, group: Option<&str>) {
-        let group: Option<Arc<str>> = group.map(Arc::from);
-        if let Some(group) = &group {
-            self.groups
-                .entry(group.clone())
-                .or_default()
-                .push((conn, outbox.clone()));
-        }
-        self.outside.insert(conn, (outbox.clone(), group));
+    fn register_outside(&self, conn: ConnId, outbox: &Outbox, heartbeat: bool) {
+        self.outside.insert(conn, (outbox.clone(), heartbeat));
     }
 
     fn unregister_outside(&self, conn: ConnId) {
-        let Some((_, (_, Some(group)))) = self.outside.remove(&conn) else {
-            return;
-        };
-        // The group goes with its last connection.
-        self.groups.remove_if_mut(&group, |_, members| {
-            members.retain(|(member, _)| *member != conn);
-            members.is_empty()
-        });
+        self.outside.remove(&conn);
     }
 
-    fn send_to_group(&self, group: &str, frame: &Bytes) -> usize {
+    fn join_group(&self, group: &str, conn: ConnId, outbox: &Outbox) -> usize {
+        if let Some(mut members) = self.groups.get_mut(group) {
+            if !members.iter().any(|(member, _)| *member == conn) {
+                members.push((conn, outbox.clone()));
+            }
+            return members.len();
+        }
+        let mut members = self.groups.entry(Arc::from(group)).or_default();
+        if !members.iter().any(|(member, _)| *member == conn) {
+            members.push((conn, outbox.clone()));
+        }
+        members.len()
+    }
+
+    fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize> {
+        let mut remaining = None;
+        self.groups.remove_if_mut(group, |_, members| {
+            let at = members.iter().position(|(member, _)| *member == conn);
+            if let Some(at) = at {
+                members.swap_remove(at);
+                remaining = Some(members.len());
+            }
+            members.is_empty()
+        });
+        remaining
+    }
+
+    fn send_to_group(&self, group: &str, frame: &Bytes, except: Option<ConnId>) -> usize {
         let Some(members) = self.groups.get(group) else {
             return 0;
         };
         let shared = Arc::new(frame.clone());
-        for (_, outbox) in members.iter() {
-            outbox.push_shared(shared.clone());
+        let mut delivered = 0;
+        for (conn, outbox) in members.iter() {
+            if Some(*conn) != except {
+                outbox.push_shared(shared.clone());
+                delivered += 1;
+            }
         }
-        members.len()
+        delivered
     }
 
     fn for_each_connection(&self, f: &mut dyn FnMut(Local<'_>)) {
@@ -809,10 +826,10 @@ impl Router for LocalHub {
             f(Local::Client(client.value()));
         }
         for outside in self.outside.iter() {
-            let (outbox, group) = outside.value();
+            let (outbox, heartbeat) = outside.value();
             f(Local::Outside {
                 outbox,
-                grouped: group.is_some(),
+                heartbeat: *heartbeat,
             });
         }
     }

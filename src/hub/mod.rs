@@ -40,9 +40,9 @@ pub enum Local<'a> {
     /// A seed-protocol client: in the directory, maybe in rooms.
     Client(&'a Member),
     /// A connection of a protocol outside the rooms and the directory: an `--echo-path` one
-    /// (a conformance suite's: no heartbeat), or a group's (`--relay-path`), which the
-    /// heartbeat pings and times out as it does clients.
-    Outside { outbox: &'a Outbox, grouped: bool },
+    /// (a conformance suite's: no heartbeat), or the relay's or Pusher's, which the heartbeat
+    /// pings and times out as it does clients.
+    Outside { outbox: &'a Outbox, heartbeat: bool },
 }
 
 impl Local<'_> {
@@ -231,17 +231,25 @@ pub trait Router: Send + Sync + 'static {
     fn counts(&self) -> (usize, usize);
 
     /// Lists a connection of a protocol outside the rooms and the directory (the echo, the
-    /// relay): reachable by no publication, but a local connection all the same, which the
-    /// shutdown, the heartbeat and the metrics must see. In `group`, if given, it gets what is
-    /// sent to that group ([`Router::send_to_group`]).
-    fn register_outside(&self, conn: ConnId, outbox: &Outbox, group: Option<&str>);
+    /// relay, Pusher's): reachable by no publication, but a local connection all the same,
+    /// which the shutdown and the metrics must see, and the heartbeat too when `heartbeat`.
+    fn register_outside(&self, conn: ConnId, outbox: &Outbox, heartbeat: bool);
 
     /// Removes what [`Router::register_outside`] listed. Idempotent.
     fn unregister_outside(&self, conn: ConnId);
 
-    /// Hands `frame` (encoded once, shared) to every connection of this node's `group`; returns
-    /// how many got it. A group is node-local: nothing crosses to other nodes.
-    fn send_to_group(&self, group: &str, frame: &Bytes) -> usize;
+    /// Puts a connection in this node's `group` (a protocol's own fan-out set: the relay's
+    /// path, a Pusher channel); returns the group's size with it, unchanged if it was in it.
+    fn join_group(&self, group: &str, conn: ConnId, outbox: &Outbox) -> usize;
+
+    /// Takes a connection out of `group`; returns how many remain, `None` if it was not in
+    /// it. An empty group is dropped.
+    fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize>;
+
+    /// Hands `frame` (encoded once, shared) to every connection of this node's `group` but
+    /// `except`; returns how many got it. A group is node-local: nothing crosses to other
+    /// nodes.
+    fn send_to_group(&self, group: &str, frame: &Bytes, except: Option<ConnId>) -> usize;
 
     /// Calls `f` for every connection of this node, clients and outside ones (for the
     /// heartbeat, the shutdown which closes them all, and the queue gauges).

@@ -591,6 +591,7 @@ impl Protocol for Session {
             identity,
             outbox,
             writer,
+            ..
         } = opening;
         // Ahead of everything, and without creating the queue: nobody else can reach this
         // connection yet, and one that is never sent anything more never allocates a queue.

@@ -21,7 +21,7 @@ impl Protocol for Echo {
         opening
             .node
             .router
-            .register_outside(opening.conn, &opening.outbox, None);
+            .register_outside(opening.conn, &opening.outbox, false);
         Echo {
             outbox: opening.outbox,
             conn: opening.conn,

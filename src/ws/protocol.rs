@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::Context;
 
 use bytes::Bytes;
+use hyper::Uri;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::task::TaskTracker;
 
@@ -21,10 +22,10 @@ use super::relay::Relay;
 use super::session;
 use super::transport::Transport;
 use crate::admission::{Identity, Permit};
-use crate::config::Config;
 use crate::hub::ConnId;
 use crate::node::Node;
 use crate::outbox::{Outbox, OutboxReceiver};
+use crate::pusher::session::PusherSession;
 
 /// What a protocol is handed when its connection opens.
 pub struct Opening<'a> {
@@ -39,6 +40,8 @@ pub struct Opening<'a> {
     /// The queue's writing end, for a greeting that goes out ahead of everything, in the same
     /// write as the 101, without creating the queue ([`OutboxReceiver::push_direct`]).
     pub writer: &'a mut OutboxReceiver,
+    /// What the request's path and query selected.
+    pub route: Route,
 }
 
 /// One wire protocol's side of a connection. Its value lives inside the connection's task for
@@ -80,19 +83,41 @@ pub enum Route {
     Echo,
     /// `--relay-path`: the seed's Swoole variant, every message to every connection there.
     Relay,
+    /// `/app/{key}` with `--pusher-app`: the Pusher protocol, for the app of that key (`None`:
+    /// no such app, refused in the protocol), in the `protocol` version the query asked for.
+    Pusher {
+        app: Option<u16>,
+        protocol: Option<u8>,
+    },
 }
 
 impl Route {
     /// The one table of paths.
-    pub fn of(config: &Config, path: &str) -> Route {
+    pub fn of(node: &Node, uri: &Uri) -> Route {
+        let path = uri.path();
         let on = |flag: &Option<String>| flag.as_deref() == Some(path);
-        if on(&config.echo_path) {
-            Route::Echo
-        } else if on(&config.relay_path) {
-            Route::Relay
-        } else {
-            Route::Rooms
+        if on(&node.config.echo_path) {
+            return Route::Echo;
         }
+        if on(&node.config.relay_path) {
+            return Route::Relay;
+        }
+        if let (Some(apps), Some(key)) = (&node.pusher, path.strip_prefix("/app/")) {
+            let protocol = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+                .find(|(name, _)| name == "protocol")
+                .and_then(|(_, version)| version.parse().ok());
+            return Route::Pusher {
+                app: apps.by_key(key),
+                protocol,
+            };
+        }
+        Route::Rooms
+    }
+
+    /// Whether the native token (`--auth-secret`) is asked for: a Pusher client has none; its
+    /// private channels are authorized by the app's own signature instead.
+    pub fn needs_token(self) -> bool {
+        !matches!(self, Route::Pusher { .. })
     }
 
     /// Whether the application's connect proxy decides on the upgrade: the seed protocol's
@@ -122,9 +147,11 @@ impl Route {
             Route::Rooms => spawn_speaking::<S, Session>,
             Route::Echo => spawn_speaking::<S, Echo>,
             Route::Relay => spawn_speaking::<S, Relay>,
+            Route::Pusher { .. } => spawn_speaking::<S, PusherSession>,
         };
         spawn(
             tasks,
+            self,
             Start {
                 io,
                 response,
@@ -149,7 +176,7 @@ struct Start<S> {
     identity: Identity,
 }
 
-fn spawn_speaking<S, P>(tasks: &TaskTracker, start: Start<S>)
+fn spawn_speaking<S, P>(tasks: &TaskTracker, route: Route, start: Start<S>)
 where
     S: AsyncRead + AsyncWrite + Transport + Unpin + Send + 'static,
     P: Protocol,
@@ -162,5 +189,6 @@ where
         start.peer,
         start.permit,
         start.identity,
+        route,
     ));
 }

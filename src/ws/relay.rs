@@ -52,7 +52,8 @@ impl Protocol for Relay {
         if let Some(expires_at) = identity.expires_at {
             outbox.set_expires_at(expires_at);
         }
-        node.router.register_outside(conn, &outbox, Some(GROUP));
+        node.router.register_outside(conn, &outbox, true);
+        node.router.join_group(GROUP, conn, &outbox);
         Relay {
             outbox,
             conn,
@@ -90,7 +91,7 @@ impl Protocol for Relay {
             }
         }
         let frame = protocol::data(binary, payload);
-        let delivered = self.node.router.send_to_group(GROUP, &frame);
+        let delivered = self.node.router.send_to_group(GROUP, &frame, None);
         self.node
             .metrics
             .fanout_deliveries
@@ -98,6 +99,7 @@ impl Protocol for Relay {
     }
 
     fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        node.router.leave_group(GROUP, self.conn);
         node.router.unregister_outside(self.conn);
         None
     }

@@ -38,7 +38,7 @@ use tokio::time::Sleep;
 use tracing::{debug, debug_span, info};
 
 use super::frame::{Event, FrameError, FrameReader, PeerClose};
-use super::protocol::{Opening, Protocol};
+use super::protocol::{Opening, Protocol, Route};
 use super::transport::Transport;
 use crate::admission::{Identity, Permit};
 use crate::node::Node;
@@ -76,6 +76,7 @@ fn new_client_id() -> Arc<str> {
 /// exactly this ([`ConnectionTask`], guarded in the tests), where an `async fn` chain from the
 /// upgrade to here kept every argument and intermediate state alive beside the connection
 /// (1,256 bytes measured, against 512 for the connection itself).
+#[allow(clippy::too_many_arguments)]
 pub fn start<S, P>(
     io: S,
     response: Option<Bytes>,
@@ -84,6 +85,7 @@ pub fn start<S, P>(
     peer: SocketAddr,
     permit: Permit,
     identity: Identity,
+    route: Route,
 ) -> ConnectionTask<S, P>
 where
     S: AsyncRead + AsyncWrite + Transport + Unpin,
@@ -97,8 +99,16 @@ where
     let _entered = span.enter();
     info!(client_id = %client_id, %peer, user_id = ?identity.user_id, protocol = P::NAME, "connection opened");
     let opened = Instant::now();
-    let mut connection =
-        Connection::open(io, response, ctx, conn, client_id.clone(), identity, permit);
+    let mut connection = Connection::open(
+        io,
+        response,
+        ctx,
+        conn,
+        client_id.clone(),
+        identity,
+        permit,
+        route,
+    );
     if !prebuffered.is_empty() {
         let mut prebuffered = prebuffered.to_vec();
         if let Some(end) = connection.on_bytes(&mut prebuffered) {
@@ -235,6 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin, P: Protocol> Connection<S, P
         client_id: Arc<str>,
         identity: Identity,
         permit: Permit,
+        route: Route,
     ) -> Self {
         let config = &ctx.config;
         let limits = outbox::QueueLimits {
@@ -254,6 +265,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin, P: Protocol> Connection<S, P
             identity,
             outbox: own_outbox,
             writer: &mut outbox,
+            route,
         });
         // A shutdown that began while this client was upgrading has not seen it in the hub's
         // lists: close it here.

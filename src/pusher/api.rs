@@ -1,0 +1,216 @@
+//! Pusher's HTTP API (`/apps/{id}/...`), as the Pusher server SDKs call it (Laravel's
+//! broadcaster among them): every request signed with the app's secret (`auth_key`,
+//! `auth_timestamp` within 600 s, `auth_version`, `body_md5`, `auth_signature` over the
+//! method, the path and every other query parameter, sorted). Served now: `POST
+//! /apps/{id}/events`.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use md5::{Digest, Md5};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::session::valid_channel;
+use super::{group, signing, wire, App};
+use crate::api::{json, json_error};
+use crate::node::Node;
+
+/// How far a request's `auth_timestamp` may be from our clock, as Pusher allows.
+const CLOCK_SKEW: u64 = 600;
+
+/// The most channels one event goes to, as Pusher allows.
+const MAX_CHANNELS: usize = 100;
+
+/// Room for the JSON around an event's data, over `--max-message-size`.
+const BODY_ENVELOPE: usize = 64 * 1024;
+
+/// `POST /apps/{id}/events`'s body.
+#[derive(Deserialize)]
+struct Event<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+    /// A string, as the SDKs send it: delivered as that JSON string.
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    socket_id: Option<String>,
+}
+
+pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
+    let Some(apps) = &node.pusher else {
+        return json_error(StatusCode::NOT_FOUND, "not found");
+    };
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_owned();
+    let Some((id, what)) = path["/apps/".len()..].split_once('/') else {
+        return json_error(StatusCode::NOT_FOUND, "not found");
+    };
+    let Some((index, app)) = apps.by_id(id) else {
+        return json_error(StatusCode::NOT_FOUND, "Unknown app");
+    };
+    let limit = node.config.max_message_size + BODY_ENVELOPE;
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            let text = format!("body larger than {limit} bytes");
+            return json_error(StatusCode::PAYLOAD_TOO_LARGE, &text);
+        }
+        Err(_) => return json_error(StatusCode::BAD_REQUEST, "body not read"),
+    };
+    if let Err(refusal) = check_signature(
+        app,
+        parts.method.as_str(),
+        &path,
+        parts.uri.query().unwrap_or(""),
+        &body,
+        crate::protocol::timestamp(),
+    ) {
+        return json_error(StatusCode::UNAUTHORIZED, refusal);
+    }
+    match (parts.method.as_str(), what) {
+        ("POST", "events") => events(index, &body, node),
+        (_, "events") => json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => json_error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn events(app: u16, body: &[u8], node: &Node) -> Response<Full<Bytes>> {
+    let event: Event<'_> = match serde_json::from_slice(body) {
+        Ok(event) => event,
+        Err(error) => {
+            let text = format!("invalid event: {error}");
+            return json_error(StatusCode::BAD_REQUEST, &text);
+        }
+    };
+    if !event.data.get().starts_with('"') {
+        return json_error(StatusCode::BAD_REQUEST, "data must be a string");
+    }
+    let channels: Vec<String> = match (event.channel, event.channels) {
+        (Some(channel), None) => vec![channel],
+        (None, Some(channels)) => channels,
+        _ => {
+            let text = "give channel or channels, not both";
+            return json_error(StatusCode::BAD_REQUEST, text);
+        }
+    };
+    if channels.is_empty() || channels.len() > MAX_CHANNELS {
+        let text = format!("an event goes to 1 to {MAX_CHANNELS} channels");
+        return json_error(StatusCode::BAD_REQUEST, &text);
+    }
+    if let Some(bad) = channels.iter().find(|channel| !valid_channel(channel)) {
+        let text = format!("invalid channel name {bad:?}");
+        return json_error(StatusCode::BAD_REQUEST, &text);
+    }
+    let apps = node.pusher.as_ref().expect("checked by the caller");
+    // The publisher's own connection, which the event skips (`socket_id`), when it is here.
+    let except = event.socket_id.as_deref().and_then(|id| apps.conn_of(id));
+    let mut delivered = 0;
+    for channel in &channels {
+        let frame = wire::event(&event.name, channel, event.data);
+        delivered += node
+            .router
+            .send_to_group(&group(app, channel), &frame, except);
+    }
+    node.metrics.fanout_deliveries.increment(delivered as u64);
+    json(&serde_json::json!({}))
+}
+
+/// Checks a request's signature: `Err` with the reason Pusher would give.
+fn check_signature(
+    app: &App,
+    method: &str,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    now: u64,
+) -> Result<(), &'static str> {
+    let mut params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.into_owned()))
+        .collect();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+    };
+    let signature = param("auth_signature").ok_or("Missing auth_signature")?;
+    if param("auth_key").as_deref() != Some(&*app.key) {
+        return Err("Invalid auth_key");
+    }
+    let timestamp: u64 = param("auth_timestamp")
+        .and_then(|value| value.parse().ok())
+        .ok_or("Missing auth_timestamp")?;
+    if timestamp.abs_diff(now) > CLOCK_SKEW {
+        return Err("Timestamp expired: more than 600 s from the server's clock");
+    }
+    if param("auth_version").as_deref() != Some("1.0") {
+        return Err("auth_version must be 1.0");
+    }
+    match param("body_md5") {
+        Some(md5) if md5 != hex::encode(Md5::digest(body)) => {
+            return Err("body_md5 does not match the body")
+        }
+        None if !body.is_empty() => return Err("Missing body_md5"),
+        _ => {}
+    }
+    params.retain(|(name, _)| name != "auth_signature");
+    params.sort();
+    let query: Vec<String> = params
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    let text = format!("{method}\n{path}\n{}", query.join("&"));
+    if signing::verify(&app.secret, &text, &signature) {
+        Ok(())
+    } else {
+        Err("Invalid signature: you should have sent HmacSHA256Hex(\"METHOD\\nPATH\\nQUERY\", secret)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> App {
+        App {
+            id: "3".into(),
+            key: "3ee6bd1d2d8a6e1d5e3c".into(),
+            secret: "7ad3773142a6692b25b8".into(),
+        }
+    }
+
+    fn signed(method: &str, path: &str, body: &[u8], timestamp: u64) -> String {
+        let md5 = hex::encode(Md5::digest(body));
+        let query = format!(
+            "auth_key=3ee6bd1d2d8a6e1d5e3c&auth_timestamp={timestamp}&auth_version=1.0&body_md5={md5}"
+        );
+        let signature = signing::sign(&app().secret, &format!("{method}\n{path}\n{query}"));
+        format!("{query}&auth_signature={signature}")
+    }
+
+    #[test]
+    fn a_request_signed_with_the_apps_secret_is_accepted_within_600_s() {
+        let body = br#"{"name":"e","channel":"c","data":"{}"}"#;
+        let query = signed("POST", "/apps/3/events", body, 1_000_000);
+        let check = |query: &str, body: &[u8], now| {
+            check_signature(&app(), "POST", "/apps/3/events", query, body, now)
+        };
+        assert_eq!(check(&query, body, 1_000_000), Ok(()));
+        assert_eq!(check(&query, body, 1_000_600), Ok(()));
+        assert!(check(&query, body, 1_000_601).is_err(), "too old");
+        assert!(check(&query, b"{}", 1_000_000).is_err(), "another body");
+        let tampered = query.replace("auth_version=1.0", "auth_version=1.0&extra=1");
+        assert!(
+            check(&tampered, body, 1_000_000).is_err(),
+            "a parameter added"
+        );
+        let wrong_path = check_signature(&app(), "POST", "/apps/4/events", &query, body, 1_000_000);
+        assert!(wrong_path.is_err());
+    }
+}

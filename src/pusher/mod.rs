@@ -1,0 +1,183 @@
+//! The Pusher Channels protocol beside the native one, so that pusher-js, Laravel Echo and the
+//! Pusher server SDKs work against roomcast unchanged: the apps (`--pusher-app`), the WebSocket
+//! side at `/app/{key}` ([`session`]) with its frames in one place ([`wire`]), and the
+//! signing its HTTP API ([`api`]) and private channels share ([`signing`]).
+//!
+//! A Pusher channel is not a native room: its members are Pusher connections of one app, in a
+//! hub group of their own (`pusher/APP/CHANNEL`), and its frames are Pusher's. Channels are
+//! node-local for now: across nodes they need the broker (the issue's next step).
+
+pub mod api;
+pub mod session;
+pub mod signing;
+pub mod wire;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// One app: what the SDKs call `app_id`, `key` and `secret`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    /// Numeric, as the SDKs require.
+    pub id: Box<str>,
+    pub key: Box<str>,
+    pub secret: Box<str>,
+}
+
+/// The configured apps.
+#[derive(Debug)]
+pub struct Apps {
+    apps: Vec<App>,
+    /// This process's part of every socket id (`PREFIX.CONN`): a socket id names one connection
+    /// across nodes, and one of another process is never mistaken for one of ours.
+    prefix: u32,
+}
+
+/// Why an `--pusher-app` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadApp {
+    #[error("--pusher-app must be ID:KEY:SECRET, got {0:?}")]
+    Shape(String),
+    #[error("--pusher-app {0:?}: the app id must be a number, as the Pusher SDKs require")]
+    Id(String),
+    #[error("--pusher-app: the key {0:?} may not hold '/', '?' or '#' (it is a path segment)")]
+    Key(String),
+    #[error("--pusher-app: app id or key {0:?} given twice")]
+    Twice(String),
+}
+
+static NEXT_PREFIX: AtomicU32 = AtomicU32::new(0);
+
+impl Apps {
+    /// The apps of `--pusher-app` values; `None` when there are none (the endpoint is off).
+    pub fn parse(specs: &[String]) -> Result<Option<Apps>, BadApp> {
+        let mut apps: Vec<App> = Vec::new();
+        for spec in specs {
+            let mut parts = spec.splitn(3, ':');
+            let (Some(id), Some(key), Some(secret)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(BadApp::Shape(redact(spec)));
+            };
+            if id.is_empty() || key.is_empty() || secret.is_empty() {
+                return Err(BadApp::Shape(redact(spec)));
+            }
+            if !id.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(BadApp::Id(id.to_owned()));
+            }
+            if key.contains(['/', '?', '#']) {
+                return Err(BadApp::Key(key.to_owned()));
+            }
+            if apps.iter().any(|app| &*app.id == id) {
+                return Err(BadApp::Twice(id.to_owned()));
+            }
+            if apps.iter().any(|app| &*app.key == key) {
+                return Err(BadApp::Twice(key.to_owned()));
+            }
+            apps.push(App {
+                id: id.into(),
+                key: key.into(),
+                secret: secret.into(),
+            });
+        }
+        if apps.is_empty() {
+            return Ok(None);
+        }
+        // Random per process, and distinct per server within one (the tests run several).
+        let prefix = rand::random::<u32>()
+            .wrapping_add(NEXT_PREFIX.fetch_add(1, Ordering::Relaxed))
+            % 1_000_000_000;
+        Ok(Some(Apps { apps, prefix }))
+    }
+
+    /// The app whose key a connection's path names, by its index.
+    pub fn by_key(&self, key: &str) -> Option<u16> {
+        self.apps
+            .iter()
+            .position(|app| &*app.key == key)
+            .map(|at| at as u16)
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<(u16, &App)> {
+        let at = self.apps.iter().position(|app| &*app.id == id)?;
+        Some((at as u16, &self.apps[at]))
+    }
+
+    pub fn get(&self, index: u16) -> &App {
+        &self.apps[index as usize]
+    }
+
+    /// The socket id of this node's connection `conn`.
+    pub fn socket_id(&self, conn: u64) -> String {
+        format!("{}.{conn}", self.prefix)
+    }
+
+    /// This node's connection that `socket_id` names, if it is one of ours.
+    pub fn conn_of(&self, socket_id: &str) -> Option<u64> {
+        let (prefix, conn) = socket_id.split_once('.')?;
+        (prefix.parse::<u32>().ok()? == self.prefix)
+            .then(|| conn.parse().ok())
+            .flatten()
+    }
+}
+
+/// The hub group of an app's channel.
+pub fn group(app: u16, channel: &str) -> String {
+    format!("pusher/{app}/{channel}")
+}
+
+/// A spec with its secret left out, for an error message.
+fn redact(spec: &str) -> String {
+    match spec.splitn(3, ':').collect::<Vec<_>>().as_slice() {
+        [id, key, _] => format!("{id}:{key}:<secret>"),
+        _ => "<not ID:KEY:SECRET>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn apps_are_id_key_secret_with_a_numeric_id_and_distinct_ids_and_keys() {
+        let apps = Apps::parse(&specs(&["1:key:sec:ret", "22:other:s"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(apps.by_key("key"), Some(0));
+        assert_eq!(&*apps.get(0).secret, "sec:ret");
+        assert_eq!(apps.by_id("22").unwrap().1.key.as_ref(), "other");
+        assert!(Apps::parse(&[]).unwrap().is_none());
+        assert!(matches!(
+            Apps::parse(&specs(&["x:k:s"])),
+            Err(BadApp::Id(_))
+        ));
+        assert!(matches!(
+            Apps::parse(&specs(&["1:k"])),
+            Err(BadApp::Shape(_))
+        ));
+        assert!(matches!(
+            Apps::parse(&specs(&["1:a/b:s"])),
+            Err(BadApp::Key(_))
+        ));
+        assert!(matches!(
+            Apps::parse(&specs(&["1:k:s", "1:l:s"])),
+            Err(BadApp::Twice(_))
+        ));
+        let error = Apps::parse(&specs(&["1:k:"])).unwrap_err().to_string();
+        assert!(!error.contains("secret\""), "{error}");
+    }
+
+    #[test]
+    fn a_socket_id_names_one_of_this_nodes_connections_and_no_other_nodes() {
+        let apps = Apps::parse(&specs(&["1:k:s"])).unwrap().unwrap();
+        let id = apps.socket_id(42);
+        let (prefix, conn) = id.split_once('.').unwrap();
+        assert!(prefix.bytes().all(|b| b.is_ascii_digit()) && conn == "42");
+        assert_eq!(apps.conn_of(&id), Some(42));
+        let other = Apps::parse(&specs(&["1:k:s"])).unwrap().unwrap();
+        assert_eq!(other.conn_of(&id), None);
+        assert_eq!(apps.conn_of("nonsense"), None);
+    }
+}

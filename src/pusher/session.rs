@@ -1,0 +1,344 @@
+//! A Pusher connection (`/app/{key}`): `pusher:connection_established` with its socket id,
+//! then `pusher:ping`/`pusher:pong`, `pusher:subscribe`/`pusher:unsubscribe` for public and
+//! private channels (HMAC auth against the app's secret), and client events (`client-*`) on
+//! private channels from their subscribers. Its channels are hub groups of the app
+//! ([`super::group`]); what a channel is sent is encoded once ([`super::wire::event`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::wire::{self, code, Incoming, Subscribe, Unsubscribe};
+use super::{group, signing};
+use crate::hub::ConnId;
+use crate::limits::{Rate, RateLimiter};
+use crate::node::Node;
+use crate::outbox::{CloseRequest, Outbox};
+use crate::ws::protocol::{Opening, Protocol, Route};
+
+/// What pusher-js is told to wait, in seconds, before it pings a quiet connection.
+const ACTIVITY_TIMEOUT: u64 = 30;
+
+/// The protocol versions spoken: 7 (pusher-js 4 and later), and 5 and 6 (older clients such
+/// as pysher), which differ from it in nothing roomcast sends.
+pub const PROTOCOLS: std::ops::RangeInclusive<u8> = 5..=7;
+
+/// Pusher's limit on channel names, and the characters it allows in them.
+const MAX_CHANNEL: usize = 164;
+
+pub fn valid_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_CHANNEL
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b))
+}
+
+/// The kind of channel a name is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Public,
+    Private,
+    /// `private-encrypted-`: the publisher encrypts; relayed as it is, no client events.
+    Encrypted,
+    /// `presence-` and `cache-`: not served yet.
+    Unsupported,
+}
+
+fn kind_of(channel: &str) -> Kind {
+    if channel.starts_with("private-encrypted-") {
+        Kind::Encrypted
+    } else if channel.starts_with("private-") {
+        Kind::Private
+    } else if channel.starts_with("presence-")
+        || channel.starts_with("cache-")
+        || channel.starts_with("private-cache-")
+    {
+        Kind::Unsupported
+    } else {
+        Kind::Public
+    }
+}
+
+pub struct PusherSession {
+    outbox: Outbox,
+    conn: ConnId,
+    node: Arc<Node>,
+    /// The app's index in the configuration; `None`: the key was unknown, and the connection
+    /// is closing.
+    app: Option<u16>,
+    /// Its channels, by name (few per connection: a list is smaller than a set).
+    channels: Vec<(Box<str>, Kind)>,
+    rate: Option<RateLimiter>,
+    closing: bool,
+}
+
+impl PusherSession {
+    fn refuse_and_close(outbox: &Outbox, error: u16, message: &str) {
+        outbox.push(wire::error(error, message));
+        outbox.request_close(CloseRequest {
+            code: Some(error),
+            flush: true,
+        });
+    }
+
+    fn socket_id(&self) -> String {
+        let apps = self
+            .node
+            .pusher
+            .as_ref()
+            .expect("a Pusher connection has apps");
+        apps.socket_id(self.conn)
+    }
+
+    fn group(&self, channel: &str) -> String {
+        group(self.app.unwrap_or_default(), channel)
+    }
+
+    fn handle(&mut self, text: &[u8]) {
+        let Ok(message) = serde_json::from_slice::<Incoming<'_>>(text) else {
+            self.outbox
+                .push(wire::error(code::BAD_MESSAGE, "Invalid message format"));
+            return;
+        };
+        match &*message.event {
+            "pusher:ping" => {
+                self.outbox.push(wire::pong());
+            }
+            "pusher:pong" => {}
+            "pusher:subscribe" => match parse::<Subscribe<'_>>(message.data) {
+                Some(subscribe) => self.subscribe(subscribe),
+                None => {
+                    let error = "Invalid subscribe data";
+                    self.outbox.push(wire::error(code::BAD_MESSAGE, error));
+                }
+            },
+            "pusher:unsubscribe" => {
+                if let Some(unsubscribe) = parse::<Unsubscribe<'_>>(message.data) {
+                    self.unsubscribe(&unsubscribe.channel);
+                }
+            }
+            event if event.starts_with("client-") => self.client_event(&message),
+            // Other `pusher:` events (signin, ...) and anything else: not answered, as Pusher
+            // ignores events it does not know.
+            _ => {}
+        }
+    }
+
+    fn subscribe(&mut self, subscribe: Subscribe<'_>) {
+        let channel = &*subscribe.channel;
+        if !valid_channel(channel) {
+            let error = "Invalid channel name";
+            self.outbox.push(wire::subscription_error(
+                channel,
+                "InvalidChannel",
+                error,
+                400,
+            ));
+            return;
+        }
+        let kind = kind_of(channel);
+        match kind {
+            Kind::Unsupported => {
+                let error = "presence and cache channels are not supported yet";
+                self.outbox.push(wire::subscription_error(
+                    channel,
+                    "UnsupportedChannel",
+                    error,
+                    501,
+                ));
+                return;
+            }
+            Kind::Private | Kind::Encrypted => {
+                let apps = self.node.pusher.as_ref().expect("apps");
+                let app = apps.get(self.app.unwrap_or_default());
+                let valid = subscribe.auth.as_deref().is_some_and(|auth| {
+                    signing::channel_auth_is_valid(
+                        &app.key,
+                        &app.secret,
+                        auth,
+                        &self.socket_id(),
+                        channel,
+                        None,
+                    )
+                });
+                if !valid {
+                    let error = "Invalid signature: the auth is not this socket's for this channel";
+                    self.outbox
+                        .push(wire::subscription_error(channel, "AuthError", error, 401));
+                    return;
+                }
+            }
+            Kind::Public => {}
+        }
+        if !self.channels.iter().any(|(name, _)| &**name == channel) {
+            self.node
+                .router
+                .join_group(&self.group(channel), self.conn, &self.outbox);
+            self.channels.push((channel.into(), kind));
+        }
+        self.outbox.push(wire::subscription_succeeded(channel));
+    }
+
+    fn unsubscribe(&mut self, channel: &str) {
+        let Some(at) = self
+            .channels
+            .iter()
+            .position(|(name, _)| &**name == channel)
+        else {
+            return;
+        };
+        self.channels.swap_remove(at);
+        self.node
+            .router
+            .leave_group(&self.group(channel), self.conn);
+    }
+
+    /// A `client-*` event: relayed to the channel's other subscribers when the sender is one,
+    /// on a private channel; otherwise refused with `pusher:error`.
+    fn client_event(&mut self, message: &Incoming<'_>) {
+        let Some(channel) = message.channel.as_deref() else {
+            return;
+        };
+        let subscribed = self
+            .channels
+            .iter()
+            .find(|(name, _)| &**name == channel)
+            .map(|(_, kind)| *kind);
+        let refusal = match subscribed {
+            None => Some("Client event rejected: not subscribed to the channel"),
+            Some(Kind::Private) => None,
+            Some(_) => {
+                Some("Client event rejected: only supported on private and presence channels")
+            }
+        };
+        if let Some(refusal) = refusal {
+            self.outbox.push(wire::error(code::BAD_MESSAGE, refusal));
+            return;
+        }
+        let null = serde_json::value::RawValue::NULL;
+        let frame = wire::event(&message.event, channel, message.data.unwrap_or(null));
+        let told = self
+            .node
+            .router
+            .send_to_group(&self.group(channel), &frame, Some(self.conn));
+        self.node.metrics.fanout_deliveries.increment(told as u64);
+    }
+
+    /// The rate limit, as on the native protocol: over it a message is refused with
+    /// `pusher:error` 4301; a sustained flood closes the connection with 4100 (pusher-js backs
+    /// off before it reconnects).
+    fn within_rate(&mut self, len: usize) -> bool {
+        let Some(rate) = self.rate.as_mut() else {
+            return true;
+        };
+        match rate.take(len, &self.node.session_limits, Instant::now()) {
+            Rate::Allowed => true,
+            Rate::Refused => {
+                self.outbox.push(wire::error(
+                    code::OVER_RATE,
+                    "Client event rejected due to rate limit",
+                ));
+                false
+            }
+            Rate::Flooding => {
+                self.closing = true;
+                Self::refuse_and_close(&self.outbox, code::OVER_CAPACITY, "Flooding: closed");
+                false
+            }
+        }
+    }
+}
+
+fn parse<'a, T: serde::Deserialize<'a>>(
+    data: Option<&'a serde_json::value::RawValue>,
+) -> Option<T> {
+    serde_json::from_str(data?.get()).ok()
+}
+
+impl Protocol for PusherSession {
+    const NAME: &'static str = "pusher";
+
+    fn open(opening: Opening<'_>) -> Self {
+        let Opening {
+            node,
+            conn,
+            identity,
+            outbox,
+            writer,
+            route,
+            ..
+        } = opening;
+        node.router.register_outside(conn, &outbox, true);
+        outbox.touch(node.clock.now());
+        if let Some(expires_at) = identity.expires_at {
+            outbox.set_expires_at(expires_at);
+        }
+        let (app, protocol) = match route {
+            Route::Pusher { app, protocol } => (app, protocol),
+            _ => (None, None),
+        };
+        let session = PusherSession {
+            outbox,
+            conn,
+            node: node.clone(),
+            app,
+            channels: Vec::new(),
+            rate: RateLimiter::new(&node.session_limits, Instant::now()),
+            closing: false,
+        };
+        if app.is_none() {
+            let message = "App key not in this cluster. Did you forget to specify the cluster?";
+            Self::refuse_and_close(&session.outbox, code::APP_UNKNOWN, message);
+        } else if !protocol.is_some_and(|version| PROTOCOLS.contains(&version)) {
+            let message = "Unsupported protocol version";
+            Self::refuse_and_close(&session.outbox, code::UNSUPPORTED_PROTOCOL, message);
+        } else {
+            writer.push_direct(wire::connection_established(
+                &session.socket_id(),
+                ACTIVITY_TIMEOUT,
+            ));
+        }
+        session
+    }
+
+    fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    fn on_message(&mut self, _binary: bool, payload: &mut [u8]) {
+        if self.closing || self.app.is_none() || !self.within_rate(payload.len()) {
+            return;
+        }
+        self.handle(payload);
+    }
+
+    fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        for (channel, _) in std::mem::take(&mut self.channels) {
+            node.router.leave_group(&self.group(&channel), self.conn);
+        }
+        node.router.unregister_outside(self.conn);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_are_pushers_characters_up_to_164_bytes() {
+        assert!(valid_channel("private-orders.42_a-b=c@d,e;f"));
+        assert!(!valid_channel(""));
+        assert!(!valid_channel("has space"));
+        assert!(!valid_channel("slash/no"));
+        assert!(!valid_channel(&"x".repeat(165)));
+        assert_eq!(kind_of("private-encrypted-x"), Kind::Encrypted);
+        assert_eq!(kind_of("private-x"), Kind::Private);
+        assert_eq!(kind_of("presence-x"), Kind::Unsupported);
+        assert_eq!(kind_of("news"), Kind::Public);
+    }
+}

@@ -1,0 +1,113 @@
+//! The Pusher protocol's frames, in one place: every frame roomcast sends a Pusher client, and
+//! what it reads from one. Pusher's envelope is `{"event", "channel"?, "data"}`; `data` is a
+//! JSON string holding JSON for the server's own events, an object in errors, and whatever
+//! the publisher gave for an app's events.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use crate::protocol;
+
+/// Error codes of `pusher:error` (Pusher's ranges: 4000-4099 do not reconnect, 4100-4199
+/// reconnect after backing off, 4200-4299 reconnect at once).
+pub mod code {
+    /// The path's app key is not configured.
+    pub const APP_UNKNOWN: u16 = 4001;
+    /// The `protocol` query parameter is missing or not one we speak.
+    pub const UNSUPPORTED_PROTOCOL: u16 = 4007;
+    /// A sustained flood: closed, and pusher-js backs off before it reconnects.
+    pub const OVER_CAPACITY: u16 = 4100;
+    /// A message over the rate limit (refused; the connection stays).
+    pub const OVER_RATE: u16 = 4301;
+    /// A message that is not a Pusher event.
+    pub const BAD_MESSAGE: u16 = 4200;
+}
+
+/// A message a client sent.
+#[derive(Debug, Deserialize)]
+pub struct Incoming<'a> {
+    #[serde(borrow)]
+    pub event: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+}
+
+/// `pusher:subscribe`'s data.
+#[derive(Debug, Deserialize)]
+pub struct Subscribe<'a> {
+    #[serde(borrow)]
+    pub channel: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub auth: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub channel_data: Option<Cow<'a, str>>,
+}
+
+/// `pusher:unsubscribe`'s data.
+#[derive(Debug, Deserialize)]
+pub struct Unsubscribe<'a> {
+    #[serde(borrow)]
+    pub channel: Cow<'a, str>,
+}
+
+fn frame(value: &Value) -> Bytes {
+    protocol::data(false, value.to_string().as_bytes())
+}
+
+pub fn connection_established(socket_id: &str, activity_timeout: u64) -> Bytes {
+    let data = json!({"socket_id": socket_id, "activity_timeout": activity_timeout});
+    frame(&json!({"event": "pusher:connection_established", "data": data.to_string()}))
+}
+
+pub fn pong() -> Bytes {
+    frame(&json!({"event": "pusher:pong", "data": "{}"}))
+}
+
+pub fn subscription_succeeded(channel: &str) -> Bytes {
+    frame(&json!({
+        "event": "pusher_internal:subscription_succeeded",
+        "channel": channel,
+        "data": "{}",
+    }))
+}
+
+/// Why a subscription failed, as pusher-js reports it to the application.
+pub fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -> Bytes {
+    frame(&json!({
+        "event": "pusher:subscription_error",
+        "channel": channel,
+        "data": {"type": kind, "error": error, "status": status},
+    }))
+}
+
+pub fn error(code: u16, message: &str) -> Bytes {
+    frame(&json!({"event": "pusher:error", "data": {"code": code, "message": message}}))
+}
+
+/// An event on a channel, encoded once for all its subscribers.
+#[derive(Serialize)]
+struct Event<'a> {
+    event: &'a str,
+    channel: &'a str,
+    data: &'a RawValue,
+}
+
+/// An event whose `data` is the JSON value `data` (a string, for what the HTTP API publishes;
+/// as the client sent it, for a client event).
+pub fn event(name: &str, channel: &str, data: &RawValue) -> Bytes {
+    let event = Event {
+        event: name,
+        channel,
+        data,
+    };
+    protocol::data(
+        false,
+        &serde_json::to_vec(&event).expect("an event serializes"),
+    )
+}

@@ -1,0 +1,168 @@
+// roomcast's Pusher endpoint driven by the unmodified pusher-js client (as a browser or Laravel
+// Echo uses it) and the pusher REST SDK (as Laravel's broadcaster calls it). tests/pusher.rs
+// starts the server with one app and runs this with ROOMCAST_HOST, ROOMCAST_PORT, APP_ID,
+// APP_KEY, APP_SECRET; one test per behaviour.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import Pusher from 'pusher-js';
+import PusherServer from 'pusher';
+
+const host = process.env.ROOMCAST_HOST;
+const port = Number(process.env.ROOMCAST_PORT);
+const appId = process.env.APP_ID;
+const key = process.env.APP_KEY;
+const secret = process.env.APP_SECRET;
+
+const rest = new PusherServer({ appId, key, secret, host, port: String(port), useTLS: false });
+
+const clients = [];
+after(() => clients.forEach((client) => client.disconnect()));
+
+/** A pusher-js client; `authorize` signs private channels the way an app's /broadcasting/auth would. */
+function client(options = {}, appKey = key) {
+  const pusher = new Pusher(appKey, {
+    wsHost: host,
+    wsPort: port,
+    forceTLS: false,
+    enabledTransports: ['ws'],
+    disableStats: true,
+    cluster: 'mt1',
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) =>
+        callback(null, rest.authorizeChannel(socketId, channelName)),
+    },
+    ...options,
+  });
+  clients.push(pusher);
+  return pusher;
+}
+
+function connected(pusher) {
+  return new Promise((resolve, reject) => {
+    if (pusher.connection.state === 'connected') return resolve();
+    pusher.connection.bind('connected', resolve);
+    pusher.connection.bind('failed', () => reject(new Error('connection failed')));
+  });
+}
+
+function subscribed(pusher, name) {
+  const channel = pusher.subscribe(name);
+  return new Promise((resolve, reject) => {
+    channel.bind('pusher:subscription_succeeded', () => resolve(channel));
+    channel.bind('pusher:subscription_error', (error) => reject(Object.assign(new Error('subscription error'), { error })));
+  });
+}
+
+function next(channel, event, ms = 3000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no ${event} within ${ms} ms`)), ms);
+    channel.bind(event, (data) => {
+      clearTimeout(timer);
+      resolve(data);
+    });
+  });
+}
+
+/** Resolves with whatever `event` brings within `ms`, or with `undefined`. */
+function within(channel, event, ms) {
+  return next(channel, event, ms).catch(() => undefined);
+}
+
+test('pusher-js connects and gets a socket id of the form digits.digits', async () => {
+  const pusher = client();
+  await connected(pusher);
+  assert.match(pusher.connection.socket_id, /^\d+\.\d+$/);
+});
+
+test('a public channel receives what the REST SDK triggers on it', async () => {
+  const pusher = client();
+  const channel = await subscribed(pusher, 'orders');
+  const got = next(channel, 'order-shipped');
+  const response = await rest.trigger('orders', 'order-shipped', { order: 42, items: ['a', 'b'] });
+  assert.equal(response.status, 200);
+  assert.deepEqual(await got, { order: 42, items: ['a', 'b'] });
+});
+
+test('one trigger reaches several channels, each subscriber once', async () => {
+  const a = await subscribed(client(), 'north');
+  const b = await subscribed(client(), 'south');
+  const gotA = next(a, 'weather');
+  const gotB = next(b, 'weather');
+  await rest.trigger(['north', 'south'], 'weather', 'rain');
+  assert.equal(await gotA, 'rain');
+  assert.equal(await gotB, 'rain');
+});
+
+test('a trigger with a socket_id skips that connection', async () => {
+  const sender = client();
+  const other = client();
+  const [mine, theirs] = await Promise.all([subscribed(sender, 'chat'), subscribed(other, 'chat')]);
+  const skipped = within(mine, 'said', 500);
+  const heard = next(theirs, 'said');
+  await rest.trigger('chat', 'said', { text: 'hi' }, { socket_id: sender.connection.socket_id });
+  assert.deepEqual(await heard, { text: 'hi' });
+  assert.equal(await skipped, undefined, 'the excluded socket got nothing');
+});
+
+test('after unsubscribing, a channel sends nothing more', async () => {
+  const pusher = client();
+  const channel = await subscribed(pusher, 'leaving');
+  pusher.unsubscribe('leaving');
+  const late = within(channel, 'gone', 500);
+  // The unsubscribe goes out before the trigger: both on the one socket, in order, and the
+  // trigger waits for its HTTP answer, given after the fan-out.
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  await rest.trigger('leaving', 'gone', {});
+  assert.equal(await late, undefined);
+});
+
+test('a private channel authorized with the app secret subscribes, and client events reach the other members only', async () => {
+  const alice = client();
+  const bob = client();
+  const [a, b] = await Promise.all([subscribed(alice, 'private-room'), subscribed(bob, 'private-room')]);
+  const echoed = within(a, 'client-typing', 500);
+  const heard = next(b, 'client-typing');
+  assert.equal(a.trigger('client-typing', { who: 'alice' }), true);
+  assert.deepEqual(await heard, { who: 'alice' });
+  assert.equal(await echoed, undefined, 'the sender does not get its own client event');
+});
+
+test('a private channel with an auth signed by another secret is refused with status 401', async () => {
+  const forger = new PusherServer({ appId, key, secret: 'not-the-secret', host, port: String(port) });
+  const pusher = client({
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) =>
+        callback(null, forger.authorizeChannel(socketId, channelName)),
+    },
+  });
+  await assert.rejects(subscribed(pusher, 'private-vault'), (error) => {
+    assert.equal(error.error.status, 401);
+    assert.equal(error.error.type, 'AuthError');
+    return true;
+  });
+});
+
+test('an unknown app key gets pusher:error 4001 and pusher-js does not reconnect', async () => {
+  const pusher = client({}, 'no-such-key');
+  const errors = [];
+  const states = [];
+  pusher.connection.bind('error', (error) => errors.push(error));
+  pusher.connection.bind('state_change', ({ current }) => states.push(current));
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  // pusher-js wraps the server's pusher:error in the connection's error event.
+  const refusal = errors.map((error) => error?.error ?? error).find((error) => error?.data?.code);
+  assert.ok(refusal, `a pusher:error among ${JSON.stringify(errors)}`);
+  assert.equal(refusal.type, 'PusherError');
+  assert.equal(refusal.data.code, 4001);
+  // 4000-4099: pusher-js gives up rather than reconnecting (it was connecting before the
+  // listener was bound; with a 4200 code it would have been connecting again at once).
+  assert.deepEqual(states, ['disconnected']);
+});
+
+test('the REST SDK is refused with 401 when it signs with another secret', async () => {
+  const forger = new PusherServer({ appId, key, secret: 'not-the-secret', host, port: String(port) });
+  await assert.rejects(forger.trigger('orders', 'x', {}), (error) => {
+    assert.equal(error.status, 401);
+    return true;
+  });
+});
