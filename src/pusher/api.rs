@@ -2,7 +2,7 @@
 //! broadcaster among them): every request signed with the app's secret (`auth_key`,
 //! `auth_timestamp` within 600 s, `auth_version`, `body_md5`, `auth_signature` over the
 //! method, the path and every other query parameter, sorted). Served now: `POST
-//! /apps/{id}/events`.
+//! /apps/{id}/events` and `POST /apps/{id}/batch_events`.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -23,6 +23,9 @@ const CLOCK_SKEW: u64 = 600;
 /// The most channels one event goes to, as Pusher allows.
 const MAX_CHANNELS: usize = 100;
 
+/// The most events one batch holds, as Pusher allows.
+const MAX_BATCH: usize = 10;
+
 /// Room for the JSON around an event's data, over `--max-message-size`.
 const BODY_ENVELOPE: usize = 64 * 1024;
 
@@ -40,6 +43,13 @@ struct Event<'a> {
     channels: Option<Vec<String>>,
     #[serde(default)]
     socket_id: Option<String>,
+}
+
+/// `POST /apps/{id}/batch_events`'s body.
+#[derive(Deserialize)]
+struct Batch<'a> {
+    #[serde(borrow)]
+    batch: Vec<Event<'a>>,
 }
 
 pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
@@ -74,51 +84,75 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
         return json_error(StatusCode::UNAUTHORIZED, refusal);
     }
     match (parts.method.as_str(), what) {
-        ("POST", "events") => events(index, &body, node),
-        (_, "events") => json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        ("POST", "events") => match serde_json::from_slice::<Event<'_>>(&body) {
+            Ok(event) => match publish(index, vec![event], node) {
+                Ok(()) => json(&serde_json::json!({})),
+                Err(refusal) => json_error(StatusCode::BAD_REQUEST, &refusal),
+            },
+            Err(error) => json_error(StatusCode::BAD_REQUEST, &format!("invalid event: {error}")),
+        },
+        ("POST", "batch_events") => match serde_json::from_slice::<Batch<'_>>(&body) {
+            Ok(batch) if batch.batch.len() > MAX_BATCH => {
+                let text = format!("a batch holds at most {MAX_BATCH} events");
+                json_error(StatusCode::BAD_REQUEST, &text)
+            }
+            Ok(batch) => match publish(index, batch.batch, node) {
+                Ok(()) => json(&serde_json::json!({"batch": []})),
+                Err(refusal) => json_error(StatusCode::BAD_REQUEST, &refusal),
+            },
+            Err(error) => json_error(StatusCode::BAD_REQUEST, &format!("invalid batch: {error}")),
+        },
+        (_, "events" | "batch_events") => {
+            json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
         _ => json_error(StatusCode::NOT_FOUND, "not found"),
     }
 }
 
-fn events(app: u16, body: &[u8], node: &Node) -> Response<Full<Bytes>> {
-    let event: Event<'_> = match serde_json::from_slice(body) {
-        Ok(event) => event,
-        Err(error) => {
-            let text = format!("invalid event: {error}");
-            return json_error(StatusCode::BAD_REQUEST, &text);
-        }
-    };
-    if !event.data.get().starts_with('"') {
-        return json_error(StatusCode::BAD_REQUEST, "data must be a string");
-    }
-    let channels: Vec<String> = match (event.channel, event.channels) {
-        (Some(channel), None) => vec![channel],
-        (None, Some(channels)) => channels,
-        _ => {
-            let text = "give channel or channels, not both";
-            return json_error(StatusCode::BAD_REQUEST, text);
-        }
-    };
-    if channels.is_empty() || channels.len() > MAX_CHANNELS {
-        let text = format!("an event goes to 1 to {MAX_CHANNELS} channels");
-        return json_error(StatusCode::BAD_REQUEST, &text);
-    }
-    if let Some(bad) = channels.iter().find(|channel| !valid_channel(channel)) {
-        let text = format!("invalid channel name {bad:?}");
-        return json_error(StatusCode::BAD_REQUEST, &text);
+/// Checks every event, then delivers them in order: a batch with one bad event delivers
+/// none, and says which.
+fn publish(app: u16, events: Vec<Event<'_>>, node: &Node) -> Result<(), String> {
+    let mut checked = Vec::with_capacity(events.len());
+    for (at, event) in events.into_iter().enumerate() {
+        let channels = check(&event).map_err(|refusal| match at {
+            0 => refusal,
+            _ => format!("event {at}: {refusal}"),
+        })?;
+        checked.push((event, channels));
     }
     let apps = node.pusher.as_ref().expect("checked by the caller");
-    // The publisher's own connection, which the event skips (`socket_id`), when it is here.
-    let except = event.socket_id.as_deref().and_then(|id| apps.conn_of(id));
     let mut delivered = 0;
-    for channel in &channels {
-        let frame = wire::event(&event.name, channel, event.data);
-        delivered += node
-            .router
-            .send_to_group(&group(app, channel), &frame, except);
+    for (event, channels) in checked {
+        // The publisher's own connection, which the event skips (`socket_id`), when it is here.
+        let except = event.socket_id.as_deref().and_then(|id| apps.conn_of(id));
+        for channel in &channels {
+            let frame = wire::event(&event.name, channel, event.data);
+            delivered += node
+                .router
+                .send_to_group(&group(app, channel), &frame, except);
+        }
     }
     node.metrics.fanout_deliveries.increment(delivered as u64);
-    json(&serde_json::json!({}))
+    Ok(())
+}
+
+/// An event's channels, or why it is refused.
+fn check(event: &Event<'_>) -> Result<Vec<String>, String> {
+    if !event.data.get().starts_with('"') {
+        return Err("data must be a string".into());
+    }
+    let channels = match (&event.channel, &event.channels) {
+        (Some(channel), None) => vec![channel.clone()],
+        (None, Some(channels)) => channels.clone(),
+        _ => return Err("give channel or channels, not both".into()),
+    };
+    if channels.is_empty() || channels.len() > MAX_CHANNELS {
+        return Err(format!("an event goes to 1 to {MAX_CHANNELS} channels"));
+    }
+    if let Some(bad) = channels.iter().find(|channel| !valid_channel(channel)) {
+        return Err(format!("invalid channel name {bad:?}"));
+    }
+    Ok(channels)
 }
 
 /// Checks a request's signature: `Err` with the reason Pusher would give.

@@ -13,7 +13,7 @@ use crate::hub::ConnId;
 use crate::limits::{Rate, RateLimiter};
 use crate::node::Node;
 use crate::outbox::{CloseRequest, Outbox};
-use crate::ws::protocol::{Opening, Protocol, Route};
+use crate::ws::protocol::{heartbeat_from_now, Opening, Protocol, Route};
 
 /// What pusher-js is told to wait, in seconds, before it pings a quiet connection.
 const ACTIVITY_TIMEOUT: u64 = 30;
@@ -269,10 +269,7 @@ impl Protocol for PusherSession {
             ..
         } = opening;
         node.router.register_outside(conn, &outbox, true);
-        outbox.touch(node.clock.now());
-        if let Some(expires_at) = identity.expires_at {
-            outbox.set_expires_at(expires_at);
-        }
+        heartbeat_from_now(node, &outbox, &identity);
         let (app, protocol) = match route {
             Route::Pusher { app, protocol } => (app, protocol),
             _ => (None, None),

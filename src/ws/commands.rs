@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use super::protocol::{Opening, Protocol};
+use super::protocol::{heartbeat_from_now, Opening, Protocol};
 use super::waiting::{Arrived, Awaited, Deferred, Waiting};
 use crate::admission::RoomPolicy;
 use crate::api::proxy::{self, Forwarded, Proxies, Proxy, Verdict};
@@ -600,10 +600,7 @@ impl Protocol for Session {
             identity.user_id.as_deref(),
             protocol::timestamp(),
         ));
-        outbox.touch(node.clock.now());
-        if let Some(expires_at) = identity.expires_at {
-            outbox.set_expires_at(expires_at);
-        }
+        heartbeat_from_now(node, &outbox, &identity);
         let member = Member {
             conn,
             client_id,

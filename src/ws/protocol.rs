@@ -44,6 +44,15 @@ pub struct Opening<'a> {
     pub route: Route,
 }
 
+/// Puts a connection the heartbeat keeps on its clock: heard from now (for `--idle-timeout`),
+/// and closed with 4001 when its token expires.
+pub fn heartbeat_from_now(node: &Node, outbox: &Outbox, identity: &Identity) {
+    outbox.touch(node.clock.now());
+    if let Some(expires_at) = identity.expires_at {
+        outbox.set_expires_at(expires_at);
+    }
+}
+
 /// One wire protocol's side of a connection. Its value lives inside the connection's task for
 /// the connection's life, so what it holds every idle connection pays for.
 pub trait Protocol: Sized + Send + Unpin + 'static {

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use super::protocol::{Opening, Protocol};
+use super::protocol::{heartbeat_from_now, Opening, Protocol};
 use crate::hub::ConnId;
 use crate::limits::{Rate, RateLimiter};
 use crate::node::Node;
@@ -48,10 +48,7 @@ impl Protocol for Relay {
             ..
         } = opening;
         writer.push_direct(welcome(conn));
-        outbox.touch(node.clock.now());
-        if let Some(expires_at) = identity.expires_at {
-            outbox.set_expires_at(expires_at);
-        }
+        heartbeat_from_now(node, &outbox, &identity);
         node.router.register_outside(conn, &outbox, true);
         node.router.join_group(GROUP, conn, &outbox);
         Relay {

@@ -93,6 +93,29 @@ test('one trigger reaches several channels, each subscriber once', async () => {
   assert.equal(await gotB, 'rain');
 });
 
+test('a batch of events from the REST SDK arrives in order', async () => {
+  const pusher = client();
+  const [first, second] = await Promise.all([subscribed(pusher, 'batch-a'), subscribed(pusher, 'batch-b')]);
+  const got = [];
+  const all = new Promise((resolve) => {
+    const take = (name) => (data) => {
+      got.push([name, data]);
+      if (got.length === 3) resolve();
+    };
+    first.bind('one', take('a/one'));
+    first.bind('two', take('a/two'));
+    second.bind('three', take('b/three'));
+  });
+  const response = await rest.triggerBatch([
+    { channel: 'batch-a', name: 'one', data: { n: 1 } },
+    { channel: 'batch-a', name: 'two', data: { n: 2 } },
+    { channel: 'batch-b', name: 'three', data: { n: 3 } },
+  ]);
+  assert.equal(response.status, 200);
+  await all;
+  assert.deepEqual(got, [['a/one', { n: 1 }], ['a/two', { n: 2 }], ['b/three', { n: 3 }]]);
+});
+
 test('a trigger with a socket_id skips that connection', async () => {
   const sender = client();
   const other = client();
