@@ -50,7 +50,7 @@ pub struct Node {
     /// for the room events it counts cluster-wide.
     pub webhooks: Option<Arc<Webhooks>>,
     /// The Pusher apps (`--pusher-app`); `None`: the Pusher endpoint is off.
-    pub pusher: Option<crate::pusher::Apps>,
+    pub pusher: Option<Arc<crate::pusher::Apps>>,
 }
 
 impl Node {
@@ -64,10 +64,19 @@ impl Node {
         webhooks: Option<Arc<Webhooks>>,
     ) -> Self {
         // Checked by the configuration's validation.
-        let pusher = crate::pusher::Apps::parse(&config.pusher_app).unwrap_or_default();
+        let pusher = crate::pusher::Apps::parse(&config.pusher_app)
+            .unwrap_or_default()
+            .map(Arc::new);
+        let broker = broker::from_config(
+            &config,
+            router.clone(),
+            metrics.clone(),
+            webhooks.clone(),
+            pusher.clone(),
+        );
         Self {
             pusher,
-            broker: broker::from_config(&config, router.clone(), metrics.clone(), webhooks.clone()),
+            broker,
             proxies: Proxies::from_config(&config, metrics.clone()).map(Arc::new),
             metrics,
             clock: Arc::default(),

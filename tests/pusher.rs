@@ -7,6 +7,7 @@ mod common;
 
 use std::path::Path;
 
+use common::redis::RedisServer;
 use common::start_server_with;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -14,8 +15,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 const APP: (&str, &str, &str) = ("1001", "roomcast-key", "roomcast-secret");
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pusher_js_and_the_rest_sdk_pass_against_the_pusher_endpoint() {
+/// Runs the node test `suite` of tests/pusher against the nodes at `ports` (the first is
+/// ROOMCAST_PORT, the second ROOMCAST_PORT_B) and asserts it passed; `false` when the
+/// packages are not installed (outside CI: skipped).
+async fn run_suite(suite: &str, nodes: &[&common::TestServer]) -> bool {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pusher");
     if !dir.join("node_modules/pusher-js").exists() {
         assert!(
@@ -23,28 +26,24 @@ async fn pusher_js_and_the_rest_sdk_pass_against_the_pusher_endpoint() {
             "tests/pusher needs `npm ci` in CI (.ci/run runs it)"
         );
         eprintln!("skipped: run `npm ci --prefix tests/pusher` first");
-        return;
+        return false;
     }
-    let server = start_server_with(|config| {
-        config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
-    })
-    .await;
-    let addr = server.addr;
-    // Off the runtime's threads: the server is served on them meanwhile.
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("node")
-            .args(["--test", "--test-reporter=spec", "pusher.test.mjs"])
-            .current_dir(&dir)
-            .env("ROOMCAST_HOST", addr.ip().to_string())
-            .env("ROOMCAST_PORT", addr.port().to_string())
-            .env("APP_ID", APP.0)
-            .env("APP_KEY", APP.1)
-            .env("APP_SECRET", APP.2)
-            .output()
-    })
-    .await
-    .expect("the runner thread")
-    .expect("node runs");
+    let mut command = std::process::Command::new("node");
+    command
+        .args(["--test", "--test-reporter=spec", suite])
+        .current_dir(&dir)
+        .env("ROOMCAST_HOST", nodes[0].addr.ip().to_string())
+        .env("APP_ID", APP.0)
+        .env("APP_KEY", APP.1)
+        .env("APP_SECRET", APP.2);
+    for (node, name) in nodes.iter().zip(["ROOMCAST_PORT", "ROOMCAST_PORT_B"]) {
+        command.env(name, node.addr.port().to_string());
+    }
+    // Off the runtime's threads: the servers are served on them meanwhile.
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("the runner thread")
+        .expect("node runs");
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -53,6 +52,33 @@ async fn pusher_js_and_the_rest_sdk_pass_against_the_pusher_endpoint() {
     println!("{report}");
     assert!(output.status.success(), "{report}");
     assert!(report.contains("fail 0"), "{report}");
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_and_the_rest_sdk_pass_against_the_pusher_endpoint() {
+    let server = pusher_server().await;
+    run_suite("pusher.test.mjs", &[&server]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_channels_span_two_nodes_on_redis_for_pusher_js_and_the_rest_sdk() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let url = redis.url();
+        nodes.push(
+            start_server_with(|config| {
+                config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
+                config.redis = Some(url);
+            })
+            .await,
+        );
+    }
+    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    run_suite("pusher.cluster.test.mjs", &[&nodes[0], &nodes[1]]).await;
 }
 
 async fn pusher_server() -> common::TestServer {

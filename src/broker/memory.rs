@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use super::{Broker, Delivery, HistoryRead, Joining, Publication};
-use crate::hub::{Member, Router, Since};
+use crate::hub::{ConnId, Member, Router, Since};
+use crate::outbox::Outbox;
+use tokio::sync::oneshot;
 
 /// Delivers every publication to the local hub; subscriptions need no bookkeeping.
 pub struct MemoryBroker {
@@ -39,5 +41,19 @@ impl Broker for MemoryBroker {
             Some(page) => HistoryRead::Done(page),
             None => HistoryRead::Off,
         }
+    }
+
+    fn join_group(
+        &self,
+        group: &str,
+        conn: ConnId,
+        outbox: &Outbox,
+    ) -> Option<oneshot::Receiver<()>> {
+        self.hub.join_group(group, conn, outbox);
+        None
+    }
+
+    fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize> {
+        self.hub.leave_group(group, conn)
     }
 }

@@ -24,7 +24,9 @@ use tokio::sync::oneshot;
 
 use crate::hub::{ConnId, HistoryPage, Joined, Member, RecipientNotFound, Router, Since};
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::protocol::Body;
+use crate::pusher::Apps;
 use query::{Gathered, Query, Responder};
 
 pub use memory::MemoryBroker;
@@ -46,11 +48,14 @@ pub enum BrokerKind {
 
 /// The broker `config` asks for, delivering what it receives into `hub`. Within the runtime:
 /// a backplane's broker starts its tasks here.
+/// `apps`: the Pusher apps, whose socket ids name the connection a group publication from
+/// another node skips.
 pub fn from_config(
     config: &Config,
     hub: Arc<dyn Router>,
     metrics: Arc<Metrics>,
     webhooks: Option<Arc<Webhooks>>,
+    apps: Option<Arc<Apps>>,
 ) -> Arc<dyn Broker> {
     let endpoint = match (config.broker(), &config.redis) {
         (BrokerKind::Redis, Some(url)) => RedisEndpoint::Single(url.clone()),
@@ -64,6 +69,7 @@ pub fn from_config(
         metrics,
         webhooks,
         config.history_policy(),
+        apps,
     ))
 }
 
@@ -76,6 +82,11 @@ pub enum Target<'a> {
     Everyone,
     /// One client by its id, or else every connection of a user by the user id.
     Recipient(&'a str),
+    /// The connections of a protocol's group (a Pusher channel: `pusher/APP/CHANNEL`) on
+    /// every node. Its `message` is the whole frame's text, already in the group's protocol
+    /// (the hub only frames it), and its `from` the socket id of the connection it skips
+    /// (`""`: none), which names a connection on any node (see [`from_config`]'s `apps`).
+    Group(&'a str),
 }
 
 /// One message to deliver, before any wire protocol encodes it.
@@ -190,4 +201,19 @@ pub trait Broker: Send + Sync + 'static {
     /// `member` leaves `room`: `Some` of how many local members remain, `None` (nothing done)
     /// when it was not a member. Its room-mates on every node are told.
     fn leave(&self, room: &str, member: &Member) -> Option<usize>;
+
+    /// Puts a connection in `group` (see [`Target::Group`]): it receives the group's
+    /// publications from every node. Returns, for a broker spanning nodes, what answers once
+    /// this node hears the group's publications from the others (`None`: it does already, or
+    /// the connection was in the group).
+    fn join_group(
+        &self,
+        group: &str,
+        conn: ConnId,
+        outbox: &Outbox,
+    ) -> Option<oneshot::Receiver<()>>;
+
+    /// Takes a connection out of `group`; `Some` of how many remain on this node, `None` if it
+    /// was not in it.
+    fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize>;
 }

@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 use crate::broker::{Publication, Target};
 use crate::outbox::Outbox;
 use crate::protocol;
+use crate::protocol::Body;
 
 #[derive(Default)]
 struct Members {
@@ -718,6 +719,14 @@ impl Router for LocalHub {
                 }
                 Ok(connections.len())
             }
+            Target::Group(group) => {
+                let text = match message {
+                    Body::Raw(raw) => raw.get(),
+                    Body::Text(text) => text,
+                };
+                let frame = protocol::data(false, text.as_bytes());
+                Ok(self.send_to_group(group, &frame, *except))
+            }
         }
     }
 
@@ -779,18 +788,16 @@ impl Router for LocalHub {
         self.outside.remove(&conn);
     }
 
-    fn join_group(&self, group: &str, conn: ConnId, outbox: &Outbox) -> usize {
-        if let Some(mut members) = self.groups.get_mut(group) {
-            if !members.iter().any(|(member, _)| *member == conn) {
-                members.push((conn, outbox.clone()));
-            }
-            return members.len();
+    fn join_group(&self, group: &str, conn: ConnId, outbox: &Outbox) -> Option<usize> {
+        let mut members = match self.groups.get_mut(group) {
+            Some(members) => members,
+            None => self.groups.entry(Arc::from(group)).or_default(),
+        };
+        if members.iter().any(|(member, _)| *member == conn) {
+            return None;
         }
-        let mut members = self.groups.entry(Arc::from(group)).or_default();
-        if !members.iter().any(|(member, _)| *member == conn) {
-            members.push((conn, outbox.clone()));
-        }
-        members.len()
+        members.push((conn, outbox.clone()));
+        Some(members.len())
     }
 
     fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize> {

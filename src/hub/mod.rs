@@ -239,16 +239,17 @@ pub trait Router: Send + Sync + 'static {
     fn unregister_outside(&self, conn: ConnId);
 
     /// Puts a connection in this node's `group` (a protocol's own fan-out set: the relay's
-    /// path, a Pusher channel); returns the group's size with it, unchanged if it was in it.
-    fn join_group(&self, group: &str, conn: ConnId, outbox: &Outbox) -> usize;
+    /// path, a Pusher channel); returns the group's size with it, `None` (nothing done) if it
+    /// was in it.
+    fn join_group(&self, group: &str, conn: ConnId, outbox: &Outbox) -> Option<usize>;
 
     /// Takes a connection out of `group`; returns how many remain, `None` if it was not in
     /// it. An empty group is dropped.
     fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize>;
 
     /// Hands `frame` (encoded once, shared) to every connection of this node's `group` but
-    /// `except`; returns how many got it. A group is node-local: nothing crosses to other
-    /// nodes.
+    /// `except`; returns how many got it. A group is node-local: what crosses to other nodes
+    /// is a [`crate::broker::Target::Group`] publication, which comes here on each.
     fn send_to_group(&self, group: &str, frame: &Bytes, except: Option<ConnId>) -> usize;
 
     /// Calls `f` for every connection of this node, clients and outside ones (for the

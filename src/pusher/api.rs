@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::session::valid_channel;
-use super::{group, signing, wire, App};
+use super::{signing, wire, App};
 use crate::api::{json, json_error};
 use crate::node::Node;
 
@@ -120,16 +120,13 @@ fn publish(app: u16, events: Vec<Event<'_>>, node: &Node) -> Result<(), String> 
         })?;
         checked.push((event, channels));
     }
-    let apps = node.pusher.as_ref().expect("checked by the caller");
     let mut delivered = 0;
     for (event, channels) in checked {
-        // The publisher's own connection, which the event skips (`socket_id`), when it is here.
-        let except = event.socket_id.as_deref().and_then(|id| apps.conn_of(id));
+        // The publisher's own connection (`socket_id`), which the event skips on its node.
+        let skip = event.socket_id.as_deref().unwrap_or("");
         for channel in &channels {
-            let frame = wire::event(&event.name, channel, event.data);
-            delivered += node
-                .router
-                .send_to_group(&group(app, channel), &frame, except);
+            let text = wire::event(&event.name, channel, event.data);
+            delivered += super::publish(node, app, channel, &text, skip);
         }
     }
     node.metrics.fanout_deliveries.increment(delivered as u64);

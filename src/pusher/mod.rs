@@ -4,8 +4,13 @@
 //! signing its HTTP API ([`api`]) and private channels share ([`signing`]).
 //!
 //! A Pusher channel is not a native room: its members are Pusher connections of one app, in a
-//! hub group of their own (`pusher/APP/CHANNEL`), and its frames are Pusher's. Channels are
-//! node-local for now: across nodes they need the broker (the next step).
+//! hub group of their own (`pusher/APP/CHANNEL`), and its frames are Pusher's. The broker
+//! carries a channel's events to every node with subscribers ([`crate::broker::Target::Group`]),
+//! so with `--redis` or `--redis-cluster` a channel spans the cluster as a room does.
+
+use crate::broker::{Delivery, Publication, Target};
+use crate::node::Node;
+use crate::protocol::{self, Body};
 
 pub mod api;
 pub mod session;
@@ -13,6 +18,8 @@ pub mod signing;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde_json::value::RawValue;
 
 /// One app: what the SDKs call `app_id`, `key` and `secret`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +129,23 @@ impl Apps {
 /// The hub group of an app's channel.
 pub fn group(app: u16, channel: &str) -> String {
     format!("pusher/{app}/{channel}")
+}
+
+/// Publishes the event frame `text` to `channel` of `app` on every node, skipping the
+/// connection of `skip` (a socket id, of any node: `""` none); the deliveries made here.
+pub fn publish(node: &Node, app: u16, channel: &str, text: &RawValue, skip: &str) -> usize {
+    let except = node.pusher.as_ref().and_then(|apps| apps.conn_of(skip));
+    let delivered = node.broker.publish(&Publication {
+        target: Target::Group(&group(app, channel)),
+        from: skip,
+        message: Body::Raw(text),
+        timestamp: protocol::timestamp(),
+        except,
+    });
+    match delivered {
+        Delivery::Done(Ok(delivered)) => delivered,
+        _ => 0,
+    }
 }
 
 /// A spec with its secret left out, for an error message.

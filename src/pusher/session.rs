@@ -4,7 +4,9 @@
 //! private channels from their subscribers. Its channels are hub groups of the app
 //! ([`super::group`]); what a channel is sent is encoded once ([`super::wire::event`]).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::wire::{self, code, Incoming, Subscribe, Unsubscribe};
@@ -13,6 +15,8 @@ use crate::hub::ConnId;
 use crate::limits::{Rate, RateLimiter};
 use crate::node::Node;
 use crate::outbox::{CloseRequest, Outbox};
+use tokio::sync::oneshot;
+
 use crate::ws::protocol::{heartbeat_from_now, Opening, Protocol, Route};
 
 /// What pusher-js is told to wait, in seconds, before it pings a quiet connection.
@@ -68,6 +72,10 @@ pub struct PusherSession {
     app: Option<u16>,
     /// Its channels, by name (few per connection: a list is smaller than a set).
     channels: Vec<(Box<str>, Kind)>,
+    /// Channels joined whose events from other nodes do not reach this node yet (its broker's
+    /// subscription is on its way): `subscription_succeeded` waits for it, so that an event
+    /// published anywhere after it reaches the client.
+    subscribing: Vec<(Box<str>, oneshot::Receiver<()>)>,
     rate: Option<RateLimiter>,
     closing: bool,
 }
@@ -171,10 +179,17 @@ impl PusherSession {
             Kind::Public => {}
         }
         if !self.channels.iter().any(|(name, _)| &**name == channel) {
-            self.node
-                .router
-                .join_group(&self.group(channel), self.conn, &self.outbox);
+            let subscribing =
+                self.node
+                    .broker
+                    .join_group(&self.group(channel), self.conn, &self.outbox);
             self.channels.push((channel.into(), kind));
+            if let Some(subscribed) = subscribing {
+                self.subscribing.push((channel.into(), subscribed));
+                return;
+            }
+        } else if self.subscribing.iter().any(|(name, _)| &**name == channel) {
+            return; // succeeds once, when its subscription is in
         }
         self.outbox.push(wire::subscription_succeeded(channel));
     }
@@ -188,8 +203,9 @@ impl PusherSession {
             return;
         };
         self.channels.swap_remove(at);
+        self.subscribing.retain(|(name, _)| &**name != channel);
         self.node
-            .router
+            .broker
             .leave_group(&self.group(channel), self.conn);
     }
 
@@ -216,11 +232,9 @@ impl PusherSession {
             return;
         }
         let null = serde_json::value::RawValue::NULL;
-        let frame = wire::event(&message.event, channel, message.data.unwrap_or(null));
-        let told = self
-            .node
-            .router
-            .send_to_group(&self.group(channel), &frame, Some(self.conn));
+        let text = wire::event(&message.event, channel, message.data.unwrap_or(null));
+        let app = self.app.unwrap_or_default();
+        let told = super::publish(&self.node, app, channel, &text, &self.socket_id());
         self.node.metrics.fanout_deliveries.increment(told as u64);
     }
 
@@ -280,6 +294,7 @@ impl Protocol for PusherSession {
             node: node.clone(),
             app,
             channels: Vec::new(),
+            subscribing: Vec::new(),
             rate: RateLimiter::new(&node.session_limits, Instant::now()),
             closing: false,
         };
@@ -313,9 +328,26 @@ impl Protocol for PusherSession {
         self.handle(payload);
     }
 
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> bool {
+        let outbox = &self.outbox;
+        self.subscribing.retain_mut(|(channel, subscribed)| {
+            match std::pin::Pin::new(subscribed).poll(cx) {
+                Poll::Pending => true,
+                // In, or the broker gave up (Redis away: it subscribes when back): the
+                // channel's local events flow either way.
+                Poll::Ready(_) => {
+                    outbox.push(wire::subscription_succeeded(channel));
+                    false
+                }
+            }
+        });
+        true
+    }
+
     fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.subscribing.clear();
         for (channel, _) in std::mem::take(&mut self.channels) {
-            node.router.leave_group(&self.group(&channel), self.conn);
+            node.broker.leave_group(&self.group(&channel), self.conn);
         }
         node.router.unregister_outside(self.conn);
         None

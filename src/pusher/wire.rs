@@ -99,15 +99,14 @@ struct Event<'a> {
 }
 
 /// An event whose `data` is the JSON value `data` (a string, for what the HTTP API publishes;
-/// as the client sent it, for a client event).
-pub fn event(name: &str, channel: &str, data: &RawValue) -> Bytes {
+/// as the client sent it, for a client event): the text of its frame, which the hub frames
+/// once for all of the channel's subscribers on each node (a [`crate::broker::Target::Group`]
+/// publication).
+pub fn event(name: &str, channel: &str, data: &RawValue) -> Box<RawValue> {
     let event = Event {
         event: name,
         channel,
         data,
     };
-    protocol::data(
-        false,
-        &serde_json::to_vec(&event).expect("an event serializes"),
-    )
+    serde_json::value::to_raw_value(&event).expect("an event serializes")
 }

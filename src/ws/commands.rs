@@ -370,7 +370,7 @@ impl Session {
             // reaches you.
             except: match target {
                 Target::Recipient(_) => None,
-                Target::Room(_) | Target::Everyone => Some(self.member.conn),
+                Target::Room(_) | Target::Everyone | Target::Group(_) => Some(self.member.conn),
             },
         })
     }

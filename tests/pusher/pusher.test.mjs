@@ -1,72 +1,9 @@
 // roomcast's Pusher endpoint driven by the unmodified pusher-js client (as a browser or Laravel
 // Echo uses it) and the pusher REST SDK (as Laravel's broadcaster calls it). tests/pusher.rs
-// starts the server with one app and runs this with ROOMCAST_HOST, ROOMCAST_PORT, APP_ID,
-// APP_KEY, APP_SECRET; one test per behaviour.
-import { test, after } from 'node:test';
+// starts the server with one app and runs this (see helpers.mjs); one test per behaviour.
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import Pusher from 'pusher-js';
-import PusherServer from 'pusher';
-
-const host = process.env.ROOMCAST_HOST;
-const port = Number(process.env.ROOMCAST_PORT);
-const appId = process.env.APP_ID;
-const key = process.env.APP_KEY;
-const secret = process.env.APP_SECRET;
-
-const rest = new PusherServer({ appId, key, secret, host, port: String(port), useTLS: false });
-
-const clients = [];
-after(() => clients.forEach((client) => client.disconnect()));
-
-/** A pusher-js client; `authorize` signs private channels the way an app's /broadcasting/auth would. */
-function client(options = {}, appKey = key) {
-  const pusher = new Pusher(appKey, {
-    wsHost: host,
-    wsPort: port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    disableStats: true,
-    cluster: 'mt1',
-    channelAuthorization: {
-      customHandler: ({ socketId, channelName }, callback) =>
-        callback(null, rest.authorizeChannel(socketId, channelName)),
-    },
-    ...options,
-  });
-  clients.push(pusher);
-  return pusher;
-}
-
-function connected(pusher) {
-  return new Promise((resolve, reject) => {
-    if (pusher.connection.state === 'connected') return resolve();
-    pusher.connection.bind('connected', resolve);
-    pusher.connection.bind('failed', () => reject(new Error('connection failed')));
-  });
-}
-
-function subscribed(pusher, name) {
-  const channel = pusher.subscribe(name);
-  return new Promise((resolve, reject) => {
-    channel.bind('pusher:subscription_succeeded', () => resolve(channel));
-    channel.bind('pusher:subscription_error', (error) => reject(Object.assign(new Error('subscription error'), { error })));
-  });
-}
-
-function next(channel, event, ms = 3000) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no ${event} within ${ms} ms`)), ms);
-    channel.bind(event, (data) => {
-      clearTimeout(timer);
-      resolve(data);
-    });
-  });
-}
-
-/** Resolves with whatever `event` brings within `ms`, or with `undefined`. */
-function within(channel, event, ms) {
-  return next(channel, event, ms).catch(() => undefined);
-}
+import { port, rest, restOf, client, connected, subscribed, next, within } from './helpers.mjs';
 
 test('pusher-js connects and gets a socket id of the form digits.digits', async () => {
   const pusher = client();
@@ -151,7 +88,7 @@ test('a private channel authorized with the app secret subscribes, and client ev
 });
 
 test('a private channel with an auth signed by another secret is refused with status 401', async () => {
-  const forger = new PusherServer({ appId, key, secret: 'not-the-secret', host, port: String(port) });
+  const forger = restOf(port, 'not-the-secret');
   const pusher = client({
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) =>
@@ -183,7 +120,7 @@ test('an unknown app key gets pusher:error 4001 and pusher-js does not reconnect
 });
 
 test('the REST SDK is refused with 401 when it signs with another secret', async () => {
-  const forger = new PusherServer({ appId, key, secret: 'not-the-secret', host, port: String(port) });
+  const forger = restOf(port, 'not-the-secret');
   await assert.rejects(forger.trigger('orders', 'x', {}), (error) => {
     assert.equal(error.status, 401);
     return true;

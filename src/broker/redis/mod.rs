@@ -87,7 +87,9 @@ use crate::hub::{
     ConnId, HistoryPage, JoinPoint, Joined, Member, MemberChange, RecipientNotFound, Router, Since,
 };
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::protocol::Body;
+use crate::pusher::Apps;
 
 /// Publications waiting for the publisher task; beyond this (Redis slow or down) they are
 /// dropped for the other nodes.
@@ -263,7 +265,8 @@ struct Envelope<'a> {
     /// The node that published it.
     #[serde(rename = "n")]
     node: u64,
-    /// `r` a room, `b` everyone, `p` a client or user (private message); `j` and `l` a member
+    /// `r` a room, `b` everyone, `p` a client or user (private message), `g` a protocol's
+    /// group (`f`: the socket id of the connection it skips); `j` and `l` a member
     /// (`f`) joined or left the room, `m` being its cluster-wide count.
     #[serde(rename = "k")]
     kind: char,
@@ -325,6 +328,11 @@ struct Channels {
 impl Channels {
     fn room(&self, room: &str) -> String {
         self.room_key("room", room)
+    }
+
+    /// A protocol group's channel (a Pusher channel's), hash-tagged as a room's keys are.
+    fn group(&self, group: &str) -> String {
+        self.room_key("group", group)
     }
 
     /// `PREFIX:WHAT:ROOM`, on a cluster with a hash tag made of the room (`PREFIX:WHAT:{r:ROOM}`),
@@ -445,6 +453,10 @@ pub struct RedisBroker {
     _alive: Arc<()>,
 }
 
+/// The Pusher apps, whose socket ids name the connection a group publication skips on the node
+/// that has it (`None`: no Pusher endpoint, no groups across nodes).
+type SocketIds = Option<Arc<Apps>>;
+
 impl RedisBroker {
     /// Connects lazily: the tasks start now and reach Redis when it answers; meanwhile local
     /// delivery works. Must be called within the tokio runtime.
@@ -455,6 +467,7 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
         webhooks: Option<Arc<Webhooks>>,
         history: Option<HistoryPolicy>,
+        apps: SocketIds,
     ) -> Self {
         let client = Client::open(&endpoint).expect("checked by Config::validate");
         let node = rand::random::<u64>();
@@ -510,6 +523,7 @@ impl RedisBroker {
             hub: hub.clone(),
             metrics: metrics.clone(),
             subscribed: subscribed.clone(),
+            apps,
         }));
         info!(
             node = format_args!("{node:016x}"),
@@ -579,6 +593,7 @@ impl RedisBroker {
             Target::Room(room) => ('r', room),
             Target::Everyone => ('b', ""),
             Target::Recipient(id) => ('p', id),
+            Target::Group(group) => ('g', group),
         };
         let message = match &publication.message {
             Body::Raw(raw) => Message::Raw(raw),
@@ -783,6 +798,7 @@ impl Broker for RedisBroker {
             }
             Target::Everyone => self.channels.broadcast(),
             Target::Recipient(id) => return self.publish_private(id, publication),
+            Target::Group(group) => self.channels.group(group),
         };
         let local = self.hub.deliver(publication);
         self.send(channel, self.envelope(publication));
@@ -946,6 +962,23 @@ impl Broker for RedisBroker {
             }
         });
         HistoryRead::Later(page)
+    }
+
+    fn join_group(
+        &self,
+        group: &str,
+        conn: ConnId,
+        outbox: &Outbox,
+    ) -> Option<oneshot::Receiver<()>> {
+        // One reason to hear the group's channel per local member, as for a room.
+        self.hub.join_group(group, conn, outbox)?;
+        self.want(self.channels.group(group))
+    }
+
+    fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize> {
+        let remaining = self.hub.leave_group(group, conn)?;
+        let _ = self.unwant(&self.channels.group(group));
+        Some(remaining)
     }
 
     fn room_exists(&self, room: &str) -> Option<oneshot::Receiver<bool>> {
@@ -1129,6 +1162,7 @@ struct Subscriber {
     hub: Arc<dyn Router>,
     metrics: Arc<Metrics>,
     subscribed: Arc<AtomicBool>,
+    apps: SocketIds,
 }
 
 /// Why a subscription connection ended.
@@ -1419,10 +1453,18 @@ fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
     if envelope.node == state.node {
         return; // our own, delivered locally when published
     }
-    let target = match envelope.kind {
-        'r' => Target::Room(&envelope.target),
-        'b' => Target::Everyone,
-        'p' => Target::Recipient(&envelope.target),
+    let (target, except) = match envelope.kind {
+        'r' => (Target::Room(&envelope.target), None),
+        'b' => (Target::Everyone, None),
+        'p' => (Target::Recipient(&envelope.target), None),
+        // The connection it skips, when it is one of ours.
+        'g' => (
+            Target::Group(&envelope.target),
+            state
+                .apps
+                .as_ref()
+                .and_then(|apps| apps.conn_of(&envelope.from)),
+        ),
         _ => return,
     };
     let _ = state.hub.deliver(&Publication {
@@ -1430,7 +1472,7 @@ fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
         from: &envelope.from,
         message: Body::Raw(envelope.message.raw()),
         timestamp: envelope.timestamp,
-        except: None,
+        except,
     });
 }
 
