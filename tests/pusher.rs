@@ -6,8 +6,9 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use common::start_server_with;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -78,6 +79,26 @@ async fn pusher_channels_span_two_nodes_on_redis_for_pusher_js_and_the_rest_sdk(
         );
     }
     redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    run_suite("pusher.cluster.test.mjs", &[&nodes[0], &nodes[1]]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_channels_and_presence_span_two_nodes_on_a_redis_cluster_through_sharded_pubsub() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let urls = cluster.urls();
+        nodes.push(
+            start_server_with(|config| {
+                config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
+                config.redis_cluster = urls;
+            })
+            .await,
+        );
+    }
+    cluster.wait_for_subscribers("roomcast:broadcast", 2).await;
     run_suite("pusher.cluster.test.mjs", &[&nodes[0], &nodes[1]]).await;
 }
 
@@ -161,13 +182,13 @@ async fn protocols_5_to_7_are_spoken_and_others_refused_with_4007() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_and_cache_channels_are_refused_as_not_yet_supported_and_bad_names_as_invalid() {
+async fn cache_channels_are_refused_as_not_yet_supported_and_bad_names_as_invalid() {
     let server = pusher_server().await;
     let mut ws = connect(&server, "?protocol=7").await;
     event(&mut ws).await;
     for (channel, status) in [
-        ("presence-room", 501),
         ("cache-last", 501),
+        ("private-cache-last", 501),
         ("bad name", 400),
     ] {
         let subscribe = json!({"event": "pusher:subscribe", "data": {"channel": channel}});
@@ -179,9 +200,161 @@ async fn presence_and_cache_channels_are_refused_as_not_yet_supported_and_bad_na
     }
 }
 
+/// Connects to the Pusher endpoint at `addr`; the socket and its socket id.
+async fn connect_at(addr: std::net::SocketAddr) -> (Ws, String) {
+    let url = format!("ws://{addr}/app/{}?protocol=7", APP.1);
+    let mut ws = tokio_tungstenite::connect_async(url).await.unwrap().0;
+    let established = event(&mut ws).await;
+    let data: Value = serde_json::from_str(established["data"].as_str().unwrap()).unwrap();
+    (ws, data["socket_id"].as_str().unwrap().to_owned())
+}
+
+/// Subscribes to presence `channel` as `user`, signed as the app's auth endpoint signs it;
+/// returns the members' ids from `subscription_succeeded`, sorted.
+async fn join_presence(ws: &mut Ws, socket_id: &str, channel: &str, user: &str) -> Vec<String> {
+    let channel_data = json!({"user_id": user, "user_info": {"name": user}}).to_string();
+    let signature =
+        roomcast::pusher::signing::sign(APP.2, &format!("{socket_id}:{channel}:{channel_data}"));
+    let subscribe = json!({"event": "pusher:subscribe", "data": {
+        "channel": channel,
+        "auth": format!("{}:{signature}", APP.1),
+        "channel_data": channel_data,
+    }});
+    ws.send(Message::Text(subscribe.to_string())).await.unwrap();
+    loop {
+        let succeeded = event(ws).await;
+        if succeeded["event"] != "pusher_internal:subscription_succeeded" {
+            continue; // a member event before its list: superseded by the list
+        }
+        let data: Value = serde_json::from_str(succeeded["data"].as_str().unwrap()).unwrap();
+        let mut ids: Vec<String> = serde_json::from_value(data["presence"]["ids"].clone()).unwrap();
+        ids.sort();
+        return ids;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_nodes_presence_members_are_removed_once_and_a_user_still_connected_elsewhere_stays(
+) {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let url = redis.url();
+    let app = format!("{}:{}:{}", APP.0, APP.1, APP.2);
+    let survivor = start_server_with(|config| {
+        config.pusher_app = vec![app.clone()];
+        config.redis = Some(url.clone());
+    })
+    .await;
+    let mut victim = common::ServerProcess::start(&["--redis", &url, "--pusher-app", &app], None);
+    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    let channel = "presence-reaped";
+    let (mut watcher, id) = connect_at(survivor.addr).await;
+    assert_eq!(
+        join_presence(&mut watcher, &id, channel, "watcher").await,
+        ["watcher"]
+    );
+    // "both" has a connection on each node; "gone" and "gone2" only on the victim.
+    let (mut both_here, id) = connect_at(survivor.addr).await;
+    join_presence(&mut both_here, &id, channel, "both").await;
+    let mut doomed = Vec::new();
+    for user in ["both", "gone", "gone2"] {
+        let (mut ws, id) = connect_at(victim.addr).await;
+        join_presence(&mut ws, &id, channel, user).await;
+        doomed.push(ws);
+    }
+    for user in ["both", "gone", "gone2"] {
+        let added = event(&mut watcher).await;
+        if user == "both" {
+            continue; // its second connection: no event (checked below, in order)
+        }
+        assert_eq!(added["event"], "pusher_internal:member_added", "{added}");
+        let data: Value = serde_json::from_str(added["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["user_id"], user, "{added}");
+    }
+
+    victim.child.kill().expect("SIGKILL");
+    let killed = std::time::Instant::now();
+    let mut removed = Vec::new();
+    while removed.len() < 2 {
+        let notice = tokio::time::timeout(Duration::from_secs(12), watcher.next())
+            .await
+            .expect("member_removed within the lease and a reaper's round")
+            .unwrap()
+            .unwrap();
+        let notice: Value = serde_json::from_str(notice.to_text().unwrap()).unwrap();
+        assert_eq!(
+            notice["event"], "pusher_internal:member_removed",
+            "{notice}"
+        );
+        let data: Value = serde_json::from_str(notice["data"].as_str().unwrap()).unwrap();
+        removed.push(data["user_id"].as_str().unwrap().to_owned());
+    }
+    removed.sort();
+    assert_eq!(removed, ["gone", "gone2"]);
+    eprintln!(
+        "member_removed heard {:?} after the SIGKILL",
+        killed.elapsed()
+    );
+    // Once: no second removal, and "both" stays.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), watcher.next())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+    let (mut late, id) = connect_at(survivor.addr).await;
+    assert_eq!(
+        join_presence(&mut late, &id, channel, "late").await,
+        ["both", "late", "watcher"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_app_the_app_path_is_an_ordinary_protocol_connection() {
     let server = start_server_with(|_| {}).await;
     let mut ws = connect(&server, "?protocol=7").await;
     assert_eq!(event(&mut ws).await["type"], "welcome");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_unreachable_a_presence_subscription_is_refused_with_503_and_the_connection_stays(
+) {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let url = redis.url();
+    let node = start_server_with(|config| {
+        config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
+        config.redis = Some(url);
+    })
+    .await;
+    redis.wait_for_subscribers("roomcast:broadcast", 1).await;
+    redis.kill();
+    let (mut ws, socket_id) = connect_at(node.addr).await;
+    let channel = "presence-away";
+    let channel_data = json!({"user_id": "u"}).to_string();
+    let signature =
+        roomcast::pusher::signing::sign(APP.2, &format!("{socket_id}:{channel}:{channel_data}"));
+    let subscribe = json!({"event": "pusher:subscribe", "data": {
+        "channel": channel,
+        "auth": format!("{}:{signature}", APP.1),
+        "channel_data": channel_data,
+    }});
+    ws.send(Message::Text(subscribe.to_string())).await.unwrap();
+    // Within the script's answer timeout (4 s), not the harness's usual 5 s wait.
+    let refused = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("an answer while Redis is away")
+        .unwrap()
+        .unwrap();
+    let refused: Value = serde_json::from_str(refused.to_text().unwrap()).unwrap();
+    assert_eq!(refused["event"], "pusher:subscription_error", "{refused}");
+    assert_eq!(refused["channel"], channel);
+    assert_eq!(refused["data"]["status"], 503, "{refused}");
+    // The connection is still served, and a public channel still works on this node.
+    ws.send(Message::Text(r#"{"event":"pusher:ping","data":{}}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(event(&mut ws).await["event"], "pusher:pong");
 }

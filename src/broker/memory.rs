@@ -1,10 +1,12 @@
 //! The single-node broker: a publication is delivered straight into the local hub, with
 //! nothing in between (the hot path of a one-node deployment costs one virtual call more), and
-//! a join or leave is the hub's, which tells the room's members at once.
+//! a join or leave is the hub's, which tells the room's members at once; presence is a table
+//! here ([`super::presence`]).
 
 use std::sync::Arc;
 
-use super::{Broker, Delivery, HistoryRead, Joining, Publication};
+use super::presence::LocalPresence;
+use super::{Broker, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining, Publication};
 use crate::hub::{ConnId, Member, Router, Since};
 use crate::outbox::Outbox;
 use tokio::sync::oneshot;
@@ -12,11 +14,15 @@ use tokio::sync::oneshot;
 /// Delivers every publication to the local hub; subscriptions need no bookkeeping.
 pub struct MemoryBroker {
     hub: Arc<dyn Router>,
+    presence: LocalPresence,
 }
 
 impl MemoryBroker {
     pub fn new(hub: Arc<dyn Router>) -> Self {
-        Self { hub }
+        Self {
+            hub,
+            presence: LocalPresence::default(),
+        }
     }
 }
 
@@ -55,5 +61,13 @@ impl Broker for MemoryBroker {
 
     fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize> {
         self.hub.leave_group(group, conn)
+    }
+
+    fn join_presence(&self, join: &PresenceJoin<'_>) -> PresenceJoining {
+        self.presence.join(&*self.hub, join)
+    }
+
+    fn leave_presence(&self, group: &str, channel: &str, conn: ConnId) {
+        self.presence.leave(&*self.hub, group, channel, conn)
     }
 }

@@ -13,14 +13,17 @@
 //! sessions or the API changes with it. Membership (rooms, counts) stays in the hub.
 
 mod memory;
+mod presence;
 pub mod query;
 mod redis;
 
 use std::sync::{Arc, Weak};
 
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
 use crate::api::webhooks::Webhooks;
 use crate::config::Config;
-use tokio::sync::oneshot;
 
 use crate::hub::{ConnId, HistoryPage, Joined, Member, RecipientNotFound, Router, Since};
 use crate::metrics::Metrics;
@@ -148,6 +151,44 @@ pub enum HistoryRead {
     Later(oneshot::Receiver<HistoryPage>),
 }
 
+/// A connection joining a presence channel (Pusher's `presence-`): the channel's group, and who
+/// the connection is for its members.
+pub struct PresenceJoin<'a> {
+    /// The channel's group (see [`Target::Group`]).
+    pub group: &'a str,
+    /// The channel's name, for the frames.
+    pub channel: &'a str,
+    pub conn: ConnId,
+    /// Its socket id: the `member_added` its join causes skips it, on its node.
+    pub socket_id: &'a str,
+    pub outbox: &'a Outbox,
+    pub user_id: &'a str,
+    /// What the app said of the user (JSON; `null` when it said nothing).
+    pub user_info: &'a RawValue,
+    /// Users a channel may hold; a new user beyond them is refused.
+    pub max_members: usize,
+}
+
+/// Why a presence join was refused (the connection is out of the channel's group again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceRefusal {
+    /// The channel has its most users already.
+    Full,
+    /// Where the cluster keeps presence (Redis) did not answer.
+    Unavailable,
+}
+
+/// What a presence join came to. Once joined, the broker has sent the joiner its
+/// `subscription_succeeded` with the channel's members, at the joiner's place in the order of
+/// the channel's member events, and the other members `member_added` if the user is new.
+#[derive(Debug)]
+pub enum PresenceJoining {
+    /// The connection is in the channel already: nothing done.
+    AlreadyMember,
+    Done(Result<(), PresenceRefusal>),
+    Later(oneshot::Receiver<Result<(), PresenceRefusal>>),
+}
+
 /// Carries publications to every node with recipients for them; delivers those that arrive
 /// into the local hub.
 pub trait Broker: Send + Sync + 'static {
@@ -216,4 +257,12 @@ pub trait Broker: Send + Sync + 'static {
     /// Takes a connection out of `group`; `Some` of how many remain on this node, `None` if it
     /// was not in it.
     fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize>;
+
+    /// Puts a connection in a presence channel: in its group (as [`Broker::join_group`]) and
+    /// among its members, cluster-wide (see [`PresenceJoining`]).
+    fn join_presence(&self, join: &PresenceJoin<'_>) -> PresenceJoining;
+
+    /// Takes a connection out of a presence channel `group` (named `channel`); when it was its
+    /// user's last connection there, anywhere, the remaining members get `member_removed`.
+    fn leave_presence(&self, group: &str, channel: &str, conn: ConnId);
 }

@@ -1,22 +1,26 @@
 //! A Pusher connection (`/app/{key}`): `pusher:connection_established` with its socket id,
-//! then `pusher:ping`/`pusher:pong`, `pusher:subscribe`/`pusher:unsubscribe` for public and
-//! private channels (HMAC auth against the app's secret), and client events (`client-*`) on
-//! private channels from their subscribers. Its channels are hub groups of the app
-//! ([`super::group`]); what a channel is sent is encoded once ([`super::wire::event`]).
+//! then `pusher:ping`/`pusher:pong`, `pusher:subscribe`/`pusher:unsubscribe` for public,
+//! private and presence channels (HMAC auth against the app's secret, over the presence
+//! `channel_data` too), and client events (`client-*`) on private and presence channels from
+//! their subscribers. Its channels are hub groups of the app ([`super::group`]); what a channel
+//! is sent is encoded once ([`super::wire::event`]); a presence channel's members are the
+//! broker's ([`crate::broker::Broker::join_presence`]), so they are exact across nodes.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use super::wire::{self, code, Incoming, Subscribe, Unsubscribe};
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+use super::wire::{self, code, ChannelData, Incoming, Subscribe, Unsubscribe};
 use super::{group, signing};
+use crate::broker::{PresenceJoin, PresenceJoining, PresenceRefusal};
 use crate::hub::ConnId;
 use crate::limits::{Rate, RateLimiter};
 use crate::node::Node;
 use crate::outbox::{CloseRequest, Outbox};
-use tokio::sync::oneshot;
-
 use crate::ws::protocol::{heartbeat_from_now, Opening, Protocol, Route};
 
 /// What pusher-js is told to wait, in seconds, before it pings a quiet connection.
@@ -28,6 +32,14 @@ pub const PROTOCOLS: std::ops::RangeInclusive<u8> = 5..=7;
 
 /// Pusher's limit on channel names, and the characters it allows in them.
 const MAX_CHANNEL: usize = 164;
+
+/// Users a presence channel holds at most: Pusher's limit, so what works on Pusher works here,
+/// and a join's member list stays small.
+pub const MAX_PRESENCE_MEMBERS: usize = 100;
+
+/// Limits on a presence member's `user_id` (Pusher's) and `user_info` (its JSON, in bytes).
+const MAX_USER_ID: usize = 128;
+const MAX_USER_INFO: usize = 2048;
 
 pub fn valid_channel(name: &str) -> bool {
     !name.is_empty()
@@ -44,23 +56,42 @@ enum Kind {
     Private,
     /// `private-encrypted-`: the publisher encrypts; relayed as it is, no client events.
     Encrypted,
-    /// `presence-` and `cache-`: not served yet.
+    /// `presence-`: private, and its members know who is there.
+    Presence,
+    /// `cache-`: not served yet.
     Unsupported,
 }
 
 fn kind_of(channel: &str) -> Kind {
     if channel.starts_with("private-encrypted-") {
         Kind::Encrypted
+    } else if channel.starts_with("cache-") || channel.starts_with("private-cache-") {
+        Kind::Unsupported
     } else if channel.starts_with("private-") {
         Kind::Private
-    } else if channel.starts_with("presence-")
-        || channel.starts_with("cache-")
-        || channel.starts_with("private-cache-")
-    {
-        Kind::Unsupported
+    } else if channel.starts_with("presence-") {
+        Kind::Presence
     } else {
         Kind::Public
     }
+}
+
+/// A channel the connection is in.
+struct Subscribed {
+    name: Box<str>,
+    kind: Kind,
+    /// On a presence channel, the user it is there as: its client events carry it.
+    user_id: Option<Box<str>>,
+}
+
+/// What a subscription waits for before it succeeds.
+enum Waiting {
+    /// The node's subscription to the channel's events from other nodes: once in, an event
+    /// published anywhere after `subscription_succeeded` reaches the client.
+    Heard(oneshot::Receiver<()>),
+    /// A presence join going round the cluster: the broker sends `subscription_succeeded`
+    /// with the members, or it is refused.
+    Presence(oneshot::Receiver<Result<(), PresenceRefusal>>),
 }
 
 pub struct PusherSession {
@@ -71,11 +102,9 @@ pub struct PusherSession {
     /// is closing.
     app: Option<u16>,
     /// Its channels, by name (few per connection: a list is smaller than a set).
-    channels: Vec<(Box<str>, Kind)>,
-    /// Channels joined whose events from other nodes do not reach this node yet (its broker's
-    /// subscription is on its way): `subscription_succeeded` waits for it, so that an event
-    /// published anywhere after it reaches the client.
-    subscribing: Vec<(Box<str>, oneshot::Receiver<()>)>,
+    channels: Vec<Subscribed>,
+    /// Channels joined whose `subscription_succeeded` waits for the broker (see [`Waiting`]).
+    subscribing: Vec<(Box<str>, Waiting)>,
     rate: Option<RateLimiter>,
     closing: bool,
 }
@@ -145,9 +174,10 @@ impl PusherSession {
             return;
         }
         let kind = kind_of(channel);
+        let channel_data = subscribe.channel_data.as_deref();
         match kind {
             Kind::Unsupported => {
-                let error = "presence and cache channels are not supported yet";
+                let error = "cache channels are not supported yet";
                 self.outbox.push(wire::subscription_error(
                     channel,
                     "UnsupportedChannel",
@@ -156,9 +186,10 @@ impl PusherSession {
                 ));
                 return;
             }
-            Kind::Private | Kind::Encrypted => {
+            Kind::Private | Kind::Encrypted | Kind::Presence => {
                 let apps = self.node.pusher.as_ref().expect("apps");
                 let app = apps.get(self.app.unwrap_or_default());
+                let signed = (kind == Kind::Presence).then_some(channel_data.unwrap_or(""));
                 let valid = subscribe.auth.as_deref().is_some_and(|auth| {
                     signing::channel_auth_is_valid(
                         &app.key,
@@ -166,7 +197,7 @@ impl PusherSession {
                         auth,
                         &self.socket_id(),
                         channel,
-                        None,
+                        signed,
                     )
                 });
                 if !valid {
@@ -178,35 +209,121 @@ impl PusherSession {
             }
             Kind::Public => {}
         }
-        if !self.channels.iter().any(|(name, _)| &**name == channel) {
-            let subscribing =
-                self.node
-                    .broker
-                    .join_group(&self.group(channel), self.conn, &self.outbox);
-            self.channels.push((channel.into(), kind));
-            if let Some(subscribed) = subscribing {
-                self.subscribing.push((channel.into(), subscribed));
-                return;
+        if self.channels.iter().any(|known| &*known.name == channel) {
+            // Subscribed already, or on its way (it succeeds once, when in).
+            if !self.subscribing.iter().any(|(name, _)| &**name == channel)
+                && kind != Kind::Presence
+            {
+                self.outbox.push(wire::subscription_succeeded(channel));
             }
-        } else if self.subscribing.iter().any(|(name, _)| &**name == channel) {
-            return; // succeeds once, when its subscription is in
+            return;
         }
-        self.outbox.push(wire::subscription_succeeded(channel));
+        if kind == Kind::Presence {
+            return self.join_presence(channel, channel_data.unwrap_or(""));
+        }
+        let subscribing =
+            self.node
+                .broker
+                .join_group(&self.group(channel), self.conn, &self.outbox);
+        self.channels.push(Subscribed {
+            name: channel.into(),
+            kind,
+            user_id: None,
+        });
+        match subscribing {
+            Some(heard) => self
+                .subscribing
+                .push((channel.into(), Waiting::Heard(heard))),
+            None => {
+                self.outbox.push(wire::subscription_succeeded(channel));
+            }
+        }
+    }
+
+    /// A signed presence subscription: its `channel_data` names the user; the broker makes it
+    /// a member and sends `subscription_succeeded` with the members.
+    fn join_presence(&mut self, channel: &str, channel_data: &str) {
+        let data = match serde_json::from_str::<ChannelData<'_>>(channel_data) {
+            Ok(data) => data,
+            Err(_) => {
+                let error = "Invalid channel_data: a JSON object with a user_id";
+                return self.presence_refused(channel, "InvalidChannelData", error, 400);
+            }
+        };
+        let user_id = data.user_id.into_string();
+        let user_info = data.user_info.unwrap_or(RawValue::NULL);
+        if user_id.is_empty() || user_id.len() > MAX_USER_ID {
+            let error = "Invalid user_id: 1 to 128 characters";
+            return self.presence_refused(channel, "InvalidChannelData", error, 400);
+        }
+        if user_info.get().len() > MAX_USER_INFO {
+            let error = "Invalid user_info: over 2 KB";
+            return self.presence_refused(channel, "InvalidChannelData", error, 400);
+        }
+        let joining = self.node.broker.join_presence(&PresenceJoin {
+            group: &self.group(channel),
+            channel,
+            conn: self.conn,
+            socket_id: &self.socket_id(),
+            outbox: &self.outbox,
+            user_id: &user_id,
+            user_info,
+            max_members: MAX_PRESENCE_MEMBERS,
+        });
+        let waiting = match joining {
+            PresenceJoining::AlreadyMember => return,
+            PresenceJoining::Done(Err(refusal)) => return self.presence_refusal(channel, refusal),
+            PresenceJoining::Done(Ok(())) => None,
+            PresenceJoining::Later(joined) => Some(Waiting::Presence(joined)),
+        };
+        self.channels.push(Subscribed {
+            name: channel.into(),
+            kind: Kind::Presence,
+            user_id: Some(user_id.into()),
+        });
+        if let Some(waiting) = waiting {
+            self.subscribing.push((channel.into(), waiting));
+        }
+    }
+
+    fn presence_refused(&self, channel: &str, kind: &str, error: &str, status: u16) {
+        self.outbox
+            .push(wire::subscription_error(channel, kind, error, status));
+    }
+
+    fn presence_refusal(&self, channel: &str, refusal: PresenceRefusal) {
+        match refusal {
+            PresenceRefusal::Full => {
+                let error = "The presence channel has its most members (100)";
+                self.presence_refused(channel, "LimitReached", error, 403);
+            }
+            PresenceRefusal::Unavailable => {
+                let error = "Presence is unavailable: the cluster's store did not answer";
+                self.presence_refused(channel, "PresenceUnavailable", error, 503);
+            }
+        }
     }
 
     fn unsubscribe(&mut self, channel: &str) {
         let Some(at) = self
             .channels
             .iter()
-            .position(|(name, _)| &**name == channel)
+            .position(|known| &*known.name == channel)
         else {
             return;
         };
-        self.channels.swap_remove(at);
+        let left = self.channels.swap_remove(at);
         self.subscribing.retain(|(name, _)| &**name != channel);
-        self.node
-            .broker
-            .leave_group(&self.group(channel), self.conn);
+        self.leave(&self.node, &left);
+    }
+
+    fn leave(&self, node: &Node, channel: &Subscribed) {
+        let group = self.group(&channel.name);
+        if channel.kind == Kind::Presence {
+            node.broker.leave_presence(&group, &channel.name, self.conn);
+        } else {
+            node.broker.leave_group(&group, self.conn);
+        }
     }
 
     /// A `client-*` event: relayed to the channel's other subscribers when the sender is one,
@@ -215,14 +332,10 @@ impl PusherSession {
         let Some(channel) = message.channel.as_deref() else {
             return;
         };
-        let subscribed = self
-            .channels
-            .iter()
-            .find(|(name, _)| &**name == channel)
-            .map(|(_, kind)| *kind);
-        let refusal = match subscribed {
+        let subscribed = self.channels.iter().find(|known| &*known.name == channel);
+        let refusal = match subscribed.map(|known| known.kind) {
             None => Some("Client event rejected: not subscribed to the channel"),
-            Some(Kind::Private) => None,
+            Some(Kind::Private | Kind::Presence) => None,
             Some(_) => {
                 Some("Client event rejected: only supported on private and presence channels")
             }
@@ -231,8 +344,9 @@ impl PusherSession {
             self.outbox.push(wire::error(code::BAD_MESSAGE, refusal));
             return;
         }
-        let null = serde_json::value::RawValue::NULL;
-        let text = wire::event(&message.event, channel, message.data.unwrap_or(null));
+        let user_id = subscribed.and_then(|known| known.user_id.as_deref());
+        let data = message.data.unwrap_or(RawValue::NULL);
+        let text = wire::client_event(&message.event, channel, data, user_id);
         let app = self.app.unwrap_or_default();
         let told = super::publish(&self.node, app, channel, &text, &self.socket_id());
         self.node.metrics.fanout_deliveries.increment(told as u64);
@@ -329,25 +443,45 @@ impl Protocol for PusherSession {
     }
 
     fn poll_waiting(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut refused = Vec::new();
         let outbox = &self.outbox;
-        self.subscribing.retain_mut(|(channel, subscribed)| {
-            match std::pin::Pin::new(subscribed).poll(cx) {
-                Poll::Pending => true,
-                // In, or the broker gave up (Redis away: it subscribes when back): the
-                // channel's local events flow either way.
-                Poll::Ready(_) => {
-                    outbox.push(wire::subscription_succeeded(channel));
-                    false
-                }
-            }
-        });
+        self.subscribing
+            .retain_mut(|(channel, waiting)| match waiting {
+                Waiting::Heard(heard) => match std::pin::Pin::new(heard).poll(cx) {
+                    Poll::Pending => true,
+                    // In, or the broker gave up (Redis away: it subscribes when back): the
+                    // channel's local events flow either way.
+                    Poll::Ready(_) => {
+                        outbox.push(wire::subscription_succeeded(channel));
+                        false
+                    }
+                },
+                Waiting::Presence(joined) => match std::pin::Pin::new(joined).poll(cx) {
+                    Poll::Pending => true,
+                    // Joined: the broker sent `subscription_succeeded`.
+                    Poll::Ready(Ok(Ok(()))) => false,
+                    Poll::Ready(Ok(Err(refusal))) => {
+                        refused.push((channel.clone(), refusal));
+                        false
+                    }
+                    Poll::Ready(Err(_)) => {
+                        refused.push((channel.clone(), PresenceRefusal::Unavailable));
+                        false
+                    }
+                },
+            });
+        for (channel, refusal) in refused {
+            // The broker took it out of the channel's group; it is not subscribed.
+            self.channels.retain(|known| known.name != channel);
+            self.presence_refusal(&channel, refusal);
+        }
         true
     }
 
     fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
         self.subscribing.clear();
-        for (channel, _) in std::mem::take(&mut self.channels) {
-            node.broker.leave_group(&self.group(&channel), self.conn);
+        for channel in std::mem::take(&mut self.channels) {
+            self.leave(node, &channel);
         }
         node.router.unregister_outside(self.conn);
         None
@@ -367,7 +501,9 @@ mod tests {
         assert!(!valid_channel(&"x".repeat(165)));
         assert_eq!(kind_of("private-encrypted-x"), Kind::Encrypted);
         assert_eq!(kind_of("private-x"), Kind::Private);
-        assert_eq!(kind_of("presence-x"), Kind::Unsupported);
+        assert_eq!(kind_of("presence-x"), Kind::Presence);
+        assert_eq!(kind_of("cache-x"), Kind::Unsupported);
+        assert_eq!(kind_of("private-cache-x"), Kind::Unsupported);
         assert_eq!(kind_of("news"), Kind::Public);
     }
 }

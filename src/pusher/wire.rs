@@ -96,6 +96,9 @@ struct Event<'a> {
     event: &'a str,
     channel: &'a str,
     data: &'a RawValue,
+    /// A client event's sender on a presence channel (pusher-js hands it to the handler).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
 }
 
 /// An event whose `data` is the JSON value `data` (a string, for what the HTTP API publishes;
@@ -103,10 +106,111 @@ struct Event<'a> {
 /// once for all of the channel's subscribers on each node (a [`crate::broker::Target::Group`]
 /// publication).
 pub fn event(name: &str, channel: &str, data: &RawValue) -> Box<RawValue> {
+    client_event(name, channel, data, None)
+}
+
+/// A client event, with its sender's `user_id` on a presence channel.
+pub fn client_event(
+    name: &str,
+    channel: &str,
+    data: &RawValue,
+    user_id: Option<&str>,
+) -> Box<RawValue> {
     let event = Event {
         event: name,
         channel,
         data,
+        user_id,
     };
     serde_json::value::to_raw_value(&event).expect("an event serializes")
+}
+
+/// `channel_data` of a presence subscription: who the connection is for the channel's members.
+/// Laravel sends a numeric `user_id`; it is a string on the wire (`ids`, the `hash`'s keys).
+#[derive(Debug, Deserialize)]
+pub struct ChannelData<'a> {
+    pub user_id: UserId,
+    #[serde(borrow, default)]
+    pub user_info: Option<&'a RawValue>,
+}
+
+/// A presence member's id: a string, or a number the app gave (written as a string).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UserId {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+impl UserId {
+    pub fn into_string(self) -> String {
+        match self {
+            UserId::Text(text) => text,
+            UserId::Number(number) => number.to_string(),
+        }
+    }
+}
+
+/// A presence channel's member for the frames: its id and what the app said of it (JSON).
+pub struct PresenceMember<'a> {
+    pub user_id: &'a str,
+    pub user_info: &'a RawValue,
+}
+
+/// `pusher_internal:subscription_succeeded` of a presence channel: its members as they stand
+/// at the joiner's place in the channel's order.
+pub fn presence_succeeded<'a>(
+    channel: &str,
+    members: impl IntoIterator<Item = PresenceMember<'a>>,
+) -> Bytes {
+    struct Hash<'a>(&'a [PresenceMember<'a>]);
+    impl Serialize for Hash<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_map(self.0.iter().map(|m| (m.user_id, m.user_info)))
+        }
+    }
+    #[derive(Serialize)]
+    struct Presence<'a> {
+        ids: Vec<&'a str>,
+        hash: Hash<'a>,
+        count: usize,
+    }
+    #[derive(Serialize)]
+    struct Data<'a> {
+        presence: Presence<'a>,
+    }
+    let members: Vec<PresenceMember<'a>> = members.into_iter().collect();
+    let data = Data {
+        presence: Presence {
+            ids: members.iter().map(|member| member.user_id).collect(),
+            hash: Hash(&members),
+            count: members.len(),
+        },
+    };
+    let data = serde_json::to_string(&data).expect("presence serializes");
+    frame(&json!({
+        "event": "pusher_internal:subscription_succeeded",
+        "channel": channel,
+        "data": data,
+    }))
+}
+
+/// `pusher_internal:member_added`: a user's first connection joined (the frame's text, for a
+/// group publication).
+pub fn member_added(channel: &str, user_id: &str, user_info: &RawValue) -> Box<RawValue> {
+    #[derive(Serialize)]
+    struct Added<'a> {
+        user_id: &'a str,
+        user_info: &'a RawValue,
+    }
+    let data = serde_json::to_string(&Added { user_id, user_info }).expect("serializes");
+    let data = serde_json::value::to_raw_value(&data).expect("a string serializes");
+    event("pusher_internal:member_added", channel, &data)
+}
+
+/// `pusher_internal:member_removed`: a user's last connection left.
+pub fn member_removed(channel: &str, user_id: &str) -> Box<RawValue> {
+    let data = json!({"user_id": user_id}).to_string();
+    let data = serde_json::value::to_raw_value(&data).expect("a string serializes");
+    event("pusher_internal:member_removed", channel, &data)
 }

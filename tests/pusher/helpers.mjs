@@ -73,3 +73,25 @@ export function next(channel, event, ms = 3000) {
 export function within(channel, event, ms) {
   return next(channel, event, ms).catch(() => undefined);
 }
+
+/**
+ * A pusher-js client that joins presence channels as user `userId` with `userInfo`, signed
+ * the way Laravel's /broadcasting/auth signs them (the SDK's authorizeChannel with
+ * presence data).
+ */
+export function member(userId, userInfo, options = {}) {
+  return client({
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) =>
+        callback(null, rest.authorizeChannel(socketId, channelName, { user_id: userId, user_info: userInfo })),
+    },
+    ...options,
+  });
+}
+
+/** The ids of a presence channel's members, sorted. */
+export function memberIds(channel) {
+  const ids = [];
+  channel.members.each((m) => ids.push(m.id));
+  return ids.sort();
+}

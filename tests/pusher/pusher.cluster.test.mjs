@@ -3,13 +3,15 @@
 // per behaviour. tests/pusher.rs starts Redis and the nodes (ROOMCAST_PORT, ROOMCAST_PORT_B).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { port, restOf, client, connected, subscribed, next, within } from './helpers.mjs';
+import { port, restOf, client, member, memberIds, connected, subscribed, next, within } from './helpers.mjs';
 
 const portB = Number(process.env.ROOMCAST_PORT_B);
 const restA = restOf(port);
 const restB = restOf(portB);
 const onA = () => client({ wsPort: port });
 const onB = () => client({ wsPort: portB });
+const memberOnA = (id, info = {}) => member(id, info, { wsPort: port });
+const memberOnB = (id, info = {}) => member(id, info, { wsPort: portB });
 
 test('an event triggered on one node reaches the subscribers on both', async () => {
   const [a, b] = await Promise.all([subscribed(onA(), 'cluster-news'), subscribed(onB(), 'cluster-news')]);
@@ -77,4 +79,73 @@ test('after the last subscriber on a node leaves, the other node still delivers 
   await restB.trigger('cluster-leave', 'after', { n: 1 });
   assert.deepEqual(await heard, { n: 1 });
   assert.equal(await late, undefined);
+});
+
+test('a presence joiner on one node is listed the members of both, and they hear it once', async () => {
+  const a = await subscribed(memberOnA('ana', { node: 'a' }), 'presence-cluster');
+  const benSeen = next(a, 'pusher:member_added');
+  const b = await subscribed(memberOnB('ben', { node: 'b' }), 'presence-cluster');
+  assert.deepEqual(await benSeen, { id: 'ben', info: { node: 'b' } });
+  assert.deepEqual(memberIds(b), ['ana', 'ben']);
+  const heardA = next(a, 'pusher:member_added');
+  const heardB = next(b, 'pusher:member_added');
+  const joiner = await subscribed(memberOnB('cat', { node: 'b' }), 'presence-cluster');
+  assert.deepEqual(memberIds(joiner), ['ana', 'ben', 'cat']);
+  assert.deepEqual(joiner.members.get('ana').info, { node: 'a' });
+  assert.deepEqual(await heardA, { id: 'cat', info: { node: 'b' } });
+  assert.deepEqual(await heardB, { id: 'cat', info: { node: 'b' } });
+  assert.deepEqual(memberIds(a), ['ana', 'ben', 'cat']);
+  assert.deepEqual(memberIds(b), ['ana', 'ben', 'cat']);
+});
+
+test('a user connected on both nodes is added once and removed only when its last connection, on either node, leaves', async () => {
+  const watcher = await subscribed(memberOnA('watcher'), 'presence-two-tabs');
+  const added = [];
+  const removed = [];
+  watcher.bind('pusher:member_added', (m) => added.push(m.id));
+  watcher.bind('pusher:member_removed', (m) => removed.push(m.id));
+  const tabA = memberOnA('dee');
+  const tabB = memberOnB('dee');
+  await subscribed(tabA, 'presence-two-tabs');
+  const second = await subscribed(tabB, 'presence-two-tabs');
+  assert.deepEqual(memberIds(second), ['dee', 'watcher']);
+  tabA.disconnect();
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  assert.deepEqual(removed, [], 'dee is still there on node B');
+  const gone = next(watcher, 'pusher:member_removed');
+  tabB.disconnect();
+  await gone;
+  assert.deepEqual(added, ['dee']);
+  assert.deepEqual(removed, ['dee']);
+  assert.deepEqual(memberIds(watcher), ['watcher']);
+});
+
+test('members joining and leaving on both nodes at once leave every member with the same exact list', async () => {
+  const name = 'presence-churn';
+  const watchers = await Promise.all([subscribed(memberOnA('wa'), name), subscribed(memberOnB('wb'), name)]);
+  const churners = [];
+  for (let n = 0; n < 10; n += 1) churners.push(n % 2 ? memberOnA(`u${n}`) : memberOnB(`u${n}`));
+  await Promise.all(churners.map((c) => subscribed(c, name)));
+  // Half of them leave while a late joiner on each node arrives.
+  const leaving = churners.filter((_, n) => n < 5);
+  leaving.forEach((c) => c.unsubscribe(name));
+  const [lateA, lateB] = await Promise.all([subscribed(memberOnA('late-a'), name), subscribed(memberOnB('late-b'), name)]);
+  const expected = ['late-a', 'late-b', 'u5', 'u6', 'u7', 'u8', 'u9', 'wa', 'wb'];
+  const settled = async (channel) => {
+    for (let tries = 0; tries < 40 && memberIds(channel).join() !== expected.join(); tries += 1) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    return memberIds(channel);
+  };
+  for (const channel of [...watchers, lateA, lateB]) {
+    assert.deepEqual(await settled(channel), expected);
+    assert.equal(channel.members.count, expected.length);
+  }
+});
+
+test('a client event on a presence channel reaches the other node with the sender\'s user_id', async () => {
+  const [a, b] = await Promise.all([subscribed(memberOnA('eve'), 'presence-cluster-typing'), subscribed(memberOnB('fay'), 'presence-cluster-typing')]);
+  const heard = new Promise((resolve) => b.bind('client-typing', (data, metadata) => resolve({ data, metadata })));
+  assert.equal(a.trigger('client-typing', { typing: true }), true);
+  assert.deepEqual(await heard, { data: { typing: true }, metadata: { user_id: 'eve' } });
 });

@@ -3,7 +3,7 @@
 // starts the server with one app and runs this (see helpers.mjs); one test per behaviour.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { port, rest, restOf, client, connected, subscribed, next, within } from './helpers.mjs';
+import { port, rest, restOf, client, member, memberIds, connected, subscribed, next, within } from './helpers.mjs';
 
 test('pusher-js connects and gets a socket id of the form digits.digits', async () => {
   const pusher = client();
@@ -125,4 +125,79 @@ test('the REST SDK is refused with 401 when it signs with another secret', async
     assert.equal(error.status, 401);
     return true;
   });
+});
+
+test('a presence channel lists its members to a joiner, itself and each member\'s info included', async () => {
+  const alice = await subscribed(member('alice', { name: 'Alice' }), 'presence-lobby');
+  assert.equal(alice.members.count, 1);
+  assert.equal(alice.members.me.id, 'alice');
+  const bob = await subscribed(member('bob', { name: 'Bob' }), 'presence-lobby');
+  assert.equal(bob.members.count, 2);
+  assert.deepEqual(memberIds(bob), ['alice', 'bob']);
+  assert.deepEqual(bob.members.get('alice').info, { name: 'Alice' });
+  assert.equal(bob.members.me.id, 'bob');
+});
+
+test('member_added and member_removed reach the others once per user, not per connection', async () => {
+  const watcher = await subscribed(member('watcher', {}), 'presence-tabs');
+  const added = next(watcher, 'pusher:member_added');
+  const firstTab = member('carol', { tab: 1 });
+  await subscribed(firstTab, 'presence-tabs');
+  assert.deepEqual(await added, { id: 'carol', info: { tab: 1 } });
+  const addedAgain = within(watcher, 'pusher:member_added', 500);
+  const secondTab = member('carol', { tab: 2 });
+  const second = await subscribed(secondTab, 'presence-tabs');
+  assert.equal(second.members.count, 2, 'carol once, with the watcher');
+  assert.equal(await addedAgain, undefined, 'a second connection of carol is not a new member');
+  const removedEarly = within(watcher, 'pusher:member_removed', 500);
+  firstTab.disconnect();
+  assert.equal(await removedEarly, undefined, 'carol is still there on her second tab');
+  assert.equal(watcher.members.count, 2);
+  const removed = next(watcher, 'pusher:member_removed');
+  secondTab.unsubscribe('presence-tabs');
+  assert.deepEqual(await removed, { id: 'carol', info: { tab: 1 } });
+  assert.equal(watcher.members.count, 1);
+});
+
+test('a numeric user_id, as Laravel sends it, is a member id string', async () => {
+  const watcher = await subscribed(member('watcher', {}), 'presence-numeric');
+  const added = next(watcher, 'pusher:member_added');
+  const channel = await subscribed(member(42, { name: 'Answer' }), 'presence-numeric');
+  assert.deepEqual(memberIds(channel), ['42', 'watcher']);
+  assert.deepEqual(channel.members.get(42).info, { name: 'Answer' });
+  assert.deepEqual(await added, { id: '42', info: { name: 'Answer' } });
+});
+
+test('a client event on a presence channel reaches the others with the sender\'s user_id', async () => {
+  const [dan, erin] = await Promise.all([
+    subscribed(member('dan', {}), 'presence-typing'),
+    subscribed(member('erin', {}), 'presence-typing'),
+  ]);
+  const heard = new Promise((resolve) => erin.bind('client-typing', (data, metadata) => resolve({ data, metadata })));
+  const echoed = within(dan, 'client-typing', 500);
+  assert.equal(dan.trigger('client-typing', { typing: true }), true);
+  assert.deepEqual(await heard, { data: { typing: true }, metadata: { user_id: 'dan' } });
+  assert.equal(await echoed, undefined);
+});
+
+test('a presence subscription whose channel_data is not the one signed is refused with status 401', async () => {
+  const forger = client({
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) => {
+        const signed = rest.authorizeChannel(socketId, channelName, { user_id: 'mallory' });
+        callback(null, { auth: signed.auth, channel_data: JSON.stringify({ user_id: 'admin' }) });
+      },
+    },
+  });
+  await assert.rejects(subscribed(forger, 'presence-vault'), (error) => error.error.status === 401);
+});
+
+test('a presence channel takes 100 users and refuses the 101st with status 403; another connection of a member still joins', async () => {
+  const members = [];
+  for (let n = 0; n < 100; n += 1) members.push(subscribed(member(`user-${n}`, {}), 'presence-full'));
+  const joined = await Promise.all(members);
+  assert.equal(joined[99].members.count, 100);
+  await assert.rejects(subscribed(member('user-100', {}), 'presence-full'), (error) => error.error.status === 403);
+  const again = await subscribed(member('user-7', {}), 'presence-full');
+  assert.equal(again.members.count, 100);
 });

@@ -33,7 +33,7 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use super::connection::{Client, Commands};
-use super::{membership_command, register_members, Change, Channels};
+use super::{membership_command, presence, register_members, Change, Channels};
 use crate::api::webhooks::{EventKind, Webhooks};
 use crate::hub::Router;
 use crate::metrics::Metrics;
@@ -236,10 +236,11 @@ async fn reap(
         .await?;
     let lease = channels.node_key(node, "lease");
     let mut reaped = 0;
-    // Rooms first, then connections: the application hears each member leave its rooms
-    // before it hears the connection end, as from a live node.
+    // Rooms and presence channels first, then connections: the application hears each member
+    // leave its rooms before it hears the connection end, as from a live node.
     for index in [
         channels.node_key(node, "members"),
+        channels.node_key(node, "presence"),
         channels.node_key(node, "clients"),
     ] {
         loop {
@@ -258,8 +259,11 @@ async fn reap(
             if entries.is_empty() {
                 break;
             }
-            reaped +=
-                reap_batch(redis, channels, webhooks, reaper, node_id, &index, &entries).await?;
+            reaped += if index.ends_with(":presence") {
+                reap_presence_batch(redis, channels, reaper, node_id, &index, &entries).await?
+            } else {
+                reap_batch(redis, channels, webhooks, reaper, node_id, &index, &entries).await?
+            };
             redis
                 .run(vec![command!("PEXPIRE", &claim, millis(CLAIM_TTL))])
                 .await?;
@@ -345,5 +349,32 @@ async fn reap_batch(
             ),
         }
     }
+    Ok(reaped)
+}
+
+/// Takes one batch of a dead node's presence index `entries` out: the leave script for each
+/// (its channel's members hear `member_removed` when it was its user's last connection; a
+/// second reaper's finds it gone and publishes nothing), and its removal from the index.
+/// Returns the entries reaped.
+async fn reap_presence_batch(
+    redis: &mut Commands,
+    channels: &Channels,
+    reaper: u64,
+    node: u64,
+    index: &str,
+    entries: &[String],
+) -> redis::RedisResult<usize> {
+    let mut batch = Vec::with_capacity(entries.len() * 2);
+    let mut reaped = 0;
+    for entry in entries {
+        if let Ok((group, channel, conn)) = serde_json::from_str::<presence::IndexEntry>(entry) {
+            batch.push(presence::leave_command(
+                channels, reaper, node, conn, &group, &channel,
+            ));
+            reaped += 1;
+        }
+        batch.push(command!("SREM", index, entry));
+    }
+    redis.run(batch).await?;
     Ok(reaped)
 }

@@ -75,12 +75,15 @@ use tracing::{debug, info, warn};
 mod connection;
 mod history;
 mod lease;
+mod presence;
 
 pub use connection::Endpoint;
 use connection::{Client, Commands, SubscriptionSink, SubscriptionStream};
 
 use super::query::{Answer, Gathered, Query, Responder, ASK_TIMEOUT};
-use super::{Broker, Delivery, HistoryRead, Joining, Publication, Target};
+use super::{
+    Broker, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining, Publication, Target,
+};
 use crate::api::webhooks::{EventKind, Webhooks};
 use crate::history::{HistoryConfig, HistoryPolicy};
 use crate::hub::{
@@ -267,7 +270,8 @@ struct Envelope<'a> {
     node: u64,
     /// `r` a room, `b` everyone, `p` a client or user (private message), `g` a protocol's
     /// group (`f`: the socket id of the connection it skips); `j` and `l` a member
-    /// (`f`) joined or left the room, `m` being its cluster-wide count.
+    /// (`f`) joined or left the room, `m` being its cluster-wide count; `P` and `L` a
+    /// connection joined or left a presence channel (see [`presence`]).
     #[serde(rename = "k")]
     kind: char,
     /// The room, or the client or user id.
@@ -419,6 +423,11 @@ impl Channels {
     fn node_clients(&self, node: u64) -> String {
         self.node_key(&format!("{node:016x}"), "clients")
     }
+
+    /// A node's presence index: an entry for each of its connections in each presence channel.
+    fn node_presence(&self, node: u64) -> String {
+        self.node_key(&format!("{node:016x}"), "presence")
+    }
 }
 
 /// A join on its way: the connection and the room.
@@ -431,11 +440,7 @@ pub struct RedisBroker {
     node: u64,
     channels: Arc<Channels>,
     publish: mpsc::Sender<Outgoing>,
-    control: mpsc::UnboundedSender<Control>,
-    /// The channels this node needs (rooms with local members, local clients and users), with
-    /// how many reasons it has for each: the subscriber task resubscribes to these after a
-    /// reconnection.
-    wanted: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    wants: Wants,
     /// Joins whose script is on its way (connection, room): a leave meanwhile hands its own
     /// script to the join's task, so that Redis sees the join before the leave.
     joining: Arc<Mutex<HashSet<JoinKey>>>,
@@ -449,6 +454,8 @@ pub struct RedisBroker {
     /// members through it.
     subscribed: Arc<AtomicBool>,
     unsent: Unsent,
+    /// Presence joins on their way (see [`presence`]).
+    presence: presence::Pending,
     /// Held while the broker lives: the lease task ends when it is gone.
     _alive: Arc<()>,
 }
@@ -511,6 +518,7 @@ impl RedisBroker {
             alive: Arc::downgrade(&alive),
         }));
         let queries = Arc::new(Queries::default());
+        let presence = presence::Pending::default();
         tokio::spawn(subscriber(Subscriber {
             client,
             publish: publish.clone(),
@@ -524,6 +532,7 @@ impl RedisBroker {
             metrics: metrics.clone(),
             subscribed: subscribed.clone(),
             apps,
+            presence: presence.clone(),
         }));
         info!(
             node = format_args!("{node:016x}"),
@@ -536,8 +545,7 @@ impl RedisBroker {
             node,
             channels,
             publish,
-            control,
-            wanted,
+            wants: Wants { wanted, control },
             joining: Arc::default(),
             metrics,
             webhooks,
@@ -545,6 +553,7 @@ impl RedisBroker {
             history,
             subscribed,
             unsent,
+            presence,
             _alive: alive,
         }
     }
@@ -554,6 +563,29 @@ impl RedisBroker {
         self.history.as_ref()?.for_room(room)
     }
 
+    /// One more reason to be subscribed to `channel`; when it is the first, what answers once
+    /// the subscription is in.
+    fn want(&self, channel: String) -> Option<oneshot::Receiver<()>> {
+        self.wants.want(channel)
+    }
+
+    /// One reason fewer; the last one unsubscribes.
+    fn unwant(&self, channel: &str) -> Option<oneshot::Receiver<()>> {
+        self.wants.unwant(channel)
+    }
+}
+
+/// The channels this node needs, and the way to the subscriber task that follows them.
+#[derive(Clone)]
+struct Wants {
+    /// The channels this node needs (rooms with local members, local clients and users), with
+    /// how many reasons it has for each: the subscriber task resubscribes to these after a
+    /// reconnection.
+    wanted: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+impl Wants {
     /// One more reason to be subscribed to `channel`; when it is the first, what answers once
     /// the subscription is in.
     fn want(&self, channel: String) -> Option<oneshot::Receiver<()>> {
@@ -586,7 +618,9 @@ impl RedisBroker {
         let _ = self.control.send(Control(key, Some(done)));
         Some(unsubscribed)
     }
+}
 
+impl RedisBroker {
     /// The envelope of `publication`, serialized once.
     fn envelope(&self, publication: &Publication<'_>) -> Bytes {
         let (kind, target) = match publication.target {
@@ -981,6 +1015,14 @@ impl Broker for RedisBroker {
         Some(remaining)
     }
 
+    fn join_presence(&self, join: &PresenceJoin<'_>) -> PresenceJoining {
+        self.join_presence_here(join)
+    }
+
+    fn leave_presence(&self, group: &str, channel: &str, conn: ConnId) {
+        self.leave_presence_here(group, channel, conn)
+    }
+
     fn room_exists(&self, room: &str) -> Option<oneshot::Receiver<bool>> {
         let (answer, exists) = oneshot::channel();
         let queue = self.publish.clone();
@@ -1163,6 +1205,7 @@ struct Subscriber {
     metrics: Arc<Metrics>,
     subscribed: Arc<AtomicBool>,
     apps: SocketIds,
+    presence: presence::Pending,
 }
 
 /// Why a subscription connection ended.
@@ -1412,6 +1455,12 @@ fn deliver(state: &Subscriber, channel: &str, payload: &[u8]) {
     };
     if let 'q' | 'a' = envelope.kind {
         return on_query_envelope(state, &envelope);
+    }
+    // A presence channel's member events: from Redis only, to every node, this one too.
+    match envelope.kind {
+        'P' => return presence::on_joined(state, &envelope),
+        'L' => return presence::on_left(state, &envelope),
+        _ => {}
     }
     if envelope.kind == 'J' && envelope.node == state.node {
         return; // our members' return: our own members never heard them leave

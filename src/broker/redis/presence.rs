@@ -1,0 +1,448 @@
+//! Presence across nodes: a presence channel's members live in Redis, and every change to them
+//! is one script that changes the tables and publishes the change on the channel's group
+//! channel, so every node's members see one order of member events, and each user is added
+//! once and removed once however many connections, on however many nodes, it has.
+//!
+//! Per channel (the group's name as hash tag, so one script's keys share a cluster slot):
+//! - `PREFIX:presence:GROUP`, a hash of each connection (`NODE:CONN`) to its user;
+//! - `PREFIX:presence-users:GROUP`, a hash of each user to its connection count;
+//! - `PREFIX:presence-info:GROUP`, a hash of each user to its `user_info` (its first
+//!   connection's: the one `member_added` told).
+//!
+//! A join publishes envelope `P` (its message `{"a": member_added frame or absent, "s": [id,
+//! info, ...]}`, the members after it): every node sends `a` to its members but the joiner, and
+//! the joiner's node sends the joiner `subscription_succeeded` with `s`. Member events before
+//! `P` in the channel's order are in `s`; those after it reach the joiner after its list, so its
+//! view is exact. A leave publishes envelope `L`, the `member_removed` frame, when it was the
+//! user's last connection. Both come back to the sending node too: member events are delivered
+//! from Redis only, in its order.
+//!
+//! Each node indexes its presence entries (`PREFIX:node:{NODE}:presence`, JSON `[group,
+//! channel, conn]`), so a reaper takes a dead node's connections out with the same leave script.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    answer_of, lock, Channels, Envelope, Outgoing, RedisBroker, Subscriber, Wants,
+    ACTIVATION_GRACE, RESPONSE_TIMEOUT,
+};
+use crate::broker::{PresenceJoin, PresenceJoining, PresenceRefusal, Publication, Target};
+use crate::hub::{ConnId, Router};
+use crate::outbox::Outbox;
+use crate::protocol::Body;
+use crate::pusher::wire::{self, PresenceMember};
+
+/// A connection joins: ARGV 1 its entry (`NODE:CONN`), 2 its user, 3 the user's info, 4 the
+/// group's channel, 5 the publish verb, 6 the `P` envelope's head (up to its message), 7 the
+/// `member_added` frame's text, 8 the most users. Answers 1 (joined, or it was already: `P`
+/// again, without `a`) or 0 (the channel is full: nothing changed, nothing published).
+const JOIN_SCRIPT: &str = r#"
+local already = redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
+local added = nil
+if not already then
+  local new = redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0
+  if new and redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[8]) then return 0 end
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+  if new then
+    redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+    added = ARGV[7]
+  end
+end
+local members = redis.call('HGETALL', KEYS[3])
+redis.call(ARGV[5], ARGV[4], ARGV[6] .. cjson.encode({a = added, s = members}) .. '}')
+return 1
+"#;
+
+/// A connection leaves: ARGV 1 its entry, 2 the group's channel, 3 the publish verb, 4 the `L`
+/// envelope's head, 5 the Pusher channel's name. Answers 1 when it was the user's last
+/// connection (`member_removed` published), 0 when not, -1 when it was not in the channel.
+const LEAVE_SCRIPT: &str = r#"
+local user = redis.call('HGET', KEYS[1], ARGV[1])
+if not user then return -1 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HINCRBY', KEYS[2], user, -1) > 0 then return 0 end
+redis.call('HDEL', KEYS[2], user)
+redis.call('HDEL', KEYS[3], user)
+local data = cjson.encode({user_id = user})
+local frame = cjson.encode({event = 'pusher_internal:member_removed', channel = ARGV[5], data = data})
+redis.call(ARGV[3], ARGV[2], ARGV[4] .. frame .. '}')
+return 1
+"#;
+
+/// A presence entry: a connection of a node.
+pub(super) fn entry(node: u64, conn: ConnId) -> String {
+    format!("{node:016x}:{conn}")
+}
+
+/// An entry of a node's presence index, which a reaper reads.
+pub(super) fn index_entry(group: &str, channel: &str, conn: ConnId) -> String {
+    serde_json::to_string(&(group, channel, conn)).expect("an index entry serializes")
+}
+
+/// A presence index entry read back.
+pub(super) type IndexEntry = (String, String, ConnId);
+
+fn keys(command: &mut redis::Cmd, channels: &Channels, group: &str) {
+    command
+        .arg(3)
+        .arg(channels.room_key("presence", group))
+        .arg(channels.room_key("presence-users", group))
+        .arg(channels.room_key("presence-info", group));
+}
+
+/// An envelope's head up to its message, in the shape `Envelope` reads.
+fn head(publisher: u64, kind: char, group: &str, from: &str) -> String {
+    let mut head = serde_json::to_string(&super::EnvelopeHead {
+        n: publisher,
+        k: kind,
+        t: group,
+        f: from,
+        ts: 0,
+    })
+    .expect("an envelope head serializes");
+    head.pop(); // its closing brace: the message and the brace follow
+    head.push_str(r#","m":"#);
+    head
+}
+
+/// The join script for connection `conn` of node `node` (socket id `socket_id`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn join_command(
+    channels: &Channels,
+    node: u64,
+    conn: ConnId,
+    socket_id: &str,
+    group: &str,
+    user_id: &str,
+    user_info: &str,
+    member_added: &str,
+    max_members: usize,
+) -> redis::Cmd {
+    let mut command = redis::cmd("EVAL");
+    command.arg(JOIN_SCRIPT);
+    keys(&mut command, channels, group);
+    command
+        .arg(entry(node, conn))
+        .arg(user_id)
+        .arg(user_info)
+        .arg(channels.group(group))
+        .arg(channels.publish_verb())
+        .arg(head(node, 'P', group, socket_id))
+        .arg(member_added)
+        .arg(max_members);
+    command
+}
+
+/// The leave script for connection `conn` of node `member_node`, published as by `publisher`
+/// (a reaper speaks for a dead node's connections).
+pub(super) fn leave_command(
+    channels: &Channels,
+    publisher: u64,
+    member_node: u64,
+    conn: ConnId,
+    group: &str,
+    channel: &str,
+) -> redis::Cmd {
+    let mut command = redis::cmd("EVAL");
+    command.arg(LEAVE_SCRIPT);
+    keys(&mut command, channels, group);
+    command
+        .arg(entry(member_node, conn))
+        .arg(channels.group(group))
+        .arg(channels.publish_verb())
+        .arg(head(publisher, 'L', group, ""))
+        .arg(channel);
+    command
+}
+
+/// The message of a `P` envelope.
+#[derive(Deserialize)]
+pub(super) struct Joined<'a> {
+    /// The `member_added` frame's text, when the user is new.
+    #[serde(borrow, default)]
+    pub a: Option<Cow<'a, str>>,
+    /// The members after the join: id, info (JSON text), id, info, ...
+    #[serde(borrow, default)]
+    pub s: Members<'a>,
+}
+
+/// A join's member list: Lua's cjson writes an empty one as `{}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum Members<'a> {
+    List(#[serde(borrow)] Vec<Cow<'a, str>>),
+    Other(serde::de::IgnoredAny),
+}
+
+impl Default for Members<'_> {
+    fn default() -> Self {
+        Members::List(Vec::new())
+    }
+}
+
+impl Members<'_> {
+    /// The (id, info) pairs.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        let list: &[Cow<'_, str>] = match self {
+            Members::List(list) => list,
+            Members::Other(_) => &[],
+        };
+        list.chunks_exact(2).map(|pair| (&*pair[0], &*pair[1]))
+    }
+}
+
+/// A presence join whose script is on its way, by connection and group.
+pub(super) type Pending = Arc<Mutex<HashMap<(ConnId, Arc<str>), Joining>>>;
+
+/// A presence join on its way: its `subscription_succeeded` goes out when its `P` comes back
+/// (see [`on_joined`]), which may be before or after its script's answer.
+pub(super) struct Joining {
+    outbox: Outbox,
+    channel: Arc<str>,
+    answer: Option<oneshot::Sender<Result<(), PresenceRefusal>>>,
+    /// Its script answered: it is in Redis.
+    answered: bool,
+    /// Its `P` came back: it has its member list.
+    listed: bool,
+    /// It left before its script answered; the join's task sends its leave after the join.
+    left: bool,
+}
+
+impl RedisBroker {
+    fn presence_index(&self, verb: &str, group: &str, channel: &str, conn: ConnId) -> redis::Cmd {
+        let mut command = redis::cmd(verb);
+        command
+            .arg(self.channels.node_presence(self.node))
+            .arg(index_entry(group, channel, conn));
+        command
+    }
+
+    pub(super) fn join_presence_here(&self, join: &PresenceJoin<'_>) -> PresenceJoining {
+        if self
+            .hub
+            .join_group(join.group, join.conn, join.outbox)
+            .is_none()
+        {
+            return PresenceJoining::AlreadyMember;
+        }
+        let group_channel = self.channels.group(join.group);
+        let subscribed = self.want(group_channel.clone());
+        let group: Arc<str> = Arc::from(join.group);
+        let key = (join.conn, group.clone());
+        let (answer, joined) = oneshot::channel();
+        lock(&self.presence).insert(
+            key.clone(),
+            Joining {
+                outbox: join.outbox.clone(),
+                channel: Arc::from(join.channel),
+                answer: Some(answer),
+                answered: false,
+                listed: false,
+                left: false,
+            },
+        );
+        // Indexed before the join, unindexed after the leave: the index holds at least every
+        // entry Redis has of this node's, for a reaper.
+        self.send_command(self.presence_index("SADD", join.group, join.channel, join.conn));
+        let added = wire::member_added(join.channel, join.user_id, join.user_info);
+        let script = join_command(
+            &self.channels,
+            self.node,
+            join.conn,
+            join.socket_id,
+            join.group,
+            join.user_id,
+            join.user_info.get(),
+            added.get(),
+            join.max_members,
+        );
+        let undo = Undo {
+            leave: leave_command(
+                &self.channels,
+                self.node,
+                self.node,
+                join.conn,
+                join.group,
+                join.channel,
+            ),
+            unindex: self.presence_index("SREM", join.group, join.channel, join.conn),
+            hub: self.hub.clone(),
+            wants: self.wants.clone(),
+            group_channel,
+        };
+        let (queue, pending) = (self.publish.clone(), self.presence.clone());
+        tokio::spawn(async move {
+            // Subscribed first: its `P` must come back here.
+            if let Some(subscribed) = subscribed {
+                let _ = tokio::time::timeout(RESPONSE_TIMEOUT, subscribed).await;
+            }
+            let answered = answer_of(&queue, script).await;
+            let refusal = {
+                let mut map = lock(&pending);
+                let Some(entry) = map.get_mut(&key) else {
+                    return;
+                };
+                match answered {
+                    _ if entry.left => {
+                        // It left meanwhile (out of the group already): its leave, after this.
+                        map.remove(&key);
+                        undo.send(&queue, answered != Some(0));
+                        return;
+                    }
+                    Some(1) if entry.listed => {
+                        map.remove(&key);
+                        return;
+                    }
+                    Some(1) => {
+                        entry.answered = true;
+                        None
+                    }
+                    Some(0) => Some(PresenceRefusal::Full),
+                    _ => Some(PresenceRefusal::Unavailable),
+                }
+            };
+            let refusal = match refusal {
+                Some(refusal) => refusal,
+                None => {
+                    // Joined; its `P` is late (the subscription lost?): after a grace, it is
+                    // taken out again rather than left waiting for a member list forever.
+                    tokio::time::sleep(ACTIVATION_GRACE).await;
+                    let map = lock(&pending);
+                    match map.get(&key) {
+                        Some(entry) if !entry.listed => PresenceRefusal::Unavailable,
+                        _ => return,
+                    }
+                }
+            };
+            let Some(mut entry) = lock(&pending).remove(&key) else {
+                return;
+            };
+            undo.out_of_group(key.0, &key.1);
+            undo.send(&queue, refusal == PresenceRefusal::Unavailable);
+            if let Some(answer) = entry.answer.take() {
+                let _ = answer.send(Err(refusal));
+            }
+        });
+        PresenceJoining::Later(joined)
+    }
+
+    pub(super) fn leave_presence_here(&self, group: &str, channel: &str, conn: ConnId) {
+        let key = (conn, Arc::from(group));
+        {
+            let mut map = lock(&self.presence);
+            match map.get_mut(&key) {
+                Some(entry) if !entry.answered => {
+                    // Its join's task sends the leave after the join, so Redis sees them in
+                    // order.
+                    entry.left = true;
+                    drop(map);
+                    if self.hub.leave_group(group, conn).is_some() {
+                        let _ = self.unwant(&self.channels.group(group));
+                    }
+                    return;
+                }
+                Some(_) => {
+                    map.remove(&key);
+                }
+                None => {}
+            }
+        }
+        if self.hub.leave_group(group, conn).is_none() {
+            return;
+        }
+        let _ = self.unwant(&self.channels.group(group));
+        let leave = leave_command(&self.channels, self.node, self.node, conn, group, channel);
+        self.send_command(leave);
+        self.send_command(self.presence_index("SREM", group, channel, conn));
+    }
+}
+
+/// What takes a joiner back out: of its group here, and of Redis.
+struct Undo {
+    leave: redis::Cmd,
+    unindex: redis::Cmd,
+    hub: Arc<dyn Router>,
+    wants: Wants,
+    group_channel: String,
+}
+
+impl Undo {
+    fn out_of_group(&self, conn: ConnId, group: &str) {
+        if self.hub.leave_group(group, conn).is_some() {
+            let _ = self.wants.unwant(&self.group_channel);
+        }
+    }
+
+    /// Its leave, when Redis may have it (`in_redis`), and its index entry's removal.
+    fn send(self, queue: &mpsc::Sender<Outgoing>, in_redis: bool) {
+        if in_redis {
+            let _ = queue.try_send(Outgoing::unanswered(self.leave));
+        }
+        let _ = queue.try_send(Outgoing::unanswered(self.unindex));
+    }
+}
+
+/// A `P` envelope: the join's `member_added` to every member here but the joiner, and to the
+/// joiner, when it is this node's, its member list.
+pub(super) fn on_joined(state: &Subscriber, envelope: &Envelope<'_>) {
+    let Ok(joined) = serde_json::from_str::<Joined<'_>>(envelope.message.raw().get()) else {
+        return;
+    };
+    let joiner = (envelope.node == state.node)
+        .then(|| state.apps.as_ref()?.conn_of(&envelope.from))
+        .flatten();
+    if let Some(added) = &joined.a {
+        if let Ok(text) = serde_json::from_str::<&RawValue>(added) {
+            let _ = state.hub.deliver(&Publication {
+                target: Target::Group(&envelope.target),
+                from: &envelope.from,
+                message: Body::Raw(text),
+                timestamp: envelope.timestamp,
+                except: joiner,
+            });
+        }
+    }
+    let Some(conn) = joiner else {
+        return;
+    };
+    let key = (conn, Arc::from(&*envelope.target));
+    let mut map = lock(&state.presence);
+    let Some(entry) = map.get_mut(&key) else {
+        return;
+    };
+    if entry.left || entry.listed {
+        return;
+    }
+    let members = joined.s.pairs().map(|(user_id, info)| PresenceMember {
+        user_id,
+        user_info: serde_json::from_str(info).unwrap_or(RawValue::NULL),
+    });
+    entry
+        .outbox
+        .push(wire::presence_succeeded(&entry.channel, members));
+    entry.listed = true;
+    if let Some(answer) = entry.answer.take() {
+        let _ = answer.send(Ok(()));
+    }
+    if entry.answered {
+        map.remove(&key);
+    }
+}
+
+/// A `L` envelope: `member_removed` to every member here.
+pub(super) fn on_left(state: &Subscriber, envelope: &Envelope<'_>) {
+    let _ = state.hub.deliver(&Publication {
+        target: Target::Group(&envelope.target),
+        from: "",
+        message: Body::Raw(envelope.message.raw()),
+        timestamp: envelope.timestamp,
+        except: None,
+    });
+}
