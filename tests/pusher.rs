@@ -358,3 +358,146 @@ async fn with_redis_unreachable_a_presence_subscription_is_refused_with_503_and_
         .unwrap();
     assert_eq!(event(&mut ws).await["event"], "pusher:pong");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_empty_the_nodes_put_their_presence_members_back_and_not_one_that_left_meanwhile(
+) {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let port = redis.addr.port();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let url = redis.url();
+        nodes.push(
+            start_server_with(|config| {
+                config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
+                config.redis = Some(url);
+            })
+            .await,
+        );
+    }
+    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    let channel = "presence-restart";
+    let (mut a, id) = connect_at(nodes[0].addr).await;
+    join_presence(&mut a, &id, channel, "on-a").await;
+    let (mut b, id) = connect_at(nodes[1].addr).await;
+    assert_eq!(
+        join_presence(&mut b, &id, channel, "on-b").await,
+        ["on-a", "on-b"]
+    );
+    let (mut leaver, id) = connect_at(nodes[1].addr).await;
+    join_presence(&mut leaver, &id, channel, "leaver").await;
+
+    redis.kill();
+    // Its leave cannot reach Redis now.
+    leaver.close(None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let redis = RedisServer::start_on(port).await;
+    redis
+        .wait_for_subscribers(&format!("roomcast:group:pusher/0/{channel}"), 2)
+        .await;
+    // Each node puts its own back once connected; a joiner then sees exactly those present.
+    let (mut late, id) = connect_at(nodes[0].addr).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ids = join_presence(&mut late, &id, channel, "late").await;
+        if ids == ["late", "on-a", "on-b"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "members after the restart: {ids:?}"
+        );
+        let unsubscribe = json!({"event": "pusher:unsubscribe", "data": {"channel": channel}});
+        late.send(Message::Text(unsubscribe.to_string()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        redis
+            .command(&[
+                "HLEN",
+                &format!("roomcast:presence-users:pusher/0/{channel}")
+            ])
+            .await
+            .as_deref(),
+        Some(":3")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_entry_whose_leave_never_reached_redis_is_removed_when_the_node_reconnects() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let url = redis.url();
+    let node = start_server_with(|config| {
+        config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
+        config.redis = Some(url);
+    })
+    .await;
+    redis.wait_for_subscribers("roomcast:broadcast", 1).await;
+    let channel = "presence-stale";
+    let group = format!("pusher/0/{channel}");
+    let (mut watcher, id) = connect_at(node.addr).await;
+    join_presence(&mut watcher, &id, channel, "watcher").await;
+    // What a leave lost to an outage leaves behind: an entry of this node's in Redis and its
+    // index, for a connection the node no longer has.
+    let listed = redis
+        .command(&["SMEMBERS", "roomcast:nodes"])
+        .await
+        .unwrap();
+    let node_id = listed.lines().last().unwrap().to_owned();
+    let entry = json!([group, channel, 999_999]).to_string();
+    let index = format!("roomcast:node:{{{node_id}}}:presence");
+    let ghost = format!("{node_id}:999999");
+    for command in [
+        vec!["SADD", &index, &entry],
+        vec![
+            "HSET",
+            &format!("roomcast:presence:{group}"),
+            &ghost,
+            "ghost",
+        ],
+        vec![
+            "HSET",
+            &format!("roomcast:presence-users:{group}"),
+            "ghost",
+            "1",
+        ],
+        vec![
+            "HSET",
+            &format!("roomcast:presence-info:{group}"),
+            "ghost",
+            "null",
+        ],
+    ] {
+        assert_eq!(
+            redis.command(&command).await.as_deref(),
+            Some(":1"),
+            "{command:?}"
+        );
+    }
+    // The node's subscription connection drops; on reconnecting it settles its entries.
+    redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    let removed = tokio::time::timeout(Duration::from_secs(10), watcher.next())
+        .await
+        .expect("member_removed once the node is back")
+        .unwrap()
+        .unwrap();
+    let removed: Value = serde_json::from_str(removed.to_text().unwrap()).unwrap();
+    assert_eq!(
+        removed["event"], "pusher_internal:member_removed",
+        "{removed}"
+    );
+    assert_eq!(removed["data"], r#"{"user_id":"ghost"}"#);
+    assert_eq!(
+        redis
+            .command(&["HLEN", &format!("roomcast:presence-users:{group}")])
+            .await
+            .as_deref(),
+        Some(":1")
+    );
+}

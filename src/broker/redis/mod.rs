@@ -456,6 +456,8 @@ pub struct RedisBroker {
     unsent: Unsent,
     /// Presence joins on their way (see [`presence`]).
     presence: presence::Pending,
+    /// This node's connections in presence channels.
+    present: presence::Present,
     /// Held while the broker lives: the lease task ends when it is gone.
     _alive: Arc<()>,
 }
@@ -519,6 +521,7 @@ impl RedisBroker {
         }));
         let queries = Arc::new(Queries::default());
         let presence = presence::Pending::default();
+        let present = presence::Present::default();
         tokio::spawn(subscriber(Subscriber {
             client,
             publish: publish.clone(),
@@ -533,6 +536,7 @@ impl RedisBroker {
             subscribed: subscribed.clone(),
             apps,
             presence: presence.clone(),
+            present: present.clone(),
         }));
         info!(
             node = format_args!("{node:016x}"),
@@ -554,6 +558,7 @@ impl RedisBroker {
             subscribed,
             unsent,
             presence,
+            present,
             _alive: alive,
         }
     }
@@ -1206,6 +1211,7 @@ struct Subscriber {
     subscribed: Arc<AtomicBool>,
     apps: SocketIds,
     presence: presence::Pending,
+    present: presence::Present,
 }
 
 /// Why a subscription connection ended.
@@ -1298,12 +1304,18 @@ async fn serve(
     else {
         return Ended::Lost;
     };
+    let Some(present) =
+        presence::register(&state.client, &state.channels, state.node, &state.present).await
+    else {
+        return Ended::Lost;
+    };
     state.sessions.fetch_add(1, Ordering::Release);
     state.subscribed.store(true, Ordering::Release);
     state.metrics.redis_connected.set(1.0);
     info!(
         channels = channels.len() + 1,
         members = registered,
+        presence = present,
         "redis connected: subscribed, members registered"
     );
     let mut probe = tokio::time::interval(PROBE_EVERY);

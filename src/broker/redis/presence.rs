@@ -28,6 +28,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
+use super::connection::Client;
 use super::{
     answer_of, lock, Channels, Envelope, Outgoing, RedisBroker, Subscriber, Wants,
     ACTIVATION_GRACE, RESPONSE_TIMEOUT,
@@ -40,10 +41,13 @@ use crate::pusher::wire::{self, PresenceMember};
 
 /// A connection joins: ARGV 1 its entry (`NODE:CONN`), 2 its user, 3 the user's info, 4 the
 /// group's channel, 5 the publish verb, 6 the `P` envelope's head (up to its message), 7 the
-/// `member_added` frame's text, 8 the most users. Answers 1 (joined, or it was already: `P`
-/// again, without `a`) or 0 (the channel is full: nothing changed, nothing published).
+/// `member_added` frame's text, 8 the most users, 9 `1` when it is put back (after Redis came
+/// back), not joining. Answers 1 (joined, or it was already: `P` again, without `a`, but for
+/// one put back, which publishes only when it is new) or 0 (the channel is full: nothing
+/// changed, nothing published).
 const JOIN_SCRIPT: &str = r#"
 local already = redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
+if already and ARGV[9] == '1' then return 1 end
 local added = nil
 if not already then
   local new = redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0
@@ -124,6 +128,7 @@ pub(super) fn join_command(
     user_info: &str,
     member_added: &str,
     max_members: usize,
+    put_back: bool,
 ) -> redis::Cmd {
     let mut command = redis::cmd("EVAL");
     command.arg(JOIN_SCRIPT);
@@ -136,7 +141,8 @@ pub(super) fn join_command(
         .arg(channels.publish_verb())
         .arg(head(node, 'P', group, socket_id))
         .arg(member_added)
-        .arg(max_members);
+        .arg(max_members)
+        .arg(u8::from(put_back));
     command
 }
 
@@ -201,6 +207,18 @@ impl Members<'_> {
 /// A presence join whose script is on its way, by connection and group.
 pub(super) type Pending = Arc<Mutex<HashMap<(ConnId, Arc<str>), Joining>>>;
 
+/// This node's connections in presence channels, by connection and group: what it puts back
+/// into Redis when Redis returns (see [`register`]).
+pub(super) type Present = Arc<Mutex<HashMap<(ConnId, Arc<str>), Presence>>>;
+
+/// One connection's place in a presence channel.
+pub(super) struct Presence {
+    channel: Arc<str>,
+    socket_id: Box<str>,
+    user_id: Box<str>,
+    user_info: Box<RawValue>,
+}
+
 /// A presence join on its way: its `subscription_succeeded` goes out when its `P` comes back
 /// (see [`on_joined`]), which may be before or after its script's answer.
 pub(super) struct Joining {
@@ -237,6 +255,15 @@ impl RedisBroker {
         let group: Arc<str> = Arc::from(join.group);
         let key = (join.conn, group.clone());
         let (answer, joined) = oneshot::channel();
+        lock(&self.present).insert(
+            key.clone(),
+            Presence {
+                channel: Arc::from(join.channel),
+                socket_id: join.socket_id.into(),
+                user_id: join.user_id.into(),
+                user_info: join.user_info.to_owned(),
+            },
+        );
         lock(&self.presence).insert(
             key.clone(),
             Joining {
@@ -262,6 +289,7 @@ impl RedisBroker {
             join.user_info.get(),
             added.get(),
             join.max_members,
+            false,
         );
         let undo = Undo {
             leave: leave_command(
@@ -277,7 +305,11 @@ impl RedisBroker {
             wants: self.wants.clone(),
             group_channel,
         };
-        let (queue, pending) = (self.publish.clone(), self.presence.clone());
+        let (queue, pending, present) = (
+            self.publish.clone(),
+            self.presence.clone(),
+            self.present.clone(),
+        );
         tokio::spawn(async move {
             // Subscribed first: its `P` must come back here.
             if let Some(subscribed) = subscribed {
@@ -324,6 +356,7 @@ impl RedisBroker {
             let Some(mut entry) = lock(&pending).remove(&key) else {
                 return;
             };
+            lock(&present).remove(&key);
             undo.out_of_group(key.0, &key.1);
             undo.send(&queue, refusal == PresenceRefusal::Unavailable);
             if let Some(answer) = entry.answer.take() {
@@ -335,6 +368,7 @@ impl RedisBroker {
 
     pub(super) fn leave_presence_here(&self, group: &str, channel: &str, conn: ConnId) {
         let key = (conn, Arc::from(group));
+        lock(&self.present).remove(&key);
         {
             let mut map = lock(&self.presence);
             match map.get_mut(&key) {
@@ -445,4 +479,71 @@ pub(super) fn on_left(state: &Subscriber, envelope: &Envelope<'_>) {
         timestamp: envelope.timestamp,
         except: None,
     });
+}
+
+/// After Redis came back (see `register_members`), puts this node's presence entries back, on a
+/// connection of its own: each present connection's join again (a no-op where Redis has it;
+/// where Redis lost it, restarted empty or a reaper took this node for dead, the others hear
+/// `member_added` for a user that is new to them), and the leave of each entry of the node's
+/// index that is no longer present (its leave never reached Redis). Returns the entries put
+/// back, `None` when Redis did not take them.
+pub(super) async fn register(
+    client: &Client,
+    channels: &Channels,
+    node: u64,
+    present: &Present,
+) -> Option<usize> {
+    let index = channels.node_presence(node);
+    let work = async {
+        let mut redis = client.commands().await?;
+        let mut members = redis::cmd("SMEMBERS");
+        members.arg(&index);
+        let indexed: Vec<String> = redis.query(members).await?;
+        let mut batch = Vec::new();
+        let mut registered = 0;
+        {
+            let present = lock(present);
+            for entry in &indexed {
+                let Ok((group, channel, conn)) = serde_json::from_str::<IndexEntry>(entry) else {
+                    continue;
+                };
+                if !present.contains_key(&(conn, Arc::from(group.as_str()))) {
+                    batch.push(leave_command(channels, node, node, conn, &group, &channel));
+                    let mut unindex = redis::cmd("SREM");
+                    unindex.arg(&index).arg(entry);
+                    batch.push(unindex);
+                }
+            }
+            for ((conn, group), presence) in present.iter() {
+                let mut reindex = redis::cmd("SADD");
+                reindex
+                    .arg(&index)
+                    .arg(index_entry(group, &presence.channel, *conn));
+                batch.push(reindex);
+                let added =
+                    wire::member_added(&presence.channel, &presence.user_id, &presence.user_info);
+                batch.push(join_command(
+                    channels,
+                    node,
+                    *conn,
+                    &presence.socket_id,
+                    group,
+                    &presence.user_id,
+                    presence.user_info.get(),
+                    added.get(),
+                    usize::MAX,
+                    true,
+                ));
+                registered += 1;
+            }
+        }
+        if !batch.is_empty() {
+            redis.run(batch).await?;
+        }
+        Ok::<_, redis::RedisError>(registered)
+    };
+    match tokio::time::timeout(RESPONSE_TIMEOUT * 2, work).await {
+        Ok(Ok(registered)) => Some(registered),
+        _ => None,
+    }
 }
