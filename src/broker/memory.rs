@@ -1,12 +1,17 @@
 //! The single-node broker: a publication is delivered straight into the local hub, with
 //! nothing in between (the hot path of a one-node deployment costs one virtual call more), and
 //! a join or leave is the hub's, which tells the room's members at once; presence is a table
-//! here ([`super::presence`]).
+//! here ([`super::presence`]), and so are cache channels' last events ([`super::cache`]).
 
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
+
+use super::cache::LastEvents;
 use super::presence::LocalPresence;
-use super::{Broker, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining, Publication};
+use super::{
+    Broker, CachedEvent, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining, Publication,
+};
 use crate::hub::{ConnId, Member, Router, Since};
 use crate::outbox::Outbox;
 use tokio::sync::oneshot;
@@ -15,6 +20,7 @@ use tokio::sync::oneshot;
 pub struct MemoryBroker {
     hub: Arc<dyn Router>,
     presence: LocalPresence,
+    last_events: LastEvents,
 }
 
 impl MemoryBroker {
@@ -22,6 +28,7 @@ impl MemoryBroker {
         Self {
             hub,
             presence: LocalPresence::default(),
+            last_events: LastEvents::default(),
         }
     }
 }
@@ -69,5 +76,13 @@ impl Broker for MemoryBroker {
 
     fn leave_presence(&self, group: &str, channel: &str, conn: ConnId) {
         self.presence.leave(&*self.hub, group, channel, conn)
+    }
+
+    fn keep_last_event(&self, group: &str, text: &RawValue) {
+        self.last_events.keep(group, text);
+    }
+
+    fn last_event(&self, group: &str) -> CachedEvent {
+        CachedEvent::Done(self.last_events.get(group))
     }
 }

@@ -12,6 +12,7 @@
 //! broker is a second implementation of the same trait, picked in config; nothing in the
 //! sessions or the API changes with it. Membership (rooms, counts) stays in the hub.
 
+mod cache;
 mod memory;
 mod presence;
 pub mod query;
@@ -189,6 +190,20 @@ pub enum PresenceJoining {
     Later(oneshot::Receiver<Result<(), PresenceRefusal>>),
 }
 
+/// How long a cache channel keeps its last event (Pusher's 30 minutes).
+pub const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// A cache channel's last event (its frame's text), if one is kept.
+pub type LastEvent = Option<Box<RawValue>>;
+
+/// What reading a cache channel's last event came to.
+#[derive(Debug)]
+pub enum CachedEvent {
+    Done(LastEvent),
+    /// Read from the cluster; the sender dropped without an answer: Redis did not answer.
+    Later(oneshot::Receiver<LastEvent>),
+}
+
 /// Carries publications to every node with recipients for them; delivers those that arrive
 /// into the local hub.
 pub trait Broker: Send + Sync + 'static {
@@ -265,4 +280,11 @@ pub trait Broker: Send + Sync + 'static {
     /// Takes a connection out of a presence channel `group` (named `channel`); when it was its
     /// user's last connection there, anywhere, the remaining members get `member_removed`.
     fn leave_presence(&self, group: &str, channel: &str, conn: ConnId);
+
+    /// Keeps `text`, an event frame's text just published to the cache channel `group`, as its
+    /// last event, for [`CACHE_TTL`], where every node reads it.
+    fn keep_last_event(&self, group: &str, text: &RawValue);
+
+    /// The last event kept for the cache channel `group`.
+    fn last_event(&self, group: &str) -> CachedEvent;
 }

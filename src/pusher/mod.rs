@@ -133,10 +133,15 @@ pub fn group(app: u16, channel: &str) -> String {
 
 /// Publishes the event frame `text` to `channel` of `app` on every node, skipping the
 /// connection of `skip` (a socket id, of any node: `""` none); the deliveries made here.
+/// A cache channel's event is kept as its last, first.
 pub fn publish(node: &Node, app: u16, channel: &str, text: &RawValue, skip: &str) -> usize {
     let except = node.pusher.as_ref().and_then(|apps| apps.conn_of(skip));
+    let group = group(app, channel);
+    if session::is_cache(channel) {
+        node.broker.keep_last_event(&group, text);
+    }
     let delivered = node.broker.publish(&Publication {
-        target: Target::Group(&group(app, channel)),
+        target: Target::Group(&group),
         from: skip,
         message: Body::Raw(text),
         timestamp: protocol::timestamp(),

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::wire::{self, code, ChannelData, Incoming, Subscribe, Unsubscribe};
 use super::{group, signing};
-use crate::broker::{PresenceJoin, PresenceJoining, PresenceRefusal};
+use crate::broker::{CachedEvent, LastEvent, PresenceJoin, PresenceJoining, PresenceRefusal};
 use crate::hub::ConnId;
 use crate::limits::{Rate, RateLimiter};
 use crate::node::Node;
@@ -58,15 +58,11 @@ enum Kind {
     Encrypted,
     /// `presence-`: private, and its members know who is there.
     Presence,
-    /// `cache-`: not served yet.
-    Unsupported,
 }
 
 fn kind_of(channel: &str) -> Kind {
     if channel.starts_with("private-encrypted-") {
         Kind::Encrypted
-    } else if channel.starts_with("cache-") || channel.starts_with("private-cache-") {
-        Kind::Unsupported
     } else if channel.starts_with("private-") {
         Kind::Private
     } else if channel.starts_with("presence-") {
@@ -74,6 +70,20 @@ fn kind_of(channel: &str) -> Kind {
     } else {
         Kind::Public
     }
+}
+
+/// Whether a channel is a cache channel (`cache-`, `private-cache-`,
+/// `private-encrypted-cache-`, `presence-cache-`): its last event is kept for 30 minutes, and a
+/// subscriber gets it (or `pusher:cache_miss`) after `subscription_succeeded`.
+pub fn is_cache(channel: &str) -> bool {
+    [
+        "cache-",
+        "private-cache-",
+        "private-encrypted-cache-",
+        "presence-cache-",
+    ]
+    .iter()
+    .any(|prefix| channel.starts_with(prefix))
 }
 
 /// A channel the connection is in.
@@ -92,6 +102,8 @@ enum Waiting {
     /// A presence join going round the cluster: the broker sends `subscription_succeeded`
     /// with the members, or it is refused.
     Presence(oneshot::Receiver<Result<(), PresenceRefusal>>),
+    /// Subscribed to a cache channel: its last event, read from the cluster, follows.
+    LastEvent(oneshot::Receiver<LastEvent>),
 }
 
 pub struct PusherSession {
@@ -176,16 +188,6 @@ impl PusherSession {
         let kind = kind_of(channel);
         let channel_data = subscribe.channel_data.as_deref();
         match kind {
-            Kind::Unsupported => {
-                let error = "cache channels are not supported yet";
-                self.outbox.push(wire::subscription_error(
-                    channel,
-                    "UnsupportedChannel",
-                    error,
-                    501,
-                ));
-                return;
-            }
             Kind::Private | Kind::Encrypted | Kind::Presence => {
                 let apps = self.node.pusher.as_ref().expect("apps");
                 let app = apps.get(self.app.unwrap_or_default());
@@ -236,7 +238,22 @@ impl PusherSession {
                 .push((channel.into(), Waiting::Heard(heard))),
             None => {
                 self.outbox.push(wire::subscription_succeeded(channel));
+                self.after_succeeded(channel);
             }
+        }
+    }
+
+    /// Once `subscription_succeeded` is sent: on a cache channel, its last event, or
+    /// `pusher:cache_miss` when none is kept.
+    fn after_succeeded(&mut self, channel: &str) {
+        if !is_cache(channel) {
+            return;
+        }
+        match self.node.broker.last_event(&self.group(channel)) {
+            CachedEvent::Done(last) => send_last_event(&self.outbox, channel, last),
+            CachedEvent::Later(last) => self
+                .subscribing
+                .push((channel.into(), Waiting::LastEvent(last))),
         }
     }
 
@@ -270,19 +287,22 @@ impl PusherSession {
             user_info,
             max_members: MAX_PRESENCE_MEMBERS,
         });
-        let waiting = match joining {
+        let joined = match joining {
             PresenceJoining::AlreadyMember => return,
             PresenceJoining::Done(Err(refusal)) => return self.presence_refusal(channel, refusal),
             PresenceJoining::Done(Ok(())) => None,
-            PresenceJoining::Later(joined) => Some(Waiting::Presence(joined)),
+            PresenceJoining::Later(joined) => Some(joined),
         };
         self.channels.push(Subscribed {
             name: channel.into(),
             kind: Kind::Presence,
             user_id: Some(user_id.into()),
         });
-        if let Some(waiting) = waiting {
-            self.subscribing.push((channel.into(), waiting));
+        match joined {
+            Some(joined) => self
+                .subscribing
+                .push((channel.into(), Waiting::Presence(joined))),
+            None => self.after_succeeded(channel),
         }
     }
 
@@ -377,6 +397,14 @@ impl PusherSession {
     }
 }
 
+/// A cache channel's last event to a new subscriber, or `pusher:cache_miss`.
+fn send_last_event(outbox: &Outbox, channel: &str, last: LastEvent) {
+    match last {
+        Some(text) => outbox.push(wire::frame_of(&text)),
+        None => outbox.push(wire::cache_miss(channel)),
+    };
+}
+
 fn parse<'a, T: serde::Deserialize<'a>>(
     data: Option<&'a serde_json::value::RawValue>,
 ) -> Option<T> {
@@ -444,6 +472,7 @@ impl Protocol for PusherSession {
 
     fn poll_waiting(&mut self, cx: &mut Context<'_>) -> bool {
         let mut refused = Vec::new();
+        let mut succeeded = Vec::new();
         let outbox = &self.outbox;
         self.subscribing
             .retain_mut(|(channel, waiting)| match waiting {
@@ -453,13 +482,17 @@ impl Protocol for PusherSession {
                     // channel's local events flow either way.
                     Poll::Ready(_) => {
                         outbox.push(wire::subscription_succeeded(channel));
+                        succeeded.push(channel.clone());
                         false
                     }
                 },
                 Waiting::Presence(joined) => match std::pin::Pin::new(joined).poll(cx) {
                     Poll::Pending => true,
                     // Joined: the broker sent `subscription_succeeded`.
-                    Poll::Ready(Ok(Ok(()))) => false,
+                    Poll::Ready(Ok(Ok(()))) => {
+                        succeeded.push(channel.clone());
+                        false
+                    }
                     Poll::Ready(Ok(Err(refusal))) => {
                         refused.push((channel.clone(), refusal));
                         false
@@ -469,7 +502,18 @@ impl Protocol for PusherSession {
                         false
                     }
                 },
+                Waiting::LastEvent(last) => match std::pin::Pin::new(last).poll(cx) {
+                    Poll::Pending => true,
+                    // Not read (Redis away): a miss, so the app fetches what it needs itself.
+                    Poll::Ready(last) => {
+                        send_last_event(outbox, channel, last.ok().flatten());
+                        false
+                    }
+                },
             });
+        for channel in succeeded {
+            self.after_succeeded(&channel);
+        }
         for (channel, refusal) in refused {
             // The broker took it out of the channel's group; it is not subscribed.
             self.channels.retain(|known| known.name != channel);
@@ -502,8 +546,12 @@ mod tests {
         assert_eq!(kind_of("private-encrypted-x"), Kind::Encrypted);
         assert_eq!(kind_of("private-x"), Kind::Private);
         assert_eq!(kind_of("presence-x"), Kind::Presence);
-        assert_eq!(kind_of("cache-x"), Kind::Unsupported);
-        assert_eq!(kind_of("private-cache-x"), Kind::Unsupported);
+        assert_eq!(kind_of("private-cache-x"), Kind::Private);
+        assert_eq!(kind_of("presence-cache-x"), Kind::Presence);
+        assert_eq!(kind_of("private-encrypted-cache-x"), Kind::Encrypted);
+        assert!(is_cache("cache-x") && is_cache("private-cache-x"));
+        assert!(is_cache("private-encrypted-cache-x") && is_cache("presence-cache-x"));
+        assert!(!is_cache("private-x") && !is_cache("news-cache-x"));
         assert_eq!(kind_of("news"), Kind::Public);
     }
 }

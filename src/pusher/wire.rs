@@ -86,6 +86,16 @@ pub fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -
     }))
 }
 
+/// `pusher:cache_miss`: a cache channel has no last event kept.
+pub fn cache_miss(channel: &str) -> Bytes {
+    frame(&json!({"event": "pusher:cache_miss", "channel": channel, "data": "{}"}))
+}
+
+/// The frame of an event's text (see [`event`]), for one connection.
+pub fn frame_of(text: &RawValue) -> Bytes {
+    protocol::data(false, text.get().as_bytes())
+}
+
 pub fn error(code: u16, message: &str) -> Bytes {
     frame(&json!({"event": "pusher:error", "data": {"code": code, "message": message}}))
 }

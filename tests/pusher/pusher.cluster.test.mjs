@@ -149,3 +149,10 @@ test('a client event on a presence channel reaches the other node with the sende
   assert.equal(a.trigger('client-typing', { typing: true }), true);
   assert.deepEqual(await heard, { data: { typing: true }, metadata: { user_id: 'eve' } });
 });
+
+test('a cache channel\'s last event, triggered on one node, is given to a new subscriber on the other', async () => {
+  await restA.trigger('cache-cluster-score', 'score', { home: 1 });
+  await restA.trigger('cache-cluster-score', 'score', { home: 2 });
+  const late = onB().subscribe('cache-cluster-score');
+  assert.deepEqual(await next(late, 'score'), { home: 2 });
+});

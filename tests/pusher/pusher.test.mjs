@@ -201,3 +201,30 @@ test('a presence channel takes 100 users and refuses the 101st with status 403; 
   const again = await subscribed(member('user-7', {}), 'presence-full');
   assert.equal(again.members.count, 100);
 });
+
+test('a cache channel tells a subscriber pusher:cache_miss until an event is sent, then gives each new subscriber the last one', async () => {
+  const first = client();
+  const channel = first.subscribe('cache-prices');
+  const missed = next(channel, 'pusher:cache_miss');
+  await next(channel, 'pusher:subscription_succeeded');
+  await missed;
+  const live = next(channel, 'price');
+  await rest.trigger('cache-prices', 'price', { eur: 1 });
+  assert.deepEqual(await live, { eur: 1 });
+  await rest.trigger('cache-prices', 'price', { eur: 2 });
+  const late = client().subscribe('cache-prices');
+  const noMiss = within(late, 'pusher:cache_miss', 500);
+  assert.deepEqual(await next(late, 'price'), { eur: 2 }, 'the last event, after subscription_succeeded');
+  assert.equal(await noMiss, undefined);
+});
+
+test('a presence cache channel lists its members, then gives the last event', async () => {
+  await rest.trigger('presence-cache-board', 'posted', { n: 7 });
+  const pusher = member('reader', {});
+  const channel = pusher.subscribe('presence-cache-board');
+  const order = [];
+  channel.bind('pusher:subscription_succeeded', (members) => order.push(['members', members.count]));
+  const last = new Promise((resolve) => channel.bind('posted', (data) => { order.push(['posted', data.n]); resolve(); }));
+  await last;
+  assert.deepEqual(order, [['members', 1], ['posted', 7]]);
+});

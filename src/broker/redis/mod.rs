@@ -82,7 +82,8 @@ use connection::{Client, Commands, SubscriptionSink, SubscriptionStream};
 
 use super::query::{Answer, Gathered, Query, Responder, ASK_TIMEOUT};
 use super::{
-    Broker, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining, Publication, Target,
+    Broker, CachedEvent, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining,
+    Publication, Target, CACHE_TTL,
 };
 use crate::api::webhooks::{EventKind, Webhooks};
 use crate::history::{HistoryConfig, HistoryPolicy};
@@ -381,6 +382,11 @@ impl Channels {
     /// The key of a room's member set (entries `NODE:CLIENT_ID`).
     fn members(&self, room: &str) -> String {
         self.room_key("members", room)
+    }
+
+    /// A cache channel's last event (a string key with the cache's TTL).
+    fn cache(&self, group: &str) -> String {
+        self.room_key("cache", group)
     }
 
     /// A kept room's history stream (see [`history`]).
@@ -1026,6 +1032,32 @@ impl Broker for RedisBroker {
 
     fn leave_presence(&self, group: &str, channel: &str, conn: ConnId) {
         self.leave_presence_here(group, channel, conn)
+    }
+
+    fn keep_last_event(&self, group: &str, text: &RawValue) {
+        // Queued before the event's own publish: a subscriber that reads the key after it
+        // heard the event reads this one or a later one.
+        let mut set = redis::cmd("SET");
+        set.arg(self.channels.cache(group))
+            .arg(text.get())
+            .arg("PX")
+            .arg(CACHE_TTL.as_millis() as u64);
+        self.send_command(set);
+    }
+
+    fn last_event(&self, group: &str) -> CachedEvent {
+        let (answer, event) = oneshot::channel();
+        let queue = self.publish.clone();
+        let mut get = redis::cmd("GET");
+        get.arg(self.channels.cache(group));
+        tokio::spawn(async move {
+            let Some(value) = value_of(&queue, get).await else {
+                return; // not answered: the session says so
+            };
+            let text: Option<String> = redis::from_redis_value(&value).ok().flatten();
+            let _ = answer.send(text.and_then(|text| RawValue::from_string(text).ok()));
+        });
+        CachedEvent::Later(event)
     }
 
     fn room_exists(&self, room: &str) -> Option<oneshot::Receiver<bool>> {
