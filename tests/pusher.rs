@@ -395,7 +395,7 @@ async fn after_redis_restarts_empty_the_nodes_put_their_presence_members_back_an
     tokio::time::sleep(Duration::from_millis(300)).await;
     let redis = RedisServer::start_on(port).await;
     redis
-        .wait_for_subscribers(&format!("roomcast:group:pusher/0/{channel}"), 2)
+        .wait_for_subscribers(&format!("roomcast:group:pusher/1001/{channel}"), 2)
         .await;
     // Each node puts its own back once connected; a joiner then sees exactly those present.
     let (mut late, id) = connect_at(nodes[0].addr).await;
@@ -419,7 +419,7 @@ async fn after_redis_restarts_empty_the_nodes_put_their_presence_members_back_an
         redis
             .command(&[
                 "HLEN",
-                &format!("roomcast:presence-users:pusher/0/{channel}")
+                &format!("roomcast:presence-users:pusher/1001/{channel}")
             ])
             .await
             .as_deref(),
@@ -440,7 +440,7 @@ async fn a_presence_entry_whose_leave_never_reached_redis_is_removed_when_the_no
     .await;
     redis.wait_for_subscribers("roomcast:broadcast", 1).await;
     let channel = "presence-stale";
-    let group = format!("pusher/0/{channel}");
+    let group = format!("pusher/1001/{channel}");
     let (mut watcher, id) = connect_at(node.addr).await;
     join_presence(&mut watcher, &id, channel, "watcher").await;
     // What a leave lost to an outage leaves behind: an entry of this node's in Redis and its
@@ -500,4 +500,39 @@ async fn a_presence_entry_whose_leave_never_reached_redis_is_removed_when_the_no
             .as_deref(),
         Some(":1")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_signed_in_user_may_subscribe_to_its_server_to_user_channel() {
+    let server = pusher_server().await;
+    let (mut ws, socket_id) = connect_at(server.addr).await;
+    let subscribe = |channel: &str| {
+        Message::Text(
+            json!({"event": "pusher:subscribe", "data": {"channel": channel}}).to_string(),
+        )
+    };
+    ws.send(subscribe("#server-to-user-alice")).await.unwrap();
+    let refused = event(&mut ws).await;
+    assert_eq!(refused["event"], "pusher:subscription_error", "{refused}");
+    assert_eq!(refused["data"]["status"], 403, "{refused}");
+
+    let user_data = json!({"id": "alice"}).to_string();
+    let signature =
+        roomcast::pusher::signing::sign(APP.2, &format!("{socket_id}::user::{user_data}"));
+    let signin = json!({"event": "pusher:signin", "data": {
+        "auth": format!("{}:{signature}", APP.1),
+        "user_data": user_data,
+    }});
+    ws.send(Message::Text(signin.to_string())).await.unwrap();
+    let success = event(&mut ws).await;
+    assert_eq!(success["event"], "pusher:signin_success", "{success}");
+    let data: Value = serde_json::from_str(success["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data["user_data"], user_data);
+
+    ws.send(subscribe("#server-to-user-bob")).await.unwrap();
+    assert_eq!(event(&mut ws).await["data"]["status"], 403);
+    ws.send(subscribe("#server-to-user-alice")).await.unwrap();
+    let succeeded = event(&mut ws).await;
+    assert_eq!(succeeded["event"], "pusher_internal:subscription_succeeded");
+    assert_eq!(succeeded["channel"], "#server-to-user-alice");
 }

@@ -43,12 +43,19 @@ impl Responder for Node {
             } => Answer::Disconnected {
                 count: close_local(self, id, *by_user, *code, reason),
             },
+            Query::TerminatePusherUser { app, user } => Answer::Disconnected {
+                count: self
+                    .pusher
+                    .as_ref()
+                    .and_then(|apps| Some(apps.users.terminate(apps.by_id(app)?.0, user)))
+                    .unwrap_or(0),
+            },
         }
     }
 }
 
 /// The other nodes' answers to `query` (none on one node).
-async fn gather(node: &Node, query: &Query) -> Gathered {
+pub(crate) async fn gather(node: &Node, query: &Query) -> Gathered {
     match node.broker.ask(query) {
         None => Gathered::alone(),
         Some(answers) => answers.await.unwrap_or(Gathered {

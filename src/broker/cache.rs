@@ -49,12 +49,15 @@ mod tests {
     #[test]
     fn the_last_event_kept_is_the_one_read() {
         let events = LastEvents::default();
-        assert!(events.get("pusher/0/cache-x").is_none());
+        assert!(events.get("pusher/1001/cache-x").is_none());
         let first = RawValue::from_string(r#"{"n":1}"#.into()).unwrap();
         let second = RawValue::from_string(r#"{"n":2}"#.into()).unwrap();
-        events.keep("pusher/0/cache-x", &first);
-        events.keep("pusher/0/cache-x", &second);
-        assert_eq!(events.get("pusher/0/cache-x").unwrap().get(), r#"{"n":2}"#);
-        assert!(events.get("pusher/0/cache-y").is_none());
+        events.keep("pusher/1001/cache-x", &first);
+        events.keep("pusher/1001/cache-x", &second);
+        assert_eq!(
+            events.get("pusher/1001/cache-x").unwrap().get(),
+            r#"{"n":2}"#
+        );
+        assert!(events.get("pusher/1001/cache-y").is_none());
     }
 }

@@ -86,7 +86,7 @@ pub enum Target<'a> {
     Everyone,
     /// One client by its id, or else every connection of a user by the user id.
     Recipient(&'a str),
-    /// The connections of a protocol's group (a Pusher channel: `pusher/APP/CHANNEL`) on
+    /// The connections of a protocol's group (a Pusher channel: `pusher/APP_ID/CHANNEL`) on
     /// every node. Its `message` is the whole frame's text, already in the group's protocol
     /// (the hub only frames it), and its `from` the socket id of the connection it skips
     /// (`""`: none), which names a connection on any node (see [`from_config`]'s `apps`).

@@ -1,6 +1,6 @@
 //! Questions a node asks every other node about their own connections, for the server API on
 //! any node: which rooms they have members in, who the members of a room are, and closing a
-//! client's or user's connections. Each node answers from its own hub; the asking node merges
+//! client's or user's connections (a Pusher user's too). Each node answers from its own hub; the asking node merges
 //! the answers with its own. The nodes are the truth for their connections (their metadata,
 //! their user ids), so nothing of this is kept in Redis.
 //!
@@ -33,6 +33,9 @@ pub enum Query {
         code: u16,
         reason: String,
     },
+    /// Close the node's Pusher connections signed in as `user` of the app with id `app`
+    /// (`terminate_connections`).
+    TerminatePusherUser { app: String, user: String },
 }
 
 /// One member of a room in a node's answer.

@@ -102,11 +102,44 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
             },
             Err(error) => json_error(StatusCode::BAD_REQUEST, &format!("invalid batch: {error}")),
         },
+        ("POST", users) if users.starts_with("users/") => {
+            match users
+                .strip_prefix("users/")
+                .and_then(|rest| rest.strip_suffix("/terminate_connections"))
+            {
+                Some(user) => terminate(node, index, user).await,
+                None => json_error(StatusCode::NOT_FOUND, "not found"),
+            }
+        }
         (_, "events" | "batch_events") => {
             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => json_error(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// `POST /apps/{id}/users/{user}/terminate_connections`: closes the user's connections on
+/// every node (`pusher:error` 4009, then the close); `{}` whether or not it had any, as Pusher
+/// answers.
+async fn terminate(node: &Node, app: u16, user: &str) -> Response<Full<Bytes>> {
+    let Ok(user) = percent_encoding::percent_decode_str(user).decode_utf8() else {
+        return json_error(StatusCode::BAD_REQUEST, "the user id is not UTF-8");
+    };
+    if user.is_empty() {
+        return json_error(StatusCode::BAD_REQUEST, "no user id");
+    }
+    let apps = node.pusher.as_ref().expect("the Pusher API has apps");
+    apps.users.terminate(app, &user);
+    let query = crate::broker::query::Query::TerminatePusherUser {
+        app: apps.get(app).id.to_string(),
+        user: user.into_owned(),
+    };
+    let gathered = crate::api::listing::gather(node, &query).await;
+    if !gathered.complete {
+        // Some node did not answer: its connections of the user may still be open.
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "not every node answered");
+    }
+    json(&serde_json::json!({}))
 }
 
 /// Checks every event, then delivers them in order: a batch with one bad event delivers

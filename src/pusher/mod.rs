@@ -4,7 +4,7 @@
 //! signing its HTTP API ([`api`]) and private channels share ([`signing`]).
 //!
 //! A Pusher channel is not a native room: its members are Pusher connections of one app, in a
-//! hub group of their own (`pusher/APP/CHANNEL`), and its frames are Pusher's. The broker
+//! hub group of their own (`pusher/APP_ID/CHANNEL`), and its frames are Pusher's. The broker
 //! carries a channel's events to every node with subscribers ([`crate::broker::Target::Group`]),
 //! so with `--redis` or `--redis-cluster` a channel spans the cluster as a room does.
 
@@ -15,6 +15,7 @@ use crate::protocol::{self, Body};
 pub mod api;
 pub mod session;
 pub mod signing;
+pub mod users;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -37,6 +38,8 @@ pub struct Apps {
     /// This process's part of every socket id (`PREFIX.CONN`): a socket id names one connection
     /// across nodes, and one of another process is never mistaken for one of ours.
     prefix: u32,
+    /// This node's signed-in connections.
+    pub users: users::Users,
 }
 
 /// Why an `--pusher-app` value was refused.
@@ -92,7 +95,11 @@ impl Apps {
         let prefix = rand::random::<u32>()
             .wrapping_add(NEXT_PREFIX.fetch_add(1, Ordering::Relaxed))
             % 1_000_000_000;
-        Ok(Some(Apps { apps, prefix }))
+        Ok(Some(Apps {
+            apps,
+            prefix,
+            users: users::Users::default(),
+        }))
     }
 
     /// The app whose key a connection's path names, by its index.
@@ -126,17 +133,21 @@ impl Apps {
     }
 }
 
-/// The hub group of an app's channel.
-pub fn group(app: u16, channel: &str) -> String {
-    format!("pusher/{app}/{channel}")
+/// The hub group of an app's channel, named by the app's id (not its place in this node's
+/// list: nodes may list their apps in different orders).
+pub fn group(app: &App, channel: &str) -> String {
+    format!("pusher/{}/{channel}", app.id)
 }
 
 /// Publishes the event frame `text` to `channel` of `app` on every node, skipping the
 /// connection of `skip` (a socket id, of any node: `""` none); the deliveries made here.
 /// A cache channel's event is kept as its last, first.
 pub fn publish(node: &Node, app: u16, channel: &str, text: &RawValue, skip: &str) -> usize {
-    let except = node.pusher.as_ref().and_then(|apps| apps.conn_of(skip));
-    let group = group(app, channel);
+    let Some(apps) = node.pusher.as_ref() else {
+        return 0;
+    };
+    let except = apps.conn_of(skip);
+    let group = group(apps.get(app), channel);
     if session::is_cache(channel) {
         node.broker.keep_last_event(&group, text);
     }

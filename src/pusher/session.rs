@@ -14,7 +14,8 @@ use std::time::Instant;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use super::wire::{self, code, ChannelData, Incoming, Subscribe, Unsubscribe};
+use super::users::server_to_user;
+use super::wire::{self, code, ChannelData, Incoming, Signin, Subscribe, Unsubscribe, UserData};
 use super::{group, signing};
 use crate::broker::{CachedEvent, LastEvent, PresenceJoin, PresenceJoining, PresenceRefusal};
 use crate::hub::ConnId;
@@ -41,10 +42,12 @@ pub const MAX_PRESENCE_MEMBERS: usize = 100;
 const MAX_USER_ID: usize = 128;
 const MAX_USER_INFO: usize = 2048;
 
+/// Whether `name` is a channel name: Pusher's characters, or a user's `#server-to-user-ID`.
 pub fn valid_channel(name: &str) -> bool {
-    !name.is_empty()
+    let rest = server_to_user(name).unwrap_or(name);
+    !rest.is_empty()
         && name.len() <= MAX_CHANNEL
-        && name
+        && rest
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b))
 }
@@ -119,6 +122,8 @@ pub struct PusherSession {
     subscribing: Vec<(Box<str>, Waiting)>,
     rate: Option<RateLimiter>,
     closing: bool,
+    /// The user it signed in as (`pusher:signin`).
+    user: Option<Box<str>>,
 }
 
 impl PusherSession {
@@ -140,7 +145,8 @@ impl PusherSession {
     }
 
     fn group(&self, channel: &str) -> String {
-        group(self.app.unwrap_or_default(), channel)
+        let apps = self.node.pusher.as_ref().expect("apps");
+        group(apps.get(self.app.unwrap_or_default()), channel)
     }
 
     fn handle(&mut self, text: &[u8]) {
@@ -166,11 +172,49 @@ impl PusherSession {
                     self.unsubscribe(&unsubscribe.channel);
                 }
             }
+            "pusher:signin" => match parse::<Signin<'_>>(message.data) {
+                Some(signin) => self.sign_in(&signin),
+                None => {
+                    let error = "Invalid signin data";
+                    self.outbox.push(wire::error(code::BAD_MESSAGE, error));
+                }
+            },
             event if event.starts_with("client-") => self.client_event(&message),
             // Other `pusher:` events (signin, ...) and anything else: not answered, as Pusher
             // ignores events it does not know.
             _ => {}
         }
+    }
+
+    /// `pusher:signin`: `user_data` signed for this socket; a bad one gets `pusher:error` 4009
+    /// and the connection is closed, as Pusher does.
+    fn sign_in(&mut self, signin: &Signin<'_>) {
+        let apps = self.node.pusher.clone().expect("apps");
+        let index = self.app.unwrap_or_default();
+        let app = apps.get(index);
+        let socket_id = self.socket_id();
+        let signed = signing::signin_is_valid(
+            &app.key,
+            &app.secret,
+            &signin.auth,
+            &socket_id,
+            &signin.user_data,
+        );
+        let user = serde_json::from_str::<UserData<'_>>(&signin.user_data)
+            .ok()
+            .map(|data| data.id.into_owned())
+            .filter(|id| !id.is_empty() && id.len() <= MAX_USER_ID);
+        let (true, Some(user)) = (signed, user) else {
+            self.closing = true;
+            let error = "Invalid signin: the auth is not this socket's, or user_data has no id";
+            return Self::refuse_and_close(&self.outbox, code::UNAUTHORIZED, error);
+        };
+        if let Some(previous) = self.user.take() {
+            apps.users.sign_out(index, &previous, self.conn);
+        }
+        apps.users.sign_in(index, &user, self.conn, &self.outbox);
+        self.user = Some(user.into());
+        self.outbox.push(wire::signin_success(&signin.user_data));
     }
 
     fn subscribe(&mut self, subscribe: Subscribe<'_>) {
@@ -184,6 +228,14 @@ impl PusherSession {
                 400,
             ));
             return;
+        }
+        if let Some(user) = server_to_user(channel) {
+            if self.user.as_deref() != Some(user) {
+                let error = "Not signed in as this user";
+                self.outbox
+                    .push(wire::subscription_error(channel, "AuthError", error, 403));
+                return;
+            }
         }
         let kind = kind_of(channel);
         let channel_data = subscribe.channel_data.as_deref();
@@ -439,6 +491,7 @@ impl Protocol for PusherSession {
             subscribing: Vec::new(),
             rate: RateLimiter::new(&node.session_limits, Instant::now()),
             closing: false,
+            user: None,
         };
         if app.is_none() {
             let message = "App key not in this cluster. Did you forget to specify the cluster?";
@@ -524,6 +577,10 @@ impl Protocol for PusherSession {
 
     fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
         self.subscribing.clear();
+        if let (Some(user), Some(apps)) = (self.user.take(), node.pusher.as_ref()) {
+            apps.users
+                .sign_out(self.app.unwrap_or_default(), &user, self.conn);
+        }
         for channel in std::mem::take(&mut self.channels) {
             self.leave(node, &channel);
         }
@@ -543,6 +600,8 @@ mod tests {
         assert!(!valid_channel("has space"));
         assert!(!valid_channel("slash/no"));
         assert!(!valid_channel(&"x".repeat(165)));
+        assert!(valid_channel("#server-to-user-42"));
+        assert!(!valid_channel("#server-to-user-") && !valid_channel("#other"));
         assert_eq!(kind_of("private-encrypted-x"), Kind::Encrypted);
         assert_eq!(kind_of("private-x"), Kind::Private);
         assert_eq!(kind_of("presence-x"), Kind::Presence);

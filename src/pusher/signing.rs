@@ -46,6 +46,26 @@ pub fn channel_auth_is_valid(
     verify(secret, &text, signature)
 }
 
+/// Whether `auth` (`KEY:SIGNATURE`) signs `socket_id` in as the user of `user_data`: the
+/// signature over `socket_id::user::user_data`.
+pub fn signin_is_valid(
+    key: &str,
+    secret: &str,
+    auth: &str,
+    socket_id: &str,
+    user_data: &str,
+) -> bool {
+    let Some((given_key, signature)) = auth.split_once(':') else {
+        return false;
+    };
+    given_key == key
+        && verify(
+            secret,
+            &format!("{socket_id}::user::{user_data}"),
+            signature,
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

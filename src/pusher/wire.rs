@@ -19,6 +19,8 @@ pub mod code {
     pub const APP_UNKNOWN: u16 = 4001;
     /// The `protocol` query parameter is missing or not one we speak.
     pub const UNSUPPORTED_PROTOCOL: u16 = 4007;
+    /// A sign-in that failed, or a user's connections the app terminated.
+    pub const UNAUTHORIZED: u16 = 4009;
     /// A sustained flood: closed, and pusher-js backs off before it reconnects.
     pub const OVER_CAPACITY: u16 = 4100;
     /// A message over the rate limit (refused; the connection stays).
@@ -84,6 +86,28 @@ pub fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -
         "channel": channel,
         "data": {"type": kind, "error": error, "status": status},
     }))
+}
+
+/// `pusher:signin`'s data.
+#[derive(Debug, Deserialize)]
+pub struct Signin<'a> {
+    #[serde(borrow)]
+    pub auth: Cow<'a, str>,
+    #[serde(borrow)]
+    pub user_data: Cow<'a, str>,
+}
+
+/// `user_data` of a sign-in: the user's `id` (a non-empty string, as pusher-js requires).
+#[derive(Debug, Deserialize)]
+pub struct UserData<'a> {
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+}
+
+/// `pusher:signin_success`, with the user data as signed.
+pub fn signin_success(user_data: &str) -> Bytes {
+    let data = json!({ "user_data": user_data }).to_string();
+    frame(&json!({"event": "pusher:signin_success", "data": data}))
 }
 
 /// `pusher:cache_miss`: a cache channel has no last event kept.

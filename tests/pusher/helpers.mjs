@@ -95,3 +95,37 @@ export function memberIds(channel) {
   channel.members.each((m) => ids.push(m.id));
   return ids.sort();
 }
+
+/**
+ * A pusher-js client that signs in (`pusher.signin()`) as `user`, authenticated the way an
+ * app's /broadcasting/user-auth would (the SDK's authenticateUser); resolves once its
+ * `#server-to-user-` channel is subscribed, so `sendToUser` reaches it.
+ */
+export async function signedIn(user, options = {}) {
+  const pusher = client({
+    userAuthentication: {
+      customHandler: ({ socketId }, callback) => callback(null, rest.authenticateUser(socketId, user)),
+    },
+    ...options,
+  });
+  pusher.signin();
+  await pusher.user.signinDonePromise;
+  for (let tries = 0; !pusher.user.serverToUserChannel?.subscribed; tries += 1) {
+    if (tries > 100) throw new Error('#server-to-user- channel not subscribed');
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  return pusher;
+}
+
+/** Resolves with the connection's next state change to `state`, or rejects after `ms`. */
+export function becomes(pusher, state, ms = 3000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`not ${state} within ${ms} ms`)), ms);
+    pusher.connection.bind('state_change', ({ current }) => {
+      if (current === state) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+  });
+}

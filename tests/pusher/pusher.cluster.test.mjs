@@ -3,7 +3,7 @@
 // per behaviour. tests/pusher.rs starts Redis and the nodes (ROOMCAST_PORT, ROOMCAST_PORT_B).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { port, restOf, client, member, memberIds, connected, subscribed, next, within } from './helpers.mjs';
+import { port, restOf, client, member, memberIds, signedIn, becomes, connected, subscribed, next, within } from './helpers.mjs';
 
 const portB = Number(process.env.ROOMCAST_PORT_B);
 const restA = restOf(port);
@@ -155,4 +155,15 @@ test('a cache channel\'s last event, triggered on one node, is given to a new su
   await restA.trigger('cache-cluster-score', 'score', { home: 2 });
   const late = onB().subscribe('cache-cluster-score');
   assert.deepEqual(await next(late, 'score'), { home: 2 });
+});
+
+test('sendToUser on one node reaches the user\'s connection on the other, and terminateUserConnections there closes it', async () => {
+  const onOther = await signedIn({ id: 'roaming' }, { wsPort: portB });
+  const notice = new Promise((resolve) => onOther.user.bind('notice', resolve));
+  await restA.sendToUser('roaming', 'notice', { n: 1 });
+  assert.deepEqual(await notice, { n: 1 });
+  const closed = becomes(onOther, 'disconnected');
+  const response = await restA.terminateUserConnections('roaming');
+  assert.equal(response.status, 200);
+  await closed;
 });

@@ -3,7 +3,7 @@
 // starts the server with one app and runs this (see helpers.mjs); one test per behaviour.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { port, rest, restOf, client, member, memberIds, connected, subscribed, next, within } from './helpers.mjs';
+import { port, rest, restOf, client, member, memberIds, signedIn, becomes, connected, subscribed, next, within } from './helpers.mjs';
 
 test('pusher-js connects and gets a socket id of the form digits.digits', async () => {
   const pusher = client();
@@ -227,4 +227,56 @@ test('a presence cache channel lists its members, then gives the last event', as
   const last = new Promise((resolve) => channel.bind('posted', (data) => { order.push(['posted', data.n]); resolve(); }));
   await last;
   assert.deepEqual(order, [['members', 1], ['posted', 7]]);
+});
+
+test('a signed-in user gets what sendToUser sends it, on each of its connections, and nobody else does', async () => {
+  const [phone, laptop, other] = await Promise.all([
+    signedIn({ id: 'user-1', name: 'One' }),
+    signedIn({ id: 'user-1', name: 'One' }),
+    signedIn({ id: 'user-2' }),
+  ]);
+  const got = (pusher) => new Promise((resolve) => pusher.user.bind('notice', resolve));
+  const [onPhone, onLaptop] = [got(phone), got(laptop)];
+  const elsewhere = new Promise((resolve) => {
+    other.user.bind('notice', resolve);
+    setTimeout(() => resolve(undefined), 500);
+  });
+  const response = await rest.sendToUser('user-1', 'notice', { text: 'for one' });
+  assert.equal(response.status, 200);
+  assert.deepEqual(await onPhone, { text: 'for one' });
+  assert.deepEqual(await onLaptop, { text: 'for one' });
+  assert.equal(await elsewhere, undefined);
+});
+
+test('a sign-in with an auth for another socket gets pusher:error 4009 and the connection is closed', async () => {
+  const other = client();
+  await connected(other);
+  const pusher = client({
+    userAuthentication: {
+      customHandler: (_params, callback) =>
+        callback(null, rest.authenticateUser(other.connection.socket_id, { id: 'intruder' })),
+    },
+  });
+  await connected(pusher);
+  const errors = [];
+  pusher.connection.bind('error', (error) => errors.push(error?.error ?? error));
+  const gone = becomes(pusher, 'disconnected');
+  pusher.signin();
+  await gone;
+  assert.ok(errors.some((error) => error?.data?.code === 4009), JSON.stringify(errors));
+});
+
+test('terminateUserConnections closes every connection of that user, which does not reconnect, and no other', async () => {
+  const [first, second, bystander] = await Promise.all([
+    signedIn({ id: 'user-3' }),
+    signedIn({ id: 'user-3' }),
+    signedIn({ id: 'user-4' }),
+  ]);
+  const closed = [becomes(first, 'disconnected'), becomes(second, 'disconnected')];
+  const response = await rest.terminateUserConnections('user-3');
+  assert.equal(response.status, 200);
+  await Promise.all(closed);
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  assert.equal(first.connection.state, 'disconnected', 'no reconnection after 4009');
+  assert.equal(bystander.connection.state, 'connected');
 });
