@@ -31,7 +31,8 @@ async fn run_suite(suite: &str, nodes: &[&common::TestServer]) -> bool {
     }
     let mut command = std::process::Command::new("node");
     command
-        .args(["--test", "--test-reporter=spec", suite])
+        // Force-exit: pusher-js leaves a 30 s close timer behind a socket the server closed.
+        .args(["--test", "--test-force-exit", "--test-reporter=spec", suite])
         .current_dir(&dir)
         .env("ROOMCAST_HOST", nodes[0].addr.ip().to_string())
         .env("APP_ID", APP.0)
