@@ -1,7 +1,8 @@
 //! The Pusher endpoint (`--pusher-app`) driven by the unmodified pusher-js client and the
-//! `pusher` REST SDK from npm (tests/pusher/pusher.test.mjs, versions pinned in its
-//! package-lock.json). `.ci/run` installs them with `npm ci`; elsewhere the test says it was
-//! skipped unless CI is set, where missing packages fail it.
+//! `pusher` REST SDK from npm (tests/pusher/*.test.mjs, versions pinned in its
+//! package-lock.json), and by the `pusher` SDK and the Pysher client from PyPI
+//! (tests/pusher/sdk_test.py, pinned in requirements.txt). `.ci/run` installs them; elsewhere a
+//! suite says it was skipped unless CI is set, where missing packages fail it.
 
 mod common;
 
@@ -55,6 +56,49 @@ async fn run_suite(suite: &str, nodes: &[&common::TestServer]) -> bool {
     assert!(output.status.success(), "{report}");
     assert!(report.contains("fail 0"), "{report}");
     true
+}
+
+/// Runs tests/pusher/sdk_test.py (the PyPI `pusher` SDK and Pysher) against `node` with the
+/// virtualenv `.ci/run` makes; `false` when it is not there (outside CI: skipped).
+async fn run_python_suite(node: &common::TestServer) -> bool {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pusher");
+    let python = dir.join(".venv/bin/python");
+    if !python.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "tests/pusher needs its virtualenv in CI (.ci/run makes it)"
+        );
+        eprintln!("skipped: python3 -m venv tests/pusher/.venv and pip install -r tests/pusher/requirements.txt first");
+        return false;
+    }
+    let mut command = std::process::Command::new(python);
+    command
+        .arg("sdk_test.py")
+        .current_dir(&dir)
+        .env("ROOMCAST_HOST", node.addr.ip().to_string())
+        .env("ROOMCAST_PORT", node.addr.port().to_string())
+        .env("APP_ID", APP.0)
+        .env("APP_KEY", APP.1)
+        .env("APP_SECRET", APP.2);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("the runner thread")
+        .expect("python runs");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{report}");
+    assert!(output.status.success(), "{report}");
+    assert!(report.contains("\nOK"), "{report}");
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_and_pysher_pass_against_the_pusher_endpoint() {
+    let server = pusher_server().await;
+    run_python_suite(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,9 @@ impl Responder for Node {
             } => Answer::Disconnected {
                 count: close_local(self, id, *by_user, *code, reason),
             },
+            Query::Groups { prefix } => Answer::Groups {
+                groups: self.router.groups(prefix),
+            },
             Query::TerminatePusherUser { app, user } => Answer::Disconnected {
                 count: self
                     .pusher

@@ -10,7 +10,8 @@ use serde_json::value::RawValue;
 use super::cache::LastEvents;
 use super::presence::LocalPresence;
 use super::{
-    Broker, CachedEvent, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining, Publication,
+    Broker, CachedEvent, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining,
+    PresenceUsers, Publication,
 };
 use crate::hub::{ConnId, Member, Router, Since};
 use crate::outbox::Outbox;
@@ -84,5 +85,9 @@ impl Broker for MemoryBroker {
 
     fn last_event(&self, group: &str) -> CachedEvent {
         CachedEvent::Done(self.last_events.get(group))
+    }
+
+    fn presence_users(&self, group: &str) -> PresenceUsers {
+        PresenceUsers::Done(self.presence.users(group))
     }
 }

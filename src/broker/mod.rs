@@ -204,6 +204,14 @@ pub enum CachedEvent {
     Later(oneshot::Receiver<LastEvent>),
 }
 
+/// What reading a presence channel's users came to.
+#[derive(Debug)]
+pub enum PresenceUsers {
+    Done(Vec<String>),
+    /// Read from the cluster; the sender dropped without an answer: Redis did not answer.
+    Later(oneshot::Receiver<Vec<String>>),
+}
+
 /// Carries publications to every node with recipients for them; delivers those that arrive
 /// into the local hub.
 pub trait Broker: Send + Sync + 'static {
@@ -287,4 +295,7 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The last event kept for the cache channel `group`.
     fn last_event(&self, group: &str) -> CachedEvent;
+
+    /// The user ids in the presence channel `group`, cluster-wide.
+    fn presence_users(&self, group: &str) -> PresenceUsers;
 }

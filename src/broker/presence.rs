@@ -79,6 +79,14 @@ impl LocalPresence {
         PresenceJoining::Done(Ok(()))
     }
 
+    /// The channel's user ids, in order.
+    pub fn users(&self, group: &str) -> Vec<String> {
+        self.channels
+            .get(group)
+            .map(|channel| channel.users.keys().map(|id| id.to_string()).collect())
+            .unwrap_or_default()
+    }
+
     pub fn leave(&self, hub: &dyn Router, group: &str, channel_name: &str, conn: ConnId) {
         let Some(mut channel) = self.channels.get_mut(group) else {
             return;

@@ -36,6 +36,8 @@ pub enum Query {
     /// Close the node's Pusher connections signed in as `user` of the app with id `app`
     /// (`terminate_connections`).
     TerminatePusherUser { app: String, user: String },
+    /// The node's groups (Pusher channels) whose name starts with `prefix`, and their sizes.
+    Groups { prefix: String },
 }
 
 /// One member of a room in a node's answer.
@@ -61,6 +63,9 @@ pub enum Answer {
     },
     Disconnected {
         count: usize,
+    },
+    Groups {
+        groups: Vec<(String, usize)>,
     },
 }
 

@@ -828,6 +828,14 @@ impl Router for LocalHub {
         delivered
     }
 
+    fn groups(&self, prefix: &str) -> Vec<(String, usize)> {
+        self.groups
+            .iter()
+            .filter(|group| group.key().starts_with(prefix))
+            .map(|group| (group.key().to_string(), group.value().len()))
+            .collect()
+    }
+
     fn for_each_connection(&self, f: &mut dyn FnMut(Local<'_>)) {
         for client in self.clients.iter() {
             f(Local::Client(client.value()));

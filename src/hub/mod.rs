@@ -252,6 +252,10 @@ pub trait Router: Send + Sync + 'static {
     /// is a [`crate::broker::Target::Group`] publication, which comes here on each.
     fn send_to_group(&self, group: &str, frame: &Bytes, except: Option<ConnId>) -> usize;
 
+    /// This node's groups whose name starts with `prefix`, with their sizes (it visits every
+    /// group: for listings, not the hot path).
+    fn groups(&self, prefix: &str) -> Vec<(String, usize)>;
+
     /// Calls `f` for every connection of this node, clients and outside ones (for the
     /// heartbeat, the shutdown which closes them all, and the queue gauges).
     fn for_each_connection(&self, f: &mut dyn FnMut(Local<'_>));

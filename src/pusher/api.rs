@@ -1,8 +1,9 @@
 //! Pusher's HTTP API (`/apps/{id}/...`), as the Pusher server SDKs call it (Laravel's
 //! broadcaster among them): every request signed with the app's secret (`auth_key`,
 //! `auth_timestamp` within 600 s, `auth_version`, `body_md5`, `auth_signature` over the
-//! method, the path and every other query parameter, sorted). Served now: `POST
-//! /apps/{id}/events` and `POST /apps/{id}/batch_events`.
+//! method, the path and every other query parameter, sorted): `POST /apps/{id}/events` and
+//! `POST /apps/{id}/batch_events` (with `info`), the channel queries ([`super::channels`]),
+//! and `POST /apps/{id}/users/{user}/terminate_connections`.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -13,7 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::session::valid_channel;
-use super::{signing, wire, App};
+use super::{channels, signing, wire, App};
 use crate::api::{json, json_error};
 use crate::node::Node;
 
@@ -43,6 +44,9 @@ struct Event<'a> {
     channels: Option<Vec<String>>,
     #[serde(default)]
     socket_id: Option<String>,
+    /// Counts to answer with, after the event went out (`user_count,subscription_count`).
+    #[serde(default)]
+    info: Option<String>,
 }
 
 /// `POST /apps/{id}/batch_events`'s body.
@@ -83,12 +87,51 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
     ) {
         return json_error(StatusCode::UNAUTHORIZED, refusal);
     }
+    let query = parts.uri.query().unwrap_or("");
+    let param = |name: &str| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+    };
+    if parts.method == hyper::Method::GET {
+        let (info, prefix) = (param("info"), param("filter_by_prefix"));
+        let answer = match what.strip_prefix("channels") {
+            Some("") => channels::list(node, app, prefix.as_deref(), info.as_deref()).await,
+            Some(rest) => match rest.strip_prefix('/').map(split_channel) {
+                Some(Some((channel, false))) => {
+                    channels::one(node, app, &channel, info.as_deref()).await
+                }
+                Some(Some((channel, true))) => channels::list_users(node, app, &channel).await,
+                _ => return json_error(StatusCode::NOT_FOUND, "not found"),
+            },
+            None => return json_error(StatusCode::NOT_FOUND, "not found"),
+        };
+        return match answer {
+            Ok(value) => json(&value),
+            Err((status, message)) => json_error(status, &message),
+        };
+    }
     match (parts.method.as_str(), what) {
         ("POST", "events") => match serde_json::from_slice::<Event<'_>>(&body) {
-            Ok(event) => match publish(index, vec![event], node) {
-                Ok(()) => json(&serde_json::json!({})),
-                Err(refusal) => json_error(StatusCode::BAD_REQUEST, &refusal),
-            },
+            Ok(event) => {
+                let info = match channels::Info::parse(event.info.as_deref()) {
+                    Ok(info) => info,
+                    Err((status, message)) => return json_error(status, &message),
+                };
+                let asked = check(&event).map(|channels| (channels, info));
+                match publish(index, vec![event], node) {
+                    Ok(()) => match asked {
+                        Ok((names, info)) if info != channels::Info::default() => {
+                            match infos(node, app, &names, info).await {
+                                Ok(infos) => json(&serde_json::json!({ "channels": infos })),
+                                Err((status, message)) => json_error(status, &message),
+                            }
+                        }
+                        _ => json(&serde_json::json!({})),
+                    },
+                    Err(refusal) => json_error(StatusCode::BAD_REQUEST, &refusal),
+                }
+            }
             Err(error) => json_error(StatusCode::BAD_REQUEST, &format!("invalid event: {error}")),
         },
         ("POST", "batch_events") => match serde_json::from_slice::<Batch<'_>>(&body) {
@@ -96,10 +139,40 @@ pub async fn respond(request: Request<Incoming>, node: &Node) -> Response<Full<B
                 let text = format!("a batch holds at most {MAX_BATCH} events");
                 json_error(StatusCode::BAD_REQUEST, &text)
             }
-            Ok(batch) => match publish(index, batch.batch, node) {
-                Ok(()) => json(&serde_json::json!({"batch": []})),
-                Err(refusal) => json_error(StatusCode::BAD_REQUEST, &refusal),
-            },
+            Ok(batch) => {
+                let mut asked = Vec::with_capacity(batch.batch.len());
+                for event in &batch.batch {
+                    match channels::Info::parse(event.info.as_deref()) {
+                        Ok(info) => asked.push((check(event).unwrap_or_default(), info)),
+                        Err((status, message)) => return json_error(status, &message),
+                    }
+                }
+                if let Err(refusal) = publish(index, batch.batch, node) {
+                    return json_error(StatusCode::BAD_REQUEST, &refusal);
+                }
+                if asked
+                    .iter()
+                    .all(|(_, info)| *info == channels::Info::default())
+                {
+                    return json(&serde_json::json!({"batch": []}));
+                }
+                // One attributes object per event, in order: those of its (single) channel.
+                let mut answers = Vec::with_capacity(asked.len());
+                for (names, info) in asked {
+                    let Some(channel) = names.first() else {
+                        answers.push(serde_json::json!({}));
+                        continue;
+                    };
+                    match channels::attributes(node, app, channel, info).await {
+                        Ok(mut attributes) => {
+                            attributes.remove("occupied");
+                            answers.push(serde_json::Value::Object(attributes));
+                        }
+                        Err((status, message)) => return json_error(status, &message),
+                    }
+                }
+                json(&serde_json::json!({ "batch": answers }))
+            }
             Err(error) => json_error(StatusCode::BAD_REQUEST, &format!("invalid batch: {error}")),
         },
         ("POST", users) if users.starts_with("users/") => {
@@ -140,6 +213,40 @@ async fn terminate(node: &Node, app: u16, user: &str) -> Response<Full<Bytes>> {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "not every node answered");
     }
     json(&serde_json::json!({}))
+}
+
+/// The attributes `info` asks of each of `names` (without `occupied`, as Pusher answers a
+/// trigger).
+async fn infos(
+    node: &Node,
+    app: &App,
+    names: &[String],
+    info: channels::Info,
+) -> Result<serde_json::Map<String, serde_json::Value>, channels::Refusal> {
+    let mut infos = serde_json::Map::new();
+    for name in names {
+        // user_count is a presence channel's only: others get the rest.
+        let asked = channels::Info {
+            user_count: info.user_count && name.starts_with("presence-"),
+            ..info
+        };
+        let mut attributes = channels::attributes(node, app, name, asked).await?;
+        attributes.remove("occupied");
+        infos.insert(name.clone(), serde_json::Value::Object(attributes));
+    }
+    Ok(infos)
+}
+
+/// `NAME` or `NAME/users` of a channel path, the name percent-decoded; whether it is users.
+fn split_channel(rest: &str) -> Option<(String, bool)> {
+    let (encoded, users) = match rest.strip_suffix("/users") {
+        Some(name) => (name, true),
+        None => (rest, false),
+    };
+    let name = percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .ok()?;
+    (valid_channel(&name) && !name.contains('/')).then(|| (name.into_owned(), users))
 }
 
 /// Checks every event, then delivers them in order: a batch with one bad event delivers

@@ -13,6 +13,7 @@ use crate::node::Node;
 use crate::protocol::{self, Body};
 
 pub mod api;
+pub mod channels;
 pub mod session;
 pub mod signing;
 pub mod users;

@@ -167,3 +167,19 @@ test('sendToUser on one node reaches the user\'s connection on the other, and te
   assert.equal(response.status, 200);
   await closed;
 });
+
+test('channel counts and presence users are summed over both nodes, on whichever node they are asked', async () => {
+  await Promise.all([
+    subscribed(memberOnA('gil'), 'presence-counted-cluster'),
+    subscribed(memberOnB('gil'), 'presence-counted-cluster'),
+    subscribed(memberOnB('hal'), 'presence-counted-cluster'),
+  ]);
+  for (const rest of [restA, restB]) {
+    const info = await (await rest.get({ path: '/channels/presence-counted-cluster', params: { info: 'user_count,subscription_count' } })).json();
+    assert.deepEqual(info, { occupied: true, subscription_count: 3, user_count: 2 });
+    const listed = await (await rest.get({ path: '/channels', params: { filter_by_prefix: 'presence-counted-c', info: 'user_count' } })).json();
+    assert.deepEqual(listed, { channels: { 'presence-counted-cluster': { user_count: 2 } } });
+    const users = await (await rest.get({ path: '/channels/presence-counted-cluster/users' })).json();
+    assert.deepEqual(users, { users: [{ id: 'gil' }, { id: 'hal' }] });
+  }
+});

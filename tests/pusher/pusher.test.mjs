@@ -280,3 +280,44 @@ test('terminateUserConnections closes every connection of that user, which does 
   assert.equal(first.connection.state, 'disconnected', 'no reconnection after 4009');
   assert.equal(bystander.connection.state, 'connected');
 });
+
+test('GET /channels lists the occupied channels of a prefix, with subscription_count when asked', async () => {
+  const [a, b] = [client(), client()];
+  await Promise.all([subscribed(a, 'listing-one'), subscribed(b, 'listing-one'), subscribed(a, 'listing-two')]);
+  const response = await rest.get({ path: '/channels', params: { filter_by_prefix: 'listing-', info: 'subscription_count' } });
+  assert.equal(response.status, 200);
+  assert.deepEqual(await response.json(), {
+    channels: { 'listing-one': { subscription_count: 2 }, 'listing-two': { subscription_count: 1 } },
+  });
+  const plain = await (await rest.get({ path: '/channels', params: { filter_by_prefix: 'listing-t' } })).json();
+  assert.deepEqual(plain, { channels: { 'listing-two': {} } });
+});
+
+test('GET /channels/{name} says whether it is occupied, and a presence channel\'s user_count and users', async () => {
+  const tabs = [member('ann', {}), member('ann', {}), member('bo', {})];
+  for (const tab of tabs) await subscribed(tab, 'presence-counted');
+  const info = await (await rest.get({ path: '/channels/presence-counted', params: { info: 'user_count,subscription_count' } })).json();
+  assert.deepEqual(info, { occupied: true, subscription_count: 3, user_count: 2 });
+  const users = await (await rest.get({ path: '/channels/presence-counted/users' })).json();
+  assert.deepEqual(users, { users: [{ id: 'ann' }, { id: 'bo' }] });
+  const empty = await (await rest.get({ path: '/channels/nobody-here' })).json();
+  assert.deepEqual(empty, { occupied: false });
+});
+
+test('user_count of a channel that is not a presence channel, and users of one, are refused with 400', async () => {
+  await assert.rejects(rest.get({ path: '/channels/public-one', params: { info: 'user_count' } }), (error) => error.status === 400);
+  await assert.rejects(rest.get({ path: '/channels', params: { info: 'user_count' } }), (error) => error.status === 400);
+  await assert.rejects(rest.get({ path: '/channels/public-one/users' }), (error) => error.status === 400);
+});
+
+test('a trigger asked for info answers with each channel\'s counts after the event went out', async () => {
+  await subscribed(member('cy', {}), 'presence-info');
+  await subscribed(client(), 'info-public');
+  const response = await rest.trigger(['presence-info', 'info-public'], 'ping', {}, { info: 'user_count,subscription_count' });
+  assert.deepEqual(await response.json(), {
+    channels: {
+      'presence-info': { user_count: 1, subscription_count: 1 },
+      'info-public': { subscription_count: 1 },
+    },
+  });
+});

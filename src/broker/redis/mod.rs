@@ -83,7 +83,7 @@ use connection::{Client, Commands, SubscriptionSink, SubscriptionStream};
 use super::query::{Answer, Gathered, Query, Responder, ASK_TIMEOUT};
 use super::{
     Broker, CachedEvent, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining,
-    Publication, Target, CACHE_TTL,
+    PresenceUsers, Publication, Target, CACHE_TTL,
 };
 use crate::api::webhooks::{EventKind, Webhooks};
 use crate::history::{HistoryConfig, HistoryPolicy};
@@ -1043,6 +1043,22 @@ impl Broker for RedisBroker {
             .arg("PX")
             .arg(CACHE_TTL.as_millis() as u64);
         self.send_command(set);
+    }
+
+    fn presence_users(&self, group: &str) -> PresenceUsers {
+        let (answer, users) = oneshot::channel();
+        let queue = self.publish.clone();
+        let mut keys = redis::cmd("HKEYS");
+        keys.arg(self.channels.room_key("presence-users", group));
+        tokio::spawn(async move {
+            let Some(value) = value_of(&queue, keys).await else {
+                return; // not answered: the API says so
+            };
+            let mut users: Vec<String> = redis::from_redis_value(&value).unwrap_or_default();
+            users.sort();
+            let _ = answer.send(users);
+        });
+        PresenceUsers::Later(users)
     }
 
     fn last_event(&self, group: &str) -> CachedEvent {
