@@ -22,7 +22,9 @@ const APP: (&str, &str, &str) = ("1001", "roomcast-key", "roomcast-secret");
 /// packages are not installed (outside CI: skipped).
 async fn run_suite(suite: &str, nodes: &[&common::TestServer]) -> bool {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pusher");
-    if !dir.join("node_modules/pusher-js").exists() {
+    if !dir.join("node_modules/pusher-js").exists()
+        || !dir.join("node_modules/laravel-echo").exists()
+    {
         assert!(
             std::env::var_os("CI").is_none(),
             "tests/pusher needs `npm ci` in CI (.ci/run runs it)"
@@ -105,6 +107,12 @@ async fn the_python_sdk_and_pysher_pass_against_the_pusher_endpoint() {
 async fn pusher_js_and_the_rest_sdk_pass_against_the_pusher_endpoint() {
     let server = pusher_server().await;
     run_suite("pusher.test.mjs", &[&server]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laravel_echo_2_passes_against_the_pusher_endpoint() {
+    let server = pusher_server().await;
+    run_suite("echo.test.mjs", &[&server]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
