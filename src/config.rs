@@ -373,6 +373,14 @@ pub struct Config {
     #[serde(serialize_with = "redacted_list")]
     pub pusher_app: Vec<String>,
 
+    /// Pusher apps with options, in the config file only: `[[pusher-apps]]` tables of `id`,
+    /// `key`, `secret`, and optionally `client-events` (default true: subscribers of private
+    /// and presence channels may send `client-*` events) and `max-connections` (this node's
+    /// most connections of the app; default: no cap but `--max-connections`). They add to the
+    /// `--pusher-app` ones.
+    #[arg(skip)]
+    pub pusher_apps: Vec<PusherAppConfig>,
+
     /// How long a client may take to send its HTTP upgrade request (and finish the TLS
     /// handshake).
     #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = defaults::HANDSHAKE_TIMEOUT, value_parser = humantime::parse_duration)]
@@ -550,6 +558,7 @@ impl Config {
             echo_path: None,
             relay_path: None,
             pusher_app: Vec::new(),
+            pusher_apps: Vec::new(),
             handshake_timeout: duration(defaults::HANDSHAKE_TIMEOUT),
             drain_timeout: duration(defaults::DRAIN_TIMEOUT),
             ping_interval: duration(defaults::PING_INTERVAL),
@@ -714,7 +723,7 @@ impl Config {
         if let Some(url) = &self.redis {
             crate::broker::check_redis_url(url).map_err(ConfigError::Redis)?;
         }
-        crate::pusher::Apps::parse(&self.pusher_app)?;
+        crate::pusher::Apps::parse(&self.pusher_app, &self.pusher_apps)?;
         if self.redis.is_some() && !self.redis_cluster.is_empty() {
             return Err(ConfigError::Invalid(
                 "--redis and --redis-cluster exclude each other",
@@ -835,6 +844,28 @@ impl HistoryRoom {
     }
 }
 
+/// One `[[pusher-apps]]` table of the config file (see [`Config::pusher_apps`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PusherAppConfig {
+    pub id: String,
+    pub key: String,
+    #[serde(serialize_with = "redacted_string")]
+    pub secret: String,
+    #[serde(default = "yes")]
+    pub client_events: bool,
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn redacted_string<S: Serializer>(_value: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str("<redacted>")
+}
+
 /// A `[[history-rooms]]` table as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -894,6 +925,9 @@ pub fn with_file(mut config: Config, matches: &ArgMatches) -> Result<Config, Con
     };
     let shown = path.display().to_string();
     let mut file = FileLayer::read(&path, &shown)?;
+    if let Some(apps) = file.pusher_apps.take() {
+        config.pusher_apps = apps;
+    }
     if let Some(rooms) = file.history_rooms.take() {
         config.history_rooms = rooms
             .into_iter()
@@ -1011,6 +1045,8 @@ struct FileLayer {
     echo_path: Option<Scalar>,
     relay_path: Option<Scalar>,
     pusher_app: Option<List>,
+    /// A table key: read apart from the flags (see [`with_file`]).
+    pusher_apps: Option<Vec<PusherAppConfig>>,
     handshake_timeout: Option<Scalar>,
     ping_interval: Option<Scalar>,
     idle_timeout: Option<Scalar>,

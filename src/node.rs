@@ -64,7 +64,7 @@ impl Node {
         webhooks: Option<Arc<Webhooks>>,
     ) -> Self {
         // Checked by the configuration's validation.
-        let pusher = crate::pusher::Apps::parse(&config.pusher_app)
+        let pusher = crate::pusher::Apps::parse(&config.pusher_app, &config.pusher_apps)
             .unwrap_or_default()
             .map(Arc::new);
         let broker = broker::from_config(

@@ -564,3 +564,39 @@ fn the_echo_and_relay_paths_must_be_paths_and_differ() {
     let config = load(args(&["--relay-path", "/relay", "--echo-path", "/echo"])).unwrap();
     assert_eq!(config.relay_path.as_deref(), Some("/relay"));
 }
+
+#[test]
+fn pusher_apps_tables_in_the_file_add_apps_with_their_options_and_the_secret_stays_redacted() {
+    let path = file(
+        "pusher-apps.toml",
+        r#"
+        pusher-app = ["1:flag-key:flag-secret"]
+
+        [[pusher-apps]]
+        id = "2"
+        key = "quiet-key"
+        secret = "table-secret"
+        client-events = false
+        max-connections = 500
+        "#,
+    );
+    let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
+    assert_eq!(config.pusher_apps.len(), 1);
+    let table = &config.pusher_apps[0];
+    assert_eq!((table.id.as_str(), table.key.as_str()), ("2", "quiet-key"));
+    assert!(!table.client_events);
+    assert_eq!(table.max_connections, Some(500));
+    let printed = config.to_toml();
+    assert!(!printed.contains("table-secret"), "{printed}");
+    let twice = file(
+        "pusher-apps-twice.toml",
+        "pusher-app = [\"2:k:s\"]\n[[pusher-apps]]\nid = \"2\"\nkey = \"other\"\nsecret = \"s\"\n",
+    );
+    let error = load(args(&["--config", twice.to_str().unwrap()])).unwrap_err();
+    assert!(error.to_string().contains("given twice"), "{error}");
+    let unknown = file(
+        "pusher-apps-unknown.toml",
+        "[[pusher-apps]]\nid = \"3\"\nkey = \"k\"\nsecret = \"s\"\nwebhooks = true\n",
+    );
+    assert!(load(args(&["--config", unknown.to_str().unwrap()])).is_err());
+}

@@ -589,3 +589,84 @@ async fn only_the_signed_in_user_may_subscribe_to_its_server_to_user_channel() {
     assert_eq!(succeeded["event"], "pusher_internal:subscription_succeeded");
     assert_eq!(succeeded["channel"], "#server-to-user-alice");
 }
+
+/// A server with one app of `[[pusher-apps]]` options: client events off, at most 2
+/// connections.
+async fn quiet_app_server() -> common::TestServer {
+    start_server_with(|config| {
+        config.pusher_apps = vec![roomcast::config::PusherAppConfig {
+            id: APP.0.into(),
+            key: APP.1.into(),
+            secret: APP.2.into(),
+            client_events: false,
+            max_connections: Some(2),
+        }];
+    })
+    .await
+}
+
+/// Subscribes to `channel` (private, signed for the socket) and waits for its success.
+async fn join_private(ws: &mut Ws, socket_id: &str, channel: &str) {
+    let signature = roomcast::pusher::signing::sign(APP.2, &format!("{socket_id}:{channel}"));
+    let subscribe = json!({"event": "pusher:subscribe", "data": {
+        "channel": channel, "auth": format!("{}:{signature}", APP.1),
+    }});
+    ws.send(Message::Text(subscribe.to_string())).await.unwrap();
+    let succeeded = event(ws).await;
+    assert_eq!(
+        succeeded["event"], "pusher_internal:subscription_succeeded",
+        "{succeeded}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_with_client_events_off_refuses_them_and_relays_nothing() {
+    let server = quiet_app_server().await;
+    let (mut sender, id) = connect_at(server.addr).await;
+    join_private(&mut sender, &id, "private-quiet").await;
+    let (mut other, id) = connect_at(server.addr).await;
+    join_private(&mut other, &id, "private-quiet").await;
+    let whisper = json!({"event": "client-typing", "channel": "private-quiet", "data": {}});
+    sender
+        .send(Message::Text(whisper.to_string()))
+        .await
+        .unwrap();
+    let refused = event(&mut sender).await;
+    assert_eq!(refused["event"], "pusher:error", "{refused}");
+    assert_eq!(
+        refused["data"]["message"],
+        "Client events are not enabled for this app"
+    );
+    assert!(
+        tokio::time::timeout(common::SILENCE, other.next())
+            .await
+            .is_err(),
+        "the other subscriber got nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_at_its_max_connections_refuses_the_next_with_4004_until_one_leaves() {
+    let server = quiet_app_server().await;
+    let (first, _) = connect_at(server.addr).await;
+    let (_second, _) = connect_at(server.addr).await;
+    let mut third = connect(&server, "?protocol=7").await;
+    let refused = event(&mut third).await;
+    assert_eq!(refused["event"], "pusher:error", "{refused}");
+    assert_eq!(refused["data"]["code"], 4004);
+    assert_eq!(event(&mut third).await, json!({"closed": 4004}));
+    drop(first);
+    // Its slot frees once the server sees it gone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut next = connect(&server, "?protocol=7").await;
+        if event(&mut next).await["event"] == "pusher:connection_established" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -353,6 +353,8 @@ mod tests {
             id: "3".into(),
             key: "3ee6bd1d2d8a6e1d5e3c".into(),
             secret: "7ad3773142a6692b25b8".into(),
+            client_events: true,
+            max_connections: None,
         }
     }
 

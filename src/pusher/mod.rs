@@ -19,23 +19,29 @@ pub mod signing;
 pub mod users;
 pub mod wire;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use serde_json::value::RawValue;
 
-/// One app: what the SDKs call `app_id`, `key` and `secret`.
+/// One app: what the SDKs call `app_id`, `key` and `secret`, and its options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct App {
     /// Numeric, as the SDKs require.
     pub id: Box<str>,
     pub key: Box<str>,
     pub secret: Box<str>,
+    /// Whether subscribers may send `client-*` events (Reverb's and Pusher's switch).
+    pub client_events: bool,
+    /// This node's most connections of the app; `None`: only `--max-connections` caps them.
+    pub max_connections: Option<usize>,
 }
 
 /// The configured apps.
 #[derive(Debug)]
 pub struct Apps {
     apps: Vec<App>,
+    /// Each app's open connections on this node, for its `max_connections`.
+    connections: Vec<AtomicUsize>,
     /// This process's part of every socket id (`PREFIX.CONN`): a socket id names one connection
     /// across nodes, and one of another process is never mistaken for one of ours.
     prefix: u32,
@@ -59,17 +65,33 @@ pub enum BadApp {
 static NEXT_PREFIX: AtomicU32 = AtomicU32::new(0);
 
 impl Apps {
-    /// The apps of `--pusher-app` values; `None` when there are none (the endpoint is off).
-    pub fn parse(specs: &[String]) -> Result<Option<Apps>, BadApp> {
+    /// The apps of `--pusher-app` values and `[[pusher-apps]]` tables; `None` when there are
+    /// none (the endpoint is off).
+    pub fn parse(
+        specs: &[String],
+        tables: &[crate::config::PusherAppConfig],
+    ) -> Result<Option<Apps>, BadApp> {
         let mut apps: Vec<App> = Vec::new();
-        for spec in specs {
+        let from_flags = specs.iter().map(|spec| {
             let mut parts = spec.splitn(3, ':');
-            let (Some(id), Some(key), Some(secret)) = (parts.next(), parts.next(), parts.next())
-            else {
-                return Err(BadApp::Shape(redact(spec)));
-            };
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(id), Some(key), Some(secret)) => Ok((id, key, secret, true, None)),
+                _ => Err(BadApp::Shape(redact(spec))),
+            }
+        });
+        let from_tables = tables.iter().map(|app| {
+            Ok((
+                &*app.id,
+                &*app.key,
+                &*app.secret,
+                app.client_events,
+                app.max_connections,
+            ))
+        });
+        for parsed in from_flags.chain(from_tables) {
+            let (id, key, secret, client_events, max_connections) = parsed?;
             if id.is_empty() || key.is_empty() || secret.is_empty() {
-                return Err(BadApp::Shape(redact(spec)));
+                return Err(BadApp::Shape(format!("{id}:{key}:<secret>")));
             }
             if !id.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(BadApp::Id(id.to_owned()));
@@ -87,6 +109,8 @@ impl Apps {
                 id: id.into(),
                 key: key.into(),
                 secret: secret.into(),
+                client_events,
+                max_connections,
             });
         }
         if apps.is_empty() {
@@ -97,6 +121,7 @@ impl Apps {
             .wrapping_add(NEXT_PREFIX.fetch_add(1, Ordering::Relaxed))
             % 1_000_000_000;
         Ok(Some(Apps {
+            connections: apps.iter().map(|_| AtomicUsize::new(0)).collect(),
             apps,
             prefix,
             users: users::Users::default(),
@@ -118,6 +143,26 @@ impl Apps {
 
     pub fn get(&self, index: u16) -> &App {
         &self.apps[index as usize]
+    }
+
+    /// Counts a new connection of app `index`; false (nothing counted) when the app has its
+    /// `max_connections` on this node already.
+    pub fn connect(&self, index: u16) -> bool {
+        let count = &self.connections[index as usize];
+        let Some(max) = self.apps[index as usize].max_connections else {
+            count.fetch_add(1, Ordering::Relaxed);
+            return true;
+        };
+        count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A connection counted by [`Apps::connect`] ended.
+    pub fn disconnect(&self, index: u16) {
+        self.connections[index as usize].fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The socket id of this node's connection `conn`.
@@ -183,41 +228,65 @@ mod tests {
 
     #[test]
     fn apps_are_id_key_secret_with_a_numeric_id_and_distinct_ids_and_keys() {
-        let apps = Apps::parse(&specs(&["1:key:sec:ret", "22:other:s"]))
+        let apps = Apps::parse(&specs(&["1:key:sec:ret", "22:other:s"]), &[])
             .unwrap()
             .unwrap();
         assert_eq!(apps.by_key("key"), Some(0));
         assert_eq!(&*apps.get(0).secret, "sec:ret");
         assert_eq!(apps.by_id("22").unwrap().1.key.as_ref(), "other");
-        assert!(Apps::parse(&[]).unwrap().is_none());
+        assert!(Apps::parse(&[], &[]).unwrap().is_none());
         assert!(matches!(
-            Apps::parse(&specs(&["x:k:s"])),
+            Apps::parse(&specs(&["x:k:s"]), &[]),
             Err(BadApp::Id(_))
         ));
         assert!(matches!(
-            Apps::parse(&specs(&["1:k"])),
+            Apps::parse(&specs(&["1:k"]), &[]),
             Err(BadApp::Shape(_))
         ));
         assert!(matches!(
-            Apps::parse(&specs(&["1:a/b:s"])),
+            Apps::parse(&specs(&["1:a/b:s"]), &[]),
             Err(BadApp::Key(_))
         ));
         assert!(matches!(
-            Apps::parse(&specs(&["1:k:s", "1:l:s"])),
+            Apps::parse(&specs(&["1:k:s", "1:l:s"]), &[]),
             Err(BadApp::Twice(_))
         ));
-        let error = Apps::parse(&specs(&["1:k:"])).unwrap_err().to_string();
+        let error = Apps::parse(&specs(&["1:k:"]), &[]).unwrap_err().to_string();
         assert!(!error.contains("secret\""), "{error}");
     }
 
     #[test]
+    fn config_file_apps_add_their_options_and_a_cap_counts_this_nodes_connections() {
+        let table = crate::config::PusherAppConfig {
+            id: "7".into(),
+            key: "quiet".into(),
+            secret: "s".into(),
+            client_events: false,
+            max_connections: Some(2),
+        };
+        let apps = Apps::parse(&specs(&["1:k:s"]), std::slice::from_ref(&table))
+            .unwrap()
+            .unwrap();
+        assert!(apps.get(0).client_events && apps.get(0).max_connections.is_none());
+        let (index, app) = apps.by_id("7").unwrap();
+        assert!(!app.client_events);
+        assert!(apps.connect(index) && apps.connect(index) && !apps.connect(index));
+        apps.disconnect(index);
+        assert!(apps.connect(index));
+        assert!(matches!(
+            Apps::parse(&specs(&["7:other:s"]), &[table]),
+            Err(BadApp::Twice(_))
+        ));
+    }
+
+    #[test]
     fn a_socket_id_names_one_of_this_nodes_connections_and_no_other_nodes() {
-        let apps = Apps::parse(&specs(&["1:k:s"])).unwrap().unwrap();
+        let apps = Apps::parse(&specs(&["1:k:s"]), &[]).unwrap().unwrap();
         let id = apps.socket_id(42);
         let (prefix, conn) = id.split_once('.').unwrap();
         assert!(prefix.bytes().all(|b| b.is_ascii_digit()) && conn == "42");
         assert_eq!(apps.conn_of(&id), Some(42));
-        let other = Apps::parse(&specs(&["1:k:s"])).unwrap().unwrap();
+        let other = Apps::parse(&specs(&["1:k:s"]), &[]).unwrap().unwrap();
         assert_eq!(other.conn_of(&id), None);
         assert_eq!(apps.conn_of("nonsense"), None);
     }

@@ -124,6 +124,8 @@ pub struct PusherSession {
     closing: bool,
     /// The user it signed in as (`pusher:signin`).
     user: Option<Box<str>>,
+    /// Whether it counts against its app's `max_connections` (until it disconnects).
+    counted: bool,
 }
 
 impl PusherSession {
@@ -133,6 +135,13 @@ impl PusherSession {
             code: Some(error),
             flush: true,
         });
+    }
+
+    fn apps(&self) -> &super::Apps {
+        self.node
+            .pusher
+            .as_ref()
+            .expect("a Pusher connection has apps")
     }
 
     fn socket_id(&self) -> String {
@@ -405,7 +414,9 @@ impl PusherSession {
             return;
         };
         let subscribed = self.channels.iter().find(|known| &*known.name == channel);
+        let enabled = self.apps().get(self.app.unwrap_or_default()).client_events;
         let refusal = match subscribed.map(|known| known.kind) {
+            _ if !enabled => Some("Client events are not enabled for this app"),
             None => Some("Client event rejected: not subscribed to the channel"),
             Some(Kind::Private | Kind::Presence) => None,
             Some(_) => {
@@ -492,14 +503,21 @@ impl Protocol for PusherSession {
             rate: RateLimiter::new(&node.session_limits, Instant::now()),
             closing: false,
             user: None,
+            counted: false,
         };
+        let mut session = session;
         if app.is_none() {
             let message = "App key not in this cluster. Did you forget to specify the cluster?";
             Self::refuse_and_close(&session.outbox, code::APP_UNKNOWN, message);
         } else if !protocol.is_some_and(|version| PROTOCOLS.contains(&version)) {
             let message = "Unsupported protocol version";
             Self::refuse_and_close(&session.outbox, code::UNSUPPORTED_PROTOCOL, message);
+        } else if !session.apps().connect(session.app.unwrap_or_default()) {
+            session.closing = true;
+            let message = "Application is over connection quota";
+            Self::refuse_and_close(&session.outbox, code::OVER_QUOTA, message);
         } else {
+            session.counted = true;
             writer.push_direct(wire::connection_established(
                 &session.socket_id(),
                 ACTIVITY_TIMEOUT,
@@ -580,6 +598,9 @@ impl Protocol for PusherSession {
         if let (Some(user), Some(apps)) = (self.user.take(), node.pusher.as_ref()) {
             apps.users
                 .sign_out(self.app.unwrap_or_default(), &user, self.conn);
+        }
+        if std::mem::take(&mut self.counted) {
+            self.apps().disconnect(self.app.unwrap_or_default());
         }
         for channel in std::mem::take(&mut self.channels) {
             self.leave(node, &channel);

@@ -17,6 +17,8 @@ use crate::protocol;
 pub mod code {
     /// The path's app key is not configured.
     pub const APP_UNKNOWN: u16 = 4001;
+    /// The app has its `max_connections` on this node (Pusher's "over connection quota").
+    pub const OVER_QUOTA: u16 = 4004;
     /// The `protocol` query parameter is missing or not one we speak.
     pub const UNSUPPORTED_PROTOCOL: u16 = 4007;
     /// A sign-in that failed, or a user's connections the app terminated.
