@@ -670,3 +670,48 @@ async fn an_app_at_its_max_connections_refuses_the_next_with_4004_until_one_leav
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subscriber_of_a_new_channel_waits_for_the_nodes_redis_subscription_not_only_the_first(
+) {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let url = redis.url();
+    let node = start_server_with(|config| {
+        config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
+        config.redis = Some(url);
+    })
+    .await;
+    redis.wait_for_subscribers("roomcast:broadcast", 1).await;
+    let (mut first, _) = connect_at(node.addr).await;
+    let (mut second, _) = connect_at(node.addr).await;
+    // Redis holds every command for a moment: the node's SUBSCRIBE to the new channel too.
+    let pause = Duration::from_millis(500);
+    let paused = redis
+        .command(&["CLIENT", "PAUSE", &pause.as_millis().to_string(), "ALL"])
+        .await;
+    assert_eq!(paused.as_deref(), Some("+OK"));
+    let started = tokio::time::Instant::now();
+    let subscribe = json!({"event": "pusher:subscribe", "data": {"channel": "together"}});
+    for ws in [&mut first, &mut second] {
+        ws.send(Message::Text(subscribe.to_string())).await.unwrap();
+    }
+    // Each one's answer timed as it arrives.
+    let arrival = |mut ws: Ws| async move {
+        let succeeded = event(&mut ws).await;
+        (succeeded, started.elapsed())
+    };
+    let (a, b) = tokio::join!(arrival(first), arrival(second));
+    for (succeeded, after) in [a, b] {
+        assert_eq!(
+            succeeded["event"], "pusher_internal:subscription_succeeded",
+            "{succeeded}"
+        );
+        // Not before Redis took the subscription (less a margin for the clock).
+        assert!(
+            after >= pause - Duration::from_millis(100),
+            "succeeded after {after:?}, before the node's subscription"
+        );
+    }
+}

@@ -138,6 +138,34 @@ impl TestServer {
         format!("ws://{}/", self.cluster[next % self.cluster.len()])
     }
 
+    /// In a cluster, waits until a node has subscribed to the channel of client `id` (which
+    /// it does just after the welcome): from then on the client is reachable from every node,
+    /// so a test's private message to it right after connecting is not a race.
+    pub async fn wait_reachable(&self, id: &str) {
+        let Some(redis) = &self._redis else {
+            return;
+        };
+        let channel = format!("roomcast:client:{id}");
+        let started = std::time::Instant::now();
+        loop {
+            let subscribed = if let Some(single) = redis.downcast_ref::<redis::RedisServer>() {
+                single.subscribers(&channel).await > 0
+            } else if let Some(cluster) = redis.downcast_ref::<redis::RedisCluster>() {
+                cluster.subscribers(&channel).await.0 > 0
+            } else {
+                return;
+            };
+            if subscribed {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{channel} not subscribed after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Cancels the server and waits for it to finish its drain.
     pub async fn stop(self) {
         self.shutdown.cancel();
@@ -326,7 +354,9 @@ pub struct Client {
 impl Client {
     /// Connects and reads the welcome message.
     pub async fn connect(server: &TestServer) -> Client {
-        Client::connect_url(&server.url()).await
+        let client = Client::connect_url(&server.url()).await;
+        server.wait_reachable(&client.id).await;
+        client
     }
 
     /// Connects to a server given by its URL (one in another process) and reads the welcome.

@@ -493,6 +493,7 @@ impl RedisBroker {
         let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
         let (control, commands) = mpsc::unbounded_channel();
         let wanted = Arc::new(Mutex::new(HashMap::new()));
+        let waiting = Waiting::default();
         let sessions = Arc::new(AtomicU64::new(0));
         let unsent = Unsent {
             hub: hub.clone(),
@@ -537,6 +538,7 @@ impl RedisBroker {
             channels: channels.clone(),
             commands,
             wanted: wanted.clone(),
+            waiting: waiting.clone(),
             hub: hub.clone(),
             metrics: metrics.clone(),
             subscribed: subscribed.clone(),
@@ -555,7 +557,11 @@ impl RedisBroker {
             node,
             channels,
             publish,
-            wants: Wants { wanted, control },
+            wants: Wants {
+                wanted,
+                waiting,
+                control,
+            },
             joining: Arc::default(),
             metrics,
             webhooks,
@@ -593,7 +599,27 @@ struct Wants {
     /// how many reasons it has for each: the subscriber task resubscribes to these after a
     /// reconnection.
     wanted: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    /// Channels whose subscription is on its way, with the later wanters waiting for it too
+    /// (the first one waits on its [`Control`]): a second subscriber of a channel is not told
+    /// it hears the other nodes before the node does.
+    waiting: Waiting,
     control: mpsc::UnboundedSender<Control>,
+}
+
+/// See [`Wants::waiting`].
+type Waiting = Arc<Mutex<HashMap<Arc<str>, Vec<oneshot::Sender<()>>>>>;
+
+/// The subscription to `channel` is in (or given up on): its waiters are answered (or, given
+/// up on, dropped, which answers them too).
+fn settle(waiting: &Waiting, channel: &str, subscribed: bool) {
+    let Some(waiters) = lock(waiting).remove(channel) else {
+        return;
+    };
+    if subscribed {
+        for waiter in waiters {
+            let _ = waiter.send(());
+        }
+    }
 }
 
 impl Wants {
@@ -604,10 +630,15 @@ impl Wants {
         let channel: Arc<str> = Arc::from(channel);
         let count = wanted.entry(channel.clone()).or_insert(0);
         *count += 1;
-        if *count > 1 {
-            return None;
-        }
         let (done, subscribed) = oneshot::channel();
+        let mut waiting = lock(&self.waiting);
+        if *count > 1 {
+            // Still on its way: this one waits for it too.
+            let waiters = waiting.get_mut(&channel)?;
+            waiters.push(done);
+            return Some(subscribed);
+        }
+        waiting.insert(channel.clone(), Vec::new());
         let _ = self.control.send(Control(channel, Some(done)));
         Some(subscribed)
     }
@@ -625,6 +656,7 @@ impl Wants {
             return None;
         }
         wanted.remove(channel);
+        lock(&self.waiting).remove(channel);
         let (done, unsubscribed) = oneshot::channel();
         let _ = self.control.send(Control(key, Some(done)));
         Some(unsubscribed)
@@ -1254,6 +1286,7 @@ struct Subscriber {
     channels: Arc<Channels>,
     commands: mpsc::UnboundedReceiver<Control>,
     wanted: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    waiting: Waiting,
     hub: Arc<dyn Router>,
     metrics: Arc<Metrics>,
     subscribed: Arc<AtomicBool>,
@@ -1323,7 +1356,12 @@ async fn wait_or_stop(state: &mut Subscriber, backoff: Duration) -> bool {
     loop {
         tokio::select! {
             _ = &mut sleep => return true,
-            command = state.commands.recv() => if command.is_none() { return false },
+            command = state.commands.recv() => match command {
+                None => return false,
+                // Not subscribed now: its waiters hear the other nodes once connected, and
+                // this node's own events meanwhile.
+                Some(Control(channel, _)) => settle(&state.waiting, &channel, false),
+            },
         }
     }
 }
@@ -1333,8 +1371,12 @@ async fn serve(
     state: &mut Subscriber,
     (mut sink, mut stream): (SubscriptionSink, SubscriptionStream),
 ) -> Ended {
-    // Changes queued before this point are in the map already.
-    while state.commands.try_recv().is_ok() {}
+    // Changes queued before this point are in the map already; their wanters are answered
+    // once the map's channels are subscribed.
+    let mut queued = Vec::new();
+    while let Ok(Control(_, done)) = state.commands.try_recv() {
+        queued.extend(done);
+    }
     let channels: Vec<Arc<str>> = lock(&state.wanted).keys().cloned().collect();
     let broadcast = state.channels.broadcast();
     let (queries, answers) = (state.channels.queries(), state.channels.answers(state.node));
@@ -1346,6 +1388,12 @@ async fn serve(
         if !answered(sink.subscribe(&chunk)).await {
             return Ended::Lost;
         }
+    }
+    for done in queued {
+        let _ = done.send(());
+    }
+    for channel in &channels {
+        settle(&state.waiting, channel, true);
     }
     let Some(registered) =
         register_members(&state.client, &state.channels, state.node, &*state.hub).await
@@ -1391,6 +1439,9 @@ async fn serve(
                 }
                 if let Some(reply) = done_reply {
                     let _ = reply.send(());
+                }
+                if wanted {
+                    settle(&state.waiting, &channel, true);
                 }
             }
             message = stream.next() => {
