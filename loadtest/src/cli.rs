@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::client::source_ip::SourceIps;
 
@@ -30,6 +30,18 @@ pub struct CommonArgs {
     /// round-robin (give all of them on the same side of the subcommand).
     #[arg(long = "url", global = true, default_value = "ws://127.0.0.1:8080/")]
     pub urls: Vec<String>,
+
+    /// Wire protocol. `native`: roomcast's rooms protocol at --url. `pusher`: the Pusher
+    /// Channels protocol 7 at `/app/KEY?protocol=7` on --url's host and port (its path is not
+    /// used), private channels signed with --pusher-app's secret, messages as client events
+    /// (fanout and connections only).
+    #[arg(long, global = true, value_enum, default_value_t = Protocol::Native)]
+    pub protocol: Protocol,
+
+    /// With --protocol pusher: the app as roomcast's `--pusher-app` gives it. The key goes in
+    /// the path; the secret signs each private-channel subscription. [default: none]
+    #[arg(long, global = true, value_name = "ID:KEY:SECRET")]
+    pub pusher_app: Option<crate::pusher::App>,
 
     /// Token sent as the `token` query parameter of every upgrade request. [default: none]
     #[arg(long, global = true)]
@@ -83,6 +95,24 @@ pub struct CommonArgs {
     pub no_progress: bool,
 }
 
+/// The protocol the clients speak (`--protocol`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// roomcast's rooms protocol (shared/PROTOCOL.md).
+    Native,
+    /// Pusher Channels, protocol version 7 (roomcast with --pusher-app).
+    Pusher,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Native => "native",
+            Protocol::Pusher => "pusher",
+        }
+    }
+}
+
 #[derive(Subcommand, Debug, Clone)]
 pub enum Scenario {
     /// Fan-out latency and throughput: subscribers in rooms, publishers sending stamped
@@ -125,7 +155,7 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 0)]
     pub messages: u64,
 
-    /// Every client joins with `"since":{}` (opted in to offsets): against a server keeping
+    /// Every client joins with `"since":{}` (opted in to offsets; native protocol only): against a server keeping
     /// history, they receive the offset-carrying variant of each room message.
     #[arg(long)]
     pub since: bool,
@@ -152,7 +182,8 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
 
-    /// Room names are `<prefix>-<run id>-<n>`, so runs never share rooms.
+    /// Room names are `<prefix>-<run id>-<n>` (Pusher channels: `private-<prefix>-<run id>-<n>`),
+    /// so runs never share rooms.
     #[arg(long, default_value = "loadtest")]
     pub room_prefix: String,
 }
@@ -265,6 +296,27 @@ mod tests {
         assert_eq!(f.rate, 0.0);
         assert_eq!(f.subscribers, 1000);
         assert_eq!(f.duration, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn protocol_is_native_unless_pusher_is_asked_for() {
+        let cli = Cli::try_parse_from(["roomcast-loadtest", "fanout"]).unwrap();
+        assert_eq!(cli.common.protocol, Protocol::Native);
+        assert!(cli.common.pusher_app.is_none());
+        let cli = Cli::try_parse_from([
+            "roomcast-loadtest",
+            "--protocol",
+            "pusher",
+            "fanout",
+            "--pusher-app",
+            "1001:key:secret",
+        ])
+        .unwrap();
+        assert_eq!(cli.common.protocol, Protocol::Pusher);
+        assert_eq!(cli.common.pusher_app.unwrap().key, "key");
+        assert!(
+            Cli::try_parse_from(["roomcast-loadtest", "--pusher-app", "x:k:s", "fanout"]).is_err()
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`cli`]: the options and their defaults;
 //! - [`client`]: sockets, TLS, the WebSocket upgrade, frames, timeouts, error causes;
 //! - [`message`]: protocol JSON in and out, and the latency stamp;
+//! - [`pusher`]: the Pusher Channels frames and signing of `--protocol pusher`;
 //! - [`scenarios`]: `fanout`, `connections`, `churn`;
 //! - [`stats`] and [`report`]: histograms, counters, errors, and the printed/JSON report;
 //! - [`sysinfo`]: `/proc` sampling of the server, `getrusage` of the generator, rlimits;
@@ -18,6 +19,7 @@ mod client;
 mod clock;
 mod message;
 mod progress;
+mod pusher;
 mod report;
 mod scenarios;
 mod stats;
@@ -32,7 +34,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use cli::{Cli, Scenario};
+use cli::{Cli, Protocol, Scenario};
 use client::source_ip::SourceIps;
 use client::target::{Target, TargetError};
 use client::tls::TlsSetupError;
@@ -70,6 +72,12 @@ enum SetupError {
     },
     #[error("--threads must be at least 1")]
     NoThreads,
+    #[error("--protocol pusher needs --pusher-app ID:KEY:SECRET (the value roomcast runs with)")]
+    NoPusherApp,
+    #[error("--pusher-app is only used with --protocol pusher")]
+    PusherAppWithoutPusher,
+    #[error("--protocol pusher: {0}")]
+    NotOnPusher(&'static str),
     #[error("source address {addr} cannot be bound: {error} (is it configured on this machine?)")]
     SourceAddress {
         addr: std::net::IpAddr,
@@ -94,6 +102,30 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode, SetupError> {
     let Cli { common, scenario } = cli;
     let mut warnings = Vec::new();
+    let pusher_app = match (common.protocol, &common.pusher_app) {
+        (Protocol::Native, None) => None,
+        (Protocol::Native, Some(_)) => return Err(SetupError::PusherAppWithoutPusher),
+        (Protocol::Pusher, None) => return Err(SetupError::NoPusherApp),
+        (Protocol::Pusher, Some(app)) => Some(app.clone()),
+    };
+    if pusher_app.is_some() {
+        if common.token.is_some() {
+            return Err(SetupError::NotOnPusher(
+                "--token is for the native protocol (Pusher clients sign their subscriptions)",
+            ));
+        }
+        match &scenario {
+            Scenario::Churn(_) => {
+                return Err(SetupError::NotOnPusher(
+                    "churn speaks the native protocol only (use fanout or connections)",
+                ))
+            }
+            Scenario::Fanout(f) if f.since => {
+                return Err(SetupError::NotOnPusher("--since is a native join option"))
+            }
+            _ => {}
+        }
+    }
 
     let connections = scenario.max_connections();
     let wanted = connections as u64 + FD_RESERVE;
@@ -111,11 +143,17 @@ fn run(cli: Cli) -> Result<ExitCode, SetupError> {
         check_source_ips(ips)?;
     }
     let want_ipv4 = common.source_ips.as_ref().map(SourceIps::is_ipv4);
-    let targets = common
+    let mut targets = common
         .urls
         .iter()
         .map(|url| Target::resolve(url, common.token.as_deref(), want_ipv4))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(app) = &pusher_app {
+        // Pusher's endpoint is fixed: `/app/KEY?protocol=7` on each URL's host and port.
+        for target in &mut targets {
+            target.path_and_query = app.path();
+        }
+    }
     let tls = if targets.iter().any(|t| t.tls) {
         Some(client::tls::client_config(
             common.insecure,
@@ -148,6 +186,7 @@ fn run(cli: Cli) -> Result<ExitCode, SetupError> {
             common.source_ips.clone(),
             common.origin.clone(),
             common.connect_timeout,
+            pusher_app,
         ));
         let started_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)

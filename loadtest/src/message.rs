@@ -1,5 +1,6 @@
 //! What goes over the wire: client messages out (serde_json), server messages in, and the
-//! latency stamp carried inside a `room_message`'s `message` string.
+//! latency stamp carried inside a `room_message`'s `message` string. [`Framing`] is how the
+//! fan-out picks its protocol's frames: [`Native`] here, [`crate::pusher::Pusher`] beside it.
 //!
 //! This module owns every protocol field name the load generator relies on (see the project's
 //! `PROTOCOL.md`) and does no I/O, so it is unit-tested on its own. It depends on nothing of the
@@ -79,6 +80,12 @@ pub enum ServerMessage<'a> {
 #[error("server sent a message that is not protocol JSON: {0}")]
 pub struct ParseError(String);
 
+impl ParseError {
+    pub fn new(reason: String) -> Self {
+        Self(reason)
+    }
+}
+
 impl<'a> ServerMessage<'a> {
     /// Parses a text frame's payload.
     pub fn parse(text: &'a [u8]) -> Result<Self, ParseError> {
@@ -107,13 +114,43 @@ impl<'a> ServerMessage<'a> {
 }
 
 /// The string inside a raw JSON value, borrowed when it has no escapes; `None` if not a string.
-fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+pub fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
     let text = raw.get();
     let inner = text.strip_prefix('"')?.strip_suffix('"')?;
     if inner.contains('\\') {
         serde_json::from_str::<String>(text).ok().map(Cow::Owned)
     } else {
         Some(Cow::Borrowed(inner))
+    }
+}
+
+/// The frames of the fan-out's hot path in one protocol: a publisher's stamped message out, and
+/// any server frame in, read as the [`ServerMessage`] the receivers account for (a delivery
+/// is a `RoomMessage`). Static functions, so the scenario's loops are compiled once per
+/// protocol and native mode pays nothing for the choice.
+pub trait Framing {
+    /// The frame that publishes `text` (the padded stamp) to `room`.
+    fn room_message(room: &str, text: &str) -> Result<Vec<u8>, serde_json::Error>;
+    /// A text frame's payload, as the fan-out reads it.
+    fn parse(payload: &[u8]) -> Result<ServerMessage<'_>, ParseError>;
+}
+
+/// roomcast's own protocol: `room_message` out, [`ServerMessage::parse`] in.
+pub struct Native;
+
+impl Framing for Native {
+    #[inline]
+    fn room_message(room: &str, text: &str) -> Result<Vec<u8>, serde_json::Error> {
+        ClientMessage::RoomMessage {
+            room,
+            message: text,
+        }
+        .encode()
+    }
+
+    #[inline]
+    fn parse(payload: &[u8]) -> Result<ServerMessage<'_>, ParseError> {
+        ServerMessage::parse(payload)
     }
 }
 

@@ -95,6 +95,8 @@ pub enum Results {
 
 #[derive(Debug, Serialize)]
 pub struct FanoutResults {
+    /// `native`, or `pusher` (`--protocol`).
+    pub protocol: &'static str,
     pub subscribers: usize,
     pub publishers: usize,
     pub rooms: usize,
@@ -369,12 +371,17 @@ impl FanoutResults {
         };
         let _ = writeln!(
             out,
-            "  setup        {} subscribers + {} publishers ({}) in {} rooms, {} B messages",
+            "  setup        {} subscribers + {} publishers ({}) in {} rooms, {} B messages{}",
             count(self.subscribers as u64),
             count(self.publishers as u64),
             rate_text,
             count(self.rooms as u64),
-            self.message_size
+            self.message_size,
+            if self.protocol == "native" {
+                String::new()
+            } else {
+                format!(", {} protocol", self.protocol)
+            }
         );
         self.connect.write(out);
         let _ = writeln!(out, "  joined       {}", count(self.joined));

@@ -7,6 +7,10 @@
 //! keep any of it from hanging. fastwebsockets was chosen over tungstenite for its lower CPU per
 //! frame: a load generator must not be the bottleneck it measures.
 //!
+//! With `--protocol pusher` the same transport carries Pusher frames ([`crate::pusher`]): the
+//! welcome is `pusher:connection_established`, a join is a signed `pusher:subscribe` answered by
+//! `subscription_succeeded`.
+//!
 //! A [`Conn`] is split: a [`Reader`] that one task drives, and a cloneable [`Writer`] that a
 //! publisher can use from another future while the reader waits. Pings are answered and close
 //! frames echoed by the reader, through the writer.
@@ -41,6 +45,7 @@ use source_ip::SourceIps;
 pub use target::Target;
 
 use crate::message::{ClientMessage, FromNow, ServerMessage};
+use crate::pusher::{self, Event};
 
 /// The byte stream under every WebSocket: hyper's upgraded connection, whatever the transport.
 type Io = TokioIo<Upgraded>;
@@ -52,6 +57,8 @@ pub struct Connector {
     source_ips: Option<SourceIps>,
     origin: Option<String>,
     connect_timeout: Duration,
+    /// `Some`: the clients speak Pusher, for this app.
+    pusher: Option<Arc<pusher::App>>,
 }
 
 impl Connector {
@@ -61,6 +68,7 @@ impl Connector {
         source_ips: Option<SourceIps>,
         origin: Option<String>,
         connect_timeout: Duration,
+        pusher: Option<pusher::App>,
     ) -> Self {
         Self {
             targets,
@@ -68,11 +76,12 @@ impl Connector {
             source_ips,
             origin,
             connect_timeout,
+            pusher: pusher.map(Arc::new),
         }
     }
 
     /// Connects client number `index` (targets are used round-robin by index) and waits for its
-    /// `welcome`. TCP connect, TLS, upgrade and welcome together must fit in the connect timeout.
+    /// `welcome` (Pusher: `connection_established`). TCP connect, TLS, upgrade and welcome together must fit in the connect timeout.
     pub async fn connect(&self, index: usize) -> Result<Conn, ClientError> {
         let target = &self.targets[index % self.targets.len()];
         let started = Instant::now();
@@ -104,8 +113,11 @@ impl Connector {
             }
             (_, false) => upgrade(tcp, target, self.origin.as_deref()).await?,
         };
-        let mut conn = Conn::new(ws);
-        conn.client_id = conn.reader.welcome().await?;
+        let mut conn = Conn::new(ws, self.pusher.clone());
+        conn.client_id = match conn.pusher {
+            None => conn.reader.welcome().await?,
+            Some(_) => conn.reader.pusher_welcome().await?,
+        };
         Ok(conn)
     }
 
@@ -259,14 +271,16 @@ where
 pub struct Conn {
     pub reader: Reader,
     pub writer: Writer,
-    /// The `client_id` of the welcome.
+    /// The `client_id` of the welcome (Pusher: the socket id).
     pub client_id: String,
     /// TCP connect to welcome.
     pub connect_time: Duration,
+    /// `Some`: a Pusher connection of this app.
+    pusher: Option<Arc<pusher::App>>,
 }
 
 impl Conn {
-    fn new(ws: WebSocket<Io>) -> Self {
+    fn new(ws: WebSocket<Io>, pusher: Option<Arc<pusher::App>>) -> Self {
         let (read, write): (WebSocketRead<ReadHalf<Io>>, WebSocketWrite<WriteHalf<Io>>) =
             ws.split(tokio::io::split);
         let writer = Writer {
@@ -280,18 +294,23 @@ impl Conn {
             writer,
             client_id: String::new(),
             connect_time: Duration::ZERO,
+            pusher,
         }
     }
 
     /// Sends `join_room` (with `"since":{}` when `since`) and reads until its `room_joined`
     /// arrives (other traffic, such as `member_joined` of earlier joiners, is skipped). Returns
-    /// the member count it reported.
+    /// the member count it reported; `None` on Pusher, whose private channels report none
+    /// (there `room` is the channel, and `since` is not sent).
     pub async fn join(
         &mut self,
         room: &str,
         since: bool,
         timeout: Duration,
-    ) -> Result<u64, ClientError> {
+    ) -> Result<Option<u64>, ClientError> {
+        if let Some(app) = self.pusher.clone() {
+            return self.subscribe(&app, room, timeout).await.map(|()| None);
+        }
         let since = since.then_some(FromNow {});
         self.writer
             .send(&ClientMessage::JoinRoom { room, since })
@@ -301,7 +320,7 @@ impl Conn {
                 let payload = self.reader.recv().await?;
                 match ServerMessage::parse(&payload) {
                     Ok(ServerMessage::RoomJoined { room: r, members }) if r == room => {
-                        return Ok(members)
+                        return Ok(Some(members))
                     }
                     Ok(ServerMessage::Error { message }) => {
                         return Err(ClientError::ServerError(message))
@@ -314,6 +333,41 @@ impl Conn {
         tokio::time::timeout(timeout, wait)
             .await
             .map_err(|_| ClientError::Timeout("waiting for room_joined"))?
+    }
+
+    /// Pusher's join: a `pusher:subscribe` to `channel` signed for this socket, then reads
+    /// until its `subscription_succeeded` (a `subscription_error` or `pusher:error` fails it).
+    async fn subscribe(
+        &mut self,
+        app: &pusher::App,
+        channel: &str,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        let frame = app
+            .subscribe(&self.client_id, channel)
+            .map_err(ClientError::Encode)?;
+        self.writer.send_text(frame).await?;
+        let wait = async {
+            loop {
+                let payload = self.reader.recv().await?;
+                match Event::parse(&payload) {
+                    Ok(Event::SubscriptionSucceeded { channel: c }) if c == channel => {
+                        return Ok(())
+                    }
+                    Ok(Event::SubscriptionError { error, .. }) => {
+                        return Err(ClientError::ServerError(format!(
+                            "subscription refused: {error}"
+                        )))
+                    }
+                    Ok(Event::Error { message }) => return Err(ClientError::ServerError(message)),
+                    Ok(_) => {}
+                    Err(error) => return Err(ClientError::Unexpected(error.to_string())),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ClientError::Timeout("waiting for subscription_succeeded"))?
     }
 
     /// Sends a close frame and waits (at most `timeout`) for the server's close and end of
@@ -395,6 +449,20 @@ impl Reader {
             Err(error) => Err(ClientError::Unexpected(error.to_string())),
         }
     }
+
+    /// Reads the `pusher:connection_established` a Pusher connection starts with; returns its
+    /// socket id (a `pusher:error` instead, e.g. an unknown key, is the server's refusal).
+    async fn pusher_welcome(&mut self) -> Result<String, ClientError> {
+        let payload = self.recv().await?;
+        match Event::parse(&payload) {
+            Ok(Event::ConnectionEstablished { socket_id }) => Ok(socket_id),
+            Ok(Event::Error { message }) => Err(ClientError::ServerError(message)),
+            Ok(other) => Err(ClientError::Unexpected(format!(
+                "expected pusher:connection_established, got {other:?}"
+            ))),
+            Err(error) => Err(ClientError::Unexpected(error.to_string())),
+        }
+    }
 }
 
 /// The sending half of a connection; clones share one socket.
@@ -407,6 +475,11 @@ impl Writer {
     /// Sends one client message as a text frame.
     pub async fn send(&self, message: &ClientMessage<'_>) -> Result<(), ClientError> {
         let json = message.encode().map_err(ClientError::Encode)?;
+        self.send_text(json).await
+    }
+
+    /// Sends an already encoded message as a text frame.
+    pub async fn send_text(&self, json: Vec<u8>) -> Result<(), ClientError> {
         self.send_frame(Frame::text(Payload::Owned(json)))
             .await
             .map_err(ClientError::Ws)

@@ -10,6 +10,13 @@
 //! Client `i < subscribers` is a subscriber of room `i % rooms`; publisher `p` is in room
 //! `p % rooms`. Publishers are room members too (the protocol requires it), so they also receive
 //! and measure the other publishers' messages.
+//!
+//! With `--protocol pusher` a room is the private channel `private-<room name>`, a join a signed
+//! subscribe, and a message the client event `client-msg` ([`crate::pusher`]); the phases and
+//! the accounting are the same. The receive and publish loops are generic over
+//! [`Framing`], picked once per client, so native mode runs the code it always ran. Private
+//! channels have no member events and report no member count: the settle phase just sees
+//! 200 ms of quiet, and the membership check (other clients in our rooms) is not made.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,10 +27,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{drain, open_connections, wait_until, Env, Outcome};
-use crate::cli::FanoutArgs;
+use crate::cli::{FanoutArgs, Protocol};
 use crate::client::{Cause, ClientError, Conn, Reader, Writer};
 use crate::clock::now_ns;
-use crate::message::{ClientMessage, ServerMessage, Stamp};
+use crate::message::{Framing, Native, ServerMessage, Stamp};
+use crate::pusher::{Pusher, CHANNEL_PREFIX};
 use crate::report::{per, round2, round3, FanoutResults, Results};
 use crate::stats::{secs, Counter, Latencies, LatencySummary};
 use crate::sysinfo::Meter;
@@ -58,12 +66,13 @@ struct Publisher {
 
 #[derive(Default)]
 struct Room {
+    /// The room (Pusher: the channel) every message of it names.
     name: String,
     /// Our connections that joined.
     joined: AtomicU64,
     /// Our receivers whose connection ended early.
     dead: AtomicU64,
-    /// Largest `members` any room_joined reported.
+    /// Largest `members` any room_joined reported (Pusher: none is).
     members_seen: AtomicU64,
 }
 
@@ -78,6 +87,7 @@ impl Room {
 
 struct Shared {
     args: FanoutArgs,
+    protocol: Protocol,
     saturated: bool,
     reply_timeout: Duration,
     rooms: Vec<Room>,
@@ -136,13 +146,19 @@ pub async fn run(env: &mut Env, args: FanoutArgs) -> Result<Outcome, FanoutError
     if args.window == 0 {
         return Err(FanoutError::NoWindow);
     }
+    let protocol = env.common.protocol;
+    let channel_prefix = match protocol {
+        Protocol::Native => "",
+        Protocol::Pusher => CHANNEL_PREFIX,
+    };
     let rooms = (0..args.rooms)
         .map(|r| Room {
-            name: format!("{}-{}-{r}", args.room_prefix, env.run_id),
+            name: format!("{channel_prefix}{}-{}-{r}", args.room_prefix, env.run_id),
             ..Room::default()
         })
         .collect();
     let shared = Arc::new(Shared {
+        protocol,
         saturated: args.rate == 0.0,
         reply_timeout: env.common.timeout,
         rooms,
@@ -200,9 +216,12 @@ pub async fn run(env: &mut Env, args: FanoutArgs) -> Result<Outcome, FanoutError
     )
     .await;
     let mut warnings = Vec::new();
-    check_membership(&shared, &mut warnings);
+    if protocol == Protocol::Native {
+        check_membership(&shared, &mut warnings);
+    }
 
-    // Settle: let the member_joined storm of the join phase drain before measuring.
+    // Settle: let the member_joined storm of the join phase drain before measuring (Pusher's
+    // private channels have none: 200 ms of quiet).
     env.progress.phase("settle", 0, || (0, String::new()));
     let mut last_other = u64::MAX;
     let mut quiet_since = Instant::now();
@@ -333,6 +352,7 @@ pub async fn run(env: &mut Env, args: FanoutArgs) -> Result<Outcome, FanoutError
     let latency = LatencySummary::of(&shared.latencies.merged());
     let lost = expected.saturating_sub(received);
     let results = FanoutResults {
+        protocol: protocol.name(),
         subscribers: args.subscribers,
         publishers: args.publishers,
         rooms: args.rooms,
@@ -405,9 +425,16 @@ fn check_membership(shared: &Shared, warnings: &mut Vec<String>) {
     }
 }
 
-/// One client's life: join its room, then receive (and, for a publisher, publish) until the
-/// run stops.
-async fn client(shared: Arc<Shared>, index: usize, mut conn: Conn) {
+/// One client's life, in the run's protocol.
+async fn client(shared: Arc<Shared>, index: usize, conn: Conn) {
+    match shared.protocol {
+        Protocol::Native => client_speaking::<Native>(shared, index, conn).await,
+        Protocol::Pusher => client_speaking::<Pusher>(shared, index, conn).await,
+    }
+}
+
+/// Join its room, then receive (and, for a publisher, publish) until the run stops.
+async fn client_speaking<F: Framing>(shared: Arc<Shared>, index: usize, mut conn: Conn) {
     let room_index = shared.room_of(index);
     let room = &shared.rooms[room_index];
     match conn
@@ -415,7 +442,9 @@ async fn client(shared: Arc<Shared>, index: usize, mut conn: Conn) {
         .await
     {
         Ok(members) => {
-            room.members_seen.fetch_max(members, Ordering::Relaxed);
+            if let Some(members) = members {
+                room.members_seen.fetch_max(members, Ordering::Relaxed);
+            }
             room.joined.fetch_add(1, Ordering::Relaxed);
             shared.joined.fetch_add(1, Ordering::Relaxed);
         }
@@ -426,14 +455,14 @@ async fn client(shared: Arc<Shared>, index: usize, mut conn: Conn) {
         }
     }
     let Conn { reader, writer, .. } = conn;
-    let receiving = receive(&shared, index, room_index, reader);
+    let receiving = receive::<F>(&shared, index, room_index, reader);
     if index < shared.args.subscribers {
         receiving.await;
     } else {
         let publisher = index - shared.args.subscribers;
         shared.publishers_ready.fetch_add(1, Ordering::Relaxed);
         let publishing = async {
-            publish(&shared, publisher, room_index, &writer).await;
+            publish::<F>(&shared, publisher, room_index, &writer).await;
             shared.publishers_done.fetch_add(1, Ordering::Relaxed);
         };
         tokio::join!(receiving, publishing);
@@ -443,7 +472,7 @@ async fn client(shared: Arc<Shared>, index: usize, mut conn: Conn) {
 }
 
 /// Reads until the run stops, recording every stamped delivery.
-async fn receive(shared: &Shared, index: usize, room_index: usize, mut reader: Reader) {
+async fn receive<F: Framing>(shared: &Shared, index: usize, room_index: usize, mut reader: Reader) {
     let args = &shared.args;
     let rooms = args.rooms;
     let local_publishers = shared.publishers_in(room_index);
@@ -462,7 +491,7 @@ async fn receive(shared: &Shared, index: usize, room_index: usize, mut reader: R
             Err(error) => break error,
         };
         let now = now_ns();
-        match ServerMessage::parse(&payload) {
+        match F::parse(&payload) {
             Ok(ServerMessage::RoomMessage {
                 message: Some(text),
             }) => match Stamp::decode(&text) {
@@ -525,7 +554,7 @@ fn delivered(publisher: &Publisher, n: u64) {
 }
 
 /// Sends stamped messages until the duration or count is reached.
-async fn publish(shared: &Shared, index: usize, room_index: usize, writer: &Writer) {
+async fn publish<F: Framing>(shared: &Shared, index: usize, room_index: usize, writer: &Writer) {
     tokio::select! {
         _ = shared.go.cancelled() => {}
         _ = shared.stop.cancelled() => return,
@@ -571,13 +600,16 @@ async fn publish(shared: &Shared, index: usize, room_index: usize, writer: &Writ
             sent_ns: now_ns(),
         }
         .encode_into(&mut text, args.size);
-        let message = ClientMessage::RoomMessage {
-            room: &room.name,
-            message: &text,
+        let frame = match F::room_message(&room.name, &text) {
+            Ok(frame) => frame,
+            Err(error) => {
+                shared.errors.record("publish", &ClientError::Encode(error));
+                break;
+            }
         };
         // Owed before it is sent, so a fast receiver never sees more delivered than expected.
         me.expected.fetch_add(receivers, Ordering::Relaxed);
-        let sent = tokio::time::timeout(shared.reply_timeout, writer.send(&message)).await;
+        let sent = tokio::time::timeout(shared.reply_timeout, writer.send_text(frame)).await;
         let error = match sent {
             Ok(Ok(())) => {
                 me.sent.fetch_add(1, Ordering::Relaxed);

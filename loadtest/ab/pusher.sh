@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# roomcast's Pusher protocol against its native one, in one sitting, on ONE server: compare.sh's
+# fanout-1k (1 room x 1,000 subscribers x 100 msg/s, 10 s) and fanout-5k-saturated (1 room x
+# 5,000 subscribers, --rate 0, 10 s, --timeout 60s), ROUNDS rounds (default 3), alternating
+#   native   the loadtest's native clients (join_room, room_message);
+#   pusher   the same scenario with --protocol pusher: private-channel subscriptions signed with
+#            the app's secret, the stamped messages sent as client events `client-msg`.
+# One release roomcast (run-peer.sh: --workers 1, CPU 0) with --pusher-app and --rate-limit 0
+# (as compare.sh: client events are under the same rate limit as native messages) serves every
+# run; the generator runs on CPU 1 with one thread. Reports:
+# loadtest/results/pusher-vs-native/{native,pusher}-rN/NAME.json, then a table of the medians.
+#
+#   loadtest/ab/pusher.sh
+#   ROUNDS=3 BIN=target/release/roomcast LOADTEST_BIN=target/release/roomcast-loadtest \
+#       loadtest/ab/pusher.sh
+# Binaries default to $CARGO_TARGET_DIR/release (else <repo>/target/release).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$here/.." && pwd)
+target=${CARGO_TARGET_DIR:-$repo/target}
+bin=${BIN:-$target/release/roomcast}
+loadtest=${LOADTEST_BIN:-$target/release/roomcast-loadtest}
+out=${RESULTS_DIR:-$here/results/pusher-vs-native}
+rounds=${ROUNDS:-3}
+port=${PORT:-19870}
+app=${PUSHER_APP:-1001:loadtest-key:loadtest-secret}
+scenarios=(fanout-1k fanout-5k-saturated)
+for b in "$bin" "$loadtest"; do
+    [[ -x $b ]] || { echo "not built: $b (cargo build --release -p roomcast -p roomcast-loadtest)" >&2; exit 1; }
+done
+mkdir -p "$out"
+
+pid=$(ROOMCAST_BIN=$bin "$here/peers/run-peer.sh" roomcast "$port" --rate-limit 0 \
+    --pusher-app "$app")
+stop() {
+    kill "$pid" 2>/dev/null || true
+    # The port closing shows the server is gone (see peers/README.md).
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || return 0
+        sleep 0.1
+    done
+}
+trap stop EXIT
+
+params() { # SCENARIO -> compare.sh's fanout arguments for it
+    case $1 in
+    fanout-1k) echo --subscribers 1000 --rooms 1 --publishers 1 --rate 100 --duration 10s ;;
+    fanout-5k-saturated)
+        echo --subscribers 5000 --rooms 1 --publishers 1 --rate 0 --duration 10s --timeout 60s ;;
+    *) echo "unknown scenario: $1" >&2; exit 2 ;;
+    esac
+}
+
+for round in $(seq "$rounds"); do
+    for side in native pusher; do
+        dir=$out/$side-r$round
+        mkdir -p "$dir"
+        protocol=()
+        [[ $side == pusher ]] && protocol=(--protocol pusher --pusher-app "$app")
+        for name in "${scenarios[@]}"; do
+            echo "== $side round $round: $name" >&2
+            # shellcheck disable=SC2046 # params are words
+            taskset -c 1 "$loadtest" --url "ws://127.0.0.1:$port/" --server-pid "$pid" \
+                --threads 1 --json "${protocol[@]}" fanout $(params "$name") \
+                > "$dir/$name.json"
+            python3 - "$dir/$name.json" <<'PY' >&2
+import json, sys
+r = json.load(open(sys.argv[1])); res = r["results"]; lat = res["latency"]
+print(f"    {res['protocol']}: {res['server_cpu_us_per_delivery']} us/delivery, "
+      f"{res['deliveries_per_second']:,.0f} deliveries/s, p50 {lat['p50_us'] / 1000:.2f} ms, "
+      f"p99 {lat['p99_us'] / 1000:.2f} ms, lost {res['lost']} of {res['expected']}, "
+      f"machine {r.get('machine_cpu_busy')}", "; ".join(r["warnings"]))
+PY
+        done
+    done
+done
+
+python3 - "$out" "$rounds" "${scenarios[@]}" <<'PY'
+import json, statistics, sys
+out, rounds, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+med = statistics.median
+print(f"medians of {rounds} rounds (one roomcast, --workers 1 on CPU 0; generator on CPU 1)")
+print(f"{'scenario':20} {'protocol':8} {'us CPU/deliv':>12} {'deliveries/s':>13} "
+      f"{'p50 ms':>8} {'p99 ms':>8} {'lost':>10} {'loss %':>8}  machine busy")
+for scenario in scenarios:
+    cpu_of = {}
+    for side in ("native", "pusher"):
+        runs = [json.load(open(f"{out}/{side}-r{r}/{scenario}.json")) for r in range(1, rounds + 1)]
+        res = [r["results"] for r in runs]
+        cpu = med(x["server_cpu_us_per_delivery"] or 0 for x in res)
+        cpu_of[side] = cpu
+        busy = [r.get("machine_cpu_busy") for r in runs]
+        print(f"{scenario:20} {side:8} {cpu:12.3f} {med(x['deliveries_per_second'] for x in res):13,.0f} "
+              f"{med(x['latency']['p50_us'] for x in res) / 1000:8.2f} "
+              f"{med(x['latency']['p99_us'] for x in res) / 1000:8.2f} "
+              f"{med(x['lost'] for x in res):10,.0f} {med(x['loss_ratio'] for x in res) * 100:8.4f}  {busy}")
+    if cpu_of["native"]:
+        print(f"{'':20} pusher/native server CPU per delivery: {cpu_of['pusher'] / cpu_of['native']:.2f}x")
+PY
