@@ -44,11 +44,18 @@ async fn run_suite(suite: &str, nodes: &[&common::TestServer]) -> bool {
     for (node, name) in nodes.iter().zip(["ROOMCAST_PORT", "ROOMCAST_PORT_B"]) {
         command.env(name, node.addr.port().to_string());
     }
-    // Off the runtime's threads: the servers are served on them meanwhile.
+    let report = run_reported(command).await;
+    assert!(report.contains("fail 0"), "{report}");
+    true
+}
+
+/// Runs a suite's `command` off the runtime's threads (the servers are served on them
+/// meanwhile), prints what it said, and asserts it succeeded; returns what it said.
+async fn run_reported(mut command: std::process::Command) -> String {
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
         .expect("the runner thread")
-        .expect("node runs");
+        .expect("the suite's runner starts");
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -56,8 +63,7 @@ async fn run_suite(suite: &str, nodes: &[&common::TestServer]) -> bool {
     );
     println!("{report}");
     assert!(output.status.success(), "{report}");
-    assert!(report.contains("fail 0"), "{report}");
-    true
+    report
 }
 
 /// Runs tests/pusher/sdk_test.py (the PyPI `pusher` SDK and Pysher) against `node` with the
@@ -82,17 +88,7 @@ async fn run_python_suite(node: &common::TestServer) -> bool {
         .env("APP_ID", APP.0)
         .env("APP_KEY", APP.1)
         .env("APP_SECRET", APP.2);
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .expect("the runner thread")
-        .expect("python runs");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    println!("{report}");
-    assert!(output.status.success(), "{report}");
+    let report = run_reported(command).await;
     assert!(report.contains("\nOK"), "{report}");
     true
 }

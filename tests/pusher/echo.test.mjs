@@ -6,7 +6,7 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import Echo from 'laravel-echo';
 import Pusher from 'pusher-js';
-import { host, port, key, rest } from './helpers.mjs';
+import { connection, key, rest } from './helpers.mjs';
 
 const echoes = [];
 after(() => echoes.forEach((echo) => echo.disconnect()));
@@ -17,12 +17,7 @@ function echo(user = null) {
     broadcaster: 'pusher',
     Pusher,
     key,
-    wsHost: host,
-    wsPort: port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    disableStats: true,
-    cluster: 'mt1',
+    ...connection,
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) =>
         callback(null, channelName.startsWith('presence-')

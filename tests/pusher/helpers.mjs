@@ -25,14 +25,19 @@ after(() => clients.forEach((client) => client.disconnect()));
  * A pusher-js client of the node on `options.wsPort` (default: the first); `authorize` signs
  * private channels the way an app's /broadcasting/auth would.
  */
+/** How a pusher-js client (or Echo on it) reaches the first node: plain ws, no stats. */
+export const connection = {
+  wsHost: host,
+  wsPort: port,
+  forceTLS: false,
+  enabledTransports: ['ws'],
+  disableStats: true,
+  cluster: 'mt1',
+};
+
 export function client(options = {}, appKey = key) {
   const pusher = new Pusher(appKey, {
-    wsHost: host,
-    wsPort: port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    disableStats: true,
-    cluster: 'mt1',
+    ...connection,
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) =>
         callback(null, rest.authorizeChannel(socketId, channelName)),

@@ -209,24 +209,30 @@ fn membership_args(
         Change::Rejoin => ('J', "SADD"),
         Change::Leave => ('l', "SREM"),
     };
-    let mut head = serde_json::to_string(&EnvelopeHead {
-        n: publisher,
-        k: kind,
-        t: room,
-        f: client_id,
-        ts: 0,
-    })
-    .expect("an envelope head serializes");
-    head.pop(); // its closing brace: the count and the tail follow
-    head.push_str(r#","m":"#);
     [
         member_entry(member_node, client_id),
         channels.room(room),
-        head,
+        envelope_head(publisher, kind, room, client_id),
         "}".to_owned(),
         set_command.to_owned(),
         channels.publish_verb().to_owned(),
     ]
+}
+
+/// An envelope's text up to its message (`...,"m":`), for a script to finish: the message it
+/// writes (a count, a member list) and the closing brace follow.
+fn envelope_head(publisher: u64, kind: char, target: &str, from: &str) -> String {
+    let mut head = serde_json::to_string(&EnvelopeHead {
+        n: publisher,
+        k: kind,
+        t: target,
+        f: from,
+        ts: 0,
+    })
+    .expect("an envelope head serializes");
+    head.pop(); // its closing brace
+    head.push_str(r#","m":"#);
+    head
 }
 
 /// A member in a room's member set: its node and client id.

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::connection::Client;
 use super::{
-    answer_of, lock, Channels, Envelope, Outgoing, RedisBroker, Subscriber, Wants,
+    answer_of, envelope_head, lock, Channels, Envelope, Outgoing, RedisBroker, Subscriber, Wants,
     ACTIVATION_GRACE, RESPONSE_TIMEOUT,
 };
 use crate::broker::{PresenceJoin, PresenceJoining, PresenceRefusal, Publication, Target};
@@ -101,21 +101,6 @@ fn keys(command: &mut redis::Cmd, channels: &Channels, group: &str) {
         .arg(channels.room_key("presence-info", group));
 }
 
-/// An envelope's head up to its message, in the shape `Envelope` reads.
-fn head(publisher: u64, kind: char, group: &str, from: &str) -> String {
-    let mut head = serde_json::to_string(&super::EnvelopeHead {
-        n: publisher,
-        k: kind,
-        t: group,
-        f: from,
-        ts: 0,
-    })
-    .expect("an envelope head serializes");
-    head.pop(); // its closing brace: the message and the brace follow
-    head.push_str(r#","m":"#);
-    head
-}
-
 /// The join script for connection `conn` of node `node` (socket id `socket_id`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn join_command(
@@ -139,7 +124,7 @@ pub(super) fn join_command(
         .arg(user_info)
         .arg(channels.group(group))
         .arg(channels.publish_verb())
-        .arg(head(node, 'P', group, socket_id))
+        .arg(envelope_head(node, 'P', group, socket_id))
         .arg(member_added)
         .arg(max_members)
         .arg(u8::from(put_back));
@@ -163,7 +148,7 @@ pub(super) fn leave_command(
         .arg(entry(member_node, conn))
         .arg(channels.group(group))
         .arg(channels.publish_verb())
-        .arg(head(publisher, 'L', group, ""))
+        .arg(envelope_head(publisher, 'L', group, ""))
         .arg(channel);
     command
 }
