@@ -24,6 +24,10 @@
 //! - **Signed.** `X-Roomcast-Signature` is the lowercase hex HMAC-SHA256 of the exact body with
 //!   `--webhook-secret`: the app checks that the call comes from us before trusting it.
 //!
+//! The queue and the sender are generic over a [`Format`] (the body and the headers that sign
+//! it): roomcast's own is [`RoomcastFormat`]; the Pusher apps' webhooks are another format on
+//! the same road.
+//!
 //! Without `--webhook-url` none of this exists: `Node::webhooks` is `None`, no task runs, and a
 //! connect, join or leave pays one `Option` check.
 
@@ -103,7 +107,7 @@ impl EventKind {
 /// One event waiting in the queue. Its id is given by the sender when it is batched, so an
 /// event dropped at a full queue uses no number and emitting touches no shared counter.
 #[derive(Debug)]
-struct Event {
+pub struct Event {
     kind: EventKind,
     client_id: Arc<str>,
     user_id: Option<Arc<str>>,
@@ -132,9 +136,20 @@ pub enum WebhookConfigError {
     NoSecret,
 }
 
-/// The emitting side, in `Node::webhooks`: shared by every connection of the node.
-pub struct Webhooks {
-    queue: mpsc::Sender<Event>,
+/// How a batch of events is written for the receiver: its body and the headers that sign it.
+/// roomcast's own webhooks are one format ([`RoomcastFormat`]); the Pusher protocol's are
+/// another (`crate::pusher::webhooks`), delivered by the same [`Sender`].
+pub trait Format: Send + 'static {
+    type Event: Send + 'static;
+    /// The body of `batch` (called once per batch: retries send the same bytes).
+    fn encode(&mut self, batch: &[Self::Event]) -> Bytes;
+    /// The headers sent with `body` (its signature).
+    fn headers(&self, body: &[u8]) -> Vec<(HeaderName, HeaderValue)>;
+}
+
+/// The emitting side of one format's webhooks: a bounded queue that never waits.
+pub struct Queue<E> {
+    queue: mpsc::Sender<E>,
     metrics: Arc<Metrics>,
     /// The origin of `last_drop_warning`.
     started: Instant,
@@ -146,6 +161,47 @@ pub struct Webhooks {
     /// shutdown that stops the sender mid-batch leaves undelivered besides the queue.
     in_flight: Arc<AtomicUsize>,
 }
+
+/// A queue and the sender that delivers it to `url` in `format`, with `config`'s queue size,
+/// batch size, timeout and retries (`--webhook-*`).
+pub fn channel<F: Format>(
+    config: &Config,
+    url: Uri,
+    format: F,
+    metrics: Arc<Metrics>,
+) -> (Queue<F::Event>, Sender<F>) {
+    let (queue, events) = mpsc::channel(config.webhook_queue.max(1));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let sender = Sender {
+        events,
+        format,
+        client: AppClient::new(),
+        url,
+        batch: config.webhook_batch.max(1),
+        timeout: config.webhook_timeout,
+        retries: config.webhook_retries,
+        backoff: config.webhook_retry_backoff,
+        metrics: metrics.clone(),
+        in_flight: in_flight.clone(),
+    };
+    let queue = Queue {
+        queue,
+        metrics,
+        started: Instant::now(),
+        last_drop_warning: AtomicU64::new(0),
+        dropped_unreported: AtomicU64::new(0),
+        in_flight,
+    };
+    (queue, sender)
+}
+
+/// roomcast's own webhooks, in `Node::webhooks`: shared by every connection of the node.
+pub struct Webhooks {
+    queue: Queue<Event>,
+}
+
+/// The task delivering roomcast's own webhooks.
+pub type WebhookSender = Sender<RoomcastFormat>;
 
 impl Webhooks {
     /// The handle and its sender for `config`, or `None` without `--webhook-url`. The URL is
@@ -162,33 +218,14 @@ impl Webhooks {
             .webhook_secret
             .as_deref()
             .ok_or(WebhookConfigError::NoSecret)?;
-        let key = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
-            .expect("HMAC takes keys of any length");
-        let (queue, events) = mpsc::channel(config.webhook_queue.max(1));
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let sender = WebhookSender {
-            events,
-            client: AppClient::new(),
-            url,
-            key,
-            batch: config.webhook_batch.max(1),
-            timeout: config.webhook_timeout,
-            retries: config.webhook_retries,
-            backoff: config.webhook_retry_backoff,
+        let format = RoomcastFormat {
+            key: Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+                .expect("HMAC takes keys of any length"),
             prefix: rand::random(),
             next_seq: 0,
-            metrics: metrics.clone(),
-            in_flight: in_flight.clone(),
         };
-        let webhooks = Webhooks {
-            queue,
-            metrics,
-            started: Instant::now(),
-            last_drop_warning: AtomicU64::new(0),
-            dropped_unreported: AtomicU64::new(0),
-            in_flight,
-        };
-        Ok(Some((webhooks, sender)))
+        let (queue, sender) = channel(config, url, format, metrics);
+        Ok(Some((Webhooks { queue }, sender)))
     }
 
     /// Queues `kind` for `member` (in `room`, for room events) without ever waiting: when the
@@ -207,13 +244,24 @@ impl Webhooks {
         user_id: Option<&Arc<str>>,
         room: Option<&str>,
     ) {
-        let event = Event {
+        self.queue.push(Event {
             kind,
             client_id: client_id.clone(),
             user_id: user_id.cloned(),
             room: room.map(Arc::from),
             time_ms: unix_millis(),
-        };
+        });
+    }
+
+    /// Events not yet delivered: queued, plus the batch the sender holds.
+    pub fn undelivered(&self) -> usize {
+        self.queue.undelivered()
+    }
+}
+
+impl<E> Queue<E> {
+    /// Queues `event` without ever waiting: when the queue is full it is dropped and counted.
+    pub fn push(&self, event: E) {
         match self.queue.try_send(event) {
             Ok(()) => self.metrics.webhook_events_queued.increment(1),
             Err(mpsc::error::TrySendError::Full(_)) => self.dropped(),
@@ -263,21 +311,56 @@ fn unix_millis() -> u64 {
 }
 
 /// The task that delivers the queued events, one batch at a time; see the module doc.
-pub struct WebhookSender {
-    events: mpsc::Receiver<Event>,
+pub struct Sender<F: Format> {
+    events: mpsc::Receiver<F::Event>,
+    format: F,
     client: AppClient,
     url: Uri,
-    /// The HMAC state after the key: cloned for each batch instead of hashing the key again.
-    key: Hmac<Sha256>,
     batch: usize,
     timeout: Duration,
     retries: u32,
     backoff: Duration,
+    metrics: Arc<Metrics>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// roomcast's own body (`{"events":[...]}`, each with an id) and `X-Roomcast-Signature`.
+pub struct RoomcastFormat {
+    /// The HMAC state after the key: cloned for each batch instead of hashing the key again.
+    key: Hmac<Sha256>,
     /// The random half of every id, drawn at start-up.
     prefix: u64,
     next_seq: u64,
-    metrics: Arc<Metrics>,
-    in_flight: Arc<AtomicUsize>,
+}
+
+impl Format for RoomcastFormat {
+    type Event = Event;
+
+    /// The body of `batch` with fresh ids.
+    fn encode(&mut self, batch: &[Event]) -> Bytes {
+        let events = batch
+            .iter()
+            .map(|event| {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                WireEvent {
+                    id: format!("{:016x}-{seq}", self.prefix),
+                    event: event.kind.as_str(),
+                    client_id: &event.client_id,
+                    user_id: event.user_id.as_deref(),
+                    room: event.room.as_deref(),
+                    time_ms: event.time_ms,
+                }
+            })
+            .collect();
+        let body = serde_json::to_vec(&Body { events }).expect("events serialize");
+        Bytes::from(body)
+    }
+
+    fn headers(&self, body: &[u8]) -> Vec<(HeaderName, HeaderValue)> {
+        let signature = HeaderValue::from_str(&sign(&self.key, body)).expect("hex is ASCII");
+        vec![(HeaderName::from_static(SIGNATURE_HEADER), signature)]
+    }
 }
 
 /// The body's shape, borrowed from the events.
@@ -298,7 +381,7 @@ struct WireEvent<'a> {
 }
 
 /// The lowercase hex HMAC-SHA256 of `body` under `key`.
-fn sign(key: &Hmac<Sha256>, body: &[u8]) -> String {
+pub fn sign(key: &Hmac<Sha256>, body: &[u8]) -> String {
     let mut mac = key.clone();
     mac.update(body);
     hex::encode(mac.finalize().into_bytes())
@@ -311,7 +394,7 @@ fn backoff(initial: Duration, retry: u32) -> Duration {
     initial.saturating_mul(factor).min(MAX_BACKOFF)
 }
 
-impl WebhookSender {
+impl<F: Format> Sender<F> {
     /// The host the webhooks go to, for the start-up log line (the URL itself may carry
     /// credentials).
     pub fn host(&self) -> &str {
@@ -353,7 +436,7 @@ impl WebhookSender {
     }
 
     /// Moves queued events into `batch` up to the batch size, without waiting.
-    fn take_queued(&mut self, batch: &mut Vec<Event>) {
+    fn take_queued(&mut self, batch: &mut Vec<F::Event>) {
         while batch.len() < self.batch {
             match self.events.try_recv() {
                 Ok(event) => batch.push(event),
@@ -362,32 +445,10 @@ impl WebhookSender {
         }
     }
 
-    /// The body of `batch` with fresh ids.
-    fn encode(&mut self, batch: &[Event]) -> Bytes {
-        let events = batch
-            .iter()
-            .map(|event| {
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                WireEvent {
-                    id: format!("{:016x}-{seq}", self.prefix),
-                    event: event.kind.as_str(),
-                    client_id: &event.client_id,
-                    user_id: event.user_id.as_deref(),
-                    room: event.room.as_deref(),
-                    time_ms: event.time_ms,
-                }
-            })
-            .collect();
-        let body = serde_json::to_vec(&Body { events }).expect("events serialize");
-        Bytes::from(body)
-    }
-
     /// Sends one batch until a 2xx answer or the last retry; the same bytes every time.
-    async fn deliver(&mut self, batch: &[Event]) {
-        let body = self.encode(batch);
-        let signature = HeaderValue::from_str(&sign(&self.key, &body)).expect("hex is ASCII");
-        let headers = [(HeaderName::from_static(SIGNATURE_HEADER), signature)];
+    async fn deliver(&mut self, batch: &[F::Event]) {
+        let body = self.format.encode(batch);
+        let headers = self.format.headers(&body);
         let count = batch.len() as u64;
         let mut retry = 0;
         loop {
@@ -471,8 +532,9 @@ mod tests {
             event(EventKind::ClientConnected, None),
             event(EventKind::RoomOccupied, Some("lobby")),
         ];
-        let first: serde_json::Value = serde_json::from_slice(&sender.encode(&batch)).unwrap();
-        let prefix = format!("{:016x}", sender.prefix);
+        let first: serde_json::Value =
+            serde_json::from_slice(&sender.format.encode(&batch)).unwrap();
+        let prefix = format!("{:016x}", sender.format.prefix);
         assert_eq!(
             first,
             serde_json::json!({"events": [
@@ -483,7 +545,8 @@ mod tests {
                  "time_ms": 1_700_000_000_000u64},
             ]})
         );
-        let second: serde_json::Value = serde_json::from_slice(&sender.encode(&batch)).unwrap();
+        let second: serde_json::Value =
+            serde_json::from_slice(&sender.format.encode(&batch)).unwrap();
         assert_eq!(second["events"][0]["id"], format!("{prefix}-2"));
     }
 
