@@ -724,6 +724,18 @@ impl Config {
             crate::broker::check_redis_url(url).map_err(ConfigError::Redis)?;
         }
         crate::pusher::Apps::parse(&self.pusher_app, &self.pusher_apps)?;
+        for app in &self.pusher_apps {
+            if let Some(url) = &app.webhook_url {
+                crate::api::app_client::AppClient::parse_url(url).map_err(|_| {
+                    ConfigError::Invalid("a [[pusher-apps]] webhook-url is not an http(s) URL")
+                })?;
+                if self.broker() != crate::broker::BrokerKind::Memory {
+                    return Err(ConfigError::Invalid(
+                        "a [[pusher-apps]] webhook-url is not supported with --redis or --redis-cluster yet (channel_occupied and channel_vacated need the cluster's counts)",
+                    ));
+                }
+            }
+        }
         if self.redis.is_some() && !self.redis_cluster.is_empty() {
             return Err(ConfigError::Invalid(
                 "--redis and --redis-cluster exclude each other",
@@ -856,6 +868,19 @@ pub struct PusherAppConfig {
     pub client_events: bool,
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Where the app's webhooks go, in Pusher's format (one node only, for now).
+    #[serde(default, serialize_with = "redacted_option")]
+    pub webhook_url: Option<String>,
+}
+
+fn redacted_option<S: Serializer>(
+    value: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => serializer.serialize_str("<redacted>"),
+        None => serializer.serialize_none(),
+    }
 }
 
 fn yes() -> bool {

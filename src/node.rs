@@ -66,7 +66,10 @@ impl Node {
         // Checked by the configuration's validation.
         let pusher = crate::pusher::Apps::parse(&config.pusher_app, &config.pusher_apps)
             .unwrap_or_default()
-            .map(Arc::new);
+            .map(|mut apps| {
+                apps.start_webhooks(&config, &metrics);
+                Arc::new(apps)
+            });
         let broker = broker::from_config(
             &config,
             router.clone(),

@@ -205,6 +205,15 @@ impl Server {
             info!(host = sender.host(), "webhooks on");
             tokio::spawn(sender.run(webhooks_done.clone()))
         });
+        // The Pusher apps' webhooks, on the same terms.
+        let pusher_webhooks = TaskTracker::new();
+        if let Some(apps) = &ctx.node.pusher {
+            for sender in apps.take_webhook_senders() {
+                info!(host = sender.host(), "pusher app webhooks on");
+                pusher_webhooks.spawn(sender.run(webhooks_done.clone()));
+            }
+        }
+        pusher_webhooks.close();
         let accept_loops = TaskTracker::new();
         for listener in listeners {
             accept_loops.spawn(accept_loop(listener, ctx.clone()));
@@ -266,6 +275,21 @@ impl Server {
                     "drain timeout reached with webhook events undelivered"
                 );
             }
+        }
+        webhooks_done.cancel();
+        if tokio::time::timeout_at(deadline, pusher_webhooks.wait())
+            .await
+            .is_err()
+        {
+            let undelivered = ctx
+                .node
+                .pusher
+                .as_ref()
+                .map_or(0, |apps| apps.undelivered_hooks());
+            warn!(
+                undelivered,
+                "drain timeout reached with pusher webhook events undelivered"
+            );
         }
     }
 }

@@ -600,3 +600,36 @@ fn pusher_apps_tables_in_the_file_add_apps_with_their_options_and_the_secret_sta
     );
     assert!(load(args(&["--config", unknown.to_str().unwrap()])).is_err());
 }
+
+#[test]
+fn a_pusher_apps_webhook_url_must_be_http_and_is_refused_across_nodes_for_now() {
+    let table = |url: &str| {
+        format!(
+            "[[pusher-apps]]\nid = \"9\"\nkey = \"k\"\nsecret = \"s\"\nwebhook-url = \"{url}\"\n"
+        )
+    };
+    let good = file(
+        "pusher-hooks.toml",
+        &table("http://app.internal/pusher/webhooks"),
+    );
+    let config = load(args(&["--config", good.to_str().unwrap()])).unwrap();
+    assert!(config.pusher_apps[0].webhook_url.is_some());
+    assert!(
+        !config.to_toml().contains("app.internal"),
+        "the URL is redacted"
+    );
+    let bad = file("pusher-hooks-bad.toml", &table("ftp://app.internal/x"));
+    let error = load(args(&["--config", bad.to_str().unwrap()])).unwrap_err();
+    assert!(error.to_string().contains("webhook-url"), "{error}");
+    let error = load(args(&[
+        "--config",
+        good.to_str().unwrap(),
+        "--redis",
+        "redis://127.0.0.1:6379",
+    ]))
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("not supported with --redis"),
+        "{error}"
+    );
+}

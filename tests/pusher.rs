@@ -596,6 +596,7 @@ async fn quiet_app_server() -> common::TestServer {
             secret: APP.2.into(),
             client_events: false,
             max_connections: Some(2),
+            webhook_url: None,
         }];
     })
     .await
@@ -710,4 +711,118 @@ async fn every_subscriber_of_a_new_channel_waits_for_the_nodes_redis_subscriptio
             "succeeded after {after:?}, before the node's subscription"
         );
     }
+}
+
+/// Whether the npm `pusher` SDK's webhook helper (`pusher.webhook({headers, rawBody})`), as
+/// an app checks a Pusher webhook, finds `received` valid; its events. `None` when the SDK is
+/// not installed (outside CI).
+fn events_the_sdk_accepts(received: &common::app_stub::Received) -> Option<Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pusher");
+    if !dir.join("node_modules/pusher").exists() {
+        return None;
+    }
+    let script = r#"
+        import Pusher from 'pusher';
+        const [key, secret, signature, type, body] = process.argv.slice(1);
+        const pusher = new Pusher({ appId: '1', key, secret });
+        const webhook = pusher.webhook({
+          headers: { 'x-pusher-key': key, 'x-pusher-signature': signature, 'content-type': type },
+          rawBody: body,
+        });
+        console.log(JSON.stringify({ valid: webhook.isValid(), events: webhook.getEvents() }));
+    "#;
+    let output = std::process::Command::new("node")
+        .args(["--input-type=module", "-e", script])
+        .arg(received.header("x-pusher-key").unwrap_or(""))
+        .arg(APP.2)
+        .arg(received.header("x-pusher-signature").unwrap_or(""))
+        .arg(received.header("content-type").unwrap_or(""))
+        .arg(String::from_utf8_lossy(&received.body).as_ref())
+        .current_dir(&dir)
+        .output()
+        .expect("node runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["valid"], true, "{answer}");
+    Some(answer["events"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_webhooks_come_in_pushers_format_signed_for_its_sdk_for_occupancy_members_and_client_events(
+) {
+    let mut stub =
+        common::app_stub::AppStub::start(|_| common::app_stub::Answer::ok(json!({}))).await;
+    let url = stub.url("/pusher/webhooks");
+    let server = start_server_with(|config| {
+        config.pusher_apps = vec![roomcast::config::PusherAppConfig {
+            id: APP.0.into(),
+            key: APP.1.into(),
+            secret: APP.2.into(),
+            client_events: true,
+            max_connections: None,
+            webhook_url: Some(url),
+        }];
+    })
+    .await;
+    let channel = "presence-hooked";
+    let (mut ann, id) = connect_at(server.addr).await;
+    join_presence(&mut ann, &id, channel, "ann").await;
+    let (mut bo, bo_socket) = connect_at(server.addr).await;
+    join_presence(&mut bo, &bo_socket, channel, "bo").await;
+    let typing = json!({"event": "client-typing", "channel": channel, "data": {"on": true}});
+    bo.send(Message::Text(typing.to_string())).await.unwrap();
+    drop(ann);
+    drop(bo);
+
+    // Every event, in order, over however many batches the sender made.
+    let mut events = Vec::new();
+    while events.len() < 7 {
+        let received = stub.next(Duration::from_secs(10)).await;
+        assert_eq!(received.header("x-pusher-key"), Some(APP.1));
+        let body = received.json();
+        assert!(
+            body["time_ms"].as_u64().unwrap() > 1_700_000_000_000,
+            "{body}"
+        );
+        if let Some(checked) = events_the_sdk_accepts(&received) {
+            assert_eq!(checked, body["events"], "the SDK reads the same events");
+        }
+        events.extend(body["events"].as_array().unwrap().iter().cloned());
+    }
+    let names: Vec<&str> = events.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names[..4],
+        [
+            "channel_occupied",
+            "member_added",
+            "member_added",
+            "client_event"
+        ],
+        "{events:?}"
+    );
+    assert_eq!(events[1]["user_id"], "ann");
+    assert_eq!(events[2]["user_id"], "bo");
+    assert_eq!(
+        events[3],
+        json!({"name": "client_event", "channel": channel, "event": "client-typing",
+               "data": r#"{"on":true}"#, "socket_id": bo_socket, "user_id": "bo"})
+    );
+    // The two leave in either order; the channel is vacated after both.
+    let mut removed: Vec<&str> = events[4..6]
+        .iter()
+        .map(|e| {
+            assert_eq!(e["name"], "member_removed", "{e}");
+            e["user_id"].as_str().unwrap()
+        })
+        .collect();
+    removed.sort();
+    assert_eq!(removed, ["ann", "bo"]);
+    assert_eq!(
+        events[6],
+        json!({"name": "channel_vacated", "channel": channel})
+    );
 }

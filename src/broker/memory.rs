@@ -10,12 +10,11 @@ use serde_json::value::RawValue;
 use super::cache::LastEvents;
 use super::presence::LocalPresence;
 use super::{
-    Broker, CachedEvent, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining,
-    PresenceUsers, Publication,
+    Broker, CachedEvent, Delivery, GroupJoined, HistoryRead, Joining, PresenceJoin,
+    PresenceJoining, PresenceLeft, PresenceUsers, Publication,
 };
 use crate::hub::{ConnId, Member, Router, Since};
 use crate::outbox::Outbox;
-use tokio::sync::oneshot;
 
 /// Delivers every publication to the local hub; subscriptions need no bookkeeping.
 pub struct MemoryBroker {
@@ -57,14 +56,12 @@ impl Broker for MemoryBroker {
         }
     }
 
-    fn join_group(
-        &self,
-        group: &str,
-        conn: ConnId,
-        outbox: &Outbox,
-    ) -> Option<oneshot::Receiver<()>> {
-        self.hub.join_group(group, conn, outbox);
-        None
+    fn join_group(&self, group: &str, conn: ConnId, outbox: &Outbox) -> Option<GroupJoined> {
+        let size = self.hub.join_group(group, conn, outbox)?;
+        Some(GroupJoined {
+            first_here: size == 1,
+            heard: None,
+        })
     }
 
     fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize> {
@@ -75,7 +72,7 @@ impl Broker for MemoryBroker {
         self.presence.join(&*self.hub, join)
     }
 
-    fn leave_presence(&self, group: &str, channel: &str, conn: ConnId) {
+    fn leave_presence(&self, group: &str, channel: &str, conn: ConnId) -> Option<PresenceLeft> {
         self.presence.leave(&*self.hub, group, channel, conn)
     }
 

@@ -179,6 +179,35 @@ pub enum PresenceRefusal {
     Unavailable,
 }
 
+/// A presence join that was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PresenceJoined {
+    /// The connection is this node's first in the channel's group.
+    pub first_here: bool,
+    /// Its user was not in the channel before (the members were told `member_added`).
+    pub new_user: bool,
+}
+
+/// What a presence leave came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceLeft {
+    /// This node's connections left in the channel's group.
+    pub remaining_here: usize,
+    /// Whether it was its user's last connection there (`member_removed` was told); `None`:
+    /// the cluster decides, and this node is not told here.
+    pub user_gone: Option<bool>,
+}
+
+/// A connection put in a group.
+#[derive(Debug)]
+pub struct GroupJoined {
+    /// It is this node's first connection in the group.
+    pub first_here: bool,
+    /// For a broker spanning nodes, what answers once this node hears the group's
+    /// publications from the others (`None`: it does already).
+    pub heard: Option<oneshot::Receiver<()>>,
+}
+
 /// What a presence join came to. Once joined, the broker has sent the joiner its
 /// `subscription_succeeded` with the channel's members, at the joiner's place in the order of
 /// the channel's member events, and the other members `member_added` if the user is new.
@@ -186,8 +215,8 @@ pub enum PresenceRefusal {
 pub enum PresenceJoining {
     /// The connection is in the channel already: nothing done.
     AlreadyMember,
-    Done(Result<(), PresenceRefusal>),
-    Later(oneshot::Receiver<Result<(), PresenceRefusal>>),
+    Done(Result<PresenceJoined, PresenceRefusal>),
+    Later(oneshot::Receiver<Result<PresenceJoined, PresenceRefusal>>),
 }
 
 /// How long a cache channel keeps its last event (Pusher's 30 minutes).
@@ -267,15 +296,8 @@ pub trait Broker: Send + Sync + 'static {
     fn leave(&self, room: &str, member: &Member) -> Option<usize>;
 
     /// Puts a connection in `group` (see [`Target::Group`]): it receives the group's
-    /// publications from every node. Returns, for a broker spanning nodes, what answers once
-    /// this node hears the group's publications from the others (`None`: it does already, or
-    /// the connection was in the group).
-    fn join_group(
-        &self,
-        group: &str,
-        conn: ConnId,
-        outbox: &Outbox,
-    ) -> Option<oneshot::Receiver<()>>;
+    /// publications from every node. `None` when the connection was in the group already.
+    fn join_group(&self, group: &str, conn: ConnId, outbox: &Outbox) -> Option<GroupJoined>;
 
     /// Takes a connection out of `group`; `Some` of how many remain on this node, `None` if it
     /// was not in it.
@@ -287,7 +309,7 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Takes a connection out of a presence channel `group` (named `channel`); when it was its
     /// user's last connection there, anywhere, the remaining members get `member_removed`.
-    fn leave_presence(&self, group: &str, channel: &str, conn: ConnId);
+    fn leave_presence(&self, group: &str, channel: &str, conn: ConnId) -> Option<PresenceLeft>;
 
     /// Keeps `text`, an event frame's text just published to the cache channel `group`, as its
     /// last event, for [`CACHE_TTL`], where every node reads it.

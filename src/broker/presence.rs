@@ -10,7 +10,10 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use serde_json::value::RawValue;
 
-use super::{PresenceJoin, PresenceJoining, PresenceRefusal, Publication, Target};
+use super::{
+    PresenceJoin, PresenceJoined, PresenceJoining, PresenceLeft, PresenceRefusal, Publication,
+    Target,
+};
 use crate::hub::{ConnId, Router};
 use crate::protocol::{self, Body};
 use crate::pusher::wire::{self, PresenceMember};
@@ -54,9 +57,9 @@ impl LocalPresence {
             }
             return PresenceJoining::Done(Err(PresenceRefusal::Full));
         }
-        if hub.join_group(join.group, join.conn, join.outbox).is_none() {
+        let Some(size) = hub.join_group(join.group, join.conn, join.outbox) else {
             return PresenceJoining::AlreadyMember;
-        }
+        };
         channel.conns.push((join.conn, join.user_id.into()));
         let user = channel
             .users
@@ -76,7 +79,10 @@ impl LocalPresence {
         });
         join.outbox
             .push(wire::presence_succeeded(join.channel, members));
-        PresenceJoining::Done(Ok(()))
+        PresenceJoining::Done(Ok(PresenceJoined {
+            first_here: size == 1,
+            new_user,
+        }))
     }
 
     /// The channel's user ids, in order.
@@ -87,15 +93,17 @@ impl LocalPresence {
             .unwrap_or_default()
     }
 
-    pub fn leave(&self, hub: &dyn Router, group: &str, channel_name: &str, conn: ConnId) {
-        let Some(mut channel) = self.channels.get_mut(group) else {
-            return;
-        };
-        let Some(at) = channel.conns.iter().position(|(c, _)| *c == conn) else {
-            return;
-        };
+    pub fn leave(
+        &self,
+        hub: &dyn Router,
+        group: &str,
+        channel_name: &str,
+        conn: ConnId,
+    ) -> Option<PresenceLeft> {
+        let mut channel = self.channels.get_mut(group)?;
+        let at = channel.conns.iter().position(|(c, _)| *c == conn)?;
         let (_, user_id) = channel.conns.swap_remove(at);
-        hub.leave_group(group, conn);
+        let remaining_here = hub.leave_group(group, conn).unwrap_or(0);
         let last = match channel.users.get_mut(&user_id) {
             Some(user) => {
                 user.connections -= 1;
@@ -114,6 +122,10 @@ impl LocalPresence {
             self.channels
                 .remove_if(group, |_, channel| channel.conns.is_empty());
         }
+        Some(PresenceLeft {
+            remaining_here,
+            user_gone: Some(last),
+        })
     }
 }
 

@@ -355,6 +355,7 @@ mod tests {
             secret: "7ad3773142a6692b25b8".into(),
             client_events: true,
             max_connections: None,
+            webhook_url: None,
         }
     }
 

@@ -17,9 +17,11 @@ pub mod channels;
 pub mod session;
 pub mod signing;
 pub mod users;
+pub mod webhooks;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
@@ -34,10 +36,11 @@ pub struct App {
     pub client_events: bool,
     /// This node's most connections of the app; `None`: only `--max-connections` caps them.
     pub max_connections: Option<usize>,
+    /// Where its webhooks go, in Pusher's format.
+    pub webhook_url: Option<Box<str>>,
 }
 
 /// The configured apps.
-#[derive(Debug)]
 pub struct Apps {
     apps: Vec<App>,
     /// Each app's open connections on this node, for its `max_connections`.
@@ -47,6 +50,19 @@ pub struct Apps {
     prefix: u32,
     /// This node's signed-in connections.
     pub users: users::Users,
+    /// Each app's webhooks, when it has a `webhook_url` and [`Apps::start_webhooks`] ran.
+    hooks: Vec<Option<webhooks::AppHooks>>,
+    /// Their senders, until the server takes them to run.
+    senders: std::sync::Mutex<Vec<crate::api::webhooks::Sender<webhooks::PusherFormat>>>,
+}
+
+impl std::fmt::Debug for Apps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Apps")
+            .field("apps", &self.apps)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why an `--pusher-app` value was refused.
@@ -75,7 +91,7 @@ impl Apps {
         let from_flags = specs.iter().map(|spec| {
             let mut parts = spec.splitn(3, ':');
             match (parts.next(), parts.next(), parts.next()) {
-                (Some(id), Some(key), Some(secret)) => Ok((id, key, secret, true, None)),
+                (Some(id), Some(key), Some(secret)) => Ok((id, key, secret, true, None, None)),
                 _ => Err(BadApp::Shape(redact(spec))),
             }
         });
@@ -86,10 +102,11 @@ impl Apps {
                 &*app.secret,
                 app.client_events,
                 app.max_connections,
+                app.webhook_url.as_deref(),
             ))
         });
         for parsed in from_flags.chain(from_tables) {
-            let (id, key, secret, client_events, max_connections) = parsed?;
+            let (id, key, secret, client_events, max_connections, webhook_url) = parsed?;
             if id.is_empty() || key.is_empty() || secret.is_empty() {
                 return Err(BadApp::Shape(format!("{id}:{key}:<secret>")));
             }
@@ -111,6 +128,7 @@ impl Apps {
                 secret: secret.into(),
                 client_events,
                 max_connections,
+                webhook_url: webhook_url.map(Box::from),
             });
         }
         if apps.is_empty() {
@@ -122,6 +140,8 @@ impl Apps {
             % 1_000_000_000;
         Ok(Some(Apps {
             connections: apps.iter().map(|_| AtomicUsize::new(0)).collect(),
+            hooks: apps.iter().map(|_| None).collect(),
+            senders: Default::default(),
             apps,
             prefix,
             users: users::Users::default(),
@@ -143,6 +163,50 @@ impl Apps {
 
     pub fn get(&self, index: u16) -> &App {
         &self.apps[index as usize]
+    }
+
+    /// Starts the webhooks of every app with a `webhook_url` (their senders wait for
+    /// [`Apps::take_webhook_senders`]).
+    pub fn start_webhooks(
+        &mut self,
+        config: &crate::config::Config,
+        metrics: &Arc<crate::metrics::Metrics>,
+    ) {
+        let mut senders = Vec::new();
+        for (at, app) in self.apps.iter().enumerate() {
+            let Some(url) = &app.webhook_url else {
+                continue;
+            };
+            // Checked by the configuration's validation.
+            if let Ok((hooks, sender)) =
+                webhooks::AppHooks::start(config, url, &app.key, &app.secret, metrics.clone())
+            {
+                self.hooks[at] = Some(hooks);
+                senders.push(sender);
+            }
+        }
+        *self.senders.get_mut().unwrap_or_else(|e| e.into_inner()) = senders;
+    }
+
+    /// The webhook senders to run (once: later calls get none).
+    pub fn take_webhook_senders(
+        &self,
+    ) -> Vec<crate::api::webhooks::Sender<webhooks::PusherFormat>> {
+        std::mem::take(&mut *self.senders.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// App `index`'s webhooks, if it has them.
+    pub fn hooks(&self, index: u16) -> Option<&webhooks::AppHooks> {
+        self.hooks.get(index as usize)?.as_ref()
+    }
+
+    /// Webhook events of every app not yet delivered.
+    pub fn undelivered_hooks(&self) -> usize {
+        self.hooks
+            .iter()
+            .flatten()
+            .map(webhooks::AppHooks::undelivered)
+            .sum()
     }
 
     /// Counts a new connection of app `index`; false (nothing counted) when the app has its
@@ -263,6 +327,7 @@ mod tests {
             secret: "s".into(),
             client_events: false,
             max_connections: Some(2),
+            webhook_url: None,
         };
         let apps = Apps::parse(&specs(&["1:k:s"]), std::slice::from_ref(&table))
             .unwrap()

@@ -17,7 +17,9 @@ use tokio::sync::oneshot;
 use super::users::server_to_user;
 use super::wire::{self, code, ChannelData, Incoming, Signin, Subscribe, Unsubscribe, UserData};
 use super::{group, signing};
-use crate::broker::{CachedEvent, LastEvent, PresenceJoin, PresenceJoining, PresenceRefusal};
+use crate::broker::{
+    CachedEvent, LastEvent, PresenceJoin, PresenceJoined, PresenceJoining, PresenceRefusal,
+};
 use crate::hub::ConnId;
 use crate::limits::{Rate, RateLimiter};
 use crate::node::Node;
@@ -104,7 +106,7 @@ enum Waiting {
     Heard(oneshot::Receiver<()>),
     /// A presence join going round the cluster: the broker sends `subscription_succeeded`
     /// with the members, or it is refused.
-    Presence(oneshot::Receiver<Result<(), PresenceRefusal>>),
+    Presence(oneshot::Receiver<Result<PresenceJoined, PresenceRefusal>>),
     /// Subscribed to a cache channel: its last event, read from the cluster, follows.
     LastEvent(oneshot::Receiver<LastEvent>),
 }
@@ -284,16 +286,22 @@ impl PusherSession {
         if kind == Kind::Presence {
             return self.join_presence(channel, channel_data.unwrap_or(""));
         }
-        let subscribing =
-            self.node
-                .broker
-                .join_group(&self.group(channel), self.conn, &self.outbox);
+        let joined = self
+            .node
+            .broker
+            .join_group(&self.group(channel), self.conn, &self.outbox);
         self.channels.push(Subscribed {
             name: channel.into(),
             kind,
             user_id: None,
         });
-        match subscribing {
+        let heard = joined.and_then(|joined| {
+            if joined.first_here {
+                self.hooks(|hooks| hooks.channel_occupied(channel));
+            }
+            joined.heard
+        });
+        match heard {
             Some(heard) => self
                 .subscribing
                 .push((channel.into(), Waiting::Heard(heard))),
@@ -302,6 +310,26 @@ impl PusherSession {
                 self.after_succeeded(channel);
             }
         }
+    }
+
+    /// Tells the app's webhooks, when it has them.
+    fn hooks(&self, tell: impl FnOnce(&super::webhooks::AppHooks)) {
+        if let Some(hooks) = self.apps().hooks(self.app.unwrap_or_default()) {
+            tell(hooks);
+        }
+    }
+
+    /// The webhooks a presence join decided: the channel's first connection here, the
+    /// channel's new user.
+    fn presence_joined(&self, channel: &str, user_id: &str, joined: PresenceJoined) {
+        self.hooks(|hooks| {
+            if joined.first_here {
+                hooks.channel_occupied(channel);
+            }
+            if joined.new_user {
+                hooks.member_added(channel, user_id);
+            }
+        });
     }
 
     /// Once `subscription_succeeded` is sent: on a cache channel, its last event, or
@@ -351,7 +379,10 @@ impl PusherSession {
         let joined = match joining {
             PresenceJoining::AlreadyMember => return,
             PresenceJoining::Done(Err(refusal)) => return self.presence_refusal(channel, refusal),
-            PresenceJoining::Done(Ok(())) => None,
+            PresenceJoining::Done(Ok(done)) => {
+                self.presence_joined(channel, &user_id, done);
+                None
+            }
             PresenceJoining::Later(joined) => Some(joined),
         };
         self.channels.push(Subscribed {
@@ -400,10 +431,19 @@ impl PusherSession {
 
     fn leave(&self, node: &Node, channel: &Subscribed) {
         let group = self.group(&channel.name);
-        if channel.kind == Kind::Presence {
-            node.broker.leave_presence(&group, &channel.name, self.conn);
+        let remaining = if channel.kind == Kind::Presence {
+            let left = node.broker.leave_presence(&group, &channel.name, self.conn);
+            if let (Some(left), Some(user)) = (left, &channel.user_id) {
+                if left.user_gone == Some(true) {
+                    self.hooks(|hooks| hooks.member_removed(&channel.name, user));
+                }
+            }
+            left.map(|left| left.remaining_here)
         } else {
-            node.broker.leave_group(&group, self.conn);
+            node.broker.leave_group(&group, self.conn)
+        };
+        if remaining == Some(0) {
+            self.hooks(|hooks| hooks.channel_vacated(&channel.name));
         }
     }
 
@@ -430,6 +470,9 @@ impl PusherSession {
         let user_id = subscribed.and_then(|known| known.user_id.as_deref());
         let data = message.data.unwrap_or(RawValue::NULL);
         let text = wire::client_event(&message.event, channel, data, user_id);
+        self.hooks(|hooks| {
+            hooks.client_event(channel, &message.event, data, &self.socket_id(), user_id)
+        });
         let app = self.app.unwrap_or_default();
         let told = super::publish(&self.node, app, channel, &text, &self.socket_id());
         self.node.metrics.fanout_deliveries.increment(told as u64);
@@ -544,6 +587,7 @@ impl Protocol for PusherSession {
     fn poll_waiting(&mut self, cx: &mut Context<'_>) -> bool {
         let mut refused = Vec::new();
         let mut succeeded = Vec::new();
+        let mut presence_joined = Vec::new();
         let outbox = &self.outbox;
         self.subscribing
             .retain_mut(|(channel, waiting)| match waiting {
@@ -560,7 +604,8 @@ impl Protocol for PusherSession {
                 Waiting::Presence(joined) => match std::pin::Pin::new(joined).poll(cx) {
                     Poll::Pending => true,
                     // Joined: the broker sent `subscription_succeeded`.
-                    Poll::Ready(Ok(Ok(()))) => {
+                    Poll::Ready(Ok(Ok(joined))) => {
+                        presence_joined.push((channel.clone(), joined));
                         succeeded.push(channel.clone());
                         false
                     }
@@ -582,6 +627,16 @@ impl Protocol for PusherSession {
                     }
                 },
             });
+        for (channel, joined) in presence_joined {
+            let user = self
+                .channels
+                .iter()
+                .find(|known| known.name == channel)
+                .and_then(|known| known.user_id.clone());
+            if let Some(user) = user {
+                self.presence_joined(&channel, &user, joined);
+            }
+        }
         for channel in succeeded {
             self.after_succeeded(&channel);
         }

@@ -82,8 +82,8 @@ use connection::{Client, Commands, SubscriptionSink, SubscriptionStream};
 
 use super::query::{Answer, Gathered, Query, Responder, ASK_TIMEOUT};
 use super::{
-    Broker, CachedEvent, Delivery, HistoryRead, Joining, PresenceJoin, PresenceJoining,
-    PresenceUsers, Publication, Target, CACHE_TTL,
+    Broker, CachedEvent, Delivery, GroupJoined, HistoryRead, Joining, PresenceJoin,
+    PresenceJoining, PresenceLeft, PresenceUsers, Publication, Target, CACHE_TTL,
 };
 use crate::api::webhooks::{EventKind, Webhooks};
 use crate::history::{HistoryConfig, HistoryPolicy};
@@ -1047,15 +1047,13 @@ impl Broker for RedisBroker {
         HistoryRead::Later(page)
     }
 
-    fn join_group(
-        &self,
-        group: &str,
-        conn: ConnId,
-        outbox: &Outbox,
-    ) -> Option<oneshot::Receiver<()>> {
+    fn join_group(&self, group: &str, conn: ConnId, outbox: &Outbox) -> Option<GroupJoined> {
         // One reason to hear the group's channel per local member, as for a room.
-        self.hub.join_group(group, conn, outbox)?;
-        self.want(self.channels.group(group))
+        let size = self.hub.join_group(group, conn, outbox)?;
+        Some(GroupJoined {
+            first_here: size == 1,
+            heard: self.want(self.channels.group(group)),
+        })
     }
 
     fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize> {
@@ -1068,7 +1066,7 @@ impl Broker for RedisBroker {
         self.join_presence_here(join)
     }
 
-    fn leave_presence(&self, group: &str, channel: &str, conn: ConnId) {
+    fn leave_presence(&self, group: &str, channel: &str, conn: ConnId) -> Option<PresenceLeft> {
         self.leave_presence_here(group, channel, conn)
     }
 

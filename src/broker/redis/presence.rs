@@ -33,7 +33,10 @@ use super::{
     answer_of, envelope_head, lock, Channels, Envelope, Outgoing, RedisBroker, Subscriber, Wants,
     ACTIVATION_GRACE, RESPONSE_TIMEOUT,
 };
-use crate::broker::{PresenceJoin, PresenceJoining, PresenceRefusal, Publication, Target};
+use crate::broker::{
+    PresenceJoin, PresenceJoined, PresenceJoining, PresenceLeft, PresenceRefusal, Publication,
+    Target,
+};
 use crate::hub::{ConnId, Router};
 use crate::outbox::Outbox;
 use crate::protocol::Body;
@@ -209,7 +212,9 @@ pub(super) struct Presence {
 pub(super) struct Joining {
     outbox: Outbox,
     channel: Arc<str>,
-    answer: Option<oneshot::Sender<Result<(), PresenceRefusal>>>,
+    answer: Option<oneshot::Sender<Result<PresenceJoined, PresenceRefusal>>>,
+    /// It was this node's first connection in the group.
+    first_here: bool,
     /// Its script answered: it is in Redis.
     answered: bool,
     /// Its `P` came back: it has its member list.
@@ -228,13 +233,9 @@ impl RedisBroker {
     }
 
     pub(super) fn join_presence_here(&self, join: &PresenceJoin<'_>) -> PresenceJoining {
-        if self
-            .hub
-            .join_group(join.group, join.conn, join.outbox)
-            .is_none()
-        {
+        let Some(size) = self.hub.join_group(join.group, join.conn, join.outbox) else {
             return PresenceJoining::AlreadyMember;
-        }
+        };
         let group_channel = self.channels.group(join.group);
         let subscribed = self.want(group_channel.clone());
         let group: Arc<str> = Arc::from(join.group);
@@ -255,6 +256,7 @@ impl RedisBroker {
                 outbox: join.outbox.clone(),
                 channel: Arc::from(join.channel),
                 answer: Some(answer),
+                first_here: size == 1,
                 answered: false,
                 listed: false,
                 left: false,
@@ -351,7 +353,14 @@ impl RedisBroker {
         PresenceJoining::Later(joined)
     }
 
-    pub(super) fn leave_presence_here(&self, group: &str, channel: &str, conn: ConnId) {
+    /// Whether it was its user's last connection is the cluster's to say (its leave script
+    /// decides and tells the members): `user_gone` is `None`.
+    pub(super) fn leave_presence_here(
+        &self,
+        group: &str,
+        channel: &str,
+        conn: ConnId,
+    ) -> Option<PresenceLeft> {
         let key = (conn, Arc::from(group));
         lock(&self.present).remove(&key);
         {
@@ -362,10 +371,12 @@ impl RedisBroker {
                     // order.
                     entry.left = true;
                     drop(map);
-                    if self.hub.leave_group(group, conn).is_some() {
-                        let _ = self.unwant(&self.channels.group(group));
-                    }
-                    return;
+                    let remaining_here = self.hub.leave_group(group, conn)?;
+                    let _ = self.unwant(&self.channels.group(group));
+                    return Some(PresenceLeft {
+                        remaining_here,
+                        user_gone: None,
+                    });
                 }
                 Some(_) => {
                     map.remove(&key);
@@ -373,13 +384,15 @@ impl RedisBroker {
                 None => {}
             }
         }
-        if self.hub.leave_group(group, conn).is_none() {
-            return;
-        }
+        let remaining_here = self.hub.leave_group(group, conn)?;
         let _ = self.unwant(&self.channels.group(group));
         let leave = leave_command(&self.channels, self.node, self.node, conn, group, channel);
         self.send_command(leave);
         self.send_command(self.presence_index("SREM", group, channel, conn));
+        Some(PresenceLeft {
+            remaining_here,
+            user_gone: None,
+        })
     }
 }
 
@@ -448,7 +461,10 @@ pub(super) fn on_joined(state: &Subscriber, envelope: &Envelope<'_>) {
         .push(wire::presence_succeeded(&entry.channel, members));
     entry.listed = true;
     if let Some(answer) = entry.answer.take() {
-        let _ = answer.send(Ok(()));
+        let _ = answer.send(Ok(PresenceJoined {
+            first_here: entry.first_here,
+            new_user: joined.a.is_some(),
+        }));
     }
     if entry.answered {
         map.remove(&key);
