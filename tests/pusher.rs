@@ -116,18 +116,7 @@ async fn pusher_channels_span_two_nodes_on_redis_for_pusher_js_and_the_rest_sdk(
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        let url = redis.url();
-        nodes.push(
-            start_server_with(|config| {
-                config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
-                config.redis = Some(url);
-            })
-            .await,
-        );
-    }
-    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    let nodes = pusher_nodes_on(&redis, 2).await;
     run_suite("pusher.cluster.test.mjs", &[&nodes[0], &nodes[1]]).await;
 }
 
@@ -149,6 +138,25 @@ async fn pusher_channels_and_presence_span_two_nodes_on_a_redis_cluster_through_
     }
     cluster.wait_for_subscribers("roomcast:broadcast", 2).await;
     run_suite("pusher.cluster.test.mjs", &[&nodes[0], &nodes[1]]).await;
+}
+
+/// `count` nodes with the test app on `redis`, once each has subscribed.
+async fn pusher_nodes_on(redis: &RedisServer, count: usize) -> Vec<common::TestServer> {
+    let mut nodes = Vec::new();
+    for _ in 0..count {
+        let url = redis.url();
+        nodes.push(
+            start_server_with(|config| {
+                config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
+                config.redis = Some(url);
+            })
+            .await,
+        );
+    }
+    redis
+        .wait_for_subscribers("roomcast:broadcast", count)
+        .await;
+    nodes
 }
 
 async fn pusher_server() -> common::TestServer {
@@ -258,10 +266,10 @@ async fn connect_at(addr: std::net::SocketAddr) -> (Ws, String) {
     (ws, data["socket_id"].as_str().unwrap().to_owned())
 }
 
-/// Subscribes to presence `channel` as `user`, signed as the app's auth endpoint signs it;
-/// returns the members' ids from `subscription_succeeded`, sorted.
-async fn join_presence(ws: &mut Ws, socket_id: &str, channel: &str, user: &str) -> Vec<String> {
-    let channel_data = json!({"user_id": user, "user_info": {"name": user}}).to_string();
+/// The `pusher:subscribe` of presence `channel` with `channel_data`, signed for `socket_id` as
+/// the app's auth endpoint signs it.
+fn presence_subscribe(socket_id: &str, channel: &str, channel_data: &Value) -> Message {
+    let channel_data = channel_data.to_string();
     let signature =
         roomcast::pusher::signing::sign(APP.2, &format!("{socket_id}:{channel}:{channel_data}"));
     let subscribe = json!({"event": "pusher:subscribe", "data": {
@@ -269,7 +277,16 @@ async fn join_presence(ws: &mut Ws, socket_id: &str, channel: &str, user: &str) 
         "auth": format!("{}:{signature}", APP.1),
         "channel_data": channel_data,
     }});
-    ws.send(Message::Text(subscribe.to_string())).await.unwrap();
+    Message::Text(subscribe.to_string())
+}
+
+/// Subscribes to presence `channel` as `user`, signed as the app's auth endpoint signs it;
+/// returns the members' ids from `subscription_succeeded`, sorted.
+async fn join_presence(ws: &mut Ws, socket_id: &str, channel: &str, user: &str) -> Vec<String> {
+    let channel_data = json!({"user_id": user, "user_info": {"name": user}});
+    ws.send(presence_subscribe(socket_id, channel, &channel_data))
+        .await
+        .unwrap();
     loop {
         let succeeded = event(ws).await;
         if succeeded["event"] != "pusher_internal:subscription_succeeded" {
@@ -372,25 +389,17 @@ async fn with_redis_unreachable_a_presence_subscription_is_refused_with_503_and_
     let Some(mut redis) = RedisServer::start().await else {
         return;
     };
-    let url = redis.url();
-    let node = start_server_with(|config| {
-        config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
-        config.redis = Some(url);
-    })
-    .await;
-    redis.wait_for_subscribers("roomcast:broadcast", 1).await;
+    let node = pusher_nodes_on(&redis, 1).await.remove(0);
     redis.kill();
     let (mut ws, socket_id) = connect_at(node.addr).await;
     let channel = "presence-away";
-    let channel_data = json!({"user_id": "u"}).to_string();
-    let signature =
-        roomcast::pusher::signing::sign(APP.2, &format!("{socket_id}:{channel}:{channel_data}"));
-    let subscribe = json!({"event": "pusher:subscribe", "data": {
-        "channel": channel,
-        "auth": format!("{}:{signature}", APP.1),
-        "channel_data": channel_data,
-    }});
-    ws.send(Message::Text(subscribe.to_string())).await.unwrap();
+    ws.send(presence_subscribe(
+        &socket_id,
+        channel,
+        &json!({"user_id": "u"}),
+    ))
+    .await
+    .unwrap();
     // Within the script's answer timeout (4 s), not the harness's usual 5 s wait.
     let refused = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
@@ -415,18 +424,7 @@ async fn after_redis_restarts_empty_the_nodes_put_their_presence_members_back_an
         return;
     };
     let port = redis.addr.port();
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        let url = redis.url();
-        nodes.push(
-            start_server_with(|config| {
-                config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
-                config.redis = Some(url);
-            })
-            .await,
-        );
-    }
-    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    let nodes = pusher_nodes_on(&redis, 2).await;
     let channel = "presence-restart";
     let (mut a, id) = connect_at(nodes[0].addr).await;
     join_presence(&mut a, &id, channel, "on-a").await;
@@ -481,13 +479,7 @@ async fn a_presence_entry_whose_leave_never_reached_redis_is_removed_when_the_no
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let url = redis.url();
-    let node = start_server_with(|config| {
-        config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
-        config.redis = Some(url);
-    })
-    .await;
-    redis.wait_for_subscribers("roomcast:broadcast", 1).await;
+    let node = pusher_nodes_on(&redis, 1).await.remove(0);
     let channel = "presence-stale";
     let group = format!("pusher/1001/{channel}");
     let (mut watcher, id) = connect_at(node.addr).await;
@@ -674,13 +666,7 @@ async fn every_subscriber_of_a_new_channel_waits_for_the_nodes_redis_subscriptio
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let url = redis.url();
-    let node = start_server_with(|config| {
-        config.pusher_app = vec![format!("{}:{}:{}", APP.0, APP.1, APP.2)];
-        config.redis = Some(url);
-    })
-    .await;
-    redis.wait_for_subscribers("roomcast:broadcast", 1).await;
+    let node = pusher_nodes_on(&redis, 1).await.remove(0);
     let (mut first, _) = connect_at(node.addr).await;
     let (mut second, _) = connect_at(node.addr).await;
     // Redis holds every command for a moment: the node's SUBSCRIBE to the new channel too.
