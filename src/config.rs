@@ -729,11 +729,6 @@ impl Config {
                 crate::api::app_client::AppClient::parse_url(url).map_err(|_| {
                     ConfigError::Invalid("a [[pusher-apps]] webhook-url is not an http(s) URL")
                 })?;
-                if self.broker() != crate::broker::BrokerKind::Memory {
-                    return Err(ConfigError::Invalid(
-                        "a [[pusher-apps]] webhook-url is not supported with --redis or --redis-cluster yet (channel_occupied and channel_vacated need the cluster's counts)",
-                    ));
-                }
             }
         }
         if self.redis.is_some() && !self.redis_cluster.is_empty() {
@@ -868,7 +863,7 @@ pub struct PusherAppConfig {
     pub client_events: bool,
     #[serde(default)]
     pub max_connections: Option<usize>,
-    /// Where the app's webhooks go, in Pusher's format (one node only, for now).
+    /// Where the app's webhooks go, in Pusher's format (once per cluster with Redis).
     #[serde(default, serialize_with = "redacted_option")]
     pub webhook_url: Option<String>,
 }

@@ -602,7 +602,7 @@ fn pusher_apps_tables_in_the_file_add_apps_with_their_options_and_the_secret_sta
 }
 
 #[test]
-fn a_pusher_apps_webhook_url_must_be_http_and_is_refused_across_nodes_for_now() {
+fn a_pusher_apps_webhook_url_must_be_http_and_is_taken_across_nodes_too() {
     let table = |url: &str| {
         format!(
             "[[pusher-apps]]\nid = \"9\"\nkey = \"k\"\nsecret = \"s\"\nwebhook-url = \"{url}\"\n"
@@ -621,15 +621,12 @@ fn a_pusher_apps_webhook_url_must_be_http_and_is_refused_across_nodes_for_now() 
     let bad = file("pusher-hooks-bad.toml", &table("ftp://app.internal/x"));
     let error = load(args(&["--config", bad.to_str().unwrap()])).unwrap_err();
     assert!(error.to_string().contains("webhook-url"), "{error}");
-    let error = load(args(&[
+    let clustered = load(args(&[
         "--config",
         good.to_str().unwrap(),
         "--redis",
         "redis://127.0.0.1:6379",
     ]))
-    .unwrap_err();
-    assert!(
-        error.to_string().contains("not supported with --redis"),
-        "{error}"
-    );
+    .unwrap();
+    assert!(clustered.pusher_apps[0].webhook_url.is_some());
 }

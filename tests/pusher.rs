@@ -761,6 +761,12 @@ async fn an_apps_webhooks_come_in_pushers_format_signed_for_its_sdk_for_occupanc
     join_presence(&mut bo, &bo_socket, channel, "bo").await;
     let typing = json!({"event": "client-typing", "channel": channel, "data": {"on": true}});
     bo.send(Message::Text(typing.to_string())).await.unwrap();
+    // Relayed (so told) before anyone leaves: a close on another worker could overtake it.
+    loop {
+        if event(&mut ann).await["event"] == "client-typing" {
+            break;
+        }
+    }
     drop(ann);
     drop(bo);
 
@@ -811,4 +817,304 @@ async fn an_apps_webhooks_come_in_pushers_format_signed_for_its_sdk_for_occupanc
         events[6],
         json!({"name": "channel_vacated", "channel": channel})
     );
+}
+
+/// The app's table with its webhooks at `url`.
+fn hooked_app(url: &str) -> roomcast::config::PusherAppConfig {
+    roomcast::config::PusherAppConfig {
+        id: APP.0.into(),
+        key: APP.1.into(),
+        secret: APP.2.into(),
+        client_events: true,
+        max_connections: None,
+        webhook_url: Some(url.into()),
+    }
+}
+
+/// `count` nodes on `redis` whose app sends its webhooks to `url`.
+async fn hooked_nodes_on(redis: &RedisServer, url: &str, count: usize) -> Vec<common::TestServer> {
+    let mut nodes = Vec::new();
+    for _ in 0..count {
+        let redis_url = redis.url();
+        nodes.push(
+            start_server_with(|config| {
+                config.pusher_apps = vec![hooked_app(url)];
+                config.redis = Some(redis_url);
+            })
+            .await,
+        );
+    }
+    nodes
+}
+
+/// The webhook events the app receives, each batch checked by the npm SDK, until `done` says
+/// they are all there; then whatever else arrives within `late` (room for a duplicate).
+async fn pusher_hooks_until(
+    stub: &mut common::app_stub::AppStub,
+    done: impl Fn(&[Value]) -> bool,
+    late: Duration,
+) -> Vec<Value> {
+    let mut events = Vec::new();
+    let take = |received: common::app_stub::Received, events: &mut Vec<Value>| {
+        let body = received.json();
+        if let Some(checked) = events_the_sdk_accepts(&received) {
+            assert_eq!(checked, body["events"], "the SDK reads the same events");
+        }
+        events.extend(body["events"].as_array().unwrap().iter().cloned());
+    };
+    while !done(&events) {
+        let received = stub.next(Duration::from_secs(15)).await;
+        take(received, &mut events);
+    }
+    tokio::time::sleep(late).await;
+    for received in stub.drain() {
+        take(received, &mut events);
+    }
+    events
+}
+
+/// The `name` events of `channel` (their `user_id`, or `""`).
+fn hooks_of<'a>(events: &'a [Value], name: &str, channel: &str) -> Vec<&'a str> {
+    events
+        .iter()
+        .filter(|e| e["name"] == name && e["channel"] == channel)
+        .map(|e| e["user_id"].as_str().unwrap_or(""))
+        .collect()
+}
+
+/// Where in `events` the `name` event of `channel` for `user` ("" for none) is.
+fn hook_position(events: &[Value], name: &str, channel: &str, user: &str) -> usize {
+    events
+        .iter()
+        .position(|e| {
+            e["name"] == name
+                && e["channel"] == channel
+                && e["user_id"].as_str().unwrap_or("") == user
+        })
+        .unwrap_or_else(|| panic!("no {name} of {channel} for {user:?} in {events:?}"))
+}
+
+/// Subscribes to the public `channel` and waits for its success.
+async fn join_public(ws: &mut Ws, channel: &str) {
+    let subscribe = json!({"event": "pusher:subscribe", "data": {"channel": channel}});
+    ws.send(Message::Text(subscribe.to_string())).await.unwrap();
+    let succeeded = event(ws).await;
+    assert_eq!(
+        succeeded["event"], "pusher_internal:subscription_succeeded",
+        "{succeeded}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_two_nodes_an_apps_webhooks_tell_each_channel_occupied_and_vacated_and_each_user_added_and_removed_once(
+) {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let mut stub =
+        common::app_stub::AppStub::start(|_| common::app_stub::Answer::ok(json!({}))).await;
+    let nodes = hooked_nodes_on(&redis, &stub.url("/pusher/webhooks"), 2).await;
+    redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    let (public, presence) = ("news", "presence-team");
+    let mut sockets = Vec::new();
+    for node in &nodes {
+        let (mut ws, _) = connect_at(node.addr).await;
+        join_public(&mut ws, public).await;
+        sockets.push(ws);
+    }
+    // "ann" on both nodes, "bo" on the second.
+    for (node, user) in [(&nodes[0], "ann"), (&nodes[1], "ann"), (&nodes[1], "bo")] {
+        let (mut ws, id) = connect_at(node.addr).await;
+        join_presence(&mut ws, &id, presence, user).await;
+        sockets.push(ws);
+    }
+    // Every connection ends at once, on both nodes.
+    drop(sockets);
+
+    let vacated = |events: &[Value]| {
+        [public, presence]
+            .iter()
+            .all(|channel| !hooks_of(events, "channel_vacated", channel).is_empty())
+    };
+    let events = pusher_hooks_until(&mut stub, vacated, Duration::from_secs(2)).await;
+    assert_eq!(
+        hooks_of(&events, "channel_occupied", public),
+        [""],
+        "{events:?}"
+    );
+    assert_eq!(
+        hooks_of(&events, "channel_vacated", public),
+        [""],
+        "{events:?}"
+    );
+    assert_eq!(
+        hooks_of(&events, "channel_occupied", presence),
+        [""],
+        "{events:?}"
+    );
+    let mut added = hooks_of(&events, "member_added", presence);
+    added.sort();
+    assert_eq!(added, ["ann", "bo"], "{events:?}");
+    let mut removed = hooks_of(&events, "member_removed", presence);
+    removed.sort();
+    assert_eq!(removed, ["ann", "bo"], "{events:?}");
+    assert_eq!(
+        hooks_of(&events, "channel_vacated", presence),
+        [""],
+        "{events:?}"
+    );
+    // Each node posts what it decided itself, so events decided on different nodes at the
+    // same moment (the leaves) come in either order; occupied was told long before.
+    assert!(
+        hook_position(&events, "channel_occupied", public, "")
+            < hook_position(&events, "channel_vacated", public, "")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_nodes_channels_are_vacated_and_its_users_removed_in_the_webhooks_once_by_its_reapers(
+) {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let mut stub =
+        common::app_stub::AppStub::start(|_| common::app_stub::Answer::ok(json!({}))).await;
+    let url = stub.url("/pusher/webhooks");
+    // Two survivors: both look for the dead node, one claims it.
+    let survivors = hooked_nodes_on(&redis, &url, 2).await;
+    let config = std::env::temp_dir().join(format!("roomcast-hooked-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "[[pusher-apps]]\nid = \"{}\"\nkey = \"{}\"\nsecret = \"{}\"\nwebhook-url = \"{url}\"\n",
+            APP.0, APP.1, APP.2
+        ),
+    )
+    .unwrap();
+    let mut victim = common::ServerProcess::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--redis",
+            &redis.url(),
+        ],
+        None,
+    );
+    redis.wait_for_subscribers("roomcast:broadcast", 3).await;
+    // "shared" stays occupied by a survivor; "solo" and "presence-solo" are the victim's alone,
+    // and in "presence-mixed" the user "both" has a connection on a survivor too.
+    let (mut keeper, _) = connect_at(survivors[0].addr).await;
+    join_public(&mut keeper, "shared").await;
+    let (mut both_here, id) = connect_at(survivors[1].addr).await;
+    join_presence(&mut both_here, &id, "presence-mixed", "both").await;
+    let mut doomed = Vec::new();
+    let (mut ws, _) = connect_at(victim.addr).await;
+    join_public(&mut ws, "shared").await;
+    join_public(&mut ws, "solo").await;
+    doomed.push(ws);
+    for (channel, user) in [
+        ("presence-solo", "gone"),
+        ("presence-mixed", "both"),
+        ("presence-mixed", "gone"),
+    ] {
+        let (mut ws, id) = connect_at(victim.addr).await;
+        join_presence(&mut ws, &id, channel, user).await;
+        doomed.push(ws);
+    }
+    let joined = |events: &[Value]| {
+        hooks_of(events, "channel_occupied", "solo").len() == 1
+            && hooks_of(events, "member_added", "presence-solo") == ["gone"]
+            && hooks_of(events, "member_added", "presence-mixed").len() == 2
+    };
+    let before = pusher_hooks_until(&mut stub, joined, Duration::ZERO).await;
+
+    victim.child.kill().expect("SIGKILL");
+    let reaped = |events: &[Value]| {
+        !hooks_of(events, "channel_vacated", "solo").is_empty()
+            && !hooks_of(events, "channel_vacated", "presence-solo").is_empty()
+            && !hooks_of(events, "member_removed", "presence-mixed").is_empty()
+    };
+    let events = pusher_hooks_until(&mut stub, reaped, Duration::from_secs(2)).await;
+    let _ = std::fs::remove_file(&config);
+    assert_eq!(
+        hooks_of(&events, "channel_vacated", "solo"),
+        [""],
+        "{events:?}"
+    );
+    assert_eq!(
+        hooks_of(&events, "member_removed", "presence-solo"),
+        ["gone"],
+        "{events:?}"
+    );
+    assert_eq!(
+        hooks_of(&events, "channel_vacated", "presence-solo"),
+        [""],
+        "{events:?}"
+    );
+    assert!(
+        hook_position(&events, "member_removed", "presence-solo", "gone")
+            < hook_position(&events, "channel_vacated", "presence-solo", "")
+    );
+    // "both" is still connected on a survivor; "shared" and "presence-mixed" stay occupied.
+    assert_eq!(
+        hooks_of(&events, "member_removed", "presence-mixed"),
+        ["gone"],
+        "{events:?}"
+    );
+    for channel in ["shared", "presence-mixed"] {
+        assert!(
+            hooks_of(&events, "channel_vacated", channel).is_empty(),
+            "{events:?}"
+        );
+    }
+    assert_eq!(
+        hooks_of(&before, "channel_occupied", "shared"),
+        [""],
+        "{before:?}"
+    );
+    drop((keeper, both_here));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_left_while_redis_did_not_answer_is_vacated_in_the_webhooks_when_the_node_is_back(
+) {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let mut stub =
+        common::app_stub::AppStub::start(|_| common::app_stub::Answer::ok(json!({}))).await;
+    let node = hooked_nodes_on(&redis, &stub.url("/pusher/webhooks"), 1)
+        .await
+        .remove(0);
+    redis.wait_for_subscribers("roomcast:broadcast", 1).await;
+    let (mut leaver, _) = connect_at(node.addr).await;
+    join_public(&mut leaver, "left-in-outage").await;
+    let (mut keeper, _) = connect_at(node.addr).await;
+    join_public(&mut keeper, "kept").await;
+    let occupied = |events: &[Value]| {
+        ["left-in-outage", "kept"]
+            .iter()
+            .all(|channel| hooks_of(events, "channel_occupied", channel).len() == 1)
+    };
+    pusher_hooks_until(&mut stub, occupied, Duration::ZERO).await;
+
+    redis.pause();
+    drop(leaver);
+    // Its vacate goes unanswered (Redis's answers time out after 2 s).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(stub.drain().is_empty(), "nothing told while Redis is away");
+    redis.resume();
+    // The node's subscription drops; on reconnecting it puts its channels back.
+    redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    let vacated =
+        |events: &[Value]| !hooks_of(events, "channel_vacated", "left-in-outage").is_empty();
+    let events = pusher_hooks_until(&mut stub, vacated, Duration::from_secs(1)).await;
+    assert_eq!(
+        hooks_of(&events, "channel_vacated", "left-in-outage"),
+        [""],
+        "{events:?}"
+    );
+    // The channel still held is neither vacated nor told occupied again.
+    assert_eq!(events.len(), 1, "{events:?}");
+    drop(keeper);
 }

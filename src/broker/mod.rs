@@ -254,9 +254,10 @@ pub trait Broker: Send + Sync + 'static {
         None
     }
 
-    /// Whether this broker tells the webhooks when a room gets its first member and loses its
-    /// last, by the cluster's count (once per cluster); when not, the session does, by its
-    /// node's count.
+    /// Whether this broker tells the webhooks, by the cluster's counts (once per cluster), when
+    /// a room gets its first member and loses its last, and when a Pusher channel is occupied
+    /// or vacated and a presence channel's user is added or removed; when not, the session
+    /// does, by its node's counts.
     fn reports_room_events(&self) -> bool {
         false
     }

@@ -200,6 +200,19 @@ impl Apps {
         self.hooks.get(index as usize)?.as_ref()
     }
 
+    /// The webhooks of the app whose channel group `group` is (see [`group`]), if it has them,
+    /// with the channel's name.
+    pub fn hooks_of_group<'g>(&self, group: &'g str) -> Option<(&webhooks::AppHooks, &'g str)> {
+        let (id, channel) = group.strip_prefix("pusher/")?.split_once('/')?;
+        let (index, _) = self.by_id(id)?;
+        Some((self.hooks(index)?, channel))
+    }
+
+    /// Whether any app has webhooks.
+    pub fn has_webhooks(&self) -> bool {
+        self.hooks.iter().any(Option::is_some)
+    }
+
     /// Webhook events of every app not yet delivered.
     pub fn undelivered_hooks(&self) -> usize {
         self.hooks
@@ -342,6 +355,30 @@ mod tests {
             Apps::parse(&specs(&["7:other:s"]), &[table]),
             Err(BadApp::Twice(_))
         ));
+    }
+
+    #[test]
+    fn a_channel_group_names_its_apps_webhooks_and_channel_only_for_an_app_with_them() {
+        let hooked = crate::config::PusherAppConfig {
+            id: "7".into(),
+            key: "hooked".into(),
+            secret: "s".into(),
+            client_events: true,
+            max_connections: None,
+            webhook_url: Some("http://127.0.0.1:9/hooks".into()),
+        };
+        let mut apps = Apps::parse(&specs(&["1:k:s"]), &[hooked]).unwrap().unwrap();
+        assert!(!apps.has_webhooks());
+        let config = crate::config::Config::with_listen("127.0.0.1:0".parse().unwrap());
+        apps.start_webhooks(&config, &crate::metrics::Metrics::new());
+        assert!(apps.has_webhooks());
+        let (_, channel) = apps.hooks_of_group("pusher/7/presence-a/b").unwrap();
+        assert_eq!(channel, "presence-a/b");
+        let (_, app) = apps.by_id("7").unwrap();
+        assert_eq!(group(app, channel), "pusher/7/presence-a/b");
+        for other in ["pusher/1/news", "pusher/9/news", "pusher/7", "room", ""] {
+            assert!(apps.hooks_of_group(other).is_none(), "{other}");
+        }
     }
 
     #[test]

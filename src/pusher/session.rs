@@ -297,7 +297,7 @@ impl PusherSession {
         });
         let heard = joined.and_then(|joined| {
             if joined.first_here {
-                self.hooks(|hooks| hooks.channel_occupied(channel));
+                self.occupancy_hooks(|hooks| hooks.channel_occupied(channel));
             }
             joined.heard
         });
@@ -319,10 +319,18 @@ impl PusherSession {
         }
     }
 
+    /// Tells the app's webhooks of a channel's occupancy or members, by this node's counts,
+    /// when the broker does not tell them by the cluster's.
+    fn occupancy_hooks(&self, tell: impl FnOnce(&super::webhooks::AppHooks)) {
+        if !self.node.broker.reports_room_events() {
+            self.hooks(tell);
+        }
+    }
+
     /// The webhooks a presence join decided: the channel's first connection here, the
     /// channel's new user.
     fn presence_joined(&self, channel: &str, user_id: &str, joined: PresenceJoined) {
-        self.hooks(|hooks| {
+        self.occupancy_hooks(|hooks| {
             if joined.first_here {
                 hooks.channel_occupied(channel);
             }
@@ -435,7 +443,7 @@ impl PusherSession {
             let left = node.broker.leave_presence(&group, &channel.name, self.conn);
             if let (Some(left), Some(user)) = (left, &channel.user_id) {
                 if left.user_gone == Some(true) {
-                    self.hooks(|hooks| hooks.member_removed(&channel.name, user));
+                    self.occupancy_hooks(|hooks| hooks.member_removed(&channel.name, user));
                 }
             }
             left.map(|left| left.remaining_here)
@@ -443,7 +451,7 @@ impl PusherSession {
             node.broker.leave_group(&group, self.conn)
         };
         if remaining == Some(0) {
-            self.hooks(|hooks| hooks.channel_vacated(&channel.name));
+            self.occupancy_hooks(|hooks| hooks.channel_vacated(&channel.name));
         }
     }
 

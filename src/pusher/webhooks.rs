@@ -6,8 +6,10 @@
 //! ([`crate::api::webhooks`]: a bounded queue that never waits, batches, retries with
 //! backoff); only the format differs.
 //!
-//! One node only for now: the configuration refuses an app's `webhook-url` with `--redis` or
-//! `--redis-cluster`, where occupied and vacated must be decided by the cluster's counts.
+//! Who decides them: on one node, the session, by its node's counts; with Redis, the broker,
+//! by the cluster's (`broker/redis/occupancy.rs` for a channel's occupancy, the presence
+//! scripts for members and presence channels' occupancy), so each is told once per cluster.
+//! A client event is told by the node of its sender.
 
 use std::sync::Arc;
 

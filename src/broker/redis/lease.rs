@@ -33,7 +33,9 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use super::connection::{Client, Commands};
-use super::{membership_command, presence, register_members, Change, Channels};
+use super::{
+    membership_command, occupancy, presence, register_members, Change, Channels, PusherApps,
+};
 use crate::api::webhooks::{EventKind, Webhooks};
 use crate::hub::Router;
 use crate::metrics::Metrics;
@@ -73,6 +75,10 @@ pub(super) struct Lease {
     pub hub: Arc<dyn Router>,
     /// Told of what a reaped node's connections did last: leave their rooms, end.
     pub webhooks: Option<Arc<Webhooks>>,
+    /// The Pusher apps, whose webhooks hear what a reaper's leaves decide of their channels.
+    pub apps: PusherApps,
+    /// This node's presence entries, put back when it finds itself reaped.
+    pub present: presence::Present,
     /// Gone when the broker is dropped: the task ends.
     pub alive: Weak<()>,
 }
@@ -115,7 +121,10 @@ pub(super) async fn run(lease: Lease) {
         if reaped {
             // Taken for dead while it could not renew (stopped, or cut off without its
             // subscription noticing): its members go back, with a join for the others.
-            let _ = register_members(&lease.client, &lease.channels, lease.node, &*lease.hub).await;
+            let (client, channels, node) = (&lease.client, &*lease.channels, lease.node);
+            let _ = register_members(client, channels, node, &*lease.hub).await;
+            let _ = presence::register(client, channels, node, &lease.present, &lease.apps).await;
+            let _ = occupancy::register(client, channels, node, &*lease.hub, &lease.apps).await;
         }
         if !renewed_before {
             renewed_before = true;
@@ -130,8 +139,11 @@ pub(super) async fn run(lease: Lease) {
             }
         };
         for node in lapsed.intersection(&suspects) {
-            let webhooks = &lease.webhooks;
-            match reap(redis, &lease.channels, webhooks, lease.node, &me, node).await {
+            let hooks = Hooks {
+                webhooks: &lease.webhooks,
+                apps: &lease.apps,
+            };
+            match reap(redis, &lease.channels, &hooks, lease.node, &me, node).await {
                 Ok(Some(members)) => {
                     lease.metrics.redis_reaped_members.increment(members as u64);
                     warn!(node = %node, members, "dead node reaped: its members left their rooms");
@@ -191,10 +203,16 @@ async fn lapsed_nodes(
 /// Takes the dead `node`'s members out of their rooms, if this node wins the claim on it
 /// (`None` when another reaper has it). Stops, leaving the rest, if the node renews its lease
 /// meanwhile (it was only cut off).
+/// Who hears what a reaper's leaves decide.
+struct Hooks<'a> {
+    webhooks: &'a Option<Arc<Webhooks>>,
+    apps: &'a PusherApps,
+}
+
 async fn reap(
     redis: &mut Commands,
     channels: &Channels,
-    webhooks: &Option<Arc<Webhooks>>,
+    hooks: &Hooks<'_>,
     reaper: u64,
     me: &str,
     node: &str,
@@ -241,6 +259,7 @@ async fn reap(
     for index in [
         channels.node_key(node, "members"),
         channels.node_key(node, "presence"),
+        channels.node_key(node, "groups"),
         channels.node_key(node, "clients"),
     ] {
         loop {
@@ -260,8 +279,13 @@ async fn reap(
                 break;
             }
             reaped += if index.ends_with(":presence") {
-                reap_presence_batch(redis, channels, reaper, node_id, &index, &entries).await?
+                let apps = hooks.apps;
+                reap_presence_batch(redis, channels, apps, reaper, node_id, &index, &entries)
+                    .await?
+            } else if index.ends_with(":groups") {
+                occupancy::reap_batch(redis, channels, hooks.apps, node_id, &entries).await?
             } else {
+                let webhooks = hooks.webhooks;
                 reap_batch(redis, channels, webhooks, reaper, node_id, &index, &entries).await?
             };
             redis
@@ -359,22 +383,29 @@ async fn reap_batch(
 async fn reap_presence_batch(
     redis: &mut Commands,
     channels: &Channels,
+    apps: &PusherApps,
     reaper: u64,
     node: u64,
     index: &str,
     entries: &[String],
 ) -> redis::RedisResult<usize> {
     let mut batch = Vec::with_capacity(entries.len() * 2);
-    let mut reaped = 0;
+    // Each leave's group, by its place in the batch.
+    let mut leaves = Vec::new();
     for entry in entries {
         if let Ok((group, channel, conn)) = serde_json::from_str::<presence::IndexEntry>(entry) {
             batch.push(presence::leave_command(
                 channels, reaper, node, conn, &group, &channel,
             ));
-            reaped += 1;
+            leaves.push((batch.len() - 1, group));
         }
         batch.push(command!("SREM", index, entry));
     }
-    redis.run(batch).await?;
-    Ok(reaped)
+    let answers = redis.run(batch).await?;
+    for (at, group) in &leaves {
+        // The webhooks hear each user removed, and each channel vacated, once: a second
+        // reaper's leave finds the entry gone and answers -1.
+        presence::tell_left(apps, group, answers.get(*at));
+    }
+    Ok(leaves.len())
 }

@@ -75,6 +75,7 @@ use tracing::{debug, info, warn};
 mod connection;
 mod history;
 mod lease;
+mod occupancy;
 mod presence;
 
 pub use connection::Endpoint;
@@ -93,7 +94,7 @@ use crate::hub::{
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol::Body;
-use crate::pusher::Apps;
+use crate::pusher::{webhooks::AppHooks, Apps};
 
 /// Publications waiting for the publisher task; beyond this (Redis slow or down) they are
 /// dropped for the other nodes.
@@ -470,13 +471,20 @@ pub struct RedisBroker {
     presence: presence::Pending,
     /// This node's connections in presence channels.
     present: presence::Present,
+    apps: PusherApps,
     /// Held while the broker lives: the lease task ends when it is gone.
     _alive: Arc<()>,
 }
 
-/// The Pusher apps, whose socket ids name the connection a group publication skips on the node
-/// that has it (`None`: no Pusher endpoint, no groups across nodes).
-type SocketIds = Option<Arc<Apps>>;
+/// The Pusher apps (`None`: no Pusher endpoint, no groups across nodes): their socket ids name
+/// the connection a group publication skips on the node that has it, and their webhooks hear
+/// what the cluster decides of their channels (see [`occupancy`]).
+pub(super) type PusherApps = Option<Arc<Apps>>;
+
+/// The webhooks of `group`'s app, when it has them, with the channel's name.
+fn hooks_of<'a>(apps: &'a PusherApps, group: &'a str) -> Option<(&'a AppHooks, &'a str)> {
+    apps.as_deref()?.hooks_of_group(group)
+}
 
 impl RedisBroker {
     /// Connects lazily: the tasks start now and reach Redis when it answers; meanwhile local
@@ -488,7 +496,7 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
         webhooks: Option<Arc<Webhooks>>,
         history: Option<HistoryPolicy>,
-        apps: SocketIds,
+        apps: PusherApps,
     ) -> Self {
         let client = Client::open(&endpoint).expect("checked by Config::validate");
         let node = rand::random::<u64>();
@@ -523,6 +531,8 @@ impl RedisBroker {
             ));
         }
         let subscribed = Arc::new(AtomicBool::new(false));
+        let presence = presence::Pending::default();
+        let present = presence::Present::default();
         tokio::spawn(lease::run(lease::Lease {
             client: client.clone(),
             node,
@@ -530,11 +540,11 @@ impl RedisBroker {
             metrics: metrics.clone(),
             hub: hub.clone(),
             webhooks: webhooks.clone(),
+            apps: apps.clone(),
+            present: present.clone(),
             alive: Arc::downgrade(&alive),
         }));
         let queries = Arc::new(Queries::default());
-        let presence = presence::Pending::default();
-        let present = presence::Present::default();
         tokio::spawn(subscriber(Subscriber {
             client,
             publish: publish.clone(),
@@ -548,7 +558,7 @@ impl RedisBroker {
             hub: hub.clone(),
             metrics: metrics.clone(),
             subscribed: subscribed.clone(),
-            apps,
+            apps: apps.clone(),
             presence: presence.clone(),
             present: present.clone(),
         }));
@@ -577,6 +587,7 @@ impl RedisBroker {
             unsent,
             presence,
             present,
+            apps,
             _alive: alive,
         }
     }
@@ -1050,6 +1061,9 @@ impl Broker for RedisBroker {
     fn join_group(&self, group: &str, conn: ConnId, outbox: &Outbox) -> Option<GroupJoined> {
         // One reason to hear the group's channel per local member, as for a room.
         let size = self.hub.join_group(group, conn, outbox)?;
+        if size == 1 && occupancy::is_counted(&self.apps, group) {
+            self.occupy(group);
+        }
         Some(GroupJoined {
             first_here: size == 1,
             heard: self.want(self.channels.group(group)),
@@ -1059,6 +1073,9 @@ impl Broker for RedisBroker {
     fn leave_group(&self, group: &str, conn: ConnId) -> Option<usize> {
         let remaining = self.hub.leave_group(group, conn)?;
         let _ = self.unwant(&self.channels.group(group));
+        if remaining == 0 && occupancy::is_counted(&self.apps, group) {
+            self.vacate(group);
+        }
         Some(remaining)
     }
 
@@ -1294,7 +1311,7 @@ struct Subscriber {
     hub: Arc<dyn Router>,
     metrics: Arc<Metrics>,
     subscribed: Arc<AtomicBool>,
-    apps: SocketIds,
+    apps: PusherApps,
     presence: presence::Pending,
     present: presence::Present,
 }
@@ -1404,11 +1421,17 @@ async fn serve(
     else {
         return Ended::Lost;
     };
-    let Some(present) =
-        presence::register(&state.client, &state.channels, state.node, &state.present).await
+    let (client, keys, node) = (&state.client, &state.channels, state.node);
+    let Some(present) = presence::register(client, keys, node, &state.present, &state.apps).await
     else {
         return Ended::Lost;
     };
+    if occupancy::register(client, keys, node, &*state.hub, &state.apps)
+        .await
+        .is_none()
+    {
+        return Ended::Lost;
+    }
     state.sessions.fetch_add(1, Ordering::Release);
     state.subscribed.store(true, Ordering::Release);
     state.metrics.redis_connected.set(1.0);

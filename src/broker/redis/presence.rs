@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::connection::Client;
 use super::{
-    answer_of, envelope_head, lock, Channels, Envelope, Outgoing, RedisBroker, Subscriber, Wants,
-    ACTIVATION_GRACE, RESPONSE_TIMEOUT,
+    answer_of, envelope_head, hooks_of, lock, value_of, Channels, Envelope, Outgoing, PusherApps,
+    RedisBroker, Subscriber, Wants, ACTIVATION_GRACE, RESPONSE_TIMEOUT,
 };
 use crate::broker::{
     PresenceJoin, PresenceJoined, PresenceJoining, PresenceLeft, PresenceRefusal, Publication,
@@ -45,43 +45,93 @@ use crate::pusher::wire::{self, PresenceMember};
 /// A connection joins: ARGV 1 its entry (`NODE:CONN`), 2 its user, 3 the user's info, 4 the
 /// group's channel, 5 the publish verb, 6 the `P` envelope's head (up to its message), 7 the
 /// `member_added` frame's text, 8 the most users, 9 `1` when it is put back (after Redis came
-/// back), not joining. Answers 1 (joined, or it was already: `P` again, without `a`, but for
-/// one put back, which publishes only when it is new) or 0 (the channel is full: nothing
-/// changed, nothing published).
+/// back), not joining. Answers 0 when the channel is full (nothing changed, nothing
+/// published), else 1 (joined, or it was already: `P` again, without `a`, but for one put
+/// back, which publishes only when it is new), plus [`USER_ADDED`] when the user is new to the
+/// channel and [`CHANNEL_OCCUPIED`] when the channel had no connection before, anywhere.
 const JOIN_SCRIPT: &str = r#"
 local already = redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
 if already and ARGV[9] == '1' then return 1 end
 local added = nil
+local answer = 1
 if not already then
   local new = redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0
   if new and redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[8]) then return 0 end
+  if redis.call('HLEN', KEYS[1]) == 0 then answer = answer + 4 end
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
   if new then
     redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
     added = ARGV[7]
+    answer = answer + 2
   end
 end
 local members = redis.call('HGETALL', KEYS[3])
 redis.call(ARGV[5], ARGV[4], ARGV[6] .. cjson.encode({a = added, s = members}) .. '}')
-return 1
+return answer
 "#;
 
+/// In a join's answer: its user is new to the channel (`member_added` was published).
+const USER_ADDED: i64 = 2;
+/// In a join's answer: the channel had no connection before it, on any node.
+const CHANNEL_OCCUPIED: i64 = 4;
+
 /// A connection leaves: ARGV 1 its entry, 2 the group's channel, 3 the publish verb, 4 the `L`
-/// envelope's head, 5 the Pusher channel's name. Answers 1 when it was the user's last
-/// connection (`member_removed` published), 0 when not, -1 when it was not in the channel.
+/// envelope's head, 5 the Pusher channel's name. Answers `{how, user}`: how -1 when it was
+/// not in the channel (no user), 0 when its user has other connections there, 1 when it was the
+/// user's last (`member_removed` published), 2 when it was also the channel's last connection,
+/// anywhere.
 const LEAVE_SCRIPT: &str = r#"
 local user = redis.call('HGET', KEYS[1], ARGV[1])
-if not user then return -1 end
+if not user then return {-1} end
 redis.call('HDEL', KEYS[1], ARGV[1])
-if redis.call('HINCRBY', KEYS[2], user, -1) > 0 then return 0 end
+if redis.call('HINCRBY', KEYS[2], user, -1) > 0 then return {0, user} end
 redis.call('HDEL', KEYS[2], user)
 redis.call('HDEL', KEYS[3], user)
 local data = cjson.encode({user_id = user})
 local frame = cjson.encode({event = 'pusher_internal:member_removed', channel = ARGV[5], data = data})
 redis.call(ARGV[3], ARGV[2], ARGV[4] .. frame .. '}')
-return 1
+if redis.call('HLEN', KEYS[1]) == 0 then return {2, user} end
+return {1, user}
 "#;
+
+/// What the join script's `answer` says to the app's webhooks of `group`, when it has them:
+/// `channel_occupied` and `member_added` for `user_id`, as the cluster decided them.
+pub(super) fn tell_joined(apps: &PusherApps, group: &str, user_id: &str, answer: i64) {
+    let Some((hooks, channel)) = hooks_of(apps, group) else {
+        return;
+    };
+    if answer & CHANNEL_OCCUPIED != 0 {
+        hooks.channel_occupied(channel);
+    }
+    if answer & USER_ADDED != 0 {
+        hooks.member_added(channel, user_id);
+    }
+}
+
+/// What the leave script's answer says to the app's webhooks of `group`, when it has them:
+/// `member_removed`, and `channel_vacated` after it, as the cluster decided them.
+pub(super) fn tell_left(apps: &PusherApps, group: &str, answer: Option<&redis::Value>) {
+    let Some((hooks, channel)) = hooks_of(apps, group) else {
+        return;
+    };
+    let Some(Ok((how, Some(user)))) = answer.map(redis::from_redis_value::<(i64, Option<String>)>)
+    else {
+        return;
+    };
+    if how >= 1 {
+        hooks.member_removed(channel, &user);
+    }
+    if how == 2 {
+        hooks.channel_vacated(channel);
+    }
+}
+
+/// Whether `group` is a channel of an app whose webhooks would hear its leaves: only then is
+/// a leave's answer waited for.
+pub(super) fn is_heard(apps: &PusherApps, group: &str) -> bool {
+    hooks_of(apps, group).is_some()
+}
 
 /// A presence entry: a connection of a node.
 pub(super) fn entry(node: u64, conn: ConnId) -> String {
@@ -291,18 +341,23 @@ impl RedisBroker {
             hub: self.hub.clone(),
             wants: self.wants.clone(),
             group_channel,
+            apps: self.apps.clone(),
         };
         let (queue, pending, present) = (
             self.publish.clone(),
             self.presence.clone(),
             self.present.clone(),
         );
+        let user_id: Box<str> = join.user_id.into();
         tokio::spawn(async move {
             // Subscribed first: its `P` must come back here.
             if let Some(subscribed) = subscribed {
                 let _ = tokio::time::timeout(RESPONSE_TIMEOUT, subscribed).await;
             }
             let answered = answer_of(&queue, script).await;
+            if let Some(answer) = answered.filter(|answer| *answer >= 1) {
+                tell_joined(&undo.apps, &key.1, &user_id, answer);
+            }
             let refusal = {
                 let mut map = lock(&pending);
                 let Some(entry) = map.get_mut(&key) else {
@@ -312,20 +367,23 @@ impl RedisBroker {
                     _ if entry.left => {
                         // It left meanwhile (out of the group already): its leave, after this.
                         map.remove(&key);
-                        undo.send(&queue, answered != Some(0));
-                        return;
+                        None
                     }
-                    Some(1) if entry.listed => {
+                    Some(answer) if answer >= 1 && entry.listed => {
                         map.remove(&key);
                         return;
                     }
-                    Some(1) => {
+                    Some(answer) if answer >= 1 => {
                         entry.answered = true;
-                        None
+                        Some(None)
                     }
-                    Some(0) => Some(PresenceRefusal::Full),
-                    _ => Some(PresenceRefusal::Unavailable),
+                    Some(0) => Some(Some(PresenceRefusal::Full)),
+                    _ => Some(Some(PresenceRefusal::Unavailable)),
                 }
+            };
+            let Some(refusal) = refusal else {
+                undo.send(&queue, &key.1, answered != Some(0)).await;
+                return;
             };
             let refusal = match refusal {
                 Some(refusal) => refusal,
@@ -345,10 +403,11 @@ impl RedisBroker {
             };
             lock(&present).remove(&key);
             undo.out_of_group(key.0, &key.1);
-            undo.send(&queue, refusal == PresenceRefusal::Unavailable);
             if let Some(answer) = entry.answer.take() {
                 let _ = answer.send(Err(refusal));
             }
+            undo.send(&queue, &key.1, refusal == PresenceRefusal::Unavailable)
+                .await;
         });
         PresenceJoining::Later(joined)
     }
@@ -387,7 +446,16 @@ impl RedisBroker {
         let remaining_here = self.hub.leave_group(group, conn)?;
         let _ = self.unwant(&self.channels.group(group));
         let leave = leave_command(&self.channels, self.node, self.node, conn, group, channel);
-        self.send_command(leave);
+        if is_heard(&self.apps, group) {
+            // Its webhooks hear what the script decided.
+            let (queue, apps, group) = (self.publish.clone(), self.apps.clone(), group.to_owned());
+            tokio::spawn(async move {
+                let answer = value_of(&queue, leave).await;
+                tell_left(&apps, &group, answer.as_ref());
+            });
+        } else {
+            self.send_command(leave);
+        }
         self.send_command(self.presence_index("SREM", group, channel, conn));
         Some(PresenceLeft {
             remaining_here,
@@ -403,6 +471,8 @@ struct Undo {
     hub: Arc<dyn Router>,
     wants: Wants,
     group_channel: String,
+    /// Whose webhooks hear what the join and its leave decided.
+    apps: PusherApps,
 }
 
 impl Undo {
@@ -412,10 +482,16 @@ impl Undo {
         }
     }
 
-    /// Its leave, when Redis may have it (`in_redis`), and its index entry's removal.
-    fn send(self, queue: &mpsc::Sender<Outgoing>, in_redis: bool) {
+    /// Its leave from `group`, when Redis may have it (`in_redis`), and its index entry's
+    /// removal.
+    async fn send(self, queue: &mpsc::Sender<Outgoing>, group: &str, in_redis: bool) {
         if in_redis {
-            let _ = queue.try_send(Outgoing::unanswered(self.leave));
+            if is_heard(&self.apps, group) {
+                let answer = value_of(queue, self.leave).await;
+                tell_left(&self.apps, group, answer.as_ref());
+            } else {
+                let _ = queue.try_send(Outgoing::unanswered(self.leave));
+            }
         }
         let _ = queue.try_send(Outgoing::unanswered(self.unindex));
     }
@@ -493,6 +569,7 @@ pub(super) async fn register(
     channels: &Channels,
     node: u64,
     present: &Present,
+    apps: &PusherApps,
 ) -> Option<usize> {
     let index = channels.node_presence(node);
     let work = async {
@@ -501,6 +578,8 @@ pub(super) async fn register(
         members.arg(&index);
         let indexed: Vec<String> = redis.query(members).await?;
         let mut batch = Vec::new();
+        // What each command of the batch tells the webhooks.
+        let mut told: Vec<Told> = Vec::new();
         let mut registered = 0;
         {
             let present = lock(present);
@@ -513,6 +592,7 @@ pub(super) async fn register(
                     let mut unindex = redis::cmd("SREM");
                     unindex.arg(&index).arg(entry);
                     batch.push(unindex);
+                    told.extend([Told::Left(group), Told::Nothing]);
                 }
             }
             for ((conn, group), presence) in present.iter() {
@@ -521,6 +601,10 @@ pub(super) async fn register(
                     .arg(&index)
                     .arg(index_entry(group, &presence.channel, *conn));
                 batch.push(reindex);
+                told.extend([
+                    Told::Nothing,
+                    Told::Joined(group.to_string(), presence.user_id.to_string()),
+                ]);
                 let added =
                     wire::member_added(&presence.channel, &presence.user_id, &presence.user_info);
                 batch.push(join_command(
@@ -539,7 +623,18 @@ pub(super) async fn register(
             }
         }
         if !batch.is_empty() {
-            redis.run(batch).await?;
+            let answers = redis.run(batch).await?;
+            for (told, answer) in told.iter().zip(&answers) {
+                match told {
+                    Told::Left(group) => tell_left(apps, group, Some(answer)),
+                    Told::Joined(group, user_id) => {
+                        if let Ok(answer) = redis::from_redis_value::<i64>(answer) {
+                            tell_joined(apps, group, user_id, answer);
+                        }
+                    }
+                    Told::Nothing => {}
+                }
+            }
         }
         Ok::<_, redis::RedisError>(registered)
     };
@@ -547,4 +642,13 @@ pub(super) async fn register(
         Ok(Ok(registered)) => Some(registered),
         _ => None,
     }
+}
+
+/// What a command of [`register`]'s batch tells the webhooks.
+enum Told {
+    Nothing,
+    /// A leave of the group.
+    Left(String),
+    /// A join of the group by the user.
+    Joined(String, String),
 }
