@@ -915,9 +915,41 @@ async fn across_two_nodes_an_apps_webhooks_tell_each_channel_occupied_and_vacate
         common::app_stub::AppStub::start(|_| common::app_stub::Answer::ok(json!({}))).await;
     let nodes = hooked_nodes_on(&redis, &stub.url("/pusher/webhooks"), 2).await;
     redis.wait_for_subscribers("roomcast:broadcast", 2).await;
+    webhooks_once_per_cluster(&mut stub, &nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_an_apps_webhooks_tell_each_channel_and_user_event_once() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let mut stub =
+        common::app_stub::AppStub::start(|_| common::app_stub::Answer::ok(json!({}))).await;
+    let url = stub.url("/pusher/webhooks");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let urls = cluster.urls();
+        nodes.push(
+            start_server_with(|config| {
+                config.pusher_apps = vec![hooked_app(&url)];
+                config.redis_cluster = urls;
+            })
+            .await,
+        );
+    }
+    cluster.wait_for_subscribers("roomcast:broadcast", 2).await;
+    webhooks_once_per_cluster(&mut stub, &nodes).await;
+}
+
+/// A public channel with a subscriber on each of two nodes, a presence channel with one user
+/// on both and one on the second; all leave at once: each event is told once.
+async fn webhooks_once_per_cluster(
+    stub: &mut common::app_stub::AppStub,
+    nodes: &[common::TestServer],
+) {
     let (public, presence) = ("news", "presence-team");
     let mut sockets = Vec::new();
-    for node in &nodes {
+    for node in nodes {
         let (mut ws, _) = connect_at(node.addr).await;
         join_public(&mut ws, public).await;
         sockets.push(ws);
@@ -936,7 +968,7 @@ async fn across_two_nodes_an_apps_webhooks_tell_each_channel_occupied_and_vacate
             .iter()
             .all(|channel| !hooks_of(events, "channel_vacated", channel).is_empty())
     };
-    let events = pusher_hooks_until(&mut stub, vacated, Duration::from_secs(2)).await;
+    let events = pusher_hooks_until(stub, vacated, Duration::from_secs(2)).await;
     assert_eq!(
         hooks_of(&events, "channel_occupied", public),
         [""],
