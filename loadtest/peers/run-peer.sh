@@ -7,6 +7,8 @@
 #   roomcast           target/release/roomcast --workers 1 --listen 127.0.0.1:PORT
 #   node-ws            node loadtest/peers/node-ws/server.js 127.0.0.1:PORT
 #   tungstenite-naive  <target dir>/release/tungstenite-naive 127.0.0.1:PORT
+#   sockudo            $SOCKUDO_BIN on 127.0.0.1:PORT, one Pusher app, configured through its
+#                      environment (see below); it speaks Pusher, not the seed protocol
 # EXTRA_ARGS are appended to the server's command line.
 #
 # Prints the server's PID on stdout (one line, nothing else), then waits until 127.0.0.1:PORT
@@ -22,10 +24,16 @@
 #   TUNGSTENITE_NAIVE_BIN tungstenite-naive binary (default: /work/target-peers/release/...,
 #                         then $CARGO_TARGET_DIR/release/..., then tungstenite-naive/target/release/...)
 #   NODE                  node binary (default: node on PATH)
+#   SOCKUDO_BIN           Sockudo binary (default /work/sockudo-bin/bin/sockudo; it is not part of
+#                         this repo: cargo install sockudo --locked --root /work/sockudo-bin)
+#   SOCKUDO_APP           its one app as ID:KEY:SECRET (default 1001:loadtest-key:loadtest-secret)
+#   SOCKUDO_METRICS_PORT  its Prometheus port, on 127.0.0.1 (default 9601, Sockudo's own)
+# Any other Sockudo variable (WEBSOCKET_MAX_MESSAGES, WEBSOCKET_MAX_PAYLOAD_KB, ...) set by the
+# caller is passed through.
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 {roomcast|node-ws|tungstenite-naive} PORT [EXTRA_ARGS...]" >&2
+    echo "usage: $0 {roomcast|node-ws|tungstenite-naive|sockudo} PORT [EXTRA_ARGS...]" >&2
     exit 2
 }
 
@@ -70,6 +78,33 @@ case $name in
             exit 1
         }
         cmd=("$bin" "127.0.0.1:$port")
+        ;;
+    sockudo)
+        bin=${SOCKUDO_BIN:-/work/sockudo-bin/bin/sockudo}
+        [[ -x $bin ]] || {
+            echo "sockudo binary not found at $bin (cargo install sockudo --locked --root /work/sockudo-bin)" >&2
+            exit 1
+        }
+        IFS=: read -r app_id app_key app_secret <<<"${SOCKUDO_APP:-1001:loadtest-key:loadtest-secret}"
+        # Its app from SOCKUDO_DEFAULT_APP_*, limits off for a load test: the per-IP connect
+        # limiter (default 20 per 60 s) off, client events on and unlimited (0), no cap on
+        # connections (0; the env app's default is 100). The in-memory (local) adapter, app
+        # manager and cache are its defaults; its queue (for webhooks, none here) defaults to
+        # Redis and is turned off. No config file is read (it runs in /, away from any
+        # config/config.toml). `env` execs Sockudo, so $! below is still its PID.
+        # Tokio sizes its runtime from the CPU affinity (one CPU under taskset: one worker);
+        # TOKIO_WORKER_THREADS=1 says so explicitly.
+        cmd=(env HOST=127.0.0.1 PORT="$port"
+            METRICS_HOST=127.0.0.1 METRICS_PORT="${SOCKUDO_METRICS_PORT:-9601}"
+            RATE_LIMITER_ENABLED=false QUEUE_DRIVER=none LOG_COLORS_ENABLED=false
+            SOCKUDO_DEFAULT_APP_ID="$app_id" SOCKUDO_DEFAULT_APP_KEY="$app_key"
+            SOCKUDO_DEFAULT_APP_SECRET="$app_secret"
+            SOCKUDO_DEFAULT_APP_ENABLE_CLIENT_MESSAGES=true
+            SOCKUDO_DEFAULT_APP_MAX_CLIENT_EVENTS_PER_SECOND=0
+            SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS=0
+            TOKIO_WORKER_THREADS=1
+            "$bin")
+        cd /
         ;;
     *)
         usage

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# roomcast's Pusher endpoint beside Sockudo (a Pusher-protocol server in Rust, not part of this
+# repo), in one sitting: compare.sh's fanout-1k (1 room x 1,000 subscribers x 100 msg/s, 10 s)
+# and fanout-5k-saturated (1 room x 5,000 subscribers, --rate 0, 10 s, --timeout 60s), ROUNDS
+# rounds (default 3), alternating
+#   roomcast  release roomcast with --pusher-app and --rate-limit 0 (run-peer.sh: --workers 1);
+#   sockudo   Sockudo with the same app, client events on, no rate limits and no connection
+#             cap (run-peer.sh sockudo: its defaults otherwise, in-memory local adapter);
+# both fed by the same generator, --protocol pusher --pusher-app ID:KEY:SECRET: private-channel
+# subscriptions signed with the app's secret, the stamped messages sent as client events
+# `client-msg`, relayed by the server to the channel's other subscribers.
+# Both servers are pinned to CPU 0 (one tokio worker each), the generator to CPU 1 with one
+# thread. Both are started once and serve every round, as pusher.sh does with its one server:
+# neither is measured cold after the first round, both carry the same history (allocator pools,
+# maps grown to 5,000 sockets), and no run pays a start-up. The idle one waits on CPU 0 while the
+# other is measured; before each run the script waits until both have been quiet (< 2% of a core)
+# for a second, so the previous run's teardown is not billed to, or competing with, the next.
+# Sockudo is installed apart (cargo install sockudo --locked --root /work/sockudo-bin; see
+# peers/run-peer.sh for the binary and its settings). Reports:
+# loadtest/results/pusher-vs-sockudo/{roomcast,sockudo}-rN/NAME.json, then a table of the medians.
+#
+#   loadtest/ab/sockudo.sh
+#   ROUNDS=3 BIN=target/release/roomcast LOADTEST_BIN=target/release/roomcast-loadtest \
+#       SOCKUDO_BIN=/work/sockudo-bin/bin/sockudo loadtest/ab/sockudo.sh
+# Binaries default to $CARGO_TARGET_DIR/release (else <repo>/target/release).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$here/.." && pwd)
+target=${CARGO_TARGET_DIR:-$repo/target}
+bin=${BIN:-$target/release/roomcast}
+loadtest=${LOADTEST_BIN:-$target/release/roomcast-loadtest}
+sockudo=${SOCKUDO_BIN:-/work/sockudo-bin/bin/sockudo}
+out=${RESULTS_DIR:-$here/results/pusher-vs-sockudo}
+rounds=${ROUNDS:-3}
+roomcast_port=${PORT:-19880}
+sockudo_port=${SOCKUDO_PORT:-19881}
+app=${PUSHER_APP:-1001:loadtest-key:loadtest-secret}
+scenarios=(fanout-1k fanout-5k-saturated)
+for b in "$bin" "$loadtest"; do
+    [[ -x $b ]] || { echo "not built: $b (cargo build --release -p roomcast -p roomcast-loadtest)" >&2; exit 1; }
+done
+[[ -x $sockudo ]] || { echo "no Sockudo at $sockudo (cargo install sockudo --locked --root /work/sockudo-bin)" >&2; exit 1; }
+mkdir -p "$out"
+
+pids=()
+ports=()
+stop() {
+    local i
+    for i in "${!pids[@]}"; do
+        kill "${pids[$i]}" 2>/dev/null || true
+        # The port closing shows the server is gone (see peers/README.md).
+        for _ in $(seq 100); do
+            (exec 3<>"/dev/tcp/127.0.0.1/${ports[$i]}") 2>/dev/null || break
+            sleep 0.1
+        done
+    done
+}
+trap stop EXIT
+roomcast_pid=$(ROOMCAST_BIN=$bin "$here/peers/run-peer.sh" roomcast "$roomcast_port" \
+    --rate-limit 0 --pusher-app "$app")
+pids+=("$roomcast_pid") ports+=("$roomcast_port")
+sockudo_pid=$(SOCKUDO_BIN=$sockudo SOCKUDO_APP=$app SOCKUDO_METRICS_PORT=$((sockudo_port + 1)) \
+    "$here/peers/run-peer.sh" sockudo "$sockudo_port")
+pids+=("$sockudo_pid") ports+=("$sockudo_port")
+"$sockudo" --version >&2 || true
+
+cpu_ticks() { # PID -> utime+stime in clock ticks
+    local stat
+    stat=$(<"/proc/$1/stat")
+    stat=${stat##*) }
+    # shellcheck disable=SC2086 # fields are words
+    set -- $stat
+    echo $((${12} + ${13}))
+}
+quiet() { # waits (30 s at most) until every server used < 2 ticks (2% of a core) in 1 s
+    local a b pid busy
+    for _ in $(seq 30); do
+        busy=0
+        for pid in "${pids[@]}"; do
+            a=$(cpu_ticks "$pid")
+            sleep 1
+            b=$(cpu_ticks "$pid")
+            ((b - a < 2)) || busy=1
+        done
+        ((busy)) || return 0
+    done
+    echo "    (servers still busy after 30 s; going on)" >&2
+}
+
+params() { # SCENARIO -> compare.sh's fanout arguments for it
+    case $1 in
+    fanout-1k) echo --subscribers 1000 --rooms 1 --publishers 1 --rate 100 --duration 10s ;;
+    fanout-5k-saturated)
+        echo --subscribers 5000 --rooms 1 --publishers 1 --rate 0 --duration 10s --timeout 60s ;;
+    *) echo "unknown scenario: $1" >&2; exit 2 ;;
+    esac
+}
+
+for round in $(seq "$rounds"); do
+    for side in roomcast sockudo; do
+        dir=$out/$side-r$round
+        mkdir -p "$dir"
+        if [[ $side == roomcast ]]; then port=$roomcast_port pid=$roomcast_pid; else port=$sockudo_port pid=$sockudo_pid; fi
+        for name in "${scenarios[@]}"; do
+            quiet
+            echo "== $side round $round: $name" >&2
+            # shellcheck disable=SC2046 # params are words
+            taskset -c 1 "$loadtest" --url "ws://127.0.0.1:$port/" --server-pid "$pid" \
+                --threads 1 --json --protocol pusher --pusher-app "$app" fanout $(params "$name") \
+                > "$dir/$name.json"
+            python3 - "$dir/$name.json" <<'PY' >&2
+import json, sys
+r = json.load(open(sys.argv[1])); res = r["results"]; lat = res["latency"]
+errors = ", ".join(f"{e['stage']} {e['cause']} {e['count']}" for e in r.get("errors", []))
+print(f"    {res['server_cpu_us_per_delivery']} us/delivery, "
+      f"{res['deliveries_per_second']:,.0f} deliveries/s, p50 {lat['p50_us'] / 1000:.2f} ms, "
+      f"p99 {lat['p99_us'] / 1000:.2f} ms, lost {res['lost']} of {res['expected']}, "
+      f"machine {r.get('machine_cpu_busy')}", errors, "; ".join(r["warnings"]))
+PY
+        done
+    done
+done
+
+python3 - "$out" "$rounds" "${scenarios[@]}" <<'PY'
+import json, statistics, sys
+out, rounds, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+med = statistics.median
+print(f"medians of {rounds} rounds (roomcast --workers 1 and Sockudo, one tokio worker, each on "
+      f"CPU 0; generator on CPU 1; --protocol pusher)")
+print(f"{'scenario':20} {'server':8} {'us CPU/deliv':>12} {'deliveries/s':>13} "
+      f"{'p50 ms':>8} {'p99 ms':>8} {'lost':>10} {'loss %':>8}  machine busy")
+for scenario in scenarios:
+    cpu_of = {}
+    for side in ("roomcast", "sockudo"):
+        runs = [json.load(open(f"{out}/{side}-r{r}/{scenario}.json")) for r in range(1, rounds + 1)]
+        res = [r["results"] for r in runs]
+        cpu = med(x["server_cpu_us_per_delivery"] or 0 for x in res)
+        cpu_of[side] = cpu
+        busy = [r.get("machine_cpu_busy") for r in runs]
+        print(f"{scenario:20} {side:8} {cpu:12.3f} {med(x['deliveries_per_second'] for x in res):13,.0f} "
+              f"{med(x['latency']['p50_us'] for x in res) / 1000:8.2f} "
+              f"{med(x['latency']['p99_us'] for x in res) / 1000:8.2f} "
+              f"{med(x['lost'] for x in res):10,.0f} {med(x['loss_ratio'] for x in res) * 100:8.4f}  {busy}")
+    if cpu_of["roomcast"]:
+        print(f"{'':20} sockudo/roomcast server CPU per delivery: "
+              f"{cpu_of['sockudo'] / cpu_of['roomcast']:.2f}x")
+PY
