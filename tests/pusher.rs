@@ -594,18 +594,23 @@ async fn quiet_app_server() -> common::TestServer {
     .await
 }
 
-/// Subscribes to `channel` (private, signed for the socket) and waits for its success.
-async fn join_private(ws: &mut Ws, socket_id: &str, channel: &str) {
-    let signature = roomcast::pusher::signing::sign(APP.2, &format!("{socket_id}:{channel}"));
-    let subscribe = json!({"event": "pusher:subscribe", "data": {
-        "channel": channel, "auth": format!("{}:{signature}", APP.1),
-    }});
+/// Sends `subscribe` and waits for its success.
+async fn subscribed(ws: &mut Ws, subscribe: &Value) {
     ws.send(Message::Text(subscribe.to_string())).await.unwrap();
     let succeeded = event(ws).await;
     assert_eq!(
         succeeded["event"], "pusher_internal:subscription_succeeded",
         "{succeeded}"
     );
+}
+
+/// Subscribes to `channel` (private, signed for the socket) and waits for its success.
+async fn join_private(ws: &mut Ws, socket_id: &str, channel: &str) {
+    let signature = roomcast::pusher::signing::sign(APP.2, &format!("{socket_id}:{channel}"));
+    let subscribe = json!({"event": "pusher:subscribe", "data": {
+        "channel": channel, "auth": format!("{}:{signature}", APP.1),
+    }});
+    subscribed(ws, &subscribe).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -897,12 +902,7 @@ fn hook_position(events: &[Value], name: &str, channel: &str, user: &str) -> usi
 /// Subscribes to the public `channel` and waits for its success.
 async fn join_public(ws: &mut Ws, channel: &str) {
     let subscribe = json!({"event": "pusher:subscribe", "data": {"channel": channel}});
-    ws.send(Message::Text(subscribe.to_string())).await.unwrap();
-    let succeeded = event(ws).await;
-    assert_eq!(
-        succeeded["event"], "pusher_internal:subscription_succeeded",
-        "{succeeded}"
-    );
+    subscribed(ws, &subscribe).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,40 +108,11 @@ for round in $(seq "$rounds"); do
             taskset -c 1 "$loadtest" --url "ws://127.0.0.1:$port/" --server-pid "$pid" \
                 --threads 1 --json --protocol pusher --pusher-app "$app" fanout $(params "$name") \
                 > "$dir/$name.json"
-            python3 - "$dir/$name.json" <<'PY' >&2
-import json, sys
-r = json.load(open(sys.argv[1])); res = r["results"]; lat = res["latency"]
-errors = ", ".join(f"{e['stage']} {e['cause']} {e['count']}" for e in r.get("errors", []))
-print(f"    {res['server_cpu_us_per_delivery']} us/delivery, "
-      f"{res['deliveries_per_second']:,.0f} deliveries/s, p50 {lat['p50_us'] / 1000:.2f} ms, "
-      f"p99 {lat['p99_us'] / 1000:.2f} ms, lost {res['lost']} of {res['expected']}, "
-      f"machine {r.get('machine_cpu_busy')}", errors, "; ".join(r["warnings"]))
-PY
+            "$here/ab/report.py" run "$dir/$name.json" >&2
         done
     done
 done
 
-python3 - "$out" "$rounds" "${scenarios[@]}" <<'PY'
-import json, statistics, sys
-out, rounds, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-med = statistics.median
-print(f"medians of {rounds} rounds (roomcast --workers 1 and Sockudo, one tokio worker, each on "
-      f"CPU 0; generator on CPU 1; --protocol pusher)")
-print(f"{'scenario':20} {'server':8} {'us CPU/deliv':>12} {'deliveries/s':>13} "
-      f"{'p50 ms':>8} {'p99 ms':>8} {'lost':>10} {'loss %':>8}  machine busy")
-for scenario in scenarios:
-    cpu_of = {}
-    for side in ("roomcast", "sockudo"):
-        runs = [json.load(open(f"{out}/{side}-r{r}/{scenario}.json")) for r in range(1, rounds + 1)]
-        res = [r["results"] for r in runs]
-        cpu = med(x["server_cpu_us_per_delivery"] or 0 for x in res)
-        cpu_of[side] = cpu
-        busy = [r.get("machine_cpu_busy") for r in runs]
-        print(f"{scenario:20} {side:8} {cpu:12.3f} {med(x['deliveries_per_second'] for x in res):13,.0f} "
-              f"{med(x['latency']['p50_us'] for x in res) / 1000:8.2f} "
-              f"{med(x['latency']['p99_us'] for x in res) / 1000:8.2f} "
-              f"{med(x['lost'] for x in res):10,.0f} {med(x['loss_ratio'] for x in res) * 100:8.4f}  {busy}")
-    if cpu_of["roomcast"]:
-        print(f"{'':20} sockudo/roomcast server CPU per delivery: "
-              f"{cpu_of['sockudo'] / cpu_of['roomcast']:.2f}x")
-PY
+"$here/ab/report.py" medians "$out" "$rounds" \
+    "roomcast --workers 1 and Sockudo, one tokio worker, each on CPU 0; generator on CPU 1; --protocol pusher" \
+    roomcast sockudo "${scenarios[@]}"
