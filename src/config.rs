@@ -45,6 +45,8 @@ use crate::telemetry::LogFormat;
 pub mod defaults {
     pub const LISTEN: &str = "0.0.0.0:8080";
     pub const OUTBOUND_QUEUE: usize = 1024;
+    /// `--compression-min-size`: below this a JSON message gains little from DEFLATE.
+    pub const COMPRESSION_MIN_SIZE: usize = 256;
     pub const OUTBOUND_QUEUE_BYTES: usize = 1024 * 1024;
     /// SO_SNDBUF of each accepted socket. Linux doubles it for bookkeeping and stops
     /// autotuning: a client that stops reading holds at most 256 KiB of kernel memory on its
@@ -148,6 +150,19 @@ pub struct Config {
     /// Largest single frame a client may send, in bytes; larger closes the connection with 1009.
     #[arg(long, env = "ROOMCAST_MAX_FRAME_SIZE", default_value_t = defaults::MAX_FRAME_SIZE)]
     pub max_frame_size: usize,
+
+    /// permessage-deflate (RFC 7692) for the clients that offer it: their compressed messages
+    /// are inflated (the size limits apply to the inflated size), and every message to them of
+    /// at least --compression-min-size bytes is sent compressed, a fan-out's frame compressed
+    /// once for all its compressing recipients. Without context takeover on either side, so a
+    /// connection keeps no compression state. Default: off.
+    #[arg(long, env = "ROOMCAST_COMPRESSION", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub compression: bool,
+
+    /// The smallest message payload, in bytes, sent compressed under --compression (smaller
+    /// ones gain little and cost a deflate each).
+    #[arg(long, env = "ROOMCAST_COMPRESSION_MIN_SIZE", default_value_t = defaults::COMPRESSION_MIN_SIZE)]
+    pub compression_min_size: usize,
 
     /// Messages per second one connection may send (token bucket refill rate); 0 turns the
     /// limit off. Over the limit a message gets an `error` reply; see `--rate-burst`.
@@ -526,6 +541,8 @@ impl Config {
             rate_limit_bytes: None,
             rate_burst_bytes: None,
             client_broadcast: true,
+            compression: false,
+            compression_min_size: defaults::COMPRESSION_MIN_SIZE,
             max_rooms_per_connection: defaults::MAX_ROOMS_PER_CONNECTION,
             max_room_name_length: defaults::MAX_ROOM_NAME_LENGTH,
             max_metadata_size: defaults::MAX_METADATA_SIZE,
@@ -1032,6 +1049,8 @@ struct FileLayer {
     rate_limit_bytes: Option<Scalar>,
     rate_burst_bytes: Option<Scalar>,
     client_broadcast: Option<Scalar>,
+    compression: Option<Scalar>,
+    compression_min_size: Option<Scalar>,
     max_rooms_per_connection: Option<Scalar>,
     max_room_name_length: Option<Scalar>,
     max_metadata_size: Option<Scalar>,
@@ -1115,6 +1134,8 @@ impl FileLayer {
             rate_limit_bytes,
             rate_burst_bytes,
             client_broadcast,
+            compression,
+            compression_min_size,
             max_rooms_per_connection,
             max_room_name_length,
             max_metadata_size,

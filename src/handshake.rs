@@ -292,17 +292,33 @@ pub fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
 }
 
-/// The 101 response that completes the handshake for `key`.
-pub fn switching_protocols(key: &[u8]) -> Bytes {
+/// The 101 response that completes the handshake for `key`, with the
+/// `Sec-WebSocket-Extensions` it accepted, if any.
+pub fn switching_protocols(key: &[u8], extensions: Option<&str>) -> Bytes {
     let accept = accept_key(key);
-    let mut response = BytesMut::with_capacity(130);
+    let mut response = BytesMut::with_capacity(220);
     response.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
           Sec-WebSocket-Accept: ",
     );
     response.extend_from_slice(accept.as_bytes());
+    if let Some(extensions) = extensions {
+        response.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
+        response.extend_from_slice(extensions.as_bytes());
+    }
     response.extend_from_slice(b"\r\n\r\n");
     response.freeze()
+}
+
+/// The `Sec-WebSocket-Extensions` to answer a request with, given whether `--compression` is
+/// on: permessage-deflate's, when the client offered it in a form we accept.
+pub fn extensions(headers: &HeaderMap, compression: bool) -> Option<&'static str> {
+    let offers = headers
+        .get_all("sec-websocket-extensions")
+        .iter()
+        .filter_map(|value| value.to_str().ok());
+    (compression && crate::ws::deflate::accepts_an_offer(offers))
+        .then_some(crate::ws::deflate::ACCEPTED)
 }
 
 /// A complete refusal: `status`, a one-line text body, and `Connection: close`. A 426 names

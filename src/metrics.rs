@@ -63,6 +63,7 @@ pub struct Metrics {
     outbound_queue_frames: Gauge,
     outbound_queue_bytes: Gauge,
     frames_out: Counter,
+    frames_compressed: Counter,
     slow_consumers_closed: Counter,
     frames_dropped: Counter,
     proxy_calls: [[Counter; PROXY_OUTCOMES.len()]; PROXIES.len()],
@@ -207,6 +208,11 @@ impl Metrics {
                 "roomcast_frames_out_total",
                 "Frames written to sockets completely.",
             ),
+            frames_compressed: counter(
+                "roomcast_frames_compressed_total",
+                "Frames compressed with permessage-deflate (--compression): once per frame, \
+                 however many recipients share the compressed bytes.",
+            ),
             slow_consumers_closed: counter(
                 "roomcast_slow_consumers_closed_total",
                 "Connections closed with 1013 because their outbound queue was full.",
@@ -311,6 +317,8 @@ impl Metrics {
             counter.load(std::sync::atomic::Ordering::Relaxed)
         };
         self.frames_out.absolute(outbox.frames_written.get());
+        self.frames_compressed
+            .absolute(load(&outbox.frames_compressed));
         self.slow_consumers_closed
             .absolute(load(&outbox.closed_slow));
         self.frames_dropped.absolute(load(&outbox.dropped));

@@ -38,7 +38,49 @@ use crate::counter::ShardedCounter;
 /// queue's storage is allocated per connection in blocks of 32 slots, and an 8-byte slot
 /// instead of a 32-byte one halves what every connection's queue costs (1.8 -> 0.9 KiB
 /// measured). A fan-out wraps its frame once and clones the `Arc` per recipient.
-pub type SharedFrame = Arc<Bytes>;
+pub type SharedFrame = Arc<OutFrame>;
+
+/// One frame as every recipient shares it, and its compressed form (permessage-deflate), made
+/// by the first recipient that compresses and then shared by all the others that do: a
+/// fan-out's frame is compressed at most once.
+pub struct OutFrame {
+    frame: Bytes,
+    compressed: OnceLock<Bytes>,
+}
+
+impl OutFrame {
+    /// The frame, shared.
+    pub fn shared(frame: Bytes) -> SharedFrame {
+        Arc::new(OutFrame {
+            frame,
+            compressed: OnceLock::new(),
+        })
+    }
+
+    /// The bytes to send to a recipient that compresses frames of at least `min_size` payload
+    /// bytes: the compressed frame when that is smaller, else the frame.
+    fn for_compressing(&self, min_size: usize, stats: &OutboxStats) -> Bytes {
+        self.compressed
+            .get_or_init(
+                || match crate::ws::deflate::compressed_frame(&self.frame, min_size) {
+                    Some(compressed) => {
+                        stats.frames_compressed.fetch_add(1, Ordering::Relaxed);
+                        compressed
+                    }
+                    None => self.frame.clone(),
+                },
+            )
+            .clone()
+    }
+}
+
+impl std::ops::Deref for OutFrame {
+    type Target = Bytes;
+
+    fn deref(&self) -> &Bytes {
+        &self.frame
+    }
+}
 
 /// How much may wait in one connection's queue before it counts as a slow consumer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +126,9 @@ pub struct OutboxStats {
     pub closed_slow: AtomicU64,
     /// Frames written to sockets completely; added once per write syscall.
     pub frames_written: ShardedCounter,
+    /// Frames compressed (permessage-deflate): once per frame, however many recipients
+    /// share the compressed bytes.
+    pub frames_compressed: AtomicU64,
 }
 
 /// Frames handed to one `writev` call: enough to amortise the syscall, few enough for a stack
@@ -186,6 +231,9 @@ pub struct OutboxReceiver {
     /// own buffer and reports them written before they reach the socket; only `poll_flush`
     /// pushes them on, so it must run before the connection goes idle.
     needs_flush: bool,
+    /// permessage-deflate: the smallest payload sent compressed (`u32::MAX`: none, the
+    /// connection did not negotiate it).
+    compress_from: u32,
 }
 
 impl Drop for OutboxReceiver {
@@ -246,6 +294,7 @@ pub fn outbox(
             unsent: VecDeque::new(),
             front_partial: false,
             needs_flush: false,
+            compress_from: u32::MAX,
         },
     )
 }
@@ -265,7 +314,7 @@ impl Outbox {
     /// Queues a frame for this connection alone (a reply, a pong, a private message).
     #[inline]
     pub fn push(&self, frame: Bytes) -> Pushed {
-        self.push_shared(Arc::new(frame))
+        self.push_shared(OutFrame::shared(frame))
     }
 
     /// Queues a frame shared with other recipients without ever waiting. This is the
@@ -400,6 +449,13 @@ impl Outbox {
 }
 
 impl OutboxReceiver {
+    /// The connection negotiated permessage-deflate: queued frames of at least `min_size`
+    /// payload bytes go out compressed (the handshake response, the welcome and pings, written
+    /// outside the queue, do not).
+    pub fn compress_from(&mut self, min_size: usize) {
+        self.compress_from = u32::try_from(min_size).unwrap_or(u32::MAX - 1);
+    }
+
     /// Takes the next queued frame without waiting (for tests and benches).
     pub fn try_next(&mut self) -> Option<Bytes> {
         self.take_queue_once_created();
@@ -540,9 +596,15 @@ impl OutboxReceiver {
         while batch.len() < self.batch_limit && batch_bytes < MAX_BATCH_BYTES {
             match rx.poll_recv(cx) {
                 Poll::Ready(Some(frame)) => {
+                    // Counted as queued: the frame's own length.
                     batch_bytes += frame.len();
-                    // A reference-count increment: the batch holds the frame itself.
-                    batch.push_back(Bytes::clone(&frame));
+                    if self.compress_from == u32::MAX {
+                        // A reference-count increment: the batch holds the frame itself.
+                        batch.push_back(Bytes::clone(&frame));
+                    } else {
+                        let min_size = self.compress_from as usize;
+                        batch.push_back(frame.for_compressing(min_size, &self.shared.stats));
+                    }
                 }
                 // Closed: only `begin_close` closes it, and nothing flushes after that (the
                 // sending end lives as long as this receiver, in `Shared`).

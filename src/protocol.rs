@@ -465,7 +465,7 @@ pub enum OpCode {
 
 /// Room left at the front of every frame buffer for the largest header an unmasked server frame
 /// needs (2 + 8 bytes); the unused part is skipped when the frame is finished.
-const MAX_HEADER: usize = 10;
+pub const MAX_HEADER: usize = 10;
 
 /// Builds one complete server frame: payload first, then the header in front of it, in one
 /// allocation, so the finished frame is a single [`Bytes`] any number of recipients can share.
@@ -506,26 +506,34 @@ impl FrameBuilder {
     /// Writes the header in front of the payload and returns the finished frame.
     pub fn finish(mut self, opcode: OpCode) -> Bytes {
         let len = self.buf.len() - MAX_HEADER;
-        let mut header = [0u8; MAX_HEADER];
-        header[0] = 0x80 | opcode as u8; // FIN + opcode; server frames are never masked
-        let header_len = if len < 126 {
-            header[1] = len as u8;
-            2
-        } else if len <= u16::MAX as usize {
-            header[1] = 126;
-            header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            4
-        } else {
-            header[1] = 127;
-            header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-            10
-        };
+        // FIN + opcode; server frames are never masked.
+        let (header, header_len) = frame_header(0x80 | opcode as u8, len);
         let start = MAX_HEADER - header_len;
         self.buf[start..MAX_HEADER].copy_from_slice(&header[..header_len]);
         let mut frame = self.buf.freeze();
         bytes::Buf::advance(&mut frame, start);
         frame
     }
+}
+
+/// A server frame's header (unmasked): its first byte (FIN, RSV bits, opcode) and the payload
+/// length in the shortest form; the header and how many of its bytes are used.
+pub fn frame_header(first: u8, len: usize) -> ([u8; MAX_HEADER], usize) {
+    let mut header = [0u8; MAX_HEADER];
+    header[0] = first;
+    let header_len = if len < 126 {
+        header[1] = len as u8;
+        2
+    } else if len <= u16::MAX as usize {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (header, header_len)
 }
 
 fn body_len_hint(body: &Body<'_>) -> usize {

@@ -38,6 +38,7 @@ use crate::proxy_protocol;
 use crate::tls;
 use crate::ws;
 use crate::ws::protocol::Route;
+use crate::ws::session::Handshake;
 use crate::ws::transport::Transport;
 
 /// Refusals at accept that may be written at once, each by a small task for up to a second;
@@ -576,7 +577,8 @@ async fn upgrade_direct<S>(
             return;
         }
     }
-    let response = handshake::switching_protocols(key);
+    let extensions = handshake::extensions(&head.headers, ctx.node.config.compression);
+    let response = handshake::switching_protocols(key, extensions);
     let prebuffered = Bytes::copy_from_slice(head.rest());
     drop(head);
     permit.upgraded();
@@ -586,7 +588,10 @@ async fn upgrade_direct<S>(
     route.spawn(
         &ctx.tasks,
         io,
-        Some(response),
+        Handshake {
+            response: Some(response),
+            deflate: extensions.is_some(),
+        },
         prebuffered,
         ctx.node.clone(),
         peer,
@@ -725,7 +730,8 @@ where
             return response;
         }
     }
-    let (response, upgrading) = match fastwebsockets::upgrade::upgrade(request) {
+    let extensions = handshake::extensions(request.headers(), ctx.node.config.compression);
+    let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(request) {
         Ok(pair) => pair,
         Err(error) => {
             ctx.node.metrics.handshake_failures.increment(1);
@@ -738,6 +744,12 @@ where
     let Some(mut permit) = slot.lock().ok().and_then(|mut slot| slot.take()) else {
         return closing(StatusCode::BAD_REQUEST, "connection already upgraded\n");
     };
+    if let Some(extensions) = extensions {
+        response.headers_mut().insert(
+            hyper::header::SEC_WEBSOCKET_EXTENSIONS,
+            hyper::header::HeaderValue::from_static(extensions),
+        );
+    }
     ctx.node.metrics.connections_accepted.increment(1);
     permit.upgraded();
     // This task only waits for hyper to hand the connection over, then spawns the
@@ -764,7 +776,10 @@ where
                 route.spawn(
                     &ctx.tasks,
                     io,
-                    None,
+                    Handshake {
+                        response: None,
+                        deflate: extensions.is_some(),
+                    },
                     Bytes::from(prebuffered),
                     ctx.node.clone(),
                     peer,

@@ -30,7 +30,7 @@ use crate::history::{HistoryConfig, HistoryPolicy, Recovery, RoomHistory};
 use tokio::sync::oneshot;
 
 use crate::broker::{Publication, Target};
-use crate::outbox::Outbox;
+use crate::outbox::{OutFrame, Outbox};
 use crate::protocol;
 use crate::protocol::Body;
 
@@ -192,7 +192,7 @@ impl Members {
     /// Pushes `frame` to every member but `except`: the fan-out inner loop. Returns how many
     /// members it was handed to.
     fn deliver(&self, frame: &Bytes, except: Option<ConnId>) -> usize {
-        let shared = Arc::new(frame.clone());
+        let shared = OutFrame::shared(frame.clone());
         let mut delivered = 0;
         for member in &self.list {
             if Some(member.conn) != except {
@@ -214,7 +214,10 @@ impl Members {
         if self.opted_count == 0 {
             return self.deliver(frame, except);
         }
-        let (plain, offset) = (Arc::new(frame.clone()), Arc::new(with_offset.clone()));
+        let (plain, offset) = (
+            OutFrame::shared(frame.clone()),
+            OutFrame::shared(with_offset.clone()),
+        );
         let mut delivered = 0;
         for (member, opted) in self.list.iter().zip(&self.opted) {
             if Some(member.conn) != except {
@@ -695,7 +698,7 @@ impl Router for LocalHub {
             }
             Target::Everyone => {
                 let frame = protocol::broadcast(from, message, *timestamp);
-                let shared = Arc::new(frame);
+                let shared = OutFrame::shared(frame);
                 let mut delivered = 0;
                 for client in self.clients.iter() {
                     if Some(client.conn) != *except {
@@ -713,7 +716,7 @@ impl Router for LocalHub {
                     return Ok(1);
                 }
                 let connections = self.users.get(to).ok_or(RecipientNotFound)?;
-                let shared = Arc::new(protocol::private_message(from, message, *timestamp));
+                let shared = OutFrame::shared(protocol::private_message(from, message, *timestamp));
                 for connection in connections.iter() {
                     connection.outbox.push_shared(shared.clone());
                 }
@@ -817,7 +820,7 @@ impl Router for LocalHub {
         let Some(members) = self.groups.get(group) else {
             return 0;
         };
-        let shared = Arc::new(frame.clone());
+        let shared = OutFrame::shared(frame.clone());
         let mut delivered = 0;
         for (conn, outbox) in members.iter() {
             if Some(*conn) != except {

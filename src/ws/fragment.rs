@@ -2,10 +2,12 @@
 //!
 //! The limit applies to the whole message, not to each frame: otherwise a client could grow one
 //! message without bound with endless continuation frames (fastwebsockets' `FragmentCollector`
-//! only bounds frames). UTF-8 is checked once, on the complete text.
+//! only bounds frames). UTF-8 is checked once, on the complete text. A compressed message
+//! (permessage-deflate) is inflated once complete, under the same limit on what it inflates to.
 
 use bytes::BytesMut;
 
+use super::deflate::{self, InflateError};
 use super::frame::OpCode;
 
 /// A fragment sequence that breaks RFC 6455 or the size limit.
@@ -21,6 +23,18 @@ pub enum FragmentError {
     /// A text message is not valid UTF-8.
     #[error("invalid UTF-8 in a text message")]
     InvalidUtf8,
+    /// A compressed message is not valid DEFLATE data.
+    #[error("a compressed message does not inflate")]
+    Corrupt,
+}
+
+impl From<InflateError> for FragmentError {
+    fn from(error: InflateError) -> Self {
+        match error {
+            InflateError::TooBig => FragmentError::TooBig,
+            InflateError::Corrupt => FragmentError::Corrupt,
+        }
+    }
 }
 
 /// A complete message: the frame's own payload when it came whole (no copy), or the
@@ -48,7 +62,8 @@ impl Complete<'_> {
 /// The message being reassembled, if any. Holds no buffer between messages.
 pub struct Assembler {
     max_message_size: usize,
-    partial: Option<(OpCode, BytesMut)>,
+    /// Its opcode, whether it is compressed (its first frame's RSV1), what came so far.
+    partial: Option<(OpCode, bool, BytesMut)>,
 }
 
 impl Assembler {
@@ -61,10 +76,13 @@ impl Assembler {
 
     /// Takes one data frame (text, binary or continuation) and returns the message it
     /// completes. The frame size was checked against the limit by the frame parser.
+    /// `compressed`: the frame's RSV1, which only a message's first frame may set (checked by
+    /// the frame parser), on a connection that negotiated permessage-deflate.
     pub fn push<'a>(
         &mut self,
         fin: bool,
         opcode: OpCode,
+        compressed: bool,
         payload: &'a mut [u8],
     ) -> Result<Option<Complete<'a>>, FragmentError> {
         match opcode {
@@ -76,16 +94,19 @@ impl Assembler {
                     return Err(FragmentError::TooBig);
                 }
                 if fin {
+                    if compressed {
+                        return self.inflated(opcode, payload).map(Some);
+                    }
                     if opcode == OpCode::Text && std::str::from_utf8(payload).is_err() {
                         return Err(FragmentError::InvalidUtf8);
                     }
                     return Ok(Some(Complete::Whole(opcode, payload)));
                 }
-                self.partial = Some((opcode, BytesMut::from(&payload[..])));
+                self.partial = Some((opcode, compressed, BytesMut::from(&payload[..])));
                 Ok(None)
             }
             OpCode::Continuation => {
-                let Some((_, buffer)) = self.partial.as_mut() else {
+                let Some((_, _, buffer)) = self.partial.as_mut() else {
                     return Err(FragmentError::InvalidSequence);
                 };
                 if buffer.len() + payload.len() > self.max_message_size {
@@ -96,7 +117,10 @@ impl Assembler {
                 if !fin {
                     return Ok(None);
                 }
-                let (opcode, buffer) = self.partial.take().expect("checked above");
+                let (opcode, compressed, buffer) = self.partial.take().expect("checked above");
+                if compressed {
+                    return self.inflated(opcode, &buffer).map(Some);
+                }
                 if opcode == OpCode::Text && std::str::from_utf8(&buffer).is_err() {
                     return Err(FragmentError::InvalidUtf8);
                 }
@@ -105,6 +129,20 @@ impl Assembler {
             // Control frames never reach the assembler.
             OpCode::Close | OpCode::Ping | OpCode::Pong => Ok(None),
         }
+    }
+
+    /// A complete compressed message, inflated under the size limit, UTF-8 checked if text.
+    fn inflated(
+        &self,
+        opcode: OpCode,
+        compressed: &[u8],
+    ) -> Result<Complete<'static>, FragmentError> {
+        let mut inflated = Vec::new();
+        deflate::inflate(compressed, self.max_message_size, &mut inflated)?;
+        if opcode == OpCode::Text && std::str::from_utf8(&inflated).is_err() {
+            return Err(FragmentError::InvalidUtf8);
+        }
+        Ok(Complete::Reassembled(opcode, BytesMut::from(&inflated[..])))
     }
 }
 
@@ -119,7 +157,7 @@ mod tests {
         data: &[u8],
     ) -> Result<Option<Vec<u8>>, FragmentError> {
         let mut data = data.to_vec();
-        a.push(fin, opcode, &mut data)
+        a.push(fin, opcode, false, &mut data)
             .map(|complete| complete.map(|mut c| c.payload().to_vec()))
     }
 
@@ -185,5 +223,47 @@ mod tests {
         assert!(push(&mut a, true, OpCode::Binary, &[0xff])
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn a_compressed_message_is_inflated_whole_or_from_fragments_under_the_limit() {
+        let text = "caf\u{e9} ".repeat(50);
+        let compressed = deflate::deflate(text.as_bytes());
+        let mut a = Assembler::new(1000);
+        let mut whole = compressed.clone();
+        let mut done = a
+            .push(true, OpCode::Text, true, &mut whole)
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.payload(), text.as_bytes());
+        let (first, rest) = compressed.split_at(compressed.len() / 2);
+        let mut first = first.to_vec();
+        assert!(a
+            .push(false, OpCode::Text, true, &mut first)
+            .unwrap()
+            .is_none());
+        let mut rest = rest.to_vec();
+        let mut done = a
+            .push(true, OpCode::Continuation, false, &mut rest)
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.payload(), text.as_bytes());
+        // The limit is on the inflated size.
+        let mut small = Assembler::new(100);
+        let mut whole = compressed.clone();
+        assert!(matches!(
+            small.push(true, OpCode::Text, true, &mut whole),
+            Err(FragmentError::TooBig)
+        ));
+        let mut invalid = deflate::deflate(&[0xff, 0xfe]);
+        assert!(matches!(
+            a.push(true, OpCode::Text, true, &mut invalid),
+            Err(FragmentError::InvalidUtf8)
+        ));
+        let mut garbage = vec![0xff; 8];
+        assert!(matches!(
+            a.push(true, OpCode::Binary, true, &mut garbage),
+            Err(FragmentError::Corrupt)
+        ));
     }
 }

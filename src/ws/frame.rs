@@ -9,6 +9,8 @@
 //!
 //! Every check a server owes RFC 6455 is made here: reserved bits, known opcodes, client
 //! masking, control frames short and unfragmented, close codes and UTF-8 (via the assembler).
+//! On a connection that negotiated permessage-deflate, RSV1 marks a compressed message (on its
+//! first frame only, RFC 7692 6.1), which the assembler inflates.
 
 use bytes::{Buf, BytesMut};
 
@@ -65,13 +67,16 @@ pub enum FrameError {
     /// RFC 6455 5.2: the most significant bit of a 64-bit payload length must be 0.
     #[error("64-bit payload length with its top bit set")]
     BadLength,
+    /// A compressed message that does not inflate.
+    #[error("a compressed message does not inflate")]
+    Corrupt,
 }
 
 impl FrameError {
     /// The close code RFC 6455 section 7.4.1 gives this violation.
     pub fn close_code(self) -> u16 {
         match self {
-            FrameError::InvalidUtf8 => 1007,
+            FrameError::InvalidUtf8 | FrameError::Corrupt => 1007,
             FrameError::TooBig => 1009,
             _ => 1002,
         }
@@ -84,6 +89,7 @@ impl From<FragmentError> for FrameError {
             FragmentError::InvalidSequence => FrameError::BadFragments,
             FragmentError::TooBig => FrameError::TooBig,
             FragmentError::InvalidUtf8 => FrameError::InvalidUtf8,
+            FragmentError::Corrupt => FrameError::Corrupt,
         }
     }
 }
@@ -92,6 +98,8 @@ impl From<FragmentError> for FrameError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Header {
     fin: bool,
+    /// RSV1: a compressed message's first frame.
+    compressed: bool,
     opcode: OpCode,
     mask: [u8; 4],
     header_len: usize,
@@ -99,15 +107,25 @@ struct Header {
 }
 
 /// Parses the header at the start of `buf`; `Ok(None)` means more bytes are needed.
-fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, FrameError> {
+/// `deflate`: the connection negotiated permessage-deflate, so RSV1 may mark a message's
+/// first frame.
+fn parse_header(
+    buf: &[u8],
+    max_payload: usize,
+    deflate: bool,
+) -> Result<Option<Header>, FrameError> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let (first, second) = (buf[0], buf[1]);
-    if first & 0x70 != 0 {
+    if first & 0x30 != 0 {
         return Err(FrameError::ReservedBits);
     }
     let opcode = OpCode::from_bits(first & 0x0f).ok_or(FrameError::UnknownOpcode(first & 0x0f))?;
+    let compressed = first & 0x40 != 0;
+    if compressed && !(deflate && matches!(opcode, OpCode::Text | OpCode::Binary)) {
+        return Err(FrameError::ReservedBits);
+    }
     let fin = first & 0x80 != 0;
     if second & 0x80 == 0 {
         return Err(FrameError::Unmasked);
@@ -142,6 +160,7 @@ fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, FrameE
     let mask = buf[mask_at..mask_at + 4].try_into().expect("4 bytes");
     Ok(Some(Header {
         fin,
+        compressed,
         opcode,
         mask,
         header_len,
@@ -171,6 +190,8 @@ pub struct FrameReader {
     partial: BytesMut,
     assembler: Assembler,
     max_frame_size: usize,
+    /// permessage-deflate was negotiated.
+    deflate: bool,
 }
 
 impl FrameReader {
@@ -180,6 +201,15 @@ impl FrameReader {
             partial: BytesMut::new(),
             assembler: Assembler::new(max_message_size),
             max_frame_size,
+            deflate: false,
+        }
+    }
+
+    /// The same, for a connection that negotiated permessage-deflate.
+    pub fn with_deflate(max_frame_size: usize, max_message_size: usize) -> Self {
+        Self {
+            deflate: true,
+            ..Self::new(max_frame_size, max_message_size)
         }
     }
 
@@ -194,16 +224,18 @@ impl FrameReader {
             partial,
             assembler,
             max_frame_size,
+            deflate,
         } = self;
+        let limits = (*max_frame_size, *deflate);
         if partial.is_empty() {
-            let (consumed, close) = process(input, assembler, *max_frame_size, on_event)?;
+            let (consumed, close) = process(input, assembler, limits, on_event)?;
             if close.is_none() && consumed < input.len() {
                 partial.extend_from_slice(&input[consumed..]);
             }
             return Ok(close);
         }
         partial.extend_from_slice(input);
-        let (consumed, close) = process(partial, assembler, *max_frame_size, on_event)?;
+        let (consumed, close) = process(partial, assembler, limits, on_event)?;
         partial.advance(consumed);
         if partial.is_empty() {
             // Give the memory back: an idle connection holds no buffer.
@@ -219,14 +251,15 @@ impl FrameReader {
 }
 
 /// Dispatches every complete frame at the front of `buf`; returns how many bytes they took.
+/// `limits`: the largest frame, and whether permessage-deflate was negotiated.
 fn process(
     buf: &mut [u8],
     assembler: &mut Assembler,
-    max_frame_size: usize,
+    (max_frame_size, deflate): (usize, bool),
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<(usize, Option<PeerClose>), FrameError> {
     let mut offset = 0;
-    while let Some(header) = parse_header(&buf[offset..], max_frame_size)? {
+    while let Some(header) = parse_header(&buf[offset..], max_frame_size, deflate)? {
         let end = offset + header.header_len + header.payload_len;
         if buf.len() < end {
             break;
@@ -239,7 +272,8 @@ fn process(
             OpCode::Pong => {}
             OpCode::Close => return Ok((offset, Some(parse_close(payload)?))),
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                if let Some(mut message) = assembler.push(header.fin, header.opcode, payload)? {
+                let (fin, opcode, compressed) = (header.fin, header.opcode, header.compressed);
+                if let Some(mut message) = assembler.push(fin, opcode, compressed, payload)? {
                     let binary = message.opcode() == OpCode::Binary;
                     on_event(Event::Message {
                         binary,

@@ -1,9 +1,10 @@
 //! WebSocket connections: the per-connection task ([`session`]), the frame reader
-//! ([`frame`], [`fragment`]), what a connection needs of its socket ([`transport`]), and the
+//! ([`frame`], [`fragment`], and [`deflate`] for compressed messages), what a connection needs of its socket ([`transport`]), and the
 //! protocols a connection speaks ([`protocol`], the seam, and its table of paths): the seed
 //! protocol ([`commands`]), the echo ([`echo`]) and the relay ([`relay`]).
 
 pub mod commands;
+pub mod deflate;
 pub mod echo;
 pub mod fragment;
 pub mod frame;

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use super::commands::Session;
 use super::echo::Echo;
 use super::relay::Relay;
-use super::session;
+use super::session::{self, Handshake};
 use super::transport::Transport;
 use crate::admission::{Identity, Permit};
 use crate::hub::ConnId;
@@ -143,7 +143,7 @@ impl Route {
         self,
         tasks: &TaskTracker,
         io: S,
-        response: Option<Bytes>,
+        handshake: Handshake,
         prebuffered: Bytes,
         node: Arc<Node>,
         peer: SocketAddr,
@@ -163,7 +163,7 @@ impl Route {
             self,
             Start {
                 io,
-                response,
+                handshake,
                 prebuffered,
                 node,
                 peer,
@@ -177,7 +177,7 @@ impl Route {
 /// What [`session::start`] takes.
 struct Start<S> {
     io: S,
-    response: Option<Bytes>,
+    handshake: Handshake,
     prebuffered: Bytes,
     node: Arc<Node>,
     peer: SocketAddr,
@@ -192,7 +192,7 @@ where
 {
     tasks.spawn(session::start::<S, P>(
         start.io,
-        start.response,
+        start.handshake,
         start.prebuffered,
         start.node,
         start.peer,

@@ -79,7 +79,7 @@ fn new_client_id() -> Arc<str> {
 #[allow(clippy::too_many_arguments)]
 pub fn start<S, P>(
     io: S,
-    response: Option<Bytes>,
+    handshake: Handshake,
     prebuffered: Bytes,
     ctx: Arc<Node>,
     peer: SocketAddr,
@@ -101,7 +101,7 @@ where
     let opened = Instant::now();
     let mut connection = Connection::open(
         io,
-        response,
+        handshake,
         ctx,
         conn,
         client_id.clone(),
@@ -123,6 +123,15 @@ where
         opened,
         span,
     }
+}
+
+/// What the opening handshake settled for a connection.
+pub struct Handshake {
+    /// The 101 response, when the connection's task writes it (with its first frames); `None`
+    /// when hyper wrote it.
+    pub response: Option<Bytes>,
+    /// permessage-deflate was negotiated (see [`super::deflate`]).
+    pub deflate: bool,
 }
 
 /// The task of one connection: the connection itself, and what its closing log line needs.
@@ -239,7 +248,7 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin, P: Protocol> Connection<S, P
     #[allow(clippy::too_many_arguments)]
     fn open(
         io: S,
-        response: Option<Bytes>,
+        handshake: Handshake,
         ctx: Arc<Node>,
         conn: u64,
         client_id: Arc<str>,
@@ -254,8 +263,13 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin, P: Protocol> Connection<S, P
         };
         let (own_outbox, mut outbox) =
             outbox::outbox(limits, config.slow_consumer, ctx.outbox_stats.clone());
-        let reader = FrameReader::new(config.max_frame_size, config.max_message_size);
-        if let Some(response) = response {
+        let reader = if handshake.deflate {
+            outbox.compress_from(config.compression_min_size);
+            FrameReader::with_deflate(config.max_frame_size, config.max_message_size)
+        } else {
+            FrameReader::new(config.max_frame_size, config.max_message_size)
+        };
+        if let Some(response) = handshake.response {
             outbox.push_handshake_response(response);
         }
         let handler = P::open(Opening {

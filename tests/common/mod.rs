@@ -503,6 +503,8 @@ pub struct RawClient {
 #[derive(Debug)]
 pub struct RawFrame {
     pub fin: bool,
+    /// RSV1: a compressed message (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -522,10 +524,16 @@ impl RawFrame {
 impl RawClient {
     /// Does the HTTP upgrade by hand and reads the welcome frame.
     pub async fn connect(server: &TestServer) -> RawClient {
+        Self::connect_with_headers(server, "").await.0
+    }
+
+    /// The same, with `headers` (each line ending in CRLF) added to the request; the client
+    /// and the 101 response's head.
+    pub async fn connect_with_headers(server: &TestServer, headers: &str) -> (RawClient, String) {
         let mut stream = TcpStream::connect(server.addr).await.expect("connect");
         let request = format!(
             "GET / HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n",
             server.addr
         );
         stream.write_all(request.as_bytes()).await.unwrap();
@@ -548,7 +556,7 @@ impl RawClient {
         let mut client = RawClient { stream, buffer };
         let welcome = client.read_frame().await.expect("welcome");
         assert_eq!(welcome.json()["type"], "welcome");
-        client
+        (client, head)
     }
 
     /// Sends one masked frame with the given first byte (FIN, RSV and opcode bits).
@@ -628,6 +636,7 @@ fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
     Some((
         RawFrame {
             fin: buf[0] & 0x80 != 0,
+            rsv1: buf[0] & 0x40 != 0,
             opcode: buf[0] & 0x0f,
             payload: buf[start..start + len].to_vec(),
         },
