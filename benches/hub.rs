@@ -221,6 +221,81 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 }
 
+/// A JSON message such as an app broadcasts (an order update, ~1 KB), to compare a fan-out
+/// to compressing recipients (permessage-deflate, `--compression`) with a plain one.
+fn realistic_message() -> String {
+    let items: Vec<_> = (0..8)
+        .map(|i| {
+            serde_json::json!({
+                "sku": format!("SKU-{:05}", 10_000 + i * 37),
+                "name": format!("Organic oat milk, 1 l, pack of {}", i + 1),
+                "quantity": i % 3 + 1,
+                "unit_price": {"amount": 249 + i * 10, "currency": "EUR"},
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "event": "App\\Events\\OrderShipped",
+        "order": {"id": 981_223, "status": "shipped", "customer": {"id": 4411, "name": "Ana Souza"},
+                  "carrier": "DHL", "tracking": "JJD0099912345678", "items": items},
+        "sent_at": "2026-12-03T17:45:00Z",
+    })
+    .to_string()
+}
+
+/// A fan-out of [`realistic_message`] to 1,000 members, each taking its frame as its socket
+/// would: plain, or compressed (the first recipient deflates, the rest share the bytes).
+fn fanout_compressed(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout_realistic_json");
+    let text = serde_json::value::RawValue::from_string(realistic_message()).unwrap();
+    for compressing in [false, true] {
+        let (hub, sender, _members, mut receivers) = room_of(1_000);
+        if compressing {
+            for rx in &mut receivers {
+                rx.compress_from(256);
+            }
+        }
+        let publication = Publication {
+            target: Target::Room(ROOM),
+            from: &sender.client_id,
+            message: Body::Raw(&text),
+            timestamp: NOW,
+            except: Some(sender.conn),
+        };
+        hub.deliver(&publication).unwrap();
+        let sizes: Vec<usize> = receivers
+            .iter_mut()
+            .filter_map(|rx| rx.try_next())
+            .map(|frame| frame.len())
+            .collect();
+        assert_eq!(sizes.len(), 1_000);
+        eprintln!(
+            "fanout_realistic_json: {} bytes per frame {}",
+            sizes[0],
+            if compressing { "compressed" } else { "plain" }
+        );
+        group.throughput(Throughput::Elements(1_000));
+        let name = if compressing {
+            "1000/deflate"
+        } else {
+            "1000/plain"
+        };
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    hub.deliver(&publication).unwrap();
+                    for rx in &mut receivers {
+                        black_box(rx.try_next());
+                    }
+                }
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
 /// One thread's share of the churn: its resident (a member that stays in the room) and its
 /// churner (the member that joins and leaves), each with its receiver.
 struct Worker {
@@ -430,6 +505,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = fanout, join_leave, join_storm, history
+    targets = fanout, fanout_compressed, join_leave, join_storm, history
 }
 criterion_main!(benches);

@@ -57,6 +57,18 @@ impl OutFrame {
         })
     }
 
+    /// The bytes a connection sends for this frame: the frame itself (a reference-count
+    /// increment), or, when it compresses frames from `compress_from` payload bytes (not
+    /// `u32::MAX`), see [`OutFrame::for_compressing`].
+    #[inline]
+    fn as_sent(&self, compress_from: u32, stats: &OutboxStats) -> Bytes {
+        if compress_from == u32::MAX {
+            self.frame.clone()
+        } else {
+            self.for_compressing(compress_from as usize, stats)
+        }
+    }
+
     /// The bytes to send to a recipient that compresses frames of at least `min_size` payload
     /// bytes: the compressed frame when that is smaller, else the frame.
     fn for_compressing(&self, min_size: usize, stats: &OutboxStats) -> Bytes {
@@ -456,12 +468,13 @@ impl OutboxReceiver {
         self.compress_from = u32::try_from(min_size).unwrap_or(u32::MAX - 1);
     }
 
-    /// Takes the next queued frame without waiting (for tests and benches).
+    /// Takes the next queued frame without waiting (for tests and benches), as the socket
+    /// would get it (compressed, when the connection compresses and the frame qualifies).
     pub fn try_next(&mut self) -> Option<Bytes> {
         self.take_queue_once_created();
         let frame = self.rx.as_mut()?.try_recv().ok()?;
         self.taken_bytes(frame.len());
-        Some(Bytes::clone(&frame))
+        Some(frame.as_sent(self.compress_from, &self.shared.stats))
     }
 
     /// Queues a frame of the connection's own task ahead of everything still in the queue,
@@ -598,13 +611,7 @@ impl OutboxReceiver {
                 Poll::Ready(Some(frame)) => {
                     // Counted as queued: the frame's own length.
                     batch_bytes += frame.len();
-                    if self.compress_from == u32::MAX {
-                        // A reference-count increment: the batch holds the frame itself.
-                        batch.push_back(Bytes::clone(&frame));
-                    } else {
-                        let min_size = self.compress_from as usize;
-                        batch.push_back(frame.for_compressing(min_size, &self.shared.stats));
-                    }
+                    batch.push_back(frame.as_sent(self.compress_from, &self.shared.stats));
                 }
                 // Closed: only `begin_close` closes it, and nothing flushes after that (the
                 // sending end lives as long as this receiver, in `Shared`).

@@ -152,31 +152,29 @@ fn inflate_with(
 }
 
 /// Deflates one message's payload on its own (no context takeover), without the trailing
-/// [`TAIL`], as RFC 7692 7.2.1 sends it.
-pub fn deflate(payload: &[u8]) -> Vec<u8> {
+/// [`TAIL`], as RFC 7692 7.2.1 sends it. `None` in the case that should not happen, where the
+/// output did not fit the worst-case bound: the message then goes uncompressed.
+///
+/// Why one call into a buffer of the worst-case size rather than growing it: with
+/// flate2's miniz_oxide backend, compressing into an output that fills up and is then grown
+/// lost data on some inputs (an Autobahn 12.5 PDF slice; the test below keeps it).
+pub fn deflate(payload: &[u8]) -> Option<Vec<u8>> {
     DEFLATER.with(|deflater| {
         let mut deflater = deflater.borrow_mut();
         deflater.reset();
-        let mut out = Vec::with_capacity(payload.len() / 2 + 64);
-        let mut input = payload;
-        loop {
-            if out.len() == out.capacity() {
-                out.reserve(out.capacity().max(64));
-            }
-            let before = deflater.total_in();
-            deflater
-                .compress_vec(input, &mut out, FlushCompress::Sync)
-                .expect("deflating into a growing buffer cannot fail");
-            input = &input[(deflater.total_in() - before) as usize..];
-            // Done once all input is taken and the sync flush fit (room left over).
-            if input.is_empty() && out.len() < out.capacity() {
-                break;
-            }
+        // Above zlib's deflateBound (len + len/4096 + len/16384 + ... + 13) for raw DEFLATE,
+        // with the sync flush's 5 bytes.
+        let mut out = Vec::with_capacity(payload.len() + payload.len() / 64 + 128);
+        let status = deflater.compress_vec(payload, &mut out, FlushCompress::Sync);
+        let complete = status.is_ok()
+            && deflater.total_in() as usize == payload.len()
+            && out.len() < out.capacity()
+            && out.ends_with(&TAIL);
+        if !complete {
+            return None;
         }
-        if out.ends_with(&TAIL) {
-            out.truncate(out.len() - TAIL.len());
-        }
-        out
+        out.truncate(out.len() - TAIL.len());
+        Some(out)
     })
 }
 
@@ -205,7 +203,7 @@ pub fn compressed_frame(frame: &[u8], min_size: usize) -> Option<Bytes> {
     if declared != payload.len() || payload.len() < min_size {
         return None;
     }
-    let compressed = deflate(payload);
+    let compressed = deflate(payload)?;
     let (header, header_len) = frame_header(first | 0x40, compressed.len());
     if header_len + compressed.len() >= frame.len() {
         return None;
@@ -256,7 +254,7 @@ mod tests {
     #[test]
     fn a_message_deflated_alone_inflates_back_and_rfc_7692s_example_too() {
         let text = br#"{"type":"room_message","room":"lobby","message":"hello hello hello"}"#;
-        let compressed = deflate(text);
+        let compressed = deflate(text).unwrap();
         assert!(compressed.len() < text.len());
         assert!(!compressed.ends_with(&TAIL));
         let mut out = Vec::new();
@@ -272,25 +270,25 @@ mod tests {
         inflate(&stored, 100, &mut out).unwrap();
         assert_eq!(out, b"Hello");
         // An empty message.
-        inflate(&deflate(b""), 100, &mut out).unwrap();
+        inflate(&deflate(b"").unwrap(), 100, &mut out).unwrap();
         assert!(out.is_empty());
     }
 
     #[test]
     fn the_limit_applies_to_the_inflated_size_and_garbage_is_corrupt() {
-        let bomb = deflate(&vec![b'a'; 10_000_000]);
+        let bomb = deflate(&vec![b'a'; 10_000_000]).unwrap();
         assert!(bomb.len() < 100_000, "{}", bomb.len());
         let mut out = Vec::new();
         assert_eq!(inflate(&bomb, 65_536, &mut out), Err(InflateError::TooBig));
         assert!(out.capacity() <= 65_537 + 1024, "{}", out.capacity());
-        inflate(&deflate(&[7u8; 65_536]), 65_536, &mut out).unwrap();
+        inflate(&deflate(&[7u8; 65_536]).unwrap(), 65_536, &mut out).unwrap();
         assert_eq!(out.len(), 65_536);
         assert_eq!(
             inflate(&[0xff, 0xff, 0xff, 0xff], 100, &mut out),
             Err(InflateError::Corrupt)
         );
         // The thread's inflater is fine after a failure.
-        inflate(&deflate(b"again"), 100, &mut out).unwrap();
+        inflate(&deflate(b"again").unwrap(), 100, &mut out).unwrap();
         assert_eq!(out, b"again");
     }
 
@@ -311,5 +309,68 @@ mod tests {
         assert!(compressed_frame(&plain, text.len() + 1).is_none());
         assert!(compressed_frame(&[0x89, 0x00], 0).is_none());
         assert!(compressed_frame(&plain[..plain.len() - 1], 0).is_none());
+    }
+}
+
+#[cfg(test)]
+mod roundtrip {
+    use super::*;
+
+    /// Bytes of mixed compressibility: random runs between repeated text, as in a PDF.
+    fn mixed(len: usize) -> Vec<u8> {
+        let mut state = 0x1234_5678u32;
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let run = (state % 3000) as usize;
+            if state % 2 == 0 {
+                out.extend((0..run).map(|i| (state.wrapping_mul(i as u32 + 1) >> 7) as u8));
+            } else {
+                out.extend(
+                    b"stream endobj obj 0 R /Type /Page "
+                        .iter()
+                        .cycle()
+                        .take(run),
+                );
+            }
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn slices_of_mixed_and_incompressible_data_inflate_back_whole_elsewhere_too() {
+        let data = mixed(1 << 20);
+        for len in [32_768usize, 65_536, 131_072] {
+            for start in (0..data.len() - len).step_by(7919) {
+                let payload = &data[start..start + len];
+                let compressed = deflate(payload).unwrap();
+                // Ours, and flate2's own inflater, fresh, with the tail put back.
+                let mut out = Vec::new();
+                inflate(&compressed, usize::MAX - 1, &mut out).unwrap();
+                assert_eq!(out, payload, "ours, start {start} len {len}");
+                let mut input = compressed;
+                input.extend_from_slice(&TAIL);
+                let mut other = Decompress::new(false);
+                let mut out = Vec::with_capacity(len + 1);
+                other
+                    .decompress_vec(&input, &mut out, FlushDecompress::Sync)
+                    .unwrap();
+                assert_eq!(out, payload, "flate2's, start {start} len {len}");
+            }
+        }
+        // What a client's deflater sends (sync flush, tail removed) inflates here.
+        let payload = &data[..131_072];
+        let mut client = Compress::new(Compression::default(), false);
+        let mut compressed = Vec::with_capacity(payload.len() * 2);
+        client
+            .compress_vec(payload, &mut compressed, FlushCompress::Sync)
+            .unwrap();
+        compressed.truncate(compressed.len() - 4);
+        let mut out = Vec::new();
+        inflate(&compressed, usize::MAX - 1, &mut out).unwrap();
+        assert_eq!(out, payload);
     }
 }
