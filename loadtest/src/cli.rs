@@ -85,6 +85,13 @@ pub struct CommonArgs {
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
+    /// Offer permessage-deflate (RFC 7692) as browsers do
+    /// (`permessage-deflate; client_max_window_bits`), inflate every message the server sends
+    /// compressed, and fail each connection whose server declines (it is not measured plain).
+    /// Clients still send uncompressed, which RFC 7692 allows. [default: off]
+    #[arg(long, global = true, default_value_t = false)]
+    pub compression: bool,
+
     /// Print one JSON report object on stdout instead of the text summary (no progress bar).
     /// [default: off]
     #[arg(long, global = true, default_value_t = false)]
@@ -109,6 +116,24 @@ impl Protocol {
         match self {
             Protocol::Native => "native",
             Protocol::Pusher => "pusher",
+        }
+    }
+}
+
+/// What a fan-out message carries after its stamp (`--payload`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadKind {
+    /// `x` padding up to --size.
+    Stamp,
+    /// A ~1 KB JSON order-shipped event (see `message::realistic_body`).
+    Realistic,
+}
+
+impl PayloadKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PayloadKind::Stamp => "stamp",
+            PayloadKind::Realistic => "realistic",
         }
     }
 }
@@ -164,6 +189,14 @@ pub struct FanoutArgs {
     /// (~30 bytes).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+
+    /// What each message's `message` string carries after the stamp. `stamp`: `x` padding up
+    /// to --size. `realistic`: a deterministic JSON broadcast event of about 1 KB (an order
+    /// notification, as a Laravel app broadcasts it; its ids follow the sequence number), sent as
+    /// the string's text, so it is escaped JSON on the wire as Pusher's `data` is; --size is
+    /// not used.
+    #[arg(long, value_enum, default_value_t = PayloadKind::Stamp)]
+    pub payload: PayloadKind,
 
     /// With --rate 0: most messages a publisher may have in flight, counted as undelivered
     /// deliveries divided by its room's receivers.

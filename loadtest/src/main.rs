@@ -187,6 +187,7 @@ fn run(cli: Cli) -> Result<ExitCode, SetupError> {
             common.origin.clone(),
             common.connect_timeout,
             pusher_app,
+            common.compression,
         ));
         let started_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -211,6 +212,15 @@ fn run(cli: Cli) -> Result<ExitCode, SetupError> {
         };
         env.progress.finish();
         warnings.extend(outcome.warnings);
+        if common.compression {
+            let declined = env.connector.wire().declined();
+            if declined > 0 {
+                warnings.push(format!(
+                    "WARNING: --compression: {declined} connections failed because the server \
+                     declined permessage-deflate; nothing was measured over them"
+                ));
+            }
+        }
         let (generator, server) =
             usage_reports(&outcome.usage, threads, &common.server_pid, &mut warnings);
         let established = match &outcome.results {

@@ -200,6 +200,46 @@ impl Stamp {
     }
 }
 
+/// `--payload realistic`: appends to `out` a deterministic JSON broadcast event of about 1 KB,
+/// shaped as a Laravel app broadcasts an `OrderShipped` event (the event name, its payload of
+/// an order with customer, items, shipping and timestamps, a notification text, `socket`).
+/// Its ids and order number follow `seq`, so consecutive messages differ as real ones do, and
+/// nothing is random: a run compresses the same way every time.
+pub fn realistic_body(out: &mut String, publisher: u32, seq: u64) {
+    let order = 480_000 + seq;
+    let customer = 10_000 + (seq * 7919) % 90_000;
+    let minute = seq % 60;
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
+        concat!(
+            r#"{{"event":"{event}","data":{{"order":{{"id":{order},"#,
+            r#""number":"ORD-2024-{order:06}","status":"shipped","customer":{{"id":{customer},"#,
+            r#""name":"Amelia Hartmann","email":"amelia.hartmann@example.com","locale":"de_DE"}},"#,
+            r#""items":[{{"sku":"KB-104-BRN","name":"Mechanical keyboard, brown switches","#,
+            r#""quantity":1,"unit_price":"89.00"}},{{"sku":"MS-220","name":"Wireless mouse","#,
+            r#""quantity":2,"unit_price":"24.90"}},{{"sku":"CB-USB-C-2M","name":"USB-C cable 2 m","#,
+            r#""quantity":1,"unit_price":"9.90"}}],"subtotal":"148.70","shipping_cost":"4.90","#,
+            r#""total":"153.60","currency":"EUR","shipping":{{"carrier":"DHL","#,
+            r#""service":"Paket","tracking_number":"JD01460000{order:010}","#,
+            r#""estimated_delivery":"2024-05-14T16:00:00+02:00"}},"#,
+            r#""created_at":"2024-05-12T09:31:07.000000Z","#,
+            r#""updated_at":"2024-05-13T14:{minute:02}:55.000000Z"}},"#,
+            r#""notification":{{"id":"9b1c6f0e-3d2a-4c8e-9f51-{order:012}","type":"order.shipped","#,
+            r#""title":"Your order has shipped","#,
+            r#""body":"Good news! Order ORD-2024-{order:06} has left our warehouse and is on its way with DHL. You can follow it with the tracking number below.","#,
+            r#""action_url":"https://shop.example.com/account/orders/{order}","read_at":null}},"#,
+            r#""channel":"private-App.Models.User.{customer}","publisher":{publisher}}},"socket":null}}"#
+        ),
+        // `App\Events\OrderShipped`, JSON-escaped (an argument: concat! would unescape it).
+        event = r"App\\Events\\OrderShipped",
+        order = order,
+        customer = customer,
+        minute = minute,
+        publisher = publisher,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +295,49 @@ mod tests {
             panic!("not a room message")
         };
         assert!(matches!(m, Cow::Borrowed(_)), "no copy for plain strings");
+        assert_eq!(Stamp::decode(&m), Some(stamp));
+    }
+
+    #[test]
+    fn the_realistic_body_is_stamped_json_of_about_a_kilobyte() {
+        let stamp = Stamp {
+            publisher: 3,
+            seq: 42,
+            sent_ns: 123_456_789,
+        };
+        let mut text = String::new();
+        stamp.encode_into(&mut text, 0);
+        realistic_body(&mut text, 3, 42);
+        assert!((900..1300).contains(&text.len()), "{}", text.len());
+        assert_eq!(Stamp::decode(&text), Some(stamp));
+        let body = text.strip_prefix("lt:3:42:123456789:").unwrap();
+        let event: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(event["event"], "App\\Events\\OrderShipped");
+        assert_eq!(event["data"]["order"]["id"], 480_042);
+        // Deterministic, and the next message differs.
+        let mut again = String::new();
+        realistic_body(&mut again, 3, 42);
+        assert_eq!(again, body);
+        let mut next = String::new();
+        realistic_body(&mut next, 3, 43);
+        assert_ne!(next, body);
+        // Through the relay it is an escaped string; the stamp still reads back.
+        let frame = ClientMessage::RoomMessage {
+            room: "r",
+            message: &text,
+        }
+        .encode()
+        .unwrap();
+        let frame = String::from_utf8(frame).unwrap().replace(
+            r#""type":"room_message""#,
+            r#""type":"room_message","from":"c""#,
+        );
+        let ServerMessage::RoomMessage { message: Some(m) } =
+            ServerMessage::parse(frame.as_bytes()).unwrap()
+        else {
+            panic!("not a room message")
+        };
+        assert_eq!(m, text);
         assert_eq!(Stamp::decode(&m), Some(stamp));
     }
 

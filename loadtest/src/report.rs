@@ -102,7 +102,12 @@ pub struct FanoutResults {
     pub rooms: usize,
     /// Per publisher; 0 = saturated.
     pub rate_per_publisher: f64,
+    /// `stamp` or `realistic` (`--payload`).
+    pub payload: &'static str,
+    /// Bytes of each message's `message` string (the longest sent, once any was).
     pub message_size: usize,
+    /// `--compression`: offered, agreed, and used.
+    pub compression: CompressionReport,
     pub connect: ConnectSummary,
     /// Connections whose join_room was answered with room_joined.
     pub joined: u64,
@@ -121,6 +126,12 @@ pub struct FanoutResults {
     /// Deliveries owed: each message times the live receivers in its room when it was sent.
     pub expected: u64,
     pub received: u64,
+    /// Bytes our clients read from their sockets during the measured phase (publish and
+    /// grace): every frame's header and payload as sent, compressed or not (after TLS on
+    /// wss://). Publishers count too: they read only what other publishers send.
+    pub wire_bytes: u64,
+    /// wire_bytes / received.
+    pub wire_bytes_per_delivery: Option<f64>,
     pub lost: u64,
     pub loss_ratio: f64,
     /// Messages that arrived with a lower sequence number than one already seen.
@@ -134,6 +145,20 @@ pub struct FanoutResults {
     /// Receivers whose connection ended before the run did (see errors for why).
     pub receivers_disconnected: u64,
     pub server_cpu_us_per_delivery: Option<f64>,
+}
+
+/// permessage-deflate in a fan-out run.
+#[derive(Debug, Serialize)]
+pub struct CompressionReport {
+    /// `--compression`: the clients offered it (and fail a connection that is refused it).
+    pub offered: bool,
+    /// Every established connection negotiated it.
+    pub negotiated: bool,
+    pub connections_negotiated: u64,
+    /// The server's `Sec-WebSocket-Extensions` answer (the first one).
+    pub extension: Option<String>,
+    /// Messages that arrived compressed (RSV1) and were inflated, in the measured phase.
+    pub inflated_messages: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -418,6 +443,28 @@ impl FanoutResults {
             self.delivery_seconds
         );
         let _ = writeln!(out, "  latency      {}", self.latency.one_line());
+        let _ = writeln!(
+            out,
+            "  wire         {} bytes read by the clients = {} B per delivery ({} payload, {} B \
+             messages)",
+            count(self.wire_bytes),
+            self.wire_bytes_per_delivery
+                .map_or_else(|| "-".to_owned(), |b| format!("{b:.1}")),
+            self.payload,
+            self.message_size
+        );
+        let c = &self.compression;
+        if c.offered {
+            let _ = writeln!(
+                out,
+                "  compression  permessage-deflate on {} connections{}, {} messages inflated \
+                 ({})",
+                count(c.connections_negotiated),
+                if c.negotiated { "" } else { " (NOT all)" },
+                count(c.inflated_messages),
+                c.extension.as_deref().unwrap_or("declined")
+            );
+        }
         if self.receivers_disconnected > 0 {
             let _ = writeln!(
                 out,

@@ -41,6 +41,16 @@ pub enum ClientError {
     ServerError(String),
     #[error("cannot encode message: {0}")]
     Encode(#[source] serde_json::Error),
+    #[error(
+        "--compression: the server did not accept permessage-deflate (its 101 had no \
+         Sec-WebSocket-Extensions); start it with compression on (roomcast: --compression), or \
+         run without --compression"
+    )]
+    CompressionDeclined,
+    #[error("bad Sec-WebSocket-Extensions in the upgrade response: {0}")]
+    BadExtension(String),
+    #[error("permessage-deflate: {0}")]
+    Inflate(#[from] super::deflate::InflateError),
 }
 
 /// The status code of a close frame the server sent, if it had one.
@@ -151,7 +161,11 @@ impl ClientError {
                 other => other,
             },
             ClientError::Timeout(_) => Cause::Timeout,
-            ClientError::Status(_) | ClientError::BadUpgrade(_) => Cause::Handshake,
+            ClientError::Status(_)
+            | ClientError::BadUpgrade(_)
+            | ClientError::CompressionDeclined
+            | ClientError::BadExtension(_) => Cause::Handshake,
+            ClientError::Inflate(_) => Cause::Protocol,
             ClientError::Http(e) => hyper_cause(e),
             ClientError::Ws(e) => match e {
                 WebSocketError::IoError(io) => io_cause(io),

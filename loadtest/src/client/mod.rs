@@ -15,6 +15,7 @@
 //! publisher can use from another future while the reader waits. Pings are answered and close
 //! frames echoed by the reader, through the writer.
 
+pub mod deflate;
 pub mod error;
 pub mod source_ip;
 pub mod target;
@@ -35,11 +36,14 @@ use hyper::upgrade::Upgraded;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
 
+use deflate::{Agreed, Arrivals, Arrived, InflateError, Inflater, Rsv1Shim, WireStats};
 pub use error::{Cause, ClientError, CloseCode};
 use source_ip::SourceIps;
 pub use target::Target;
@@ -50,6 +54,10 @@ use crate::pusher::{self, Event};
 /// The byte stream under every WebSocket: hyper's upgraded connection, whatever the transport.
 type Io = TokioIo<Upgraded>;
 
+/// What fastwebsockets reads from: the socket's read half, through the shim that counts wire
+/// bytes and lets compressed frames past its reader ([`deflate`]'s doc says why).
+type ReadIo = Rsv1Shim<ReadHalf<Io>>;
+
 /// How connections are made: shared, read-only, by every task of a run.
 pub struct Connector {
     targets: Vec<Target>,
@@ -59,6 +67,9 @@ pub struct Connector {
     connect_timeout: Duration,
     /// `Some`: the clients speak Pusher, for this app.
     pusher: Option<Arc<pusher::App>>,
+    /// `--compression`: offer permessage-deflate, and require it.
+    compression: bool,
+    wire: Arc<WireStats>,
 }
 
 impl Connector {
@@ -69,6 +80,7 @@ impl Connector {
         origin: Option<String>,
         connect_timeout: Duration,
         pusher: Option<pusher::App>,
+        compression: bool,
     ) -> Self {
         Self {
             targets,
@@ -77,7 +89,19 @@ impl Connector {
             origin,
             connect_timeout,
             pusher: pusher.map(Arc::new),
+            compression,
+            wire: Arc::default(),
         }
+    }
+
+    /// Whether the clients offer (and require) permessage-deflate.
+    pub fn compression(&self) -> bool {
+        self.compression
+    }
+
+    /// The wire counters of every connection this connector opened.
+    pub fn wire(&self) -> &WireStats {
+        &self.wire
     }
 
     /// Connects client number `index` (targets are used round-robin by index) and waits for its
@@ -85,7 +109,7 @@ impl Connector {
     pub async fn connect(&self, index: usize) -> Result<Conn, ClientError> {
         let target = &self.targets[index % self.targets.len()];
         let started = Instant::now();
-        match tokio::time::timeout(self.connect_timeout, self.connect_inner(target)).await {
+        match tokio::time::timeout(self.connect_timeout, self.connect_inner(target, index)).await {
             Ok(Ok(mut conn)) => {
                 conn.connect_time = started.elapsed();
                 Ok(conn)
@@ -97,23 +121,34 @@ impl Connector {
         }
     }
 
-    async fn connect_inner(&self, target: &Target) -> Result<Conn, ClientError> {
+    async fn connect_inner(&self, target: &Target, index: usize) -> Result<Conn, ClientError> {
         let tcp = self.tcp_connect(target.addr).await?;
         let ws = match (&self.tls, target.tls) {
             (Some(tls), true) => {
                 let name = rustls::pki_types::ServerName::try_from(target.host.clone())
                     .map_err(|e| ClientError::Tls(std::io::Error::other(e)))?;
                 let stream = tls.connect(name, tcp).await.map_err(ClientError::Tls)?;
-                upgrade(stream, target, self.origin.as_deref()).await?
+                upgrade(stream, target, self.origin.as_deref(), self.compression).await?
             }
             (None, true) => {
                 return Err(ClientError::Tls(std::io::Error::other(
                     "no TLS configuration for a wss:// target",
                 )))
             }
-            (_, false) => upgrade(tcp, target, self.origin.as_deref()).await?,
+            (_, false) => upgrade(tcp, target, self.origin.as_deref(), self.compression).await?,
         };
-        let mut conn = Conn::new(ws, self.pusher.clone());
+        let (ws, agreed) = ws;
+        if self.compression {
+            // --compression measures compressed delivery: a server that declines must not
+            // be measured plain under that name.
+            let Some(agreed) = &agreed else {
+                self.wire.declined.fetch_add(1, Ordering::Relaxed);
+                return Err(ClientError::CompressionDeclined);
+            };
+            let _ = self.wire.agreed.set(agreed.response.clone());
+            self.wire.negotiated.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut conn = Conn::new(ws, self.pusher.clone(), agreed, self.wire.clone(), index);
         conn.client_id = match conn.pusher {
             None => conn.reader.welcome().await?,
             Some(_) => conn.reader.pusher_welcome().await?,
@@ -187,11 +222,14 @@ impl Drop for AbortOnDrop {
 }
 
 /// The HTTP/1.1 upgrade on an established stream.
+/// With `compression`, offers permessage-deflate and returns what the server agreed to (`None`:
+/// it declined); an answer a client must fail on (one we did not offer) is an error.
 async fn upgrade<S>(
     stream: S,
     target: &Target,
     origin: Option<&str>,
-) -> Result<WebSocket<Io>, ClientError>
+    compression: bool,
+) -> Result<(WebSocket<Io>, Option<Agreed>), ClientError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -210,6 +248,9 @@ where
         );
     if let Some(origin) = origin {
         request = request.header("Origin", origin);
+    }
+    if compression {
+        request = request.header("Sec-WebSocket-Extensions", deflate::OFFER);
     }
     let request = request
         .body(Empty::<Bytes>::new())
@@ -256,14 +297,28 @@ where
     {
         return Err(ClientError::BadUpgrade("wrong Sec-WebSocket-Accept"));
     }
+    let extensions = headers
+        .get_all("Sec-WebSocket-Extensions")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let agreed = if compression {
+        deflate::parse_response(extensions).map_err(ClientError::BadExtension)?
+    } else if headers.contains_key("Sec-WebSocket-Extensions") {
+        // RFC 6455 9.1: an extension we did not ask for fails the connection.
+        return Err(ClientError::BadExtension(
+            "the server accepted an extension we did not offer".to_owned(),
+        ));
+    } else {
+        None
+    };
     let upgraded = hyper::upgrade::on(&mut response)
         .await
         .map_err(ClientError::Http)?;
     // The HTTP task is finishing on its own now.
     http_task.0 = None;
-    Ok(WebSocket::after_handshake(
-        TokioIo::new(upgraded),
-        Role::Client,
+    Ok((
+        WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client),
+        agreed,
     ))
 }
 
@@ -280,16 +335,41 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(ws: WebSocket<Io>, pusher: Option<Arc<pusher::App>>) -> Self {
-        let (read, write): (WebSocketRead<ReadHalf<Io>>, WebSocketWrite<WriteHalf<Io>>) =
-            ws.split(tokio::io::split);
+    fn new(
+        ws: WebSocket<Io>,
+        pusher: Option<Arc<pusher::App>>,
+        agreed: Option<Agreed>,
+        wire: Arc<WireStats>,
+        index: usize,
+    ) -> Self {
+        let arrivals: Option<Arrivals> = agreed
+            .as_ref()
+            .map(|_| Arc::new(std::sync::Mutex::new(VecDeque::new())));
+        let shim_arrivals = arrivals.clone();
+        let shim_wire = wire.clone();
+        let (read, write): (WebSocketRead<ReadIo>, WebSocketWrite<WriteHalf<Io>>) =
+            ws.split(move |io| {
+                let (read, write) = tokio::io::split(io);
+                let read = Rsv1Shim::new(read, shim_wire.clone(), index, shim_arrivals.clone());
+                (read, write)
+            });
         let writer = Writer {
             inner: Arc::new(Mutex::new(write)),
+        };
+        let compressed = match (agreed, arrivals) {
+            (Some(agreed), Some(arrivals)) => Some(Compressed {
+                inflater: Inflater::new(&agreed),
+                arrivals,
+            }),
+            _ => None,
         };
         Conn {
             reader: Reader {
                 frames: FragmentCollectorRead::new(read),
                 writer: writer.clone(),
+                compressed,
+                wire,
+                index,
             },
             writer,
             client_id: String::new(),
@@ -403,8 +483,19 @@ impl Conn {
 
 /// The receiving half of a connection.
 pub struct Reader {
-    frames: FragmentCollectorRead<ReadHalf<Io>>,
+    frames: FragmentCollectorRead<ReadIo>,
     writer: Writer,
+    /// `Some` when permessage-deflate was negotiated.
+    compressed: Option<Compressed>,
+    wire: Arc<WireStats>,
+    index: usize,
+}
+
+/// A reader's permessage-deflate state.
+struct Compressed {
+    inflater: Inflater,
+    /// Filled by the connection's [`Rsv1Shim`], one entry per message start.
+    arrivals: Arrivals,
 }
 
 impl Reader {
@@ -427,7 +518,28 @@ impl Reader {
                 })
                 .await?;
             match frame.opcode {
-                OpCode::Text | OpCode::Binary => return Ok(frame.payload),
+                OpCode::Text | OpCode::Binary => {
+                    let Some(compressed) = &mut self.compressed else {
+                        return Ok(frame.payload);
+                    };
+                    let arrived = compressed
+                        .arrivals
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .pop_front();
+                    return match arrived {
+                        Some(Arrived::Plain) => Ok(frame.payload),
+                        Some(Arrived::Compressed { text }) => {
+                            let inflated = compressed.inflater.inflate(&frame.payload)?;
+                            if text && std::str::from_utf8(&inflated).is_err() {
+                                return Err(InflateError::NotUtf8.into());
+                            }
+                            self.wire.inflated.add(self.index, 1);
+                            Ok(Payload::Owned(inflated))
+                        }
+                        None => Err(InflateError::Untracked.into()),
+                    };
+                }
                 OpCode::Close => {
                     let code = (frame.payload.len() >= 2)
                         .then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]));

@@ -27,12 +27,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{drain, open_connections, wait_until, Env, Outcome};
-use crate::cli::{FanoutArgs, Protocol};
+use crate::cli::{FanoutArgs, PayloadKind, Protocol};
 use crate::client::{Cause, ClientError, Conn, Reader, Writer};
 use crate::clock::now_ns;
-use crate::message::{Framing, Native, ServerMessage, Stamp};
+use crate::message::{realistic_body, Framing, Native, ServerMessage, Stamp};
 use crate::pusher::{Pusher, CHANNEL_PREFIX};
-use crate::report::{per, round2, round3, FanoutResults, Results};
+use crate::report::{per, round2, round3, CompressionReport, FanoutResults, Results};
 use crate::stats::{secs, Counter, Latencies, LatencySummary};
 use crate::sysinfo::Meter;
 
@@ -103,6 +103,8 @@ struct Shared {
     publishers_ready: AtomicU64,
     publishers_done: AtomicU64,
     disconnected: AtomicU64,
+    /// Longest `message` string a publisher sent, in bytes.
+    message_bytes: AtomicU64,
     /// Publishing starts when this is cancelled.
     go: CancellationToken,
     /// Receivers stop when this is cancelled.
@@ -173,6 +175,7 @@ pub async fn run(env: &mut Env, args: FanoutArgs) -> Result<Outcome, FanoutError
         publishers_ready: AtomicU64::new(0),
         publishers_done: AtomicU64::new(0),
         disconnected: AtomicU64::new(0),
+        message_bytes: AtomicU64::new(0),
         go: CancellationToken::new(),
         stop: CancellationToken::new(),
         interrupt: env.interrupt.clone(),
@@ -246,6 +249,10 @@ pub async fn run(env: &mut Env, args: FanoutArgs) -> Result<Outcome, FanoutError
     // Publish: the measured phase starts here.
     let publishers_ready = shared.publishers_ready.load(Ordering::Relaxed);
     let meter = Meter::start(&env.common.server_pid);
+    // Wire bytes and inflated messages of the measured phase: counted from here to the end of
+    // the grace period, as the server's CPU is.
+    let wire = env.connector.clone();
+    let wire_before = (wire.wire().bytes_read.get(), wire.wire().inflated.get());
     let publish_started = Instant::now();
     shared.go.cancel();
     {
@@ -318,6 +325,8 @@ pub async fn run(env: &mut Env, args: FanoutArgs) -> Result<Outcome, FanoutError
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let usage = meter.stop();
+    let wire_bytes = wire.wire().bytes_read.get() - wire_before.0;
+    let inflated = wire.wire().inflated.get() - wire_before.1;
     shared.stop.cancel();
     env.progress.finish();
 
@@ -357,7 +366,20 @@ pub async fn run(env: &mut Env, args: FanoutArgs) -> Result<Outcome, FanoutError
         publishers: args.publishers,
         rooms: args.rooms,
         rate_per_publisher: args.rate,
-        message_size: args.size,
+        payload: args.payload.name(),
+        message_size: match shared.message_bytes.load(Ordering::Relaxed) {
+            0 => args.size,
+            sent => sent as usize,
+        },
+        compression: CompressionReport {
+            offered: env.connector.compression(),
+            negotiated: env.connector.compression()
+                && ramp.summary.established > 0
+                && env.connector.wire().negotiated() == ramp.summary.established,
+            connections_negotiated: env.connector.wire().negotiated(),
+            extension: env.connector.wire().agreed.get().cloned(),
+            inflated_messages: inflated,
+        },
         connect: ramp.summary,
         joined: shared.joined.load(Ordering::Relaxed),
         join_storm_seconds: secs(join_storm_seconds),
@@ -368,6 +390,9 @@ pub async fn run(env: &mut Env, args: FanoutArgs) -> Result<Outcome, FanoutError
         publisher_max_lag_ms: round2(max_lag_ns as f64 / 1e6),
         expected,
         received,
+        wire_bytes,
+        wire_bytes_per_delivery: (received > 0)
+            .then(|| round2(wire_bytes as f64 / received as f64)),
         lost,
         loss_ratio: per(lost as f64, expected as f64),
         reordered: shared.reordered.get(),
@@ -565,6 +590,11 @@ async fn publish<F: Framing>(shared: &Shared, index: usize, room_index: usize, w
     let started = Instant::now();
     let deadline = started + args.duration;
     let mut text = String::with_capacity(args.size.max(48));
+    // The realistic event follows the bare stamp; `x` padding is for `--payload stamp`.
+    let padded_to = match args.payload {
+        PayloadKind::Stamp => args.size,
+        PayloadKind::Realistic => 0,
+    };
     let mut seq = 0u64;
     loop {
         if (args.messages > 0 && seq >= args.messages) || shared.interrupt.is_cancelled() {
@@ -599,7 +629,13 @@ async fn publish<F: Framing>(shared: &Shared, index: usize, room_index: usize, w
             seq,
             sent_ns: now_ns(),
         }
-        .encode_into(&mut text, args.size);
+        .encode_into(&mut text, padded_to);
+        if args.payload == PayloadKind::Realistic {
+            realistic_body(&mut text, index as u32, seq);
+        }
+        shared
+            .message_bytes
+            .fetch_max(text.len() as u64, Ordering::Relaxed);
         let frame = match F::room_message(&room.name, &text) {
             Ok(frame) => frame,
             Err(error) => {
