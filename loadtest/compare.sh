@@ -33,14 +33,7 @@ start() { # NAME [EXTRA...] -> sets $pid
     pid=$("$here/peers/run-peer.sh" "$name" "$port" "${extra[@]}" "$@")
 }
 
-stop() {
-    kill "$pid" 2>/dev/null || true
-    # The port closing, not `kill -0`, shows the server is gone (see peers/README.md).
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || return 0
-        sleep 0.1
-    done
-}
+stop() { "$here/peers/stop-peer.sh" "$pid" "$port"; }
 
 run() { # FILE SCENARIO-ARGS... ; the generator on CPU 1, one thread
     local file=$1; shift

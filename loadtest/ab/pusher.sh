@@ -32,14 +32,7 @@ mkdir -p "$out"
 
 pid=$(ROOMCAST_BIN=$bin "$here/peers/run-peer.sh" roomcast "$port" --rate-limit 0 \
     --pusher-app "$app")
-stop() {
-    kill "$pid" 2>/dev/null || true
-    # The port closing shows the server is gone (see peers/README.md).
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || return 0
-        sleep 0.1
-    done
-}
+stop() { "$here/peers/stop-peer.sh" "$pid" "$port"; }
 trap stop EXIT
 
 params() { # SCENARIO -> compare.sh's fanout arguments for it

@@ -47,12 +47,7 @@ ports=()
 stop() {
     local i
     for i in "${!pids[@]}"; do
-        kill "${pids[$i]}" 2>/dev/null || true
-        # The port closing shows the server is gone (see peers/README.md).
-        for _ in $(seq 100); do
-            (exec 3<>"/dev/tcp/127.0.0.1/${ports[$i]}") 2>/dev/null || break
-            sleep 0.1
-        done
+        "$here/peers/stop-peer.sh" "${pids[$i]}" "${ports[$i]}"
     done
 }
 trap stop EXIT
