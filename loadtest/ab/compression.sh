@@ -21,34 +21,19 @@
 # Binaries default to $CARGO_TARGET_DIR/release (else <repo>/target/release).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-repo=$(cd "$here/.." && pwd)
-target=${CARGO_TARGET_DIR:-$repo/target}
-bin=${BIN:-$target/release/roomcast}
-loadtest=${LOADTEST_BIN:-$target/release/roomcast-loadtest}
+# shellcheck source=loadtest/ab/common.sh
+source "$here/ab/common.sh"
 out=${RESULTS_DIR:-$here/results/compression}
-rounds=${ROUNDS:-3}
 port=${PORT:-19880}
 # SCENARIOS: a space-separated subset or other order (fanout-1k-30: 1 x 1,000 at 30 msg/s, a
 # load the one-thread generator sustains in both modes, for a like-for-like server CPU figure).
 read -r -a scenarios <<<"${SCENARIOS:-fanout-1k fanout-5k-saturated}"
-for b in "$bin" "$loadtest"; do
-    [[ -x $b ]] || { echo "not built: $b (cargo build --release -p roomcast -p roomcast-loadtest)" >&2; exit 1; }
-done
 mkdir -p "$out"
 
 pid=$(ROOMCAST_BIN=$bin "$here/peers/run-peer.sh" roomcast "$port" --rate-limit 0 --compression)
 stop() { "$here/peers/stop-peer.sh" "$pid" "$port"; }
 trap stop EXIT
 
-params() { # SCENARIO -> compare.sh's fanout arguments for it, with the realistic payload
-    case $1 in
-    fanout-1k) echo --subscribers 1000 --rooms 1 --publishers 1 --rate 100 --duration 10s ;;
-    fanout-1k-30) echo --subscribers 1000 --rooms 1 --publishers 1 --rate 30 --duration 10s ;;
-    fanout-5k-saturated)
-        echo --subscribers 5000 --rooms 1 --publishers 1 --rate 0 --duration 10s --timeout 60s ;;
-    *) echo "unknown scenario: $1" >&2; exit 2 ;;
-    esac
-}
 
 compressed_total() { # the server's roomcast_frames_compressed_total
     python3 - "$port" <<'PY'

@@ -16,18 +16,12 @@
 # Binaries default to $CARGO_TARGET_DIR/release (else <repo>/target/release).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-repo=$(cd "$here/.." && pwd)
-target=${CARGO_TARGET_DIR:-$repo/target}
-bin=${BIN:-$target/release/roomcast}
-loadtest=${LOADTEST_BIN:-$target/release/roomcast-loadtest}
+# shellcheck source=loadtest/ab/common.sh
+source "$here/ab/common.sh"
 out=${RESULTS_DIR:-$here/results/pusher-vs-native}
-rounds=${ROUNDS:-3}
 port=${PORT:-19870}
 app=${PUSHER_APP:-1001:loadtest-key:loadtest-secret}
 scenarios=(fanout-1k fanout-5k-saturated)
-for b in "$bin" "$loadtest"; do
-    [[ -x $b ]] || { echo "not built: $b (cargo build --release -p roomcast -p roomcast-loadtest)" >&2; exit 1; }
-done
 mkdir -p "$out"
 
 pid=$(ROOMCAST_BIN=$bin "$here/peers/run-peer.sh" roomcast "$port" --rate-limit 0 \
@@ -35,14 +29,6 @@ pid=$(ROOMCAST_BIN=$bin "$here/peers/run-peer.sh" roomcast "$port" --rate-limit 
 stop() { "$here/peers/stop-peer.sh" "$pid" "$port"; }
 trap stop EXIT
 
-params() { # SCENARIO -> compare.sh's fanout arguments for it
-    case $1 in
-    fanout-1k) echo --subscribers 1000 --rooms 1 --publishers 1 --rate 100 --duration 10s ;;
-    fanout-5k-saturated)
-        echo --subscribers 5000 --rooms 1 --publishers 1 --rate 0 --duration 10s --timeout 60s ;;
-    *) echo "unknown scenario: $1" >&2; exit 2 ;;
-    esac
-}
 
 for round in $(seq "$rounds"); do
     for side in native pusher; do

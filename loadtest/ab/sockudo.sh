@@ -25,20 +25,14 @@
 # Binaries default to $CARGO_TARGET_DIR/release (else <repo>/target/release).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-repo=$(cd "$here/.." && pwd)
-target=${CARGO_TARGET_DIR:-$repo/target}
-bin=${BIN:-$target/release/roomcast}
-loadtest=${LOADTEST_BIN:-$target/release/roomcast-loadtest}
+# shellcheck source=loadtest/ab/common.sh
+source "$here/ab/common.sh"
 sockudo=${SOCKUDO_BIN:-/work/sockudo-bin/bin/sockudo}
 out=${RESULTS_DIR:-$here/results/pusher-vs-sockudo}
-rounds=${ROUNDS:-3}
 roomcast_port=${PORT:-19880}
 sockudo_port=${SOCKUDO_PORT:-19881}
 app=${PUSHER_APP:-1001:loadtest-key:loadtest-secret}
 scenarios=(fanout-1k fanout-5k-saturated)
-for b in "$bin" "$loadtest"; do
-    [[ -x $b ]] || { echo "not built: $b (cargo build --release -p roomcast -p roomcast-loadtest)" >&2; exit 1; }
-done
 [[ -x $sockudo ]] || { echo "no Sockudo at $sockudo (cargo install sockudo --locked --root /work/sockudo-bin)" >&2; exit 1; }
 mkdir -p "$out"
 
@@ -82,14 +76,6 @@ quiet() { # waits (30 s at most) until every server used < 2 ticks (2% of a core
     echo "    (servers still busy after 30 s; going on)" >&2
 }
 
-params() { # SCENARIO -> compare.sh's fanout arguments for it
-    case $1 in
-    fanout-1k) echo --subscribers 1000 --rooms 1 --publishers 1 --rate 100 --duration 10s ;;
-    fanout-5k-saturated)
-        echo --subscribers 5000 --rooms 1 --publishers 1 --rate 0 --duration 10s --timeout 60s ;;
-    *) echo "unknown scenario: $1" >&2; exit 2 ;;
-    esac
-}
 
 for round in $(seq "$rounds"); do
     for side in roomcast sockudo; do
