@@ -99,6 +99,14 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// One `info` line per connection opened and per connection closed (with its reason and
+    /// duration). Off by default: at tens of thousands of connections per second (a reconnect
+    /// storm after a deploy) the two lines were ~8 % of a connection's set-up CPU and a log
+    /// flood; without the switch they are `debug` lines (`RUST_LOG=roomcast=debug`), and the
+    /// metrics count every connection either way.
+    #[arg(long, env = "ROOMCAST_LOG_CONNECTIONS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub log_connections: bool,
+
     /// Address to listen on (WebSocket on any path, plus `GET /healthz`).
     #[arg(long, env = "ROOMCAST_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
@@ -528,6 +536,7 @@ impl Config {
         Self {
             config: None,
             log_format: LogFormat::Text,
+            log_connections: false,
             listen,
             workers: default_workers(),
             outbound_queue: defaults::OUTBOUND_QUEUE,
@@ -1036,6 +1045,7 @@ fn clap_reason(error: &clap::Error) -> String {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileLayer {
     log_format: Option<Scalar>,
+    log_connections: Option<Scalar>,
     listen: Option<Scalar>,
     workers: Option<Scalar>,
     outbound_queue: Option<Scalar>,
@@ -1121,6 +1131,7 @@ impl FileLayer {
         }
         by_id![
             log_format,
+            log_connections,
             listen,
             workers,
             outbound_queue,

@@ -115,11 +115,11 @@ impl Server {
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         ensure_port_is_free(config.listen)?;
-        let first = reuseport_listener(config.listen)?;
+        let first = reuseport_listener(config.listen, config.socket_send_buffer)?;
         let local_addr = first.local_addr()?;
         let mut listeners = vec![first];
         for _ in 1..config.workers {
-            listeners.push(reuseport_listener(local_addr)?);
+            listeners.push(reuseport_listener(local_addr, config.socket_send_buffer)?);
         }
         let admission = Admission::from_config(&config)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -329,8 +329,9 @@ fn ensure_port_is_free(addr: SocketAddr) -> io::Result<()> {
     })
 }
 
-fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+fn reuseport_listener(addr: SocketAddr, send_buffer: usize) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    ws::transport::configure_listener(&socket, send_buffer)?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     socket.set_reuse_port(true)?;
@@ -348,12 +349,12 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                // Frames are batched by the outbox writer; Nagle would only add latency.
-                let _ = stream.set_nodelay(true);
-                // The kernel memory a client that stops reading can hold (--socket-send-buffer).
+                // No Nagle (the outbox batches frames) and the kernel memory a client that
+                // stops reading can hold (--socket-send-buffer): inherited from the listener
+                // where the system does so, else set here.
                 let bytes = ctx.node.config.socket_send_buffer;
-                if let Err(error) = ws::transport::bound_send_buffer(&stream, bytes) {
-                    debug!(%peer, %error, "SO_SNDBUF not set");
+                if let Err(error) = ws::transport::configure_accepted(&stream, bytes) {
+                    debug!(%peer, %error, "socket options not set");
                 }
                 // Counted from here: a connection that never finishes its request holds a
                 // place like any other.

@@ -1,8 +1,9 @@
 //! Logging, set up once by the binary: an `EnvFilter` from `RUST_LOG` (default `info`), as
 //! human-readable lines or as one JSON object per line for log shippers.
 //!
-//! What is logged where: one `info` line per connection opened and closed (with the reason and
-//! the duration), startup and shutdown at `info`, per-message detail only at `debug`.
+//! What is logged where: startup and shutdown at `info`; one line per connection opened and
+//! closed (with the reason and the duration) at `info` under `--log-connections`, else at
+//! `debug`; per-message detail only at `debug`.
 
 use tracing_subscriber::EnvFilter;
 

@@ -237,6 +237,7 @@ fn file_values_parse_like_their_flags() {
         r#"
         client-broadcast = false
         log-format = "json"
+        log-connections = true
         jwt-leeway = "1m"
         rate-limit = 2.5
         rate-burst-bytes = 65536
@@ -245,6 +246,7 @@ fn file_values_parse_like_their_flags() {
     let config = load(args(&["--config", path.to_str().unwrap()])).unwrap();
     assert!(!config.client_broadcast);
     assert_eq!(config.log_format, roomcast::telemetry::LogFormat::Json);
+    assert!(config.log_connections);
     assert_eq!(config.jwt_leeway, std::time::Duration::from_secs(60));
     assert_eq!(config.rate_limit, 2.5);
     assert_eq!(config.rate_burst_bytes, Some(65536));

@@ -45,6 +45,17 @@ use crate::node::Node;
 use crate::outbox::{self, CloseRequest, OutboxReceiver};
 use crate::protocol::{self, close_code};
 
+/// A connection's opening or closing line: `info` under `--log-connections`, else `debug`.
+macro_rules! log_connection {
+    ($on:expr, $($line:tt)+) => {
+        if $on {
+            info!($($line)+)
+        } else {
+            debug!($($line)+)
+        }
+    };
+}
+
 /// Source of process-unique connection numbers.
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
@@ -97,7 +108,7 @@ where
     // connection; with RUST_LOG=roomcast=debug every line of a connection carries its id.
     let span = debug_span!("conn", id = %client_id);
     let _entered = span.enter();
-    info!(client_id = %client_id, %peer, user_id = ?identity.user_id, protocol = P::NAME, "connection opened");
+    log_connection!(ctx.config.log_connections, client_id = %client_id, %peer, user_id = ?identity.user_id, protocol = P::NAME, "connection opened");
     let opened = Instant::now();
     let mut connection = Connection::open(
         io,
@@ -150,7 +161,8 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin, P: Protocol> Future for Conn
         let this = self.get_mut();
         let _entered = this.span.enter();
         ready!(this.connection.poll(cx));
-        info!(
+        log_connection!(
+            this.connection.ctx.config.log_connections,
             client_id = %this.client_id,
             peer = %this.peer,
             reason = %this.connection.ended_by,

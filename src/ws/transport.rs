@@ -7,6 +7,7 @@
 //! release. A reset (SO_LINGER 0 before the last close) frees it at once.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -37,13 +38,33 @@ impl Transport for tokio::io::DuplexStream {
     fn reset_on_drop(&self) {}
 }
 
-/// Bounds an accepted socket's send buffer to `bytes` (SO_SNDBUF; Linux doubles the value
-/// for its bookkeeping and stops autotuning the buffer). `0` leaves the kernel's autotuning.
-pub fn bound_send_buffer(stream: &TcpStream, bytes: usize) -> io::Result<()> {
-    if bytes == 0 {
+/// Whether sockets accepted from a listener inherit its `TCP_NODELAY` and `SO_SNDBUF`. Linux
+/// copies the listening socket into each connection it accepts, options included, so setting
+/// them once on the listener saves two `setsockopt` calls per connection.
+pub const ACCEPTED_INHERIT_OPTIONS: bool = cfg!(target_os = "linux");
+
+/// The per-connection socket options, set on a listener for the sockets it will accept (see
+/// [`ACCEPTED_INHERIT_OPTIONS`]): no Nagle delay (the outbox batches frames itself) and the
+/// send buffer bound of `--socket-send-buffer`.
+pub fn configure_listener(listener: &socket2::Socket, send_buffer: usize) -> io::Result<()> {
+    listener.set_nodelay(true)?;
+    if send_buffer != 0 {
+        listener.set_send_buffer_size(send_buffer)?;
+    }
+    Ok(())
+}
+
+/// The same options on one accepted socket, where the listener's are not inherited.
+pub fn configure_accepted(stream: &impl AsFd, send_buffer: usize) -> io::Result<()> {
+    if ACCEPTED_INHERIT_OPTIONS {
         return Ok(());
     }
-    SockRef::from(stream).set_send_buffer_size(bytes)
+    let socket = SockRef::from(stream);
+    socket.set_nodelay(true)?;
+    if send_buffer != 0 {
+        socket.set_send_buffer_size(send_buffer)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -57,21 +78,48 @@ mod tests {
         (client.unwrap(), accepted.unwrap().0)
     }
 
+    /// A listener configured with `send_buffer`, and a socket it accepted (configured the
+    /// way the server does).
+    async fn accepted_from_listener_with(send_buffer: usize) -> (TcpStream, TcpStream) {
+        let listener = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .unwrap();
+        configure_listener(&listener, send_buffer).unwrap();
+        listener
+            .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+            .unwrap();
+        listener.listen(16).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener.into()).unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (server, _) = accepted.unwrap();
+        configure_accepted(&server, send_buffer).unwrap();
+        (client.unwrap(), server)
+    }
+
     #[tokio::test]
-    async fn the_send_buffer_bound_is_applied_and_zero_leaves_autotuning() {
-        let (_client, server) = pair().await;
-        let autotuned = SockRef::from(&server).send_buffer_size().unwrap();
-        bound_send_buffer(&server, 0).unwrap();
-        assert_eq!(
-            SockRef::from(&server).send_buffer_size().unwrap(),
-            autotuned
-        );
-        bound_send_buffer(&server, 131_072).unwrap();
+    async fn accepted_sockets_get_the_listeners_nodelay_and_send_buffer() {
+        let (_client, server) = accepted_from_listener_with(131_072).await;
+        assert!(server.nodelay().unwrap());
         let bounded = SockRef::from(&server).send_buffer_size().unwrap();
-        // Linux reports twice what was set (its bookkeeping share); other systems the value.
         assert!(
             bounded == 131_072 || bounded == 2 * 131_072,
             "SO_SNDBUF is {bounded}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_zero_send_buffer_leaves_the_kernels_autotuning() {
+        let (_client, autotuned) = pair().await;
+        let (_client, server) = accepted_from_listener_with(0).await;
+        assert!(server.nodelay().unwrap());
+        assert_eq!(
+            SockRef::from(&server).send_buffer_size().unwrap(),
+            SockRef::from(&autotuned).send_buffer_size().unwrap()
         );
     }
 
