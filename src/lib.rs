@@ -49,6 +49,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
+pub mod poller;
 pub mod protocol;
 pub mod proxy_protocol;
 pub mod pusher;

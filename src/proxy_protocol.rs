@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use ppp::{HeaderResult, PartialResult};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+
+use crate::poller::Socket;
 
 const V1_PREFIX: &[u8] = b"PROXY ";
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -24,7 +25,7 @@ const MAX_HEADER: usize = 536;
 /// header, returns `peer` and leaves every byte in the socket. A malformed header, or one not
 /// complete within `timeout`, is an error: the connection should be dropped.
 pub async fn client_address(
-    stream: &mut TcpStream,
+    stream: &mut Socket,
     peer: SocketAddr,
     timeout: Duration,
 ) -> io::Result<SocketAddr> {
@@ -33,7 +34,7 @@ pub async fn client_address(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "PROXY header not complete in time"))?
 }
 
-async fn read_header(stream: &mut TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
+async fn read_header(stream: &mut Socket, peer: SocketAddr) -> io::Result<SocketAddr> {
     let mut buf = [0u8; MAX_HEADER];
     loop {
         let n = stream.peek(&mut buf).await?;

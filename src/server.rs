@@ -18,8 +18,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +34,7 @@ use crate::heartbeat::{self, Heartbeat};
 use crate::hub::{LocalHub, Router};
 use crate::node::Node;
 use crate::outbox::OutboxStats;
+use crate::poller::{self, Poller, PollerTask};
 use crate::proxy_protocol;
 use crate::tls;
 use crate::ws;
@@ -84,9 +85,16 @@ impl ServerHandle {
     }
 }
 
+/// One SO_REUSEPORT listener and the epoll instance of the connections it accepts.
+struct Listener {
+    socket: AsyncFd<mio::net::TcpListener>,
+    poller: Poller,
+    poller_task: PollerTask,
+}
+
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     local_addr: SocketAddr,
     ctx: Arc<Context>,
     /// The task that delivers webhooks, started by `run`; `None` without `--webhook-url`.
@@ -116,7 +124,7 @@ impl Server {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         ensure_port_is_free(config.listen)?;
         let first = reuseport_listener(config.listen, config.socket_send_buffer)?;
-        let local_addr = first.local_addr()?;
+        let local_addr = first.socket.get_ref().local_addr()?;
         let mut listeners = vec![first];
         for _ in 1..config.workers {
             listeners.push(reuseport_listener(local_addr, config.socket_send_buffer)?);
@@ -216,10 +224,14 @@ impl Server {
         }
         pusher_webhooks.close();
         let accept_loops = TaskTracker::new();
+        // The pollers serve their connections through the drain, and end after it.
+        let pollers_done = CancellationToken::new();
         for listener in listeners {
-            accept_loops.spawn(accept_loop(listener, ctx.clone()));
+            tokio::spawn(listener.poller_task.run(pollers_done.clone()));
+            accept_loops.spawn(accept_loop(listener.socket, listener.poller, ctx.clone()));
         }
         accept_loops.close();
+        let _pollers_done = pollers_done.drop_guard();
 
         ctx.shutdown.cancelled().await;
         ctx.node.ready.store(false, Ordering::Release);
@@ -329,7 +341,7 @@ fn ensure_port_is_free(addr: SocketAddr) -> io::Result<()> {
     })
 }
 
-fn reuseport_listener(addr: SocketAddr, send_buffer: usize) -> io::Result<TcpListener> {
+fn reuseport_listener(addr: SocketAddr, send_buffer: usize) -> io::Result<Listener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     ws::transport::configure_listener(&socket, send_buffer)?;
     socket.set_reuse_address(true)?;
@@ -338,14 +350,36 @@ fn reuseport_listener(addr: SocketAddr, send_buffer: usize) -> io::Result<TcpLis
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    let listener = mio::net::TcpListener::from_std(socket.into());
+    let (poller, poller_task) = Poller::new()?;
+    // SAFETY: the mio listener owns its descriptor for as long as it lives, and the `AsyncFd`
+    // owns the listener.
+    let socket =
+        unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE)? };
+    Ok(Listener {
+        socket,
+        poller,
+        poller_task,
+    })
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
+/// The next connection: accept4(2) gives it non-blocking, registered nowhere yet.
+async fn accept(
+    listener: &AsyncFd<mio::net::TcpListener>,
+) -> io::Result<(mio::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|listener| listener.get_ref().accept()) {
+            return accepted;
+        }
+    }
+}
+
+async fn accept_loop(listener: AsyncFd<mio::net::TcpListener>, poller: Poller, ctx: Arc<Context>) {
     loop {
         let accepted = tokio::select! {
             _ = ctx.node.closing.cancelled() => return,
-            accepted = listener.accept() => accepted,
+            accepted = accept(&listener) => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -356,6 +390,13 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
                 if let Err(error) = ws::transport::configure_accepted(&stream, bytes) {
                     debug!(%peer, %error, "socket options not set");
                 }
+                let stream = match poller.register(stream) {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        warn!(%peer, %error, "accepted connection not registered");
+                        continue;
+                    }
+                };
                 // Counted from here: a connection that never finishes its request holds a
                 // place like any other.
                 match ctx.node.admission.accept(peer.ip()) {
@@ -388,7 +429,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
 /// closing with unread bytes would send a reset that can overtake the answer. At most
 /// [`MAX_LINGERING_REFUSALS`] at once; past that, and over TLS (nothing readable can be said
 /// before a TLS handshake), the connection is just closed.
-fn refuse_at_accept(stream: TcpStream, refusal: &Refusal, ctx: &Arc<Context>) {
+fn refuse_at_accept(stream: poller::Socket, refusal: &Refusal, ctx: &Arc<Context>) {
     let lingering = ctx.refusing.fetch_add(1, Ordering::AcqRel);
     if ctx.tls.is_some() || lingering >= MAX_LINGERING_REFUSALS {
         ctx.refusing.fetch_sub(1, Ordering::AcqRel);
@@ -412,7 +453,7 @@ fn refuse_at_accept(stream: TcpStream, refusal: &Refusal, ctx: &Arc<Context>) {
 /// One accepted TCP connection: the PROXY header from a trusted load balancer if it sends one,
 /// TLS if configured, then HTTP.
 async fn serve_tcp(
-    mut stream: TcpStream,
+    mut stream: poller::Socket,
     peer: SocketAddr,
     mut permit: Permit,
     deadline: tokio::time::Instant,
@@ -451,7 +492,7 @@ async fn serve_tcp(
 /// The TLS handshake, bounded by the handshake timeout like the HTTP request, then HTTP.
 async fn serve_tls(
     acceptor: TlsAcceptor,
-    stream: TcpStream,
+    stream: poller::Socket,
     peer: SocketAddr,
     permit: Permit,
     deadline: tokio::time::Instant,

@@ -27,7 +27,13 @@ impl Transport for TcpStream {
     }
 }
 
-impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+impl Transport for crate::poller::Socket {
+    fn reset_on_drop(&self) {
+        let _ = SockRef::from(self).set_linger(Some(Duration::ZERO));
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<crate::poller::Socket> {
     fn reset_on_drop(&self) {
         self.get_ref().0.reset_on_drop();
     }
@@ -89,7 +95,12 @@ mod tests {
         .unwrap();
         configure_listener(&listener, send_buffer).unwrap();
         listener
-            .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+            .bind(
+                &"127.0.0.1:0"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
             .unwrap();
         listener.listen(16).unwrap();
         listener.set_nonblocking(true).unwrap();
