@@ -25,6 +25,14 @@ use mimalloc::MiMalloc;
 use roomcast::outbox::{outbox, OutboxStats, QueueLimits, SlowConsumerPolicy};
 use tokio_util::sync::CancellationToken;
 
+/// The connection task's future (guarded by a unit test in `ws::session`).
+const TASK_STATE: usize = std::mem::size_of::<
+    roomcast::ws::session::ConnectionTask<
+        roomcast::poller::Socket,
+        roomcast::ws::commands::Session,
+    >,
+>();
+
 /// Instances of each part; large enough that one-off costs (a slab page, a table resize)
 /// disappear in the average. Two sockets each: `main` raises the open-file limit first.
 const N: usize = 5_000;
@@ -185,6 +193,34 @@ async fn tcp_streams() -> Row {
     )
 }
 
+async fn poller_sockets() -> Row {
+    // As above, but registered with a roomcast poller, as the server's accepted sockets are.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut clients = Vec::with_capacity(N);
+    let mut accepted = Vec::with_capacity(N);
+    for _ in 0..N {
+        clients.push(std::net::TcpStream::connect(addr).unwrap());
+        let (socket, _) = listener.accept().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        accepted.push(socket);
+    }
+    let (poller, _task) = roomcast::poller::Poller::new().unwrap();
+    let mut registered = Vec::with_capacity(N);
+    let before = snapshot();
+    for socket in accepted {
+        let socket = mio::net::TcpStream::from_std(socket);
+        registered.push(poller.register(socket).unwrap());
+    }
+    let after = snapshot();
+    row(
+        "roomcast poller Socket (what the server uses)",
+        before,
+        after,
+        N,
+    )
+}
+
 async fn idle_tasks(part: &'static str, with_state: bool) -> Row {
     let mut handles = Vec::with_capacity(N);
     let before = snapshot();
@@ -192,7 +228,7 @@ async fn idle_tasks(part: &'static str, with_state: bool) -> Row {
         handles.push(if with_state {
             // State held across the await lives in the task's allocation, as `Connection` does.
             tokio::spawn(async {
-                let state = std::hint::black_box([0u8; 512]);
+                let state = std::hint::black_box([0u8; TASK_STATE]);
                 std::future::pending::<()>().await;
                 std::hint::black_box(state);
             })
@@ -286,23 +322,24 @@ fn main() {
         // registration is released on a later turn of the reactor) before the next one counts.
         settle().await;
         rows.push(tcp_streams().await);
+        rows.push(poller_sockets().await);
         settle().await;
         rows.push(idle_tasks("tokio task, empty future", false).await);
         settle().await;
-        rows.push(idle_tasks("tokio task, 512-byte future (as Connection)", true).await);
+        rows.push(idle_tasks("tokio task, a ConnectionTask-sized future", true).await);
         settle().await;
         rows.push(server_connections().await);
         rows
     });
     // What the parts above do not explain: directory entry, client id, the rest of the session.
     // The server's idle connections were sent only their welcome: the unused outbox counts.
-    let [unused_outbox, _, socket, _, task_512, whole] = &rows[..] else {
-        unreachable!("six rows above")
+    let [unused_outbox, _, _, socket, _, task, whole] = &rows[..] else {
+        unreachable!("seven rows above")
     };
-    let parts = [unused_outbox, socket, task_512];
+    let parts = [unused_outbox, socket, task];
     let whole = whole.clone();
     rows.push(Row {
-        part: "rest: whole minus outbox, socket, 512-B task",
+        part: "rest: whole minus outbox, poller socket, task",
         blocks: whole.blocks - parts.iter().map(|r| r.blocks).sum::<f64>(),
         requested: whole.requested - parts.iter().map(|r| r.requested).sum::<f64>(),
         usable: whole.usable - parts.iter().map(|r| r.usable).sum::<f64>(),

@@ -87,8 +87,9 @@ async fn connections_are_not_logged_at_info_by_default() {
         "the startup line is there: {lines:#?}"
     );
     assert!(
-        !lines.iter().any(|line| line.contains("connection opened")
-            || line.contains("connection closed")),
+        !lines
+            .iter()
+            .any(|line| line.contains("connection opened") || line.contains("connection closed")),
         "no per-connection line at info: {lines:#?}"
     );
 }

@@ -61,17 +61,23 @@ impl Complete<'_> {
 
 /// The message being reassembled, if any. Holds no buffer between messages.
 pub struct Assembler {
-    max_message_size: usize,
-    /// Its opcode, whether it is compressed (its first frame's RSV1), what came so far.
-    partial: Option<(OpCode, bool, BytesMut)>,
+    /// At most 1 GiB (the configuration's bound), so 4 bytes of every connection's state.
+    max_message_size: u32,
+    /// Its opcode, whether it is compressed (its first frame's RSV1), what came so far. Boxed:
+    /// an idle connection keeps only the empty pointer.
+    partial: Option<Box<(OpCode, bool, BytesMut)>>,
 }
 
 impl Assembler {
     pub fn new(max_message_size: usize) -> Self {
         Self {
-            max_message_size,
+            max_message_size: u32::try_from(max_message_size).unwrap_or(u32::MAX),
             partial: None,
         }
+    }
+
+    fn max_message_size(&self) -> usize {
+        self.max_message_size as usize
     }
 
     /// Takes one data frame (text, binary or continuation) and returns the message it
@@ -90,7 +96,7 @@ impl Assembler {
                 if self.partial.is_some() {
                     return Err(FragmentError::InvalidSequence);
                 }
-                if payload.len() > self.max_message_size {
+                if payload.len() > self.max_message_size() {
                     return Err(FragmentError::TooBig);
                 }
                 if fin {
@@ -102,14 +108,16 @@ impl Assembler {
                     }
                     return Ok(Some(Complete::Whole(opcode, payload)));
                 }
-                self.partial = Some((opcode, compressed, BytesMut::from(&payload[..])));
+                self.partial = Some(Box::new((opcode, compressed, BytesMut::from(&payload[..]))));
                 Ok(None)
             }
             OpCode::Continuation => {
-                let Some((_, _, buffer)) = self.partial.as_mut() else {
+                let max_message_size = self.max_message_size();
+                let Some(partial) = self.partial.as_mut() else {
                     return Err(FragmentError::InvalidSequence);
                 };
-                if buffer.len() + payload.len() > self.max_message_size {
+                let buffer = &mut partial.2;
+                if buffer.len() + payload.len() > max_message_size {
                     self.partial = None;
                     return Err(FragmentError::TooBig);
                 }
@@ -117,7 +125,7 @@ impl Assembler {
                 if !fin {
                     return Ok(None);
                 }
-                let (opcode, compressed, buffer) = self.partial.take().expect("checked above");
+                let (opcode, compressed, buffer) = *self.partial.take().expect("checked above");
                 if compressed {
                     return self.inflated(opcode, &buffer).map(Some);
                 }
@@ -138,7 +146,7 @@ impl Assembler {
         compressed: &[u8],
     ) -> Result<Complete<'static>, FragmentError> {
         let mut inflated = Vec::new();
-        deflate::inflate(compressed, self.max_message_size, &mut inflated)?;
+        deflate::inflate(compressed, self.max_message_size(), &mut inflated)?;
         if opcode == OpCode::Text && std::str::from_utf8(&inflated).is_err() {
             return Err(FragmentError::InvalidUtf8);
         }

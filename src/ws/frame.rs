@@ -186,10 +186,12 @@ pub struct PeerClose {
 /// Reads frames out of the bytes a connection receives. Holds memory only while a frame or a
 /// fragmented message is incomplete.
 pub struct FrameReader {
-    /// The start of a frame that a read cut off. Empty, with no allocation, between frames.
-    partial: BytesMut,
+    /// The start of a frame that a read cut off; `None` between frames. Boxed, like the
+    /// assembler's message: an idle connection keeps only the empty pointers.
+    partial: Option<Box<BytesMut>>,
     assembler: Assembler,
-    max_frame_size: usize,
+    /// At most 1 GiB (the configuration's bound).
+    max_frame_size: u32,
     /// permessage-deflate was negotiated.
     deflate: bool,
 }
@@ -198,9 +200,9 @@ impl FrameReader {
     /// A reader refusing frames over `max_frame_size` and messages over `max_message_size`.
     pub fn new(max_frame_size: usize, max_message_size: usize) -> Self {
         Self {
-            partial: BytesMut::new(),
+            partial: None,
             assembler: Assembler::new(max_message_size),
-            max_frame_size,
+            max_frame_size: u32::try_from(max_frame_size).unwrap_or(u32::MAX),
             deflate: false,
         }
     }
@@ -226,27 +228,27 @@ impl FrameReader {
             max_frame_size,
             deflate,
         } = self;
-        let limits = (*max_frame_size, *deflate);
-        if partial.is_empty() {
+        let limits = (*max_frame_size as usize, *deflate);
+        let Some(held) = partial else {
             let (consumed, close) = process(input, assembler, limits, on_event)?;
             if close.is_none() && consumed < input.len() {
-                partial.extend_from_slice(&input[consumed..]);
+                *partial = Some(Box::new(BytesMut::from(&input[consumed..])));
             }
             return Ok(close);
-        }
-        partial.extend_from_slice(input);
-        let (consumed, close) = process(partial, assembler, limits, on_event)?;
-        partial.advance(consumed);
-        if partial.is_empty() {
+        };
+        held.extend_from_slice(input);
+        let (consumed, close) = process(held, assembler, limits, on_event)?;
+        held.advance(consumed);
+        if held.is_empty() {
             // Give the memory back: an idle connection holds no buffer.
-            *partial = BytesMut::new();
+            *partial = None;
         }
         Ok(close)
     }
 
     /// Bytes held for an incomplete frame (for tests and diagnostics).
     pub fn buffered(&self) -> usize {
-        self.partial.len()
+        self.partial.as_ref().map_or(0, |held| held.len())
     }
 }
 
@@ -364,11 +366,7 @@ mod tests {
             assert_eq!(pings, vec![b"ping!".to_vec()]);
             assert!(close.is_none());
             assert_eq!(reader.buffered(), 0);
-            assert_eq!(
-                reader.partial.capacity(),
-                0,
-                "no buffer held between frames"
-            );
+            assert!(reader.partial.is_none(), "no buffer held between frames");
         }
     }
 

@@ -104,12 +104,19 @@ where
 {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let client_id = new_client_id();
-    // A debug span: at the default `info` level it is disabled and costs nothing per idle
-    // connection; with RUST_LOG=roomcast=debug every line of a connection carries its id.
-    let span = debug_span!("conn", id = %client_id);
-    let _entered = span.enter();
+    // Only a connection whose lines are logged keeps what they need (the closing line's
+    // fields, and a debug span: with RUST_LOG=roomcast=debug every line of a connection
+    // carries its id); at the default level an idle connection keeps an empty pointer.
+    let log = (ctx.config.log_connections || tracing::enabled!(tracing::Level::DEBUG)).then(|| {
+        Box::new(ConnectionLog {
+            client_id: client_id.clone(),
+            peer,
+            opened: Instant::now(),
+            span: debug_span!("conn", id = %client_id),
+        })
+    });
+    let _entered = log.as_ref().map(|log| log.span.enter());
     log_connection!(ctx.config.log_connections, client_id = %client_id, %peer, user_id = ?identity.user_id, protocol = P::NAME, "connection opened");
-    let opened = Instant::now();
     let mut connection = Connection::open(
         io,
         handshake,
@@ -127,13 +134,7 @@ where
         }
     }
     drop(_entered);
-    ConnectionTask {
-        connection,
-        client_id,
-        peer,
-        opened,
-        span,
-    }
+    ConnectionTask { connection, log }
 }
 
 /// What the opening handshake settled for a connection.
@@ -145,9 +146,15 @@ pub struct Handshake {
     pub deflate: bool,
 }
 
-/// The task of one connection: the connection itself, and what its closing log line needs.
+/// The task of one connection: the connection itself, and what its log lines need when they
+/// are logged.
 pub struct ConnectionTask<S: Transport, P: Protocol> {
     connection: Connection<S, P>,
+    log: Option<Box<ConnectionLog>>,
+}
+
+/// What a logged connection's closing line and debug span need.
+struct ConnectionLog {
     client_id: Arc<str>,
     peer: SocketAddr,
     opened: Instant,
@@ -159,17 +166,19 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin, P: Protocol> Future for Conn
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let _entered = this.span.enter();
+        let _entered = this.log.as_ref().map(|log| log.span.enter());
         ready!(this.connection.poll(cx));
-        log_connection!(
-            this.connection.ctx.config.log_connections,
-            client_id = %this.client_id,
-            peer = %this.peer,
-            reason = %this.connection.ended_by,
-            duration_ms = this.opened.elapsed().as_millis() as u64,
-            reset = this.connection.resets(),
-            "connection closed"
-        );
+        if let Some(log) = &this.log {
+            log_connection!(
+                this.connection.ctx.config.log_connections,
+                client_id = %log.client_id,
+                peer = %log.peer,
+                reason = %this.connection.ended_by,
+                duration_ms = log.opened.elapsed().as_millis() as u64,
+                reset = this.connection.resets(),
+                "connection closed"
+            );
+        }
         Poll::Ready(())
     }
 }
@@ -214,17 +223,8 @@ impl std::fmt::Display for EndedBy {
 
 enum State {
     Open,
-    /// Writing the close frame (`finished` once written and the write side shut), then waiting
-    /// for the peer to go, until `deadline`. `peer_closed`: the peer's close frame came first
-    /// (we echo it), so its EOF completes the handshake.
-    Closing {
-        deadline: Pin<Box<Sleep>>,
-        finished: bool,
-        peer_closed: bool,
-        /// Answers once other nodes can no longer reach this client (a cluster broker); the
-        /// close frame waits for it.
-        unreachable: Option<tokio::sync::oneshot::Receiver<()>>,
-    },
+    /// Boxed: every open connection pays for the largest variant.
+    Closing(Box<Closing>),
     /// The close handshake completed: the socket closes gracefully. Every other state at drop
     /// resets it.
     Closed,
@@ -244,6 +244,18 @@ struct Connection<S: Transport, P: Protocol> {
     /// closing (up to `--drain-timeout`) keeps counting, so clients cannot open new ones while
     /// their old sockets still hold server memory.
     _permit: Permit,
+}
+
+/// Writing the close frame (`finished` once written and the write side shut), then waiting
+/// for the peer to go, until `deadline`. `peer_closed`: the peer's close frame came first (we
+/// echo it), so its EOF completes the handshake.
+struct Closing {
+    deadline: Pin<Box<Sleep>>,
+    finished: bool,
+    peer_closed: bool,
+    /// Answers once other nodes can no longer reach this client (a cluster broker); the close
+    /// frame waits for it.
+    unreachable: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// What reading stopped on.
@@ -357,12 +369,13 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin, P: Protocol> Connection<S, P
                         }
                     }
                 }
-                State::Closing {
-                    deadline,
-                    finished,
-                    peer_closed,
-                    unreachable,
-                } => {
+                State::Closing(closing) => {
+                    let Closing {
+                        deadline,
+                        finished,
+                        peer_closed,
+                        unreachable,
+                    } = &mut **closing;
                     // Ending in `Closing` resets the socket (see `Drop`).
                     if deadline.as_mut().poll(cx).is_ready() {
                         debug!("close did not complete in time: resetting");
@@ -482,12 +495,12 @@ impl<S: AsyncRead + AsyncWrite + Transport + Unpin, P: Protocol> Connection<S, P
         let unreachable = self.handler.disconnect(&self.ctx);
         self.outbox
             .begin_close(request, protocol::close(request.code, reason));
-        self.state = State::Closing {
+        self.state = State::Closing(Box::new(Closing {
             deadline: Box::pin(tokio::time::sleep(self.ctx.config.drain_timeout)),
             finished: false,
             peer_closed: matches!(self.ended_by, EndedBy::Peer(_)),
             unreachable,
-        };
+        }));
     }
 }
 
@@ -565,13 +578,14 @@ mod tests {
     /// the socket's registration and its outbound queue). Guard it against silent growth.
     #[test]
     fn connection_state_stays_small() {
-        let size = std::mem::size_of::<Connection<tokio::net::TcpStream, Session>>();
-        println!("Connection<TcpStream> is {size} bytes");
-        assert!(size <= 512, "Connection is {size} bytes");
-        // The whole task's future: the connection plus its log line's fields, nothing else.
-        // With tokio's task header (128 bytes) it fits mimalloc's 768-byte size class.
-        let size = std::mem::size_of::<ConnectionTask<tokio::net::TcpStream, Session>>();
-        println!("ConnectionTask<TcpStream> is {size} bytes");
-        assert!(size <= 640, "ConnectionTask is {size} bytes");
+        type Socket = crate::poller::Socket;
+        let size = std::mem::size_of::<Connection<Socket, Session>>();
+        println!("Connection<Socket> is {size} bytes");
+        assert!(size <= 384, "Connection is {size} bytes");
+        // The whole task's future: the connection plus an empty pointer for its log lines.
+        // With tokio's task header (128 bytes) it fits mimalloc's 512-byte size class.
+        let size = std::mem::size_of::<ConnectionTask<Socket, Session>>();
+        println!("ConnectionTask<Socket> is {size} bytes");
+        assert!(size <= 384, "ConnectionTask is {size} bytes");
     }
 }
