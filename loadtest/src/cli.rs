@@ -82,6 +82,7 @@ pub struct CommonArgs {
     pub connect_timeout: Duration,
 
     /// Limit for any single reply or write (room_joined, a blocked send, the close handshake).
+    /// reconnect-storm: also the whole storm, from the SIGTERM to the last client back.
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
@@ -149,6 +150,11 @@ pub enum Scenario {
     /// Connection churn: workers looping connect, welcome, join_room, room_message, leave_room,
     /// close; reports handshakes/s and errors by cause.
     Churn(ChurnArgs),
+    /// A reconnect storm: N clients in rooms on server A, SIGTERM to A (which closes them all
+    /// with 1001 Going Away), every client reconnecting to --reconnect-url and re-joining its
+    /// room at once; reports the time until the first, half, 99% and all are back, failures by
+    /// cause and (with --server-pid) the reconnect target's CPU per reconnect.
+    ReconnectStorm(ReconnectStormArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -274,6 +280,59 @@ pub struct ChurnArgs {
     pub room_prefix: String,
 }
 
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Reconnect storm options")]
+pub struct ReconnectStormArgs {
+    /// Clients: each opens one connection to the (one) --url, server A, joins its room, and
+    /// after the drain reconnects to --reconnect-url. Never more than one socket per client at a
+    /// time: the old connection is closed before the new one is opened.
+    #[arg(long, default_value_t = 19_000)]
+    pub clients: usize,
+
+    /// Rooms; client `i` is in room `i % rooms`, on A and again after it reconnects.
+    #[arg(long, default_value_t = 1000)]
+    pub rooms: usize,
+
+    /// PID of server A (same machine). Once every client is in its room, the generator sends it
+    /// SIGTERM: that instant is t0. roomcast then closes every connection with 1001 and stops
+    /// accepting. Clients not back in their rooms by t0 + --timeout are counted as not back.
+    #[arg(long, value_name = "PID")]
+    pub drain_pid: u32,
+
+    /// Where the clients reconnect, server B (a load balancer's address in a real deploy).
+    /// Give B's PID as --server-pid to measure its CPU per reconnect. [default: the --url]
+    #[arg(long, value_name = "URL")]
+    pub reconnect_url: Option<String>,
+
+    /// Initial connection attempts started per second (to A). 0 = as fast as --concurrency
+    /// allows.
+    #[arg(long, default_value_t = 2000.0)]
+    pub ramp: f64,
+
+    /// Initial connection attempts in flight at once. The reconnects are not limited: every
+    /// client reconnects the moment its connection ends, as real clients do.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+
+    /// Longest the initial ramp may take; attempts not started by then are skipped.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub ramp_limit: Duration,
+
+    /// Shortest pause of a client after a failed reconnect (refused, reset, an error reply...)
+    /// before it tries again.
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub backoff_min: Duration,
+
+    /// Longest such pause; each one is drawn uniformly between the two, so the retries of
+    /// thousands of clients do not arrive in lockstep.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+
+    /// Room names are `<prefix>-<run id>-<n>`.
+    #[arg(long, default_value = "loadtest")]
+    pub room_prefix: String,
+}
+
 impl Scenario {
     /// Sockets the scenario holds open at once, for the open-file limit check.
     pub fn max_connections(&self) -> usize {
@@ -282,6 +341,8 @@ impl Scenario {
             // Each lifecycle is short, but a socket lingers briefly while closing.
             Scenario::Connections(a) => a.connections,
             Scenario::Churn(a) => a.workers,
+            // A client closes its connection to A before it opens one to B.
+            Scenario::ReconnectStorm(a) => a.clients,
         }
     }
 
@@ -290,6 +351,7 @@ impl Scenario {
             Scenario::Fanout(_) => "fanout",
             Scenario::Connections(_) => "connections",
             Scenario::Churn(_) => "churn",
+            Scenario::ReconnectStorm(_) => "reconnect-storm",
         }
     }
 }
@@ -350,6 +412,32 @@ mod tests {
         assert!(
             Cli::try_parse_from(["roomcast-loadtest", "--pusher-app", "x:k:s", "fanout"]).is_err()
         );
+    }
+
+    #[test]
+    fn reconnect_storm_needs_a_drain_pid_and_defaults_the_rest() {
+        assert!(Cli::try_parse_from(["roomcast-loadtest", "reconnect-storm"]).is_err());
+        let cli = Cli::try_parse_from([
+            "roomcast-loadtest",
+            "reconnect-storm",
+            "--drain-pid",
+            "4242",
+            "--url",
+            "ws://127.0.0.1:9001/",
+            "--timeout",
+            "60s",
+        ])
+        .unwrap();
+        assert_eq!(cli.common.timeout, Duration::from_secs(60));
+        let Scenario::ReconnectStorm(s) = &cli.scenario else {
+            panic!()
+        };
+        assert_eq!((s.clients, s.rooms, s.drain_pid), (19_000, 1000, 4242));
+        assert_eq!(s.reconnect_url, None);
+        assert_eq!(s.backoff_min, Duration::from_millis(5));
+        assert_eq!(s.backoff_max, Duration::from_millis(50));
+        assert_eq!(cli.scenario.max_connections(), 19_000);
+        assert_eq!(cli.scenario.name(), "reconnect-storm");
     }
 
     #[test]

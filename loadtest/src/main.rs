@@ -1,5 +1,5 @@
 //! `roomcast-loadtest`: a load generator for roomcast and any server speaking its WebSocket
-//! rooms protocol (`fanout`, `connections` and `churn` scenarios).
+//! rooms protocol (`fanout`, `connections`, `churn` and `reconnect-storm` scenarios).
 //!
 //! This file owns start-up and shut-down: parse the command line, check limits (open files,
 //! ephemeral ports, source addresses) before any traffic, build the runtime with `--threads`,
@@ -9,7 +9,7 @@
 //! - [`client`]: sockets, TLS, the WebSocket upgrade, frames, timeouts, error causes;
 //! - [`message`]: protocol JSON in and out, and the latency stamp;
 //! - [`pusher`]: the Pusher Channels frames and signing of `--protocol pusher`;
-//! - [`scenarios`]: `fanout`, `connections`, `churn`;
+//! - [`scenarios`]: `fanout`, `connections`, `churn`, `reconnect-storm`;
 //! - [`stats`] and [`report`]: histograms, counters, errors, and the printed/JSON report;
 //! - [`sysinfo`]: `/proc` sampling of the server, `getrusage` of the generator, rlimits;
 //! - [`clock`] and [`progress`]: the shared monotonic clock and the progress bar.
@@ -41,6 +41,7 @@ use client::tls::TlsSetupError;
 use client::Connector;
 use report::{usage_reports, Report, Results};
 use scenarios::fanout::FanoutError;
+use scenarios::reconnect_storm::ReconnectStormError;
 use scenarios::Env;
 
 /// File descriptors kept for everything that is not a client socket (stdio, epoll, the
@@ -56,6 +57,8 @@ enum SetupError {
     Tls(#[from] TlsSetupError),
     #[error(transparent)]
     Fanout(#[from] FanoutError),
+    #[error(transparent)]
+    ReconnectStorm(#[from] ReconnectStormError),
     #[error(
         "{scenario} needs {connections} connections, but this process may open at most {soft} \
          files (RLIMIT_NOFILE soft {soft}, hard {hard}; the hard limit could not be raised). \
@@ -120,6 +123,11 @@ fn run(cli: Cli) -> Result<ExitCode, SetupError> {
                     "churn speaks the native protocol only (use fanout or connections)",
                 ))
             }
+            Scenario::ReconnectStorm(_) => {
+                return Err(SetupError::NotOnPusher(
+                    "reconnect-storm speaks the native protocol only",
+                ))
+            }
             Scenario::Fanout(f) if f.since => {
                 return Err(SetupError::NotOnPusher("--since is a native join option"))
             }
@@ -148,13 +156,25 @@ fn run(cli: Cli) -> Result<ExitCode, SetupError> {
         .iter()
         .map(|url| Target::resolve(url, common.token.as_deref(), want_ipv4))
         .collect::<Result<Vec<_>, _>>()?;
+    // The reconnect storm's server B, resolved as the --url is (None: B is the --url), and its
+    // drained server checked, before any traffic.
+    let reconnect_target = match &scenario {
+        Scenario::ReconnectStorm(args) => {
+            scenarios::reconnect_storm::check(args, &common)?;
+            args.reconnect_url
+                .as_deref()
+                .map(|url| Target::resolve(url, common.token.as_deref(), want_ipv4))
+                .transpose()?
+        }
+        _ => None,
+    };
     if let Some(app) = &pusher_app {
         // Pusher's endpoint is fixed: `/app/KEY?protocol=7` on each URL's host and port.
         for target in &mut targets {
             target.path_and_query = app.path();
         }
     }
-    let tls = if targets.iter().any(|t| t.tls) {
+    let tls = if targets.iter().chain(&reconnect_target).any(|t| t.tls) {
         Some(client::tls::client_config(
             common.insecure,
             common.ca_cert.as_deref(),
@@ -209,6 +229,9 @@ fn run(cli: Cli) -> Result<ExitCode, SetupError> {
             Scenario::Fanout(args) => scenarios::fanout::run(&mut env, args).await?,
             Scenario::Connections(args) => scenarios::connections::run(&mut env, args).await,
             Scenario::Churn(args) => scenarios::churn::run(&mut env, args).await,
+            Scenario::ReconnectStorm(args) => {
+                scenarios::reconnect_storm::run(&mut env, args, reconnect_target).await
+            }
         };
         env.progress.finish();
         warnings.extend(outcome.warnings);
@@ -227,6 +250,7 @@ fn run(cli: Cli) -> Result<ExitCode, SetupError> {
             Results::Fanout(r) => r.connect.established,
             Results::Connections(r) => r.connect.established,
             Results::Churn(r) => r.handshakes,
+            Results::ReconnectStorm(r) => r.connect.established,
         };
         let report = Report {
             scenario: name,

@@ -91,6 +91,7 @@ pub enum Results {
     Fanout(FanoutResults),
     Connections(ConnectionsResults),
     Churn(ChurnResults),
+    ReconnectStorm(ReconnectStormResults),
 }
 
 #[derive(Debug, Serialize)]
@@ -193,6 +194,71 @@ pub struct ChurnResults {
     pub handshake_latency: LatencySummary,
     pub cycle_latency: LatencySummary,
     pub server_cpu_us_per_cycle: Option<f64>,
+}
+
+/// A reconnect storm. Times (`*_ms`) count from t0, the SIGTERM to the drained server A; the
+/// `back_*` ranks are of `in_storm`, so `back_half_ms` is when half of the clients that were
+/// in their rooms at t0 were back, and `back_all_ms` is `None` unless every one of them was.
+/// `server_*` are of `--server-pid` (server B) over the storm, t0 to the last one back (or the
+/// timeout).
+#[derive(Debug, Serialize)]
+pub struct ReconnectStormResults {
+    pub clients: usize,
+    pub rooms: usize,
+    /// Where the clients reconnected (server B).
+    pub reconnect_url: String,
+    pub drain_pid: u32,
+    /// The initial connections, to server A.
+    pub connect: ConnectSummary,
+    /// Clients whose join_room on A was answered with room_joined.
+    pub joined: u64,
+    pub join_failed: u64,
+    /// Clients whose connection to A ended before the SIGTERM: no part in the storm.
+    pub dropped_before_drain: u64,
+    /// The SIGTERM was sent (not when nothing joined, Ctrl-C came first, or kill failed).
+    pub drained: bool,
+    /// Clients in their room on A at t0: closed_going_away + closed_otherwise + never_closed.
+    pub in_storm: u64,
+    /// Closed by A with 1001 Going Away.
+    pub closed_going_away: u64,
+    /// Their connection to A ended some other way (reset, another code; errors stage `drain`).
+    pub closed_otherwise: u64,
+    /// Still connected to A at the timeout.
+    pub never_closed: u64,
+    /// The first and last client's connection to A ended (A's drain, as the clients saw it).
+    pub first_close_ms: Option<f64>,
+    pub last_close_ms: Option<f64>,
+    /// Back in their room on B (room_joined on the new connection).
+    pub back: u64,
+    /// in_storm - back: not back by the timeout.
+    pub not_back: u64,
+    pub back_first_ms: Option<f64>,
+    pub back_half_ms: Option<f64>,
+    pub back_p90_ms: Option<f64>,
+    pub back_p99_ms: Option<f64>,
+    pub back_p999_ms: Option<f64>,
+    pub back_all_ms: Option<f64>,
+    /// Per client: from the end of its connection to A to its room_joined on B.
+    pub reconnect_latency: LatencySummary,
+    /// Connection attempts to B (each client's first one included).
+    pub reconnect_attempts: u64,
+    /// Attempts that failed and were retried (by cause: errors stages `reconnect`, `rejoin`).
+    pub reconnect_failures: u64,
+    /// Clients that needed more than one attempt.
+    pub clients_retried: u64,
+    /// The most attempts one client made.
+    pub most_attempts: u64,
+    pub backoff_min_ms: f64,
+    pub backoff_max_ms: f64,
+    /// Back on B, then dropped before the run ended (errors stage `back`).
+    pub dropped_after_back: u64,
+    /// t0 to the last client back, or to the timeout.
+    pub storm_seconds: f64,
+    pub server_cpu_storm_seconds: Option<f64>,
+    /// B's CPU over the storm / clients back.
+    pub server_cpu_us_per_reconnect: Option<f64>,
+    pub server_rss_before_kib: Option<u64>,
+    pub server_rss_after_kib: Option<u64>,
 }
 
 /// The generator and server parts of a report, and the warnings they call for.
@@ -339,6 +405,7 @@ impl Report {
             Results::Fanout(r) => r.write(&mut out),
             Results::Connections(r) => r.write(&mut out),
             Results::Churn(r) => r.write(&mut out),
+            Results::ReconnectStorm(r) => r.write(&mut out),
         }
         if !self.errors.is_empty() {
             let _ = writeln!(out, "  errors");
@@ -547,6 +614,90 @@ impl ChurnResults {
         let _ = writeln!(out, "  cycle time   {}", self.cycle_latency.one_line());
         if let Some(us) = self.server_cpu_us_per_cycle {
             let _ = writeln!(out, "  server CPU   {} per cycle", human_us(us));
+        }
+    }
+}
+
+impl ReconnectStormResults {
+    fn write(&self, out: &mut String) {
+        let at = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |ms| human_us(ms * 1e3));
+        let _ = writeln!(
+            out,
+            "  setup        {} clients in {} rooms, reconnecting to {}",
+            count(self.clients as u64),
+            count(self.rooms as u64),
+            self.reconnect_url
+        );
+        self.connect.write(out);
+        let _ = writeln!(
+            out,
+            "  joined       {} ({} failed, {} dropped before the drain)",
+            count(self.joined),
+            count(self.join_failed),
+            count(self.dropped_before_drain)
+        );
+        if !self.drained {
+            let _ = writeln!(out, "  drain        none: no SIGTERM was sent");
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "  drain        SIGTERM to pid {} at t0: {} closed with 1001 (from {} to {}), {} \
+             closed otherwise, {} never closed",
+            self.drain_pid,
+            count(self.closed_going_away),
+            at(self.first_close_ms),
+            at(self.last_close_ms),
+            count(self.closed_otherwise),
+            count(self.never_closed)
+        );
+        let _ = writeln!(
+            out,
+            "  back         {} of {} in their rooms after t0: first {}  half {}  90% {}  99% {}  \
+             99.9% {}  all {}",
+            count(self.back),
+            count(self.in_storm),
+            at(self.back_first_ms),
+            at(self.back_half_ms),
+            at(self.back_p90_ms),
+            at(self.back_p99_ms),
+            at(self.back_p999_ms),
+            at(self.back_all_ms)
+        );
+        let _ = writeln!(
+            out,
+            "  per client   close to room_joined {}",
+            self.reconnect_latency.one_line()
+        );
+        let _ = writeln!(
+            out,
+            "  attempts     {} ({} failed; {} clients tried more than once, the most by one: {}), \
+             backoff {}-{} ms",
+            count(self.reconnect_attempts),
+            count(self.reconnect_failures),
+            count(self.clients_retried),
+            self.most_attempts,
+            self.backoff_min_ms,
+            self.backoff_max_ms
+        );
+        if self.not_back > 0 || self.dropped_after_back > 0 {
+            let _ = writeln!(
+                out,
+                "  not back     {} by the timeout; {} dropped again after they were back",
+                count(self.not_back),
+                count(self.dropped_after_back)
+            );
+        }
+        if self.server_cpu_storm_seconds.is_some() {
+            let _ = writeln!(
+                out,
+                "  server CPU   {} in the storm's {:.2} s ({}); RSS {} before, {} after",
+                opt(self.server_cpu_storm_seconds, "s"),
+                self.storm_seconds,
+                opt(self.server_cpu_us_per_reconnect, "us per reconnect"),
+                kib(self.server_rss_before_kib),
+                kib(self.server_rss_after_kib)
+            );
         }
     }
 }

@@ -94,6 +94,27 @@ impl Connector {
         }
     }
 
+    /// The same connector (TLS, source addresses, Origin, timeouts, protocol, compression) aimed
+    /// at other `targets`, counting into the same wire counters: the reconnect storm's
+    /// clients reconnect to another server than the one they first joined.
+    pub fn retarget(&self, targets: Vec<Target>) -> Self {
+        Self {
+            targets,
+            tls: self.tls.clone(),
+            source_ips: self.source_ips.clone(),
+            origin: self.origin.clone(),
+            connect_timeout: self.connect_timeout,
+            pusher: self.pusher.clone(),
+            compression: self.compression,
+            wire: self.wire.clone(),
+        }
+    }
+
+    /// The targets, in the order clients are spread over them.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
     /// Whether the clients offer (and require) permessage-deflate.
     pub fn compression(&self) -> bool {
         self.compression

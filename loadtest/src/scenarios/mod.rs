@@ -8,6 +8,7 @@
 pub mod churn;
 pub mod connections;
 pub mod fanout;
+pub mod reconnect_storm;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
