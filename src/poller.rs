@@ -9,8 +9,8 @@
 //! waker (64 bytes), and closing the socket is all it takes to leave the epoll set (Linux
 //! drops a closed file from every epoll instance), one system call fewer per connection.
 //!
-//! How readiness flows, as in tokio: each socket is registered edge-triggered for reading and
-//! writing. [`Poller::run`], a task per listener, waits for the epoll instance itself to turn
+//! How readiness flows, as in tokio: each socket is registered edge-triggered for reading
+//! (and for writing once a write finds its send buffer full). [`Poller::run`], a task per listener, waits for the epoll instance itself to turn
 //! readable (it is registered with tokio's reactor: epoll in epoll), collects its events, and
 //! for each one bumps the slot's event count, sets the readiness bits and wakes the task.
 //! A read or write that finds the socket drained (`EAGAIN`, or a short read) clears the bit,
@@ -20,7 +20,7 @@
 use std::io::{self, IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -51,6 +51,9 @@ struct Slot {
     waker: AtomicWaker,
     /// Its token: where it is in the poller's slab.
     key: usize,
+    /// Registered for writability too: only once a write found the send buffer full (see
+    /// [`Poller::register`]).
+    write_interest: AtomicBool,
 }
 
 impl Slot {
@@ -87,14 +90,21 @@ impl Slot {
         }
     }
 
-    /// An event: count it, set its bits, wake the task.
+    /// An event: count it, set its bits, and wake the task if it set one that was clear. A
+    /// task only waits for a bit it saw clear after registering its waker, so an event that
+    /// sets nothing new has no one to wake: the task is busy with the socket (and the count
+    /// it sees moved keeps it from clearing what the event reported) or waits on something
+    /// else. The initial event of every new socket is such a one.
     fn set(&self, bits: usize) {
-        let _ = self
+        let previous = self
             .readiness
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
                 Some(current.wrapping_add(EVENT) | bits)
-            });
-        self.waker.wake();
+            })
+            .unwrap_or_else(|current| current);
+        if bits & !previous & BITS != 0 {
+            self.waker.wake();
+        }
     }
 }
 
@@ -147,7 +157,11 @@ impl Poller {
         ))
     }
 
-    /// Takes an accepted, non-blocking socket into the epoll set.
+    /// Takes an accepted, non-blocking socket into the epoll set. For reading only: a socket
+    /// is writable until its send buffer fills, which most never do, and an edge-triggered
+    /// registration for writing reports every new socket's writability at once (an event and
+    /// a wake-up per connection for nothing). A write that finds the buffer full asks for
+    /// writability then ([`Socket::want_writable`]).
     pub fn register(&self, mut stream: mio::net::TcpStream) -> io::Result<Socket> {
         // Ready until a system call says otherwise: a client's request is usually there by
         // the time it is accepted, and the first read should not wait for the first event.
@@ -159,16 +173,16 @@ impl Poller {
                 readiness: AtomicUsize::new(READABLE | WRITABLE),
                 waker: AtomicWaker::new(),
                 key: entry.key(),
+                write_interest: AtomicBool::new(false),
             });
             entry.insert(slot.clone());
             slot
         };
         let key = slot.key;
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(error) = self
-            .shared
-            .registry
-            .register(&mut stream, Token(key), interest)
+        if let Err(error) =
+            self.shared
+                .registry
+                .register(&mut stream, Token(key), Interest::READABLE)
         {
             self.shared.slots().remove(key);
             return Err(error);
@@ -297,17 +311,45 @@ impl Socket {
             match io(&self.stream) {
                 Ok(n) => {
                     if n > 0 && n < wanted {
-                        self.slot.clear(seen, readiness);
+                        self.drained(seen, readiness)?;
                     }
                     return Poll::Ready(Ok(n));
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    self.slot.clear(seen, readiness);
+                    self.drained(seen, readiness)?;
                 }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => return Poll::Ready(Err(error)),
             }
         }
+    }
+}
+
+impl Socket {
+    /// The socket has nothing more to read, or no room to write: clears the bit (unless an
+    /// event came since `seen`), and for writing makes sure an event will tell when there
+    /// is room again.
+    fn drained(&self, seen: usize, readiness: usize) -> io::Result<()> {
+        self.slot.clear(seen, readiness);
+        if readiness == WRITABLE {
+            self.want_writable()?;
+        }
+        Ok(())
+    }
+
+    /// Adds writability to the socket's registration, once: the first time a write found its
+    /// send buffer full. `epoll_ctl(MOD)` reports the current state at once, so space freed
+    /// since the failed write still comes as an event.
+    fn want_writable(&self) -> io::Result<()> {
+        if self.slot.write_interest.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let fd = self.stream.as_raw_fd();
+        self.shared.registry.reregister(
+            &mut mio::unix::SourceFd(&fd),
+            Token(self.slot.key),
+            Interest::READABLE | Interest::WRITABLE,
+        )
     }
 }
 
@@ -472,6 +514,39 @@ mod tests {
             .unwrap();
         assert_eq!(got.len(), expected);
         writer.await.unwrap();
+    }
+
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn an_event_wakes_the_task_only_when_it_sets_a_bit_that_was_clear() {
+        let slot = Slot {
+            readiness: AtomicUsize::new(0),
+            waker: AtomicWaker::new(),
+            key: 0,
+            write_interest: AtomicBool::new(false),
+        };
+        let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(slot.poll_ready(&mut cx, READABLE).is_pending());
+        slot.set(READABLE);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "the bit it waited for");
+        let Poll::Ready(seen) = slot.poll_ready(&mut cx, READABLE) else {
+            panic!("readable")
+        };
+        // More data while the task still has the bit: no wake, but the count moved, so
+        // the task's clear after a drained read does not hide the new data.
+        slot.set(READABLE);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        slot.clear(seen, READABLE);
+        assert!(slot.poll_ready(&mut cx, READABLE).is_ready());
     }
 
     #[tokio::test]
