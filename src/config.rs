@@ -57,6 +57,7 @@ pub mod defaults {
     pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
     pub const MAX_FRAME_SIZE: usize = 64 * 1024;
     pub const HANDSHAKE_TIMEOUT: &str = "10s";
+    pub const DEFER_ACCEPT: &str = "5s";
     pub const DRAIN_TIMEOUT: &str = "10s";
     pub const PING_INTERVAL: &str = "30s";
     pub const IDLE_TIMEOUT: &str = "70s";
@@ -410,6 +411,16 @@ pub struct Config {
     #[serde(serialize_with = "humantime_duration")]
     pub handshake_timeout: Duration,
 
+    /// TCP_DEFER_ACCEPT (Linux): the kernel hands a connection over only once its first bytes
+    /// (the request, a PROXY header, a TLS hello) have arrived, up to this long, so a
+    /// connection costs the server one wake-up and no failed read to set up, and one that
+    /// never speaks stays a small kernel entry instead of an accepted socket. After it the
+    /// kernel hands a silent connection over anyway, and --handshake-timeout applies. `0s`:
+    /// accept at once. Ignored on other systems.
+    #[arg(long, env = "ROOMCAST_DEFER_ACCEPT", default_value = defaults::DEFER_ACCEPT, value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_duration")]
+    pub defer_accept: Duration,
+
     /// How often the server pings every connection; `0s` sends no pings. Clients answer with
     /// a pong, which counts as activity for `--idle-timeout`.
     #[arg(long, env = "ROOMCAST_PING_INTERVAL", default_value = defaults::PING_INTERVAL, value_parser = humantime::parse_duration)]
@@ -586,6 +597,7 @@ impl Config {
             pusher_app: Vec::new(),
             pusher_apps: Vec::new(),
             handshake_timeout: duration(defaults::HANDSHAKE_TIMEOUT),
+            defer_accept: duration(defaults::DEFER_ACCEPT),
             drain_timeout: duration(defaults::DRAIN_TIMEOUT),
             ping_interval: duration(defaults::PING_INTERVAL),
             shutdown_delay: duration(defaults::SHUTDOWN_DELAY),
@@ -1097,6 +1109,7 @@ struct FileLayer {
     /// A table key: read apart from the flags (see [`with_file`]).
     pusher_apps: Option<Vec<PusherAppConfig>>,
     handshake_timeout: Option<Scalar>,
+    defer_accept: Option<Scalar>,
     ping_interval: Option<Scalar>,
     idle_timeout: Option<Scalar>,
     shutdown_delay: Option<Scalar>,
@@ -1179,6 +1192,7 @@ impl FileLayer {
             relay_path,
             pusher_app,
             handshake_timeout,
+            defer_accept,
             ping_interval,
             idle_timeout,
             shutdown_delay,

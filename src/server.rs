@@ -123,11 +123,11 @@ impl Server {
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         ensure_port_is_free(config.listen)?;
-        let first = reuseport_listener(config.listen, config.socket_send_buffer)?;
+        let first = reuseport_listener(&config, config.listen)?;
         let local_addr = first.socket.get_ref().local_addr()?;
         let mut listeners = vec![first];
         for _ in 1..config.workers {
-            listeners.push(reuseport_listener(local_addr, config.socket_send_buffer)?);
+            listeners.push(reuseport_listener(&config, local_addr)?);
         }
         let admission = Admission::from_config(&config)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -341,9 +341,9 @@ fn ensure_port_is_free(addr: SocketAddr) -> io::Result<()> {
     })
 }
 
-fn reuseport_listener(addr: SocketAddr, send_buffer: usize) -> io::Result<Listener> {
+fn reuseport_listener(config: &Config, addr: SocketAddr) -> io::Result<Listener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    ws::transport::configure_listener(&socket, send_buffer)?;
+    ws::transport::configure_listener(&socket, config.socket_send_buffer, config.defer_accept)?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     socket.set_reuse_port(true)?;

@@ -218,8 +218,12 @@ async fn a_refused_upgrade_on_a_kept_alive_connection_closes_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_that_never_send_a_request_count_against_the_per_ip_cap() {
-    let server = start_server_with(|config| config.max_connections_per_ip = 3).await;
+async fn without_defer_accept_connections_that_never_send_a_request_count_against_the_per_ip_cap() {
+    let server = start_server_with(|config| {
+        config.max_connections_per_ip = 3;
+        config.defer_accept = Duration::ZERO;
+    })
+    .await;
     let mut idle = Vec::new();
     for _ in 0..3 {
         idle.push(TcpStream::connect(server.addr).await.unwrap());
@@ -241,14 +245,49 @@ async fn connections_that_never_send_a_request_count_against_the_per_ip_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_that_never_send_a_request_count_against_the_global_cap() {
-    let server = start_server_with(|config| config.max_connections = 3).await;
+async fn without_defer_accept_connections_that_never_send_a_request_count_against_the_global_cap() {
+    let server = start_server_with(|config| {
+        config.max_connections = 3;
+        config.defer_accept = Duration::ZERO;
+    })
+    .await;
     let mut idle = Vec::new();
     for _ in 0..3 {
         idle.push(TcpStream::connect(server.addr).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(connect_with(&server, "/", &[]).await.err(), Some(503));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_defer_accept_silent_connections_wait_in_the_kernel_and_are_served_once_they_speak() {
+    // The default: the kernel keeps a connection until its first bytes arrive.
+    let server = start_server_with(|config| config.max_connections = 3).await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Not accepted, so they hold no place under the cap.
+    let client = connect_with(&server, "/", &[]).await;
+    assert!(client.is_ok(), "refused: {:?}", client.err());
+    drop(client);
+    // One that speaks late is accepted then and served like any other.
+    let mut late = silent.pop().unwrap();
+    let request = upgrade("GET", "HTTP/1.1", true, KEY, "13");
+    late.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(common::EXPECT, late.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

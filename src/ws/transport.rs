@@ -51,12 +51,44 @@ pub const ACCEPTED_INHERIT_OPTIONS: bool = cfg!(target_os = "linux");
 
 /// The per-connection socket options, set on a listener for the sockets it will accept (see
 /// [`ACCEPTED_INHERIT_OPTIONS`]): no Nagle delay (the outbox batches frames itself) and the
-/// send buffer bound of `--socket-send-buffer`.
-pub fn configure_listener(listener: &socket2::Socket, send_buffer: usize) -> io::Result<()> {
+/// send buffer bound of `--socket-send-buffer`; and the listener's own `--defer-accept`.
+pub fn configure_listener(
+    listener: &socket2::Socket,
+    send_buffer: usize,
+    defer_accept: Duration,
+) -> io::Result<()> {
     listener.set_nodelay(true)?;
     if send_buffer != 0 {
         listener.set_send_buffer_size(send_buffer)?;
     }
+    defer_accept_for(listener, defer_accept)
+}
+
+/// TCP_DEFER_ACCEPT, in whole seconds (rounded up; `0` turns it off).
+#[cfg(target_os = "linux")]
+fn defer_accept_for(listener: &socket2::Socket, wait: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let seconds = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a socket the caller owns, and an option value of the size given.
+    let set = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn defer_accept_for(_: &socket2::Socket, _: Duration) -> io::Result<()> {
     Ok(())
 }
 
@@ -93,7 +125,7 @@ mod tests {
             Some(socket2::Protocol::TCP),
         )
         .unwrap();
-        configure_listener(&listener, send_buffer).unwrap();
+        configure_listener(&listener, send_buffer, Duration::ZERO).unwrap();
         listener
             .bind(
                 &"127.0.0.1:0"
@@ -132,6 +164,39 @@ mod tests {
             SockRef::from(&server).send_buffer_size().unwrap(),
             SockRef::from(&autotuned).send_buffer_size().unwrap()
         );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn defer_accept_is_set_on_the_listener_and_zero_leaves_it_off() {
+        use std::os::fd::AsRawFd;
+        let deferral = |wait: Duration| {
+            let listener = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .unwrap();
+            configure_listener(&listener, 0, wait).unwrap();
+            let mut value: libc::c_int = -1;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: a live socket and an option buffer of the size given.
+            let got = unsafe {
+                libc::getsockopt(
+                    listener.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_DEFER_ACCEPT,
+                    (&mut value as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(got, 0);
+            value
+        };
+        // Linux keeps it as a count of SYN-ACK retransmissions and reports the seconds those
+        // cover, at least what was asked.
+        assert!(deferral(Duration::from_secs(5)) >= 5);
+        assert_eq!(deferral(Duration::ZERO), 0);
     }
 
     #[tokio::test]
