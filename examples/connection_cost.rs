@@ -166,9 +166,12 @@ async fn outboxes(used: bool) -> Row {
     }
 }
 
-async fn tcp_streams() -> Row {
-    // Socket pairs made with std first (a std socket is a file descriptor, no heap), so that
-    // only the registration with tokio's reactor is counted.
+/// N connected socket pairs made with std (a std socket is a file descriptor, no heap), so
+/// that only what registers the accepted ends is counted: the clients, and the accepted ends
+/// (non-blocking).
+type Pairs = (Vec<std::net::TcpStream>, Vec<std::net::TcpStream>);
+
+fn socket_pairs() -> Pairs {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let mut clients = Vec::with_capacity(N);
@@ -179,6 +182,11 @@ async fn tcp_streams() -> Row {
         socket.set_nonblocking(true).unwrap();
         accepted.push(socket);
     }
+    (clients, accepted)
+}
+
+async fn tcp_streams() -> Row {
+    let (_clients, accepted) = socket_pairs();
     let mut registered = Vec::with_capacity(N);
     let before = snapshot();
     for socket in accepted {
@@ -194,17 +202,8 @@ async fn tcp_streams() -> Row {
 }
 
 async fn poller_sockets() -> Row {
-    // As above, but registered with a roomcast poller, as the server's accepted sockets are.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut clients = Vec::with_capacity(N);
-    let mut accepted = Vec::with_capacity(N);
-    for _ in 0..N {
-        clients.push(std::net::TcpStream::connect(addr).unwrap());
-        let (socket, _) = listener.accept().unwrap();
-        socket.set_nonblocking(true).unwrap();
-        accepted.push(socket);
-    }
+    // Registered with a roomcast poller, as the server's accepted sockets are.
+    let (_clients, accepted) = socket_pairs();
     let (poller, _task) = roomcast::poller::Poller::new().unwrap();
     let mut registered = Vec::with_capacity(N);
     let before = snapshot();
