@@ -1,4 +1,5 @@
-//! Listening, accepting and HTTP: one SO_REUSEPORT listener per worker, admission at accept,
+//! Listening, accepting and HTTP: one SO_REUSEPORT listener per worker, each with the
+//! [`crate::poller`] that its accepted sockets read and write through, admission at accept,
 //! the first request head read by [`crate::handshake`] (which answers WebSocket upgrades
 //! itself), hyper for every other HTTP/1.1 request, and the hand-off of upgraded connections
 //! to [`crate::ws::session`].
