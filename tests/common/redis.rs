@@ -180,7 +180,7 @@ impl RedisCluster {
         std::fs::create_dir_all(&config_dir).expect("a directory for the cluster's files");
         let mut masters = Vec::new();
         for _ in 0..3 {
-            let port = free_port();
+            let port = free_cluster_port();
             let config = config_dir.join(format!("nodes-{port}.conf"));
             let extra = [
                 "--cluster-enabled".as_ref(),
@@ -287,6 +287,17 @@ impl Drop for RedisCluster {
     fn drop(&mut self) {
         self.masters.clear();
         let _ = std::fs::remove_dir_all(&self.config_dir);
+    }
+}
+
+/// A free port for a cluster node: Redis also binds its cluster bus at the port + 10,000, and
+/// refuses to start above 55,535, where that would not fit (ephemeral ports go to 60,999).
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
     }
 }
 
