@@ -13,7 +13,7 @@ use common::Client;
 /// Runs the binary at `RUST_LOG=info` with `args`, opens and closes one connection, stops the
 /// binary with SIGTERM and returns every line it logged.
 async fn lines_logged_around_one_connection(args: &[&str]) -> Vec<String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+    let child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
         .args(["--listen", "127.0.0.1:0", "--workers", "1"])
         .args(args)
         .env("RUST_LOG", "info")
@@ -22,7 +22,9 @@ async fn lines_logged_around_one_connection(args: &[&str]) -> Vec<String> {
         .stderr(Stdio::null())
         .spawn()
         .expect("start the roomcast binary");
-    let stdout = child.stdout.take().unwrap();
+    // Killed if the test fails before it stops the binary itself.
+    let mut child = KillOnDrop(Some(child));
+    let stdout = child.0.as_mut().unwrap().stdout.take().unwrap();
     let (lines_tx, lines_rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout)
@@ -51,6 +53,7 @@ async fn lines_logged_around_one_connection(args: &[&str]) -> Vec<String> {
     client.close().await;
     // The close is logged when the connection's task ends, right after the close handshake.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut child = child.0.take().unwrap();
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -63,6 +66,18 @@ async fn lines_logged_around_one_connection(args: &[&str]) -> Vec<String> {
     // The reader thread ends at EOF, once the process is gone.
     lines.extend(lines_rx.iter());
     lines
+}
+
+/// The binary's process, killed when dropped unless taken out.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 #[tokio::test]
