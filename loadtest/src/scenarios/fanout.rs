@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{drain, open_connections, wait_until, Env, Outcome};
+use super::{await_joins, drain, open_connections, wait_until, Env, Outcome};
 use crate::cli::{FanoutArgs, PayloadKind, Protocol};
 use crate::client::{Cause, ClientError, Conn, Reader, Writer};
 use crate::clock::now_ns;
@@ -199,24 +199,13 @@ pub async fn run(env: &mut Env, args: FanoutArgs) -> Result<Outcome, FanoutError
     )
     .await;
     let established = ramp.summary.established;
-    {
-        let s = shared.clone();
-        env.progress.phase("join", established, move || {
-            let joined = s.joined.load(Ordering::Relaxed);
-            let failed = s.join_failed.load(Ordering::Relaxed);
-            (joined + failed, format!("joined {joined}, failed {failed}"))
-        });
-    }
-    // Each join ends within the reply timeout; the margin covers scheduling.
-    wait_until(
-        &env.interrupt,
-        env.common.timeout + Duration::from_secs(5),
-        Duration::from_millis(10),
-        || {
-            shared.joined.load(Ordering::Relaxed) + shared.join_failed.load(Ordering::Relaxed)
-                >= established
-        },
-    )
+    let s = shared.clone();
+    await_joins(env, established, move || {
+        (
+            s.joined.load(Ordering::Relaxed),
+            s.join_failed.load(Ordering::Relaxed),
+        )
+    })
     .await;
     let mut warnings = Vec::new();
     if protocol == Protocol::Native {

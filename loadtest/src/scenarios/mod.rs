@@ -171,6 +171,30 @@ where
 
 /// Waits until `done()` or `limit` elapses or Ctrl-C, polling every `every`. Returns whether
 /// `done()` became true.
+/// The join phase after a ramp: shows how many joins ended (`joins` answers joined, failed)
+/// and waits until every one of the `established` connections' joins has. Each ends within
+/// the reply timeout; the margin covers scheduling.
+pub async fn await_joins<F>(env: &mut Env, established: u64, joins: F)
+where
+    F: Fn() -> (u64, u64) + Clone + Send + 'static,
+{
+    let status = joins.clone();
+    env.progress.phase("join", established, move || {
+        let (joined, failed) = status();
+        (joined + failed, format!("joined {joined}, failed {failed}"))
+    });
+    wait_until(
+        &env.interrupt,
+        env.common.timeout + Duration::from_secs(5),
+        Duration::from_millis(10),
+        || {
+            let (joined, failed) = joins();
+            joined + failed >= established
+        },
+    )
+    .await;
+}
+
 pub async fn wait_until(
     interrupt: &CancellationToken,
     limit: Duration,

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{drain, open_connections, wait_until, Env, Outcome};
+use super::{await_joins, drain, open_connections, wait_until, Env, Outcome};
 use crate::cli::{CommonArgs, ReconnectStormArgs};
 use crate::client::{Cause, ClientError, CloseCode, Conn, Connector, Target};
 use crate::clock::{instant_of, now_ns};
@@ -182,24 +182,13 @@ pub async fn run(env: &mut Env, args: ReconnectStormArgs, reconnect: Option<Targ
     )
     .await;
     let established = ramp.summary.established;
-    {
-        let s = shared.clone();
-        env.progress.phase("join", established, move || {
-            let joined = s.joined.load(Ordering::Relaxed);
-            let failed = s.join_failed.load(Ordering::Relaxed);
-            (joined + failed, format!("joined {joined}, failed {failed}"))
-        });
-    }
-    // Each join ends within the reply timeout; the margin covers scheduling.
-    wait_until(
-        &env.interrupt,
-        env.common.timeout + Duration::from_secs(5),
-        Duration::from_millis(10),
-        || {
-            shared.joined.load(Ordering::Relaxed) + shared.join_failed.load(Ordering::Relaxed)
-                >= established
-        },
-    )
+    let s = shared.clone();
+    await_joins(env, established, move || {
+        (
+            s.joined.load(Ordering::Relaxed),
+            s.join_failed.load(Ordering::Relaxed),
+        )
+    })
     .await;
 
     // Settle: the member_joined traffic of the joins dies down, so the drain starts from
