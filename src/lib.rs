@@ -56,6 +56,8 @@ pub mod pusher;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 pub mod web;
 pub mod ws;

@@ -744,6 +744,7 @@ fn advance(pending: &mut VecDeque<Bytes>, mut written: usize) -> (bool, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::CountingWaker;
 
     fn frames(list: &[&'static [u8]]) -> VecDeque<Bytes> {
         list.iter().map(|b| Bytes::from_static(b)).collect()
@@ -868,15 +869,6 @@ mod tests {
         ));
         assert_eq!(io.data, b"456789CLOSE");
         assert_eq!(tx.push(Bytes::from_static(b"late")), Pushed::Closing);
-    }
-
-    /// Counts its wake-ups.
-    struct CountingWaker(AtomicUsize);
-
-    impl std::task::Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
     }
 
     #[test]

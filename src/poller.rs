@@ -432,6 +432,7 @@ impl AsyncWrite for Socket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::CountingWaker;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A poller with its task running, and one registered server socket with its client.
@@ -514,14 +515,6 @@ mod tests {
             .unwrap();
         assert_eq!(got.len(), expected);
         writer.await.unwrap();
-    }
-
-    struct CountingWaker(AtomicUsize);
-
-    impl std::task::Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
     }
 
     #[test]
