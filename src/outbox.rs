@@ -232,10 +232,10 @@ pub struct OutboxReceiver {
     /// the queue's limits, so this is capped by the frame limit (and a batch by
     /// [`MAX_BATCH_BYTES`]): a connection holds at most twice its frame limit in all, and its
     /// byte limit plus one batch (queued plus being written).
-    batch_limit: usize,
+    batch_limit: u32,
     /// Frames the socket has not taken yet. Empty, and without an allocation, unless the peer
     /// reads slower than we write.
-    unsent: VecDeque<Bytes>,
+    unsent: Unsent,
     /// Whether the front of `unsent` must be kept by a close that drops the rest: a frame the
     /// socket has taken only part of, or the handshake's 101 response.
     front_partial: bool,
@@ -265,6 +265,44 @@ impl Drop for OutboxReceiver {
         if let Some(rx) = self.rx.as_mut() {
             rx.close();
         }
+    }
+}
+
+/// The frames a connection's socket has not taken yet: one pointer while there are none (an
+/// idle connection's case, and every connection's outbound state counts), the deque on the
+/// heap only while frames wait. Reads see an empty deque when there is none; a mutable
+/// access creates it.
+#[derive(Default)]
+// The box is the point: one pointer where a bare deque takes four words.
+#[allow(clippy::box_collection)]
+struct Unsent(Option<Box<VecDeque<Bytes>>>);
+
+impl Unsent {
+    /// Frees the deque once it is empty.
+    fn release(&mut self) {
+        if self.0.as_ref().is_some_and(|frames| frames.is_empty()) {
+            self.0 = None;
+        }
+    }
+
+    #[cfg(test)]
+    fn is_allocated(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl std::ops::Deref for Unsent {
+    type Target = VecDeque<Bytes>;
+
+    fn deref(&self) -> &VecDeque<Bytes> {
+        static NONE: VecDeque<Bytes> = VecDeque::new();
+        self.0.as_deref().unwrap_or(&NONE)
+    }
+}
+
+impl std::ops::DerefMut for Unsent {
+    fn deref_mut(&mut self) -> &mut VecDeque<Bytes> {
+        self.0.get_or_insert_with(Box::default)
     }
 }
 
@@ -302,8 +340,8 @@ pub fn outbox(
         OutboxReceiver {
             rx: None,
             shared,
-            batch_limit: capacity.clamp(1, MAX_BATCH),
-            unsent: VecDeque::new(),
+            batch_limit: capacity.clamp(1, MAX_BATCH) as u32,
+            unsent: Unsent::default(),
             front_partial: false,
             needs_flush: false,
             compress_from: u32::MAX,
@@ -558,10 +596,8 @@ impl OutboxReceiver {
     ) -> Poll<std::io::Result<()>> {
         // Frames the socket refused last time go first.
         ready!(self.poll_write_unsent(cx, io))?;
-        if self.unsent.capacity() > 0 {
-            // The slow spell is over: give the memory back.
-            self.unsent = VecDeque::new();
-        }
+        // The slow spell (or the welcome) is over: give the memory back.
+        self.unsent.release();
         for _ in 0..BATCHES_PER_POLL {
             let outcome = BATCH.with(|batch| {
                 let mut batch = batch.borrow_mut();
@@ -606,7 +642,7 @@ impl OutboxReceiver {
             return BatchOutcome::Empty;
         };
         let mut batch_bytes = 0;
-        while batch.len() < self.batch_limit && batch_bytes < MAX_BATCH_BYTES {
+        while batch.len() < self.batch_limit as usize && batch_bytes < MAX_BATCH_BYTES {
             match rx.poll_recv(cx) {
                 Poll::Ready(Some(frame)) => {
                     // Counted as queued: the frame's own length.
@@ -636,7 +672,10 @@ impl OutboxReceiver {
     /// Accounts for `n` bytes written from `batch` (or from `unsent` when `None`).
     fn wrote(&mut self, n: usize, batch: Option<&mut VecDeque<Bytes>>) {
         self.needs_flush = true;
-        let frames = batch.unwrap_or(&mut self.unsent);
+        let frames = match batch {
+            Some(batch) => batch,
+            None => &mut self.unsent,
+        };
         let (partial, completed) = advance(frames, n);
         self.front_partial = partial;
         if completed > 0 {
@@ -852,7 +891,7 @@ mod tests {
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let _ = poll_write_some(&mut cx, &mut io, &frames(&[]));
-        rx.unsent = frames(&[b"0123456789", b"abcdefghij"]);
+        *rx.unsent = frames(&[b"0123456789", b"abcdefghij"]);
         rx.front_partial = advance(&mut rx.unsent, 4).0;
         rx.begin_close(
             CloseRequest {
@@ -887,7 +926,7 @@ mod tests {
         ));
         assert_eq!(io.data, b"welcome");
         assert!(tx.shared.queue.get().is_none(), "no queue yet");
-        assert_eq!(rx.unsent.capacity(), 0, "nothing kept after the welcome");
+        assert!(!rx.unsent.is_allocated(), "nothing kept after the welcome");
 
         assert_eq!(tx.push(Bytes::from_static(b"first")), Pushed::Queued);
         assert!(tx.shared.queue.get().is_some());
@@ -917,7 +956,7 @@ mod tests {
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
         rx.queue_requested_ping(|| Bytes::from_static(b"PING"));
         rx.queue_requested_ping(|| Bytes::from_static(b"PING"));
-        assert_eq!(rx.unsent, frames(&[b"PING"]), "one request, one ping");
+        assert_eq!(*rx.unsent, frames(&[b"PING"]), "one request, one ping");
         assert!(tx.shared.queue.get().is_none());
     }
 

@@ -585,6 +585,10 @@ impl Protocol for PusherSession {
         &self.outbox
     }
 
+    fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
     fn on_message(&mut self, _binary: bool, payload: &mut [u8]) {
         if self.closing || self.app.is_none() || !self.within_rate(payload.len()) {
             return;
@@ -656,7 +660,8 @@ impl Protocol for PusherSession {
         true
     }
 
-    fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    fn disconnect(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let node = self.node.clone();
         self.subscribing.clear();
         if let (Some(user), Some(apps)) = (self.user.take(), node.pusher.as_ref()) {
             apps.users
@@ -666,7 +671,7 @@ impl Protocol for PusherSession {
             self.apps().disconnect(self.app.unwrap_or_default());
         }
         for channel in std::mem::take(&mut self.channels) {
-            self.leave(node, &channel);
+            self.leave(&node, &channel);
         }
         node.router.unregister_outside(self.conn);
         None

@@ -80,7 +80,8 @@ pub struct Session {
     /// with a `rooms` claim have one, and every connection pays for the field (see the size
     /// guard in `ws::session`).
     allowed_rooms: Option<Box<RoomPolicy>>,
-    rooms: Rooms,
+    /// Created by the first join: an idle connection keeps only the empty pointer.
+    rooms: Option<Box<Rooms>>,
     metadata: Metadata,
     /// Set once the session asked its connection to close: later messages are ignored.
     closing: bool,
@@ -117,7 +118,7 @@ impl Session {
             node,
             rate,
             allowed_rooms: allowed_rooms.map(Box::new),
-            rooms: Rooms::default(),
+            rooms: None,
             metadata: metadata.unwrap_or_default(),
             closing: false,
             app,
@@ -388,7 +389,11 @@ impl Session {
         if room.len() > self.node.session_limits.max_room_name_length {
             return self.reply_error(limits::errors::ROOM_NAME_TOO_LONG);
         }
-        if self.rooms.contains(room) {
+        if self
+            .rooms
+            .as_ref()
+            .is_some_and(|rooms| rooms.contains(room))
+        {
             return; // already a member: the seed sends nothing
         }
         if let Some(policy) = &self.allowed_rooms {
@@ -396,7 +401,8 @@ impl Session {
                 return self.reply_error(protocol::errors::ROOM_NOT_ALLOWED);
             }
         }
-        if self.rooms.len() >= self.node.session_limits.max_rooms {
+        if self.rooms.as_ref().map_or(0, |rooms| rooms.len()) >= self.node.session_limits.max_rooms
+        {
             return self.reply_error(limits::errors::TOO_MANY_ROOMS);
         }
         if self.asks(Proxy::Join) {
@@ -444,14 +450,18 @@ impl Session {
             self.webhook(EventKind::RoomOccupied, Some(room));
         }
         self.webhook(EventKind::MemberJoined, Some(room));
-        self.rooms.insert(Arc::from(room));
+        self.rooms
+            .get_or_insert_with(Box::default)
+            .insert(Arc::from(room));
     }
 
     /// Not a member, or no such room: nothing happens and nothing is sent.
     fn leave_room(&mut self, room: &str) {
         if let Some(told) = self.node.broker.leave(room, &self.member) {
             self.left(room, told);
-            self.rooms.remove(room);
+            if let Some(rooms) = &mut self.rooms {
+                rooms.remove(room);
+            }
             self.node.metrics.fanout_deliveries.increment(told as u64);
         }
     }
@@ -567,7 +577,7 @@ impl Session {
         // A call still out is abandoned (its task sees the verdict's receiver go), and what
         // waited behind it is dropped with the connection.
         self.waiting = None;
-        for room in std::mem::take(&mut self.rooms) {
+        for room in self.rooms.take().into_iter().flat_map(|rooms| *rooms) {
             if let Some(told) = self.node.broker.leave(&room, &self.member) {
                 self.left(&room, told);
                 self.node.metrics.fanout_deliveries.increment(told as u64);
@@ -633,6 +643,10 @@ impl Protocol for Session {
         &self.member.outbox
     }
 
+    fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
     fn on_message(&mut self, _binary: bool, payload: &mut [u8]) {
         // The seed (Ratchet) hands binary messages to the same handler as text.
         self.handle_message(payload);
@@ -642,7 +656,7 @@ impl Protocol for Session {
         Session::poll_waiting(self, cx)
     }
 
-    fn disconnect(&mut self, _node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    fn disconnect(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         Session::disconnect(self)
     }
 }

@@ -7,11 +7,13 @@ use crate::hub::ConnId;
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::protocol;
+use std::sync::Arc;
 
 /// An echo connection, in the hub's registry under `conn` so that a shutdown reaches it too.
 pub struct Echo {
     outbox: Outbox,
     conn: ConnId,
+    node: Arc<Node>,
 }
 
 impl Protocol for Echo {
@@ -25,6 +27,7 @@ impl Protocol for Echo {
         Echo {
             outbox: opening.outbox,
             conn: opening.conn,
+            node: opening.node.clone(),
         }
     }
 
@@ -36,12 +39,16 @@ impl Protocol for Echo {
         &self.outbox
     }
 
+    fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
     fn on_message(&mut self, binary: bool, payload: &mut [u8]) {
         self.outbox.push(protocol::data(binary, payload));
     }
 
-    fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        node.router.unregister_outside(self.conn);
+    fn disconnect(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.node.router.unregister_outside(self.conn);
         None
     }
 }

@@ -59,49 +59,40 @@ impl Complete<'_> {
     }
 }
 
-/// The message being reassembled, if any. Holds no buffer between messages.
+/// The message being reassembled, if any. Holds no buffer between messages, and no limit: the
+/// frame reader keeps the connection's limits in one word beside it.
+#[derive(Default)]
 pub struct Assembler {
-    /// At most 1 GiB (the configuration's bound), so 4 bytes of every connection's state.
-    max_message_size: u32,
     /// Its opcode, whether it is compressed (its first frame's RSV1), what came so far. Boxed:
     /// an idle connection keeps only the empty pointer.
     partial: Option<Box<(OpCode, bool, BytesMut)>>,
 }
 
 impl Assembler {
-    pub fn new(max_message_size: usize) -> Self {
-        Self {
-            max_message_size: u32::try_from(max_message_size).unwrap_or(u32::MAX),
-            partial: None,
-        }
-    }
-
-    fn max_message_size(&self) -> usize {
-        self.max_message_size as usize
-    }
-
     /// Takes one data frame (text, binary or continuation) and returns the message it
-    /// completes. The frame size was checked against the limit by the frame parser.
-    /// `compressed`: the frame's RSV1, which only a message's first frame may set (checked by
-    /// the frame parser), on a connection that negotiated permessage-deflate.
+    /// completes, refusing messages over `max_message_size` (inflated size, when compressed).
+    /// The frame size was checked against its limit by the frame parser. `compressed`: the
+    /// frame's RSV1, which only a message's first frame may set (checked by the frame parser),
+    /// on a connection that negotiated permessage-deflate.
     pub fn push<'a>(
         &mut self,
         fin: bool,
         opcode: OpCode,
         compressed: bool,
         payload: &'a mut [u8],
+        max_message_size: usize,
     ) -> Result<Option<Complete<'a>>, FragmentError> {
         match opcode {
             OpCode::Text | OpCode::Binary => {
                 if self.partial.is_some() {
                     return Err(FragmentError::InvalidSequence);
                 }
-                if payload.len() > self.max_message_size() {
+                if payload.len() > max_message_size {
                     return Err(FragmentError::TooBig);
                 }
                 if fin {
                     if compressed {
-                        return self.inflated(opcode, payload).map(Some);
+                        return inflated(opcode, payload, max_message_size).map(Some);
                     }
                     if opcode == OpCode::Text && std::str::from_utf8(payload).is_err() {
                         return Err(FragmentError::InvalidUtf8);
@@ -112,7 +103,6 @@ impl Assembler {
                 Ok(None)
             }
             OpCode::Continuation => {
-                let max_message_size = self.max_message_size();
                 let Some(partial) = self.partial.as_mut() else {
                     return Err(FragmentError::InvalidSequence);
                 };
@@ -127,7 +117,7 @@ impl Assembler {
                 }
                 let (opcode, compressed, buffer) = *self.partial.take().expect("checked above");
                 if compressed {
-                    return self.inflated(opcode, &buffer).map(Some);
+                    return inflated(opcode, &buffer, max_message_size).map(Some);
                 }
                 if opcode == OpCode::Text && std::str::from_utf8(&buffer).is_err() {
                     return Err(FragmentError::InvalidUtf8);
@@ -138,28 +128,54 @@ impl Assembler {
             OpCode::Close | OpCode::Ping | OpCode::Pong => Ok(None),
         }
     }
+}
 
-    /// A complete compressed message, inflated under the size limit, UTF-8 checked if text.
-    fn inflated(
-        &self,
-        opcode: OpCode,
-        compressed: &[u8],
-    ) -> Result<Complete<'static>, FragmentError> {
-        let mut inflated = Vec::new();
-        deflate::inflate(compressed, self.max_message_size(), &mut inflated)?;
-        if opcode == OpCode::Text && std::str::from_utf8(&inflated).is_err() {
-            return Err(FragmentError::InvalidUtf8);
-        }
-        Ok(Complete::Reassembled(opcode, BytesMut::from(&inflated[..])))
+/// A complete compressed message, inflated under the size limit, UTF-8 checked if text.
+fn inflated(
+    opcode: OpCode,
+    compressed: &[u8],
+    max_message_size: usize,
+) -> Result<Complete<'static>, FragmentError> {
+    let mut inflated = Vec::new();
+    deflate::inflate(compressed, max_message_size, &mut inflated)?;
+    if opcode == OpCode::Text && std::str::from_utf8(&inflated).is_err() {
+        return Err(FragmentError::InvalidUtf8);
     }
+    Ok(Complete::Reassembled(opcode, BytesMut::from(&inflated[..])))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// An assembler with its limit, as the frame reader holds them.
+    struct Limited {
+        assembler: Assembler,
+        max_message_size: usize,
+    }
+
+    impl Limited {
+        fn new(max_message_size: usize) -> Self {
+            Self {
+                assembler: Assembler::default(),
+                max_message_size,
+            }
+        }
+
+        fn push<'a>(
+            &mut self,
+            fin: bool,
+            opcode: OpCode,
+            compressed: bool,
+            payload: &'a mut [u8],
+        ) -> Result<Option<Complete<'a>>, FragmentError> {
+            let max = self.max_message_size;
+            self.assembler.push(fin, opcode, compressed, payload, max)
+        }
+    }
+
     fn push(
-        a: &mut Assembler,
+        a: &mut Limited,
         fin: bool,
         opcode: OpCode,
         data: &[u8],
@@ -171,7 +187,7 @@ mod tests {
 
     #[test]
     fn fragments_are_joined_in_order() {
-        let mut a = Assembler::new(100);
+        let mut a = Limited::new(100);
         assert_eq!(push(&mut a, false, OpCode::Text, b"ab"), Ok(None));
         assert_eq!(push(&mut a, false, OpCode::Continuation, b"cd"), Ok(None));
         assert_eq!(
@@ -182,13 +198,13 @@ mod tests {
 
     #[test]
     fn the_limit_applies_to_the_whole_message() {
-        let mut a = Assembler::new(5);
+        let mut a = Limited::new(5);
         push(&mut a, false, OpCode::Binary, b"abc").unwrap();
         assert_eq!(
             push(&mut a, false, OpCode::Continuation, b"def"),
             Err(FragmentError::TooBig)
         );
-        let mut a = Assembler::new(6);
+        let mut a = Limited::new(6);
         push(&mut a, false, OpCode::Binary, b"abc").unwrap();
         assert!(push(&mut a, true, OpCode::Continuation, b"def")
             .unwrap()
@@ -197,7 +213,7 @@ mod tests {
 
     #[test]
     fn continuation_without_a_start_and_interleaved_starts_are_refused() {
-        let mut a = Assembler::new(100);
+        let mut a = Limited::new(100);
         assert_eq!(
             push(&mut a, true, OpCode::Continuation, b"x"),
             Err(FragmentError::InvalidSequence)
@@ -212,7 +228,7 @@ mod tests {
     #[test]
     fn utf8_split_across_fragments_is_accepted_and_invalid_utf8_refused() {
         let snowman = "\u{2603}".as_bytes();
-        let mut a = Assembler::new(100);
+        let mut a = Limited::new(100);
         push(&mut a, false, OpCode::Text, &snowman[..1]).unwrap();
         assert_eq!(
             push(&mut a, true, OpCode::Continuation, &snowman[1..]),
@@ -237,7 +253,7 @@ mod tests {
     fn a_compressed_message_is_inflated_whole_or_from_fragments_under_the_limit() {
         let text = "caf\u{e9} ".repeat(50);
         let compressed = deflate::deflate(text.as_bytes()).unwrap();
-        let mut a = Assembler::new(1000);
+        let mut a = Limited::new(1000);
         let mut whole = compressed.clone();
         let mut done = a
             .push(true, OpCode::Text, true, &mut whole)
@@ -257,7 +273,7 @@ mod tests {
             .unwrap();
         assert_eq!(done.payload(), text.as_bytes());
         // The limit is on the inflated size.
-        let mut small = Assembler::new(100);
+        let mut small = Limited::new(100);
         let mut whole = compressed.clone();
         assert!(matches!(
             small.push(true, OpCode::Text, true, &mut whole),

@@ -190,10 +190,45 @@ pub struct FrameReader {
     /// assembler's message: an idle connection keeps only the empty pointers.
     partial: Option<Box<BytesMut>>,
     assembler: Assembler,
-    /// At most 1 GiB (the configuration's bound).
-    max_frame_size: u32,
-    /// permessage-deflate was negotiated.
-    deflate: bool,
+    limits: Limits,
+}
+
+/// The largest frame and the largest message a connection accepts, and whether it negotiated
+/// permessage-deflate, in 8 bytes of every connection's state: both sizes are at most 1 GiB
+/// (the configuration's bound, kept here by saturating at 2^31 - 1), so the frame limit's top
+/// bit holds the flag.
+#[derive(Clone, Copy)]
+struct Limits {
+    frame_and_deflate: u32,
+    message: u32,
+}
+
+impl Limits {
+    const DEFLATE: u32 = 1 << 31;
+
+    fn new(max_frame_size: usize, max_message_size: usize, deflate: bool) -> Self {
+        let size = |max: usize| {
+            u32::try_from(max)
+                .unwrap_or(u32::MAX)
+                .min(Self::DEFLATE - 1)
+        };
+        Self {
+            frame_and_deflate: size(max_frame_size) | if deflate { Self::DEFLATE } else { 0 },
+            message: size(max_message_size),
+        }
+    }
+
+    fn max_frame_size(self) -> usize {
+        (self.frame_and_deflate & !Self::DEFLATE) as usize
+    }
+
+    fn deflate(self) -> bool {
+        self.frame_and_deflate & Self::DEFLATE != 0
+    }
+
+    fn max_message_size(self) -> usize {
+        self.message as usize
+    }
 }
 
 impl FrameReader {
@@ -201,17 +236,17 @@ impl FrameReader {
     pub fn new(max_frame_size: usize, max_message_size: usize) -> Self {
         Self {
             partial: None,
-            assembler: Assembler::new(max_message_size),
-            max_frame_size: u32::try_from(max_frame_size).unwrap_or(u32::MAX),
-            deflate: false,
+            assembler: Assembler::default(),
+            limits: Limits::new(max_frame_size, max_message_size, false),
         }
     }
 
     /// The same, for a connection that negotiated permessage-deflate.
     pub fn with_deflate(max_frame_size: usize, max_message_size: usize) -> Self {
         Self {
-            deflate: true,
-            ..Self::new(max_frame_size, max_message_size)
+            partial: None,
+            assembler: Assembler::default(),
+            limits: Limits::new(max_frame_size, max_message_size, true),
         }
     }
 
@@ -225,10 +260,9 @@ impl FrameReader {
         let Self {
             partial,
             assembler,
-            max_frame_size,
-            deflate,
+            limits,
         } = self;
-        let limits = (*max_frame_size as usize, *deflate);
+        let limits = *limits;
         let Some(held) = partial else {
             let (consumed, close) = process(input, assembler, limits, on_event)?;
             if close.is_none() && consumed < input.len() {
@@ -253,14 +287,14 @@ impl FrameReader {
 }
 
 /// Dispatches every complete frame at the front of `buf`; returns how many bytes they took.
-/// `limits`: the largest frame, and whether permessage-deflate was negotiated.
 fn process(
     buf: &mut [u8],
     assembler: &mut Assembler,
-    (max_frame_size, deflate): (usize, bool),
+    limits: Limits,
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<(usize, Option<PeerClose>), FrameError> {
     let mut offset = 0;
+    let (max_frame_size, deflate) = (limits.max_frame_size(), limits.deflate());
     while let Some(header) = parse_header(&buf[offset..], max_frame_size, deflate)? {
         let end = offset + header.header_len + header.payload_len;
         if buf.len() < end {
@@ -275,7 +309,9 @@ fn process(
             OpCode::Close => return Ok((offset, Some(parse_close(payload)?))),
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 let (fin, opcode, compressed) = (header.fin, header.opcode, header.compressed);
-                if let Some(mut message) = assembler.push(fin, opcode, compressed, payload)? {
+                let max_message_size = limits.max_message_size();
+                let pushed = assembler.push(fin, opcode, compressed, payload, max_message_size)?;
+                if let Some(mut message) = pushed {
                     let binary = message.opcode() == OpCode::Binary;
                     on_event(Event::Message {
                         binary,

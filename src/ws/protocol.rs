@@ -68,6 +68,11 @@ pub trait Protocol: Sized + Send + Unpin + 'static {
     /// The connection's queue.
     fn outbox(&self) -> &Outbox;
 
+    /// The node the connection belongs to. The protocol keeps it (it needs it for almost
+    /// everything it does); the connection borrows it from here rather than hold a second
+    /// pointer.
+    fn node(&self) -> &Arc<Node>;
+
     /// One complete data message from the client (text unless `binary`).
     fn on_message(&mut self, binary: bool, payload: &mut [u8]);
 
@@ -80,7 +85,7 @@ pub trait Protocol: Sized + Send + Unpin + 'static {
     /// Takes the connection out of everything `open` put it in. Called when it starts closing
     /// and again when its task ends: must be idempotent. Returns, on the first call, what
     /// answers once other nodes can no longer reach it (the close frame waits for that).
-    fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>>;
+    fn disconnect(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>>;
 }
 
 /// The protocol an upgrade request's path selects.

@@ -68,6 +68,10 @@ impl Protocol for Relay {
         &self.outbox
     }
 
+    fn node(&self) -> &std::sync::Arc<Node> {
+        &self.node
+    }
+
     fn on_message(&mut self, binary: bool, payload: &mut [u8]) {
         if self.closing {
             return;
@@ -95,9 +99,9 @@ impl Protocol for Relay {
             .increment(delivered as u64);
     }
 
-    fn disconnect(&mut self, node: &Node) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        node.router.leave_group(GROUP, self.conn);
-        node.router.unregister_outside(self.conn);
+    fn disconnect(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.node.router.leave_group(GROUP, self.conn);
+        self.node.router.unregister_outside(self.conn);
         None
     }
 }
